@@ -1,0 +1,162 @@
+"""Staging requests: a transfer agent copies complete raw data packages to a destination."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate, event
+
+from domain.errors import IllegalTransition, InvalidCommand
+from domain.provenance import Provenance
+from domain.raw_data import PackageStatus, RawDataPackage
+
+
+class StagingStatus(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: Allowed moves. ``in_progress -> in_progress`` is a progress report.
+ALLOWED_TRANSITIONS: dict[StagingStatus, frozenset[StagingStatus]] = {
+    StagingStatus.PENDING: frozenset(
+        {StagingStatus.IN_PROGRESS, StagingStatus.COMPLETED, StagingStatus.FAILED,
+         StagingStatus.CANCELLED}
+    ),
+    StagingStatus.IN_PROGRESS: frozenset(
+        {StagingStatus.IN_PROGRESS, StagingStatus.COMPLETED, StagingStatus.FAILED,
+         StagingStatus.CANCELLED}
+    ),
+    StagingStatus.COMPLETED: frozenset(),
+    StagingStatus.FAILED: frozenset(),
+    StagingStatus.CANCELLED: frozenset(),
+}
+
+
+class StagingRequest(Aggregate):
+    """A request that complete packages be staged to a destination, and its progress."""
+
+    @event("Requested")
+    def __init__(
+        self,
+        id: UUID,
+        package_ids: list[UUID],
+        destination: str,
+        bytes_total: int,
+        files_total: int,
+        actor: str,
+        command_id: str,
+        correlation_id: str,
+        observed_at: datetime | None,
+    ) -> None:
+        self.package_ids = list(package_ids)
+        self.destination = destination
+        self.status = StagingStatus.PENDING.value
+        self.bytes_total = bytes_total
+        self.files_total = files_total
+        self.bytes_transferred = 0
+        self.files_transferred = 0
+        self.message: str | None = None
+
+    @classmethod
+    def request(
+        cls,
+        *,
+        staging_id: UUID,
+        packages: list[RawDataPackage],
+        destination: str,
+        provenance: Provenance,
+    ) -> StagingRequest:
+        for p in packages:
+            if p.status != PackageStatus.COMPLETE.value:
+                raise IllegalTransition(
+                    f"raw data package {p.id} is {p.status}; only complete packages can be "
+                    "staged",
+                    field="package_ids",
+                )
+        return cls(
+            id=staging_id,
+            package_ids=[p.id for p in packages],
+            destination=destination,
+            bytes_total=sum(p.total_size for p in packages),
+            files_total=sum(len(p.file_ids) for p in packages),
+            **provenance.event_fields(),
+        )
+
+    def report_progress(
+        self,
+        status: str,
+        bytes_transferred: int,
+        files_transferred: int,
+        message: str | None,
+        provenance: Provenance,
+    ) -> None:
+        target = StagingStatus(status)
+        self._require_transition(target)
+        if target is StagingStatus.CANCELLED:
+            raise InvalidCommand("use cancel to cancel a staging request", field="status")
+        if bytes_transferred < self.bytes_transferred or files_transferred < self.files_transferred:
+            raise InvalidCommand(
+                "progress cannot go backwards "
+                f"(bytes {self.bytes_transferred} -> {bytes_transferred}, "
+                f"files {self.files_transferred} -> {files_transferred})",
+                field="bytes_transferred",
+            )
+        if bytes_transferred > self.bytes_total or files_transferred > self.files_total:
+            raise InvalidCommand(
+                f"progress exceeds the request ({self.bytes_total} bytes, "
+                f"{self.files_total} files)",
+                field="bytes_transferred",
+            )
+        self._progress_reported(
+            status=target.value,
+            bytes_transferred=bytes_transferred,
+            files_transferred=files_transferred,
+            message=message,
+            **provenance.event_fields(),
+        )
+
+    @event("ProgressReported")
+    def _progress_reported(
+        self,
+        status: str,
+        bytes_transferred: int,
+        files_transferred: int,
+        message: str | None,
+        actor: str,
+        command_id: str,
+        correlation_id: str,
+        observed_at: datetime | None,
+    ) -> None:
+        self.status = status
+        self.bytes_transferred = bytes_transferred
+        self.files_transferred = files_transferred
+        self.message = message
+
+    def cancel(self, reason: str | None, provenance: Provenance) -> None:
+        self._require_transition(StagingStatus.CANCELLED)
+        self._cancelled(reason=reason, **provenance.event_fields())
+
+    @event("Cancelled")
+    def _cancelled(
+        self,
+        reason: str | None,
+        actor: str,
+        command_id: str,
+        correlation_id: str,
+        observed_at: datetime | None,
+    ) -> None:
+        self.status = StagingStatus.CANCELLED.value
+        self.message = reason
+
+    def _require_transition(self, target: StagingStatus) -> None:
+        current = StagingStatus(self.status)
+        if target not in ALLOWED_TRANSITIONS[current]:
+            raise IllegalTransition(
+                f"staging request {self.id} is {current.value}; it cannot become {target.value}",
+                field="status",
+            )
