@@ -1,0 +1,146 @@
+"""The event store: one ``eventsourcing`` application holding every aggregate.
+
+SQLite is the embedded default, PostgreSQL the production store. One application means one
+global notification log (the "log position" of every event), which projectors follow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+from uuid import UUID
+
+import psycopg
+import psycopg_pool
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import (
+    Environment,
+    IntegrityError,
+    Notification,
+    PersistenceError,
+    Recording,
+)
+from eventsourcing.utils import EnvType
+
+from infra.settings import Settings
+
+__all__ = [
+    "EventStore",
+    "IntegrityError",
+    "ObservatoryLedger",
+    "PersistenceError",
+    "StoreUnavailable",
+]
+
+
+class StoreUnavailable(Exception):
+    """The event store cannot be reached; commands wait in the journal."""
+
+
+#: Errors that mean "the database is not reachable now" rather than "this write is wrong".
+_UNAVAILABLE: tuple[type[BaseException], ...] = (PersistenceError, OSError, psycopg.Error,
+                                                psycopg_pool.PoolTimeout)
+
+
+class ObservatoryLedger(Application[UUID]):
+    """The single application whose notification log is the ledger of all operations."""
+
+    name = "ObsLedger"
+
+    def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
+        # Only the configuration we pass: never pick up stray eventsourcing variables.
+        return Environment(name, dict(env or {}))
+
+
+class EventStore:
+    """What the rest of obsledger needs from the event store, whichever database backs it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.kind = settings.store
+        try:
+            self.app = ObservatoryLedger(env=settings.event_store_env())
+        except PersistenceError as e:
+            raise StoreUnavailable(str(e)) from e
+        self.recorder: Any = self.app.recorder
+        self.mapper = self.app.mapper
+
+    # -- writing -------------------------------------------------------------------------
+    def save(self, *events: Any) -> list[Recording[UUID]]:
+        """Append events atomically (one transaction), returning their log positions.
+
+        Raises ``IntegrityError`` when an event collides with a stored one (a replayed command's
+        receipt, a duplicate id, a concurrent writer) and ``StoreUnavailable`` when the
+        database cannot be reached.
+        """
+        try:
+            return self.app.save(*events)
+        except IntegrityError:
+            raise
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"event store unavailable: {e}") from e
+
+    # -- reading -------------------------------------------------------------------------
+    def get(self, aggregate_id: UUID) -> Aggregate | None:
+        try:
+            return cast(Aggregate, self.app.repository.get(aggregate_id))
+        except AggregateNotFoundError:
+            return None
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"event store unavailable: {e}") from e
+
+    def exists(self, aggregate_id: UUID) -> bool:
+        return bool(self.recorder.select_events(aggregate_id, limit=1))
+
+    def position_of(self, aggregate_id: UUID, version: int = 1) -> int | None:
+        """The log position of one stored event (used to answer a replayed command)."""
+        table = self.recorder.events_table_name
+        if self.kind == "sqlite":
+            with self.recorder.datastore.transaction(commit=False) as curs:
+                curs.execute(
+                    f"SELECT rowid FROM {table} WHERE originator_id=? AND originator_version=?",
+                    (aggregate_id.hex, version),  # eventsourcing stores SQLite ids as hex
+                )
+                row = curs.fetchone()
+                return int(row[0]) if row else None
+        schema = self.recorder.datastore.schema
+        with self.recorder.datastore.transaction(commit=False) as curs:
+            curs.execute(
+                f'SELECT notification_id FROM "{schema}"."{table}" '
+                "WHERE originator_id=%s AND originator_version=%s",
+                (aggregate_id, version),
+            )
+            row = curs.fetchone()
+            return int(row["notification_id"]) if row else None
+
+    def max_position(self) -> int:
+        return self.recorder.max_notification_id() or 0
+
+    def select_notifications(self, after: int, limit: int) -> Sequence[Notification]:
+        return cast(
+            Sequence[Notification],
+            self.recorder.select_notifications(start=after, limit=limit, inclusive_of_start=False),
+        )
+
+    def decode(self, notification: Notification) -> Any:
+        return self.mapper.to_domain_event(notification)
+
+    def ping(self) -> bool:
+        """Whether the store answers right now."""
+        try:
+            # One attempt, bounded by the connect timeout: eventsourcing's @retry would try
+            # 10 times (~10 x connect timeout) and hang /health while the store is down.
+            query = type(self.recorder).max_notification_id
+            getattr(query, "__wrapped__", query)(self.recorder)
+        except Exception:
+            return False
+        return True
+
+    @property
+    def notify_channel(self) -> str | None:
+        """PostgreSQL channel NOTIFYed on every insert (None for SQLite)."""
+        return cast(str, self.recorder.channel_name) if self.kind == "postgres" else None
+
+    def close(self) -> None:
+        self.app.close()

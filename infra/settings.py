@@ -1,0 +1,103 @@
+"""Configuration from ``OBSLEDGER_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from domain.raw_data import DEFAULT_PACKAGE_SIZE_LIMIT
+
+
+class Settings(BaseSettings):
+    """Every setting can be given as ``OBSLEDGER_<NAME>`` (e.g. ``OBSLEDGER_STORE=postgres``)."""
+
+    model_config = SettingsConfigDict(env_prefix="OBSLEDGER_", extra="ignore")
+
+    store: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="Event store: embedded SQLite (default) or PostgreSQL."
+    )
+    data_dir: Path = Field(Path("var"), description="Where SQLite files and the journal live.")
+    postgres_host: str = "127.0.0.1"
+    postgres_port: int = 5432
+    postgres_user: str = "postgres"
+    postgres_password: str = ""
+    postgres_dbname: str = "obsledger"
+    postgres_connect_timeout: int = 5
+    read_model_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the read models; default: the PostgreSQL event store "
+        "database, or a SQLite file beside the embedded event store.",
+    )
+    journal_path: Path | None = Field(None, description="Default: <data_dir>/journal.sqlite3")
+
+    embedded_workers: bool = Field(
+        True, description="Run the dispatcher and the projector inside the API process."
+    )
+    embedded_projector: bool = Field(
+        True, description="With embedded workers, also run the projector in the API process "
+        "(false when a separate `obsledger project` service keeps the read models).",
+    )
+    dispatch_batch_size: int = Field(500, ge=1, le=10_000)
+    dispatch_retry_max_s: float = Field(5.0, gt=0, description="Backoff cap, store down.")
+    missing_target_deadline_s: float = Field(
+        30.0, ge=0, description="How long a command whose target does not exist is retried."
+    )
+    projection_page_size: int = Field(1000, ge=1, le=50_000)
+    projection_poll_s: float = Field(0.5, gt=0, description="Polling fallback interval.")
+    min_position_wait_s: float = Field(
+        2.0, ge=0, description="Longest a query waits for min_position."
+    )
+    sync_wait_s: float = Field(
+        10.0, ge=0, description="Longest a ?wait=true command waits to be applied."
+    )
+    package_size_limit_bytes: int = Field(DEFAULT_PACKAGE_SIZE_LIMIT, ge=0)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_bulk_files: int = Field(100_000, ge=1)
+
+    @property
+    def journal_file(self) -> Path:
+        return self.journal_path or self.data_dir / "journal.sqlite3"
+
+    @property
+    def event_store_file(self) -> Path:
+        return self.data_dir / "events.sqlite3"
+
+    @property
+    def read_model_database_url(self) -> str:
+        if self.read_model_url:
+            return self.read_model_url
+        if self.store == "postgres":
+            pw = f":{self.postgres_password}" if self.postgres_password else ""
+            return (
+                f"postgresql+psycopg://{self.postgres_user}{pw}@{self.postgres_host}:"
+                f"{self.postgres_port}/{self.postgres_dbname}"
+            )
+        return f"sqlite:///{(self.data_dir / 'read_models.sqlite3').resolve()}"
+
+    def event_store_env(self) -> dict[str, str]:
+        """The ``eventsourcing`` environment for the configured store."""
+        if self.store == "postgres":
+            return {
+                "PERSISTENCE_MODULE": "eventsourcing.postgres",
+                "POSTGRES_DBNAME": self.postgres_dbname,
+                "POSTGRES_HOST": self.postgres_host,
+                "POSTGRES_PORT": str(self.postgres_port),
+                "POSTGRES_USER": self.postgres_user,
+                "POSTGRES_PASSWORD": self.postgres_password,
+                "POSTGRES_CONNECT_TIMEOUT": str(self.postgres_connect_timeout),
+                "POSTGRES_PRE_PING": "y",
+                "POSTGRES_POOL_SIZE": "4",
+                "POSTGRES_LOCK_TIMEOUT": "10",
+            }
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": str(self.event_store_file.resolve()),
+            "SQLITE_LOCK_TIMEOUT": "10",
+        }
+
+    def prepare_dirs(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.journal_file.parent.mkdir(parents=True, exist_ok=True)
