@@ -1,0 +1,1 @@
+"""Critical commands: validation, pre-generated ids, the journal and the dispatcher."""

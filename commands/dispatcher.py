@@ -1,0 +1,224 @@
+"""The dispatcher: applies journaled commands to the event store, in order, in batches.
+
+One event-store transaction per batch (with a receipt per command, so a replayed command is
+recognised); a batch that fails is split so the failing command is isolated. While the store
+is unreachable, commands wait in the journal and the dispatcher backs off.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from commands.handlers import COMMANDS, CommandSpec, Limits
+from commands.unit_of_work import UnitOfWork
+from domain.errors import DomainRejection, TargetNotFound
+from domain.provenance import Provenance
+from domain.receipts import CommandReceipt, receipt_id
+from infra.event_store import EventStore, IntegrityError, StoreUnavailable
+from infra.journal import ACCEPTED, APPLIED, REJECTED, Journal, JournalEntry, Outcome
+from infra.settings import Settings
+
+log = logging.getLogger("obsledger.dispatcher")
+
+
+@dataclass(slots=True)
+class _Parsed:
+    entry: JournalEntry
+    spec: CommandSpec
+    command: Any
+    provenance: Provenance
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        journal: Journal,
+        store: EventStore,
+        settings: Settings,
+        on_applied: Callable[[int], None] | None = None,
+    ) -> None:
+        self.journal = journal
+        self.store = store
+        self.settings = settings
+        self.limits = Limits(package_size_limit=settings.package_size_limit_bytes)
+        self.batch_size = settings.dispatch_batch_size
+        self.on_applied = on_applied
+        self.store_reachable = True
+        self.last_error: str | None = None
+        self.applied_position = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- running -------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def run_forever(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                done = self.dispatch_once()
+            except StoreUnavailable as e:
+                self.store_reachable = False
+                self.last_error = str(e)
+                log.warning("event store unavailable, retrying in %.2fs: %s", backoff, e)
+                self._stop.wait(backoff * (0.5 + random.random()))  # jitter
+                backoff = min(backoff * 2, self.settings.dispatch_retry_max_s)
+                continue
+            except Exception:
+                log.exception("dispatcher error")
+                self._stop.wait(1.0)
+                continue
+            backoff = 0.05
+            if done == 0:
+                self._wake.wait(0.25)
+                self._wake.clear()
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Apply everything due now (tests and command-line use)."""
+        deadline = time.monotonic() + timeout
+        while self.dispatch_once():
+            if time.monotonic() > deadline:
+                raise TimeoutError("journal not drained in time")
+
+    # -- one batch -----------------------------------------------------------------------
+    def dispatch_once(self) -> int:
+        """Apply one batch of due commands; return how many commands got an outcome."""
+        entries = self.journal.next_pending(self.batch_size)
+        if not entries:
+            return 0
+        outcomes = self._apply(entries)
+        self.store_reachable = True
+        self.journal.record_outcomes(outcomes)
+        applied = [o.position for o in outcomes if o.status == APPLIED and o.position]
+        if applied:
+            self.applied_position = max(self.applied_position, *applied)
+            if self.on_applied is not None:
+                self.on_applied(self.applied_position)
+        return len(outcomes)
+
+    def _apply(self, entries: list[JournalEntry]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        parsed: list[_Parsed] = []
+        for entry in entries:
+            item = self._parse(entry)
+            if isinstance(item, Outcome):
+                outcomes.append(item)
+            else:
+                parsed.append(item)
+        while parsed:
+            uow = UnitOfWork(self.store)
+            events: list[Any] = []
+            ends: list[int] = []
+            failure: tuple[_Parsed, Exception] | None = None
+            for item in parsed:
+                try:
+                    ids = item.spec.handle(item.command, uow, item.provenance, self.limits)
+                    uow.add(CommandReceipt.record(
+                        item.spec.name, [str(i) for i in ids], item.provenance), "command receipt")
+                    events.extend(uow.collect())
+                except StoreUnavailable:
+                    raise
+                except Exception as e:  # isolate the command, never stall the journal
+                    failure = (item, e)
+                    break
+                ends.append(len(events))
+            if failure is not None:
+                outcomes.append(self._refusal(*failure))
+                parsed.remove(failure[0])
+                continue
+            try:
+                recordings = self.store.save(*events)
+            except IntegrityError:
+                if len(parsed) == 1:
+                    outcomes.append(self._resolve_collision(parsed[0], events))
+                else:  # isolate the colliding command: one transaction each
+                    for item in parsed:
+                        outcomes.extend(self._apply([item.entry]))
+                return outcomes
+            for item, end in zip(parsed, ends, strict=True):
+                outcomes.append(Outcome(item.entry.seq, APPLIED,
+                                        position=recordings[end - 1].notification.id))
+            break
+        return outcomes
+
+    def _parse(self, entry: JournalEntry) -> _Parsed | Outcome:
+        spec = COMMANDS.get(entry.command_type)
+        if spec is None:
+            return Outcome(entry.seq, REJECTED, reason=f"unknown command type "
+                           f"{entry.command_type}", reason_code="invalid")
+        try:
+            command = spec.model.model_validate(entry.payload)
+        except ValidationError as e:
+            return Outcome(entry.seq, REJECTED, reason=f"invalid command: {e}",
+                           reason_code="invalid")
+        return _Parsed(entry, spec, command, Provenance(
+            actor=entry.actor, command_id=entry.command_id,
+            correlation_id=entry.correlation_id, observed_at=entry.observed_at))
+
+    def _refusal(self, item: _Parsed, error: Exception) -> Outcome:
+        entry = item.entry
+        rid = receipt_id(entry.command_id)
+        if isinstance(error, DomainRejection) and self.store.exists(rid):
+            # A replay of an applied command (crash before the journal heard of it): the
+            # domain now refuses it (finishing twice, ...), but its receipt says it was applied.
+            return Outcome(entry.seq, APPLIED, position=self.store.position_of(rid))
+        if isinstance(error, TargetNotFound):
+            now = time.time()
+            first = entry.first_deferred_at or now
+            if now - first < self.settings.missing_target_deadline_s:
+                delay = min(0.1 * 2 ** entry.attempts, 5.0)
+                return Outcome(entry.seq, ACCEPTED, reason=f"waiting: {error.message}",
+                               reason_code="waiting", reason_field=error.field,
+                               not_before=now + delay, first_deferred_at=first)
+        if isinstance(error, DomainRejection):
+            return Outcome(entry.seq, REJECTED, reason=error.message, reason_code=error.code,
+                           reason_field=error.field)
+        log.error("command %s (%s) failed unexpectedly", entry.command_id, entry.command_type,
+                  exc_info=error)
+        return Outcome(entry.seq, REJECTED, reason=f"internal error: {error!r}",
+                       reason_code="internal")
+
+    def _resolve_collision(self, item: _Parsed, events: list[Any]) -> Outcome:
+        """A single command's transaction collided with stored events: say why."""
+        entry = item.entry
+        rid = receipt_id(entry.command_id)
+        if self.store.exists(rid):  # applied before (crash before the journal heard of it)
+            return Outcome(entry.seq, APPLIED, position=self.store.position_of(rid))
+        for e in events:
+            if e.originator_version == 1 and self.store.exists(e.originator_id):
+                what = _describe(e)
+                return Outcome(entry.seq, REJECTED, reason=f"{what} already exists",
+                               reason_code="conflict")
+        # A concurrent writer changed one of our aggregates: try again shortly.
+        return Outcome(entry.seq, ACCEPTED, reason="retrying after a concurrent write",
+                       reason_code="waiting", not_before=time.time() + 0.05)
+
+
+def _describe(event: Any) -> str:
+    kind = type(event).__qualname__.split(".")[0]
+    words = {"RawDataFile": "raw data file", "ExecutedObsUnit": "executed obs unit",
+             "RawDataPackage": "raw data package", "StagingRequest": "staging request"}
+    label = words.get(kind, kind)
+    if kind == "RawDataFile":
+        return f"{label} {event.name} of instrument {event.instrument} ({event.originator_id})"
+    return f"{label} {event.originator_id}"

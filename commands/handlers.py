@@ -1,0 +1,238 @@
+"""How each critical command changes the domain: one function per command type.
+
+A handler loads what it needs through the unit of work, calls the aggregates (which enforce
+the rules), and returns the ids of the entities it created or changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from commands.models import (
+    AddFilesToPackage,
+    BulkRegisterRawDataFilesRequest,
+    CancelStaging,
+    CommandModel,
+    CreateRawDataPackage,
+    FinalizeRawDataPackage,
+    FinishExecutedObsUnit,
+    RawDataFileSpec,
+    RegisterRawDataFileRequest,
+    ReportStagingProgress,
+    Stage,
+    StartExecutedObsUnit,
+)
+from commands.unit_of_work import UnitOfWork
+from domain.obs_units import ExecutedObsUnit
+from domain.provenance import Provenance
+from domain.raw_data import RawDataFile, RawDataPackage
+from domain.staging import StagingRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    package_size_limit: int
+
+
+Handler = Callable[[Any, UnitOfWork, Provenance, Limits], list[UUID]]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    """One kind of critical command: its journaled model and its handler."""
+
+    name: str
+    model: type[CommandModel]
+    handle: Handler
+    subjects: Callable[[Any], list[str]]
+
+
+def start_executed_obs_unit(
+    cmd: StartExecutedObsUnit, uow: UnitOfWork, prov: Provenance, _: Limits
+) -> list[UUID]:
+    unit = ExecutedObsUnit.start(
+        cmd.id, cmd.obs_unit_id, cmd.instrument, cmd.start_time, cmd.metadata, prov
+    )
+    uow.add(unit, "executed obs unit")
+    return [unit.id]
+
+
+def finish_executed_obs_unit(
+    cmd: FinishExecutedObsUnit, uow: UnitOfWork, prov: Provenance, _: Limits
+) -> list[UUID]:
+    unit = uow.for_update(ExecutedObsUnit, cmd.id, "executed obs unit", "id")
+    unit.finish(cmd.status, cmd.end_time, cmd.metadata, prov)
+    return [unit.id]
+
+
+def _register_files(
+    specs: list[RawDataFileSpec],
+    uow: UnitOfWork,
+    prov: Provenance,
+    package_id: UUID | None = None,
+) -> list[RawDataFile]:
+    files = []
+    for i, spec in enumerate(specs):
+        if spec.executed_obs_unit_id is not None:
+            uow.get(ExecutedObsUnit, spec.executed_obs_unit_id, "executed obs unit",
+                    f"files.{i}.executed_obs_unit_id")
+        f = RawDataFile.register(
+            name=spec.name,
+            instrument=spec.instrument,
+            relative_path=spec.relative_path,
+            size=spec.size,
+            checksum_algorithm=spec.checksum.algorithm,
+            checksum_value=spec.checksum.value,
+            executed_obs_unit_id=spec.executed_obs_unit_id,
+            file_type=spec.file_type,
+            created_at=spec.created_at,
+            package_id=package_id,
+            provenance=prov,
+        )
+        uow.add(f, f"raw data file {spec.name} of")
+        files.append(f)
+    return files
+
+
+def register_raw_data_file(
+    cmd: RegisterRawDataFileRequest, uow: UnitOfWork, prov: Provenance, _: Limits
+) -> list[UUID]:
+    return [f.id for f in _register_files([cmd], uow, prov)]
+
+
+def register_raw_data_files(
+    cmd: BulkRegisterRawDataFilesRequest, uow: UnitOfWork, prov: Provenance, _: Limits
+) -> list[UUID]:
+    return [f.id for f in _register_files(cmd.files, uow, prov)]
+
+
+def create_raw_data_package(
+    cmd: CreateRawDataPackage, uow: UnitOfWork, prov: Provenance, limits: Limits
+) -> list[UUID]:
+    if cmd.executed_obs_unit_id is not None:
+        uow.get(ExecutedObsUnit, cmd.executed_obs_unit_id, "executed obs unit",
+                "executed_obs_unit_id")
+    existing = [
+        uow.for_update(RawDataFile, fid, "raw data file", f"file_ids.{i}")
+        for i, fid in enumerate(cmd.file_ids)
+    ]
+    new = _register_files(cmd.files, uow, prov, package_id=cmd.id)
+    package = RawDataPackage.create(
+        package_id=cmd.id,
+        name=cmd.name,
+        executed_obs_unit_id=cmd.executed_obs_unit_id,
+        files=existing + new,
+        size_limit=limits.package_size_limit,
+        provenance=prov,
+    )
+    uow.add(package, "raw data package")
+    return [package.id, *(f.id for f in existing + new)]
+
+
+def add_files_to_package(
+    cmd: AddFilesToPackage, uow: UnitOfWork, prov: Provenance, limits: Limits
+) -> list[UUID]:
+    package = uow.for_update(RawDataPackage, cmd.id, "raw data package", "id")
+    files = [
+        uow.for_update(RawDataFile, fid, "raw data file", f"file_ids.{i}")
+        for i, fid in enumerate(cmd.file_ids)
+    ]
+    package.add_files(files, limits.package_size_limit, prov)
+    return [package.id, *(f.id for f in files)]
+
+
+def finalize_raw_data_package(
+    cmd: FinalizeRawDataPackage, uow: UnitOfWork, prov: Provenance, limits: Limits
+) -> list[UUID]:
+    package = uow.for_update(RawDataPackage, cmd.id, "raw data package", "id")
+    package.finalize(limits.package_size_limit, prov)
+    return [package.id]
+
+
+def stage(cmd: Stage, uow: UnitOfWork, prov: Provenance, _: Limits) -> list[UUID]:
+    packages = [
+        uow.get(RawDataPackage, pid, "raw data package", f"package_ids.{i}")
+        for i, pid in enumerate(cmd.package_ids)
+    ]
+    request = StagingRequest.request(
+        staging_id=cmd.id, packages=packages, destination=cmd.destination, provenance=prov
+    )
+    uow.add(request, "staging request")
+    return [request.id]
+
+
+def report_staging_progress(
+    cmd: ReportStagingProgress, uow: UnitOfWork, prov: Provenance, _: Limits
+) -> list[UUID]:
+    request = uow.for_update(StagingRequest, cmd.id, "staging request", "id")
+    request.report_progress(
+        cmd.status, cmd.bytes_transferred, cmd.files_transferred, cmd.message, prov
+    )
+    return [request.id]
+
+
+def cancel_staging(cmd: CancelStaging, uow: UnitOfWork, prov: Provenance, _: Limits) -> list[UUID]:
+    request = uow.for_update(StagingRequest, cmd.id, "staging request", "id")
+    request.cancel(cmd.reason, prov)
+    return [request.id]
+
+
+# -- subjects: how the journal indexes a pending command for smart queries -----------------
+def _files_subjects(specs: list[RawDataFileSpec]) -> list[str]:
+    out = []
+    for f in specs:
+        out.append(f"raw_data_file:{f.file_id}")
+        if f.executed_obs_unit_id:
+            out.append(f"executed_obs_unit:{f.executed_obs_unit_id}")
+    return out
+
+
+def _package_subjects(cmd: CreateRawDataPackage) -> list[str]:
+    out = [f"raw_data_package:{cmd.id}", *_files_subjects(cmd.files)]
+    out += [f"raw_data_file:{fid}" for fid in cmd.file_ids]
+    return out
+
+
+COMMANDS: dict[str, CommandSpec] = {
+    spec.name: spec
+    for spec in [
+        CommandSpec(
+            "executed_obs_unit.start", StartExecutedObsUnit, start_executed_obs_unit,
+            lambda c: [f"executed_obs_unit:{c.id}", f"obs_unit:{c.obs_unit_id}"],
+        ),
+        CommandSpec(
+            "executed_obs_unit.finish", FinishExecutedObsUnit, finish_executed_obs_unit,
+            lambda c: [f"executed_obs_unit:{c.id}"],
+        ),
+        CommandSpec(
+            "raw_data_file.register", RegisterRawDataFileRequest, register_raw_data_file,
+            lambda c: _files_subjects([c]),
+        ),
+        CommandSpec(
+            "raw_data_file.register_bulk", BulkRegisterRawDataFilesRequest,
+            register_raw_data_files, lambda c: _files_subjects(c.files),
+        ),
+        CommandSpec(
+            "raw_data_package.create", CreateRawDataPackage, create_raw_data_package,
+            _package_subjects,
+        ),
+        CommandSpec(
+            "raw_data_package.add_files", AddFilesToPackage, add_files_to_package,
+            lambda c: [f"raw_data_package:{c.id}", *(f"raw_data_file:{f}" for f in c.file_ids)],
+        ),
+        CommandSpec(
+            "raw_data_package.finalize", FinalizeRawDataPackage, finalize_raw_data_package,
+            lambda c: [f"raw_data_package:{c.id}"],
+        ),
+        CommandSpec("staging.stage", Stage, stage, lambda c: [f"staging:{c.id}"]),
+        CommandSpec(
+            "staging.report_progress", ReportStagingProgress, report_staging_progress,
+            lambda c: [f"staging:{c.id}"],
+        ),
+        CommandSpec("staging.cancel", CancelStaging, cancel_staging,
+                    lambda c: [f"staging:{c.id}"]),
+    ]
+}

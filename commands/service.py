@@ -1,0 +1,181 @@
+"""Accepting a critical command: ids, idempotency, a quick sanity check, the durable append."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import orjson
+
+from commands.handlers import COMMANDS
+from commands.models import CommandModel, observed_at_of
+from domain.errors import DomainRejection, IllegalTransition, TargetNotFound
+from infra.event_store import EventStore, StoreUnavailable
+from infra.journal import APPLIED, REJECTED, Journal, JournalEntry, NewCommand
+
+#: Longest the quick check before acceptance waits for the event store.
+PRECHECK_STORE_TIMEOUT_S = 0.5
+
+
+class IdempotencyConflict(DomainRejection):
+    code = "idempotency_conflict"
+
+
+@dataclass(slots=True)
+class Submission:
+    """The answer to a submitted command."""
+
+    entry: JournalEntry
+    replayed: bool
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """An existing entity a command changes, for the quick check before acceptance."""
+
+    kind: str
+    what: str
+    final_statuses: frozenset[str]
+
+
+_TARGETS: dict[str, _Target] = {
+    "executed_obs_unit.finish": _Target(
+        "executed_obs_unit", "executed obs unit", frozenset({"success", "failed", "aborted"})),
+    "raw_data_package.add_files": _Target(
+        "raw_data_package", "raw data package", frozenset({"complete"})),
+    "raw_data_package.finalize": _Target(
+        "raw_data_package", "raw data package", frozenset({"complete"})),
+    "staging.report_progress": _Target(
+        "staging", "staging request", frozenset({"completed", "failed", "cancelled"})),
+    "staging.cancel": _Target(
+        "staging", "staging request", frozenset({"completed", "failed", "cancelled"})),
+}
+_CREATES = {
+    "executed_obs_unit": {"executed_obs_unit.start"},
+    "raw_data_package": {"raw_data_package.create"},
+    "staging": {"staging.stage"},
+}
+
+
+def request_hash(command_type: str, path: dict[str, Any], body: dict[str, Any]) -> str:
+    raw = orjson.dumps([command_type, path, body], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def response_ids(command_type: str, cmd: Any) -> dict[str, Any]:
+    """The pre-generated ids a client gets back, so it can refer to what it created."""
+    if command_type == "raw_data_file.register":
+        return {"raw_data_file_id": str(cmd.file_id)}
+    if command_type == "raw_data_file.register_bulk":
+        return {"raw_data_file_ids": [str(f.file_id) for f in cmd.files]}
+    if command_type == "raw_data_package.create":
+        return {"raw_data_package_id": str(cmd.id),
+                "raw_data_file_ids": [str(f.file_id) for f in cmd.files]}
+    key = {"executed_obs_unit": "executed_obs_unit_id", "raw_data_package": "raw_data_package_id",
+           "staging": "staging_id"}[command_type.split(".")[0]]
+    return {key: str(cmd.id)}
+
+
+class CommandService:
+    def __init__(self, journal: Journal, store: EventStore | None) -> None:
+        self.journal = journal
+        self.store = store
+
+    async def submit(
+        self,
+        command_type: str,
+        request: CommandModel,
+        *,
+        path: dict[str, Any] | None = None,
+        actor: str,
+        correlation_id: str,
+        idempotency_key: str | None,
+    ) -> Submission:
+        spec = COMMANDS[command_type]
+        path = {k: str(v) for k, v in (path or {}).items()}
+        sent = request.model_dump(mode="json", exclude_unset=True)
+        digest = request_hash(command_type, path, sent)
+        command_id = idempotency_key or str(uuid.uuid4())
+
+        if idempotency_key:
+            previous = self.journal.get(command_id)
+            if previous is not None:
+                return self._repeat(previous, digest)
+
+        payload = request.model_dump(mode="json")
+        payload.update(path)
+        if "id" in spec.model.model_fields and not payload.get("id"):
+            payload["id"] = str(uuid.uuid4())  # the pre-generated id
+        cmd = spec.model.model_validate(payload)
+        await self._precheck(command_type, cmd)
+        ids = response_ids(command_type, cmd)
+        body = {"command_id": command_id, "status": "accepted", "ids": ids}
+        result = await self.journal.append(NewCommand(
+            command_id=command_id,
+            command_type=command_type,
+            payload=cmd.model_dump(mode="json"),
+            actor=actor,
+            correlation_id=correlation_id,
+            request_hash=digest,
+            response=body,
+            subjects=spec.subjects(cmd),
+            observed_at=observed_at_of(cmd),
+        ))
+        if not result.created:  # the same key raced in concurrently
+            return self._repeat(result.entry, digest)
+        return Submission(result.entry, replayed=False, body=body)
+
+    def _repeat(self, previous: JournalEntry, digest: str) -> Submission:
+        if previous.request_hash != digest:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {previous.command_id} was already used for a different "
+                f"request ({previous.command_type})", field="Idempotency-Key")
+        return Submission(previous, replayed=True, body=dict(previous.response))
+
+    async def _precheck(self, command_type: str, cmd: Any) -> None:
+        """Refuse at once what is certainly wrong; anything uncertain is accepted."""
+        target = _TARGETS.get(command_type)
+        if target is None:
+            return
+        target_id = str(cmd.id)
+        pending = self.journal.unprojected(sys.maxsize, f"{target.kind}:{target_id}")
+        if any(e.command_type == command_type and command_type != "staging.report_progress"
+               for e in pending):
+            raise IllegalTransition(
+                f"a {command_type} command for {target.what} {target_id} is already pending",
+                field="id")
+        if any(e.command_type in _CREATES[target.kind] for e in pending):
+            return
+        if self.store is None:
+            return
+        try:
+            # Bounded: while the store is down a lookup blocks for its retries (~10 x the
+            # connect timeout), and acknowledging must not wait for the store.
+            lookup = asyncio.get_running_loop().run_in_executor(
+                None, self.store.get, UUID(target_id))
+            agg = await asyncio.wait_for(lookup, PRECHECK_STORE_TIMEOUT_S)
+        except (StoreUnavailable, TimeoutError):
+            return  # cannot tell now: accept, the dispatcher decides
+        if agg is None:
+            raise TargetNotFound(f"{target.what} {target_id} not found", field="id")
+        status = getattr(agg, "status", None)
+        if status in target.final_statuses:
+            raise IllegalTransition(
+                f"{target.what} {target_id} is {status}; {command_type} is not possible",
+                field="id")
+
+
+def outcome_body(entry: JournalEntry) -> dict[str, Any]:
+    body = dict(entry.response)
+    body["status"] = entry.status
+    if entry.status == APPLIED:
+        body["position"] = entry.position
+    if entry.status == REJECTED:
+        body["reason"] = entry.reason
+    return body
