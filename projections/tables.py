@@ -1,0 +1,137 @@
+"""The read-model tables (SQLAlchemy Core). A set can be built under another name for rebuilds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+TZ = DateTime(timezone=True)
+
+READ_MODELS = ("executed_obs_units", "raw_data_files", "raw_data_packages", "staging_requests")
+
+
+@dataclass(frozen=True)
+class ReadModelTables:
+    """One set of read-model tables; ``generation`` names a shadow set during a rebuild."""
+
+    metadata: MetaData
+    executed_obs_units: Table
+    raw_data_files: Table
+    raw_data_packages: Table
+    staging_requests: Table
+    generation: str
+
+    def all(self) -> list[Table]:
+        return [self.executed_obs_units, self.raw_data_files, self.raw_data_packages,
+                self.staging_requests]
+
+
+def _common() -> list[Column[object]]:
+    return [
+        Column("created_position", BigInteger, nullable=False),
+        Column("last_position", BigInteger, nullable=False),
+        Column("last_command_id", String(255), nullable=False),
+        Column("last_actor", String(255), nullable=False),
+        Column("recorded_at", TZ, nullable=False),
+        Column("updated_at", TZ, nullable=False),
+    ]
+
+
+def build_tables(generation: str = "", table_suffix: str = "") -> ReadModelTables:
+    """Table objects named ``<model><table_suffix>``, indexes named after ``generation``."""
+    md = MetaData()
+    g = generation or "live"
+
+    def name(base: str) -> str:
+        return base + table_suffix
+
+    units = Table(
+        name("executed_obs_units"), md,
+        Column("id", String(36), primary_key=True),
+        Column("obs_unit_id", String(100), nullable=False),
+        Column("instrument", String(100), nullable=False),
+        Column("status", String(20), nullable=False),
+        Column("start_time", TZ, nullable=False),
+        Column("end_time", TZ),
+        Column("metadata", Json, nullable=False),
+        Column("finish_metadata", Json),
+        Column("started_by", String(255), nullable=False),
+        Column("finished_by", String(255)),
+        *_common(),
+        Index(f"ix_eou_obs_unit_{g}", "obs_unit_id"),
+        Index(f"ix_eou_status_start_{g}", "status", "start_time"),
+        Index(f"ix_eou_instrument_start_{g}", "instrument", "start_time"),
+        Index(f"ix_eou_start_{g}", "start_time"),
+    )
+    files = Table(
+        name("raw_data_files"), md,
+        Column("id", String(36), primary_key=True),
+        Column("name", String(255), nullable=False),
+        Column("instrument", String(100), nullable=False),
+        Column("relative_path", String(1024), nullable=False),
+        Column("size", BigInteger, nullable=False),
+        Column("checksum_algorithm", String(20), nullable=False),
+        Column("checksum_value", String(128), nullable=False),
+        Column("executed_obs_unit_id", String(36)),
+        Column("package_id", String(36)),
+        Column("file_type", String(50), nullable=False),
+        Column("created_at", TZ, nullable=False),
+        *_common(),
+        UniqueConstraint("instrument", "name", name=f"uq_rdf_instrument_name_{g}"),
+        Index(f"ix_rdf_eou_{g}", "executed_obs_unit_id"),
+        Index(f"ix_rdf_package_{g}", "package_id"),
+        Index(f"ix_rdf_created_{g}", "created_at"),
+    )
+    packages = Table(
+        name("raw_data_packages"), md,
+        Column("id", String(36), primary_key=True),
+        Column("name", String(255), nullable=False),
+        Column("executed_obs_unit_id", String(36)),
+        Column("status", String(20), nullable=False),
+        Column("total_size", BigInteger, nullable=False),
+        Column("file_count", Integer, nullable=False),
+        Column("finalized_at", TZ),
+        *_common(),
+        Index(f"ix_rdp_eou_{g}", "executed_obs_unit_id"),
+    )
+    staging = Table(
+        name("staging_requests"), md,
+        Column("id", String(36), primary_key=True),
+        Column("package_ids", Json, nullable=False),
+        Column("destination", String(1024), nullable=False),
+        Column("status", String(20), nullable=False),
+        Column("bytes_total", BigInteger, nullable=False),
+        Column("files_total", Integer, nullable=False),
+        Column("bytes_transferred", BigInteger, nullable=False),
+        Column("files_transferred", Integer, nullable=False),
+        Column("message", Text),
+        *_common(),
+        Index(f"ix_stg_status_{g}", "status"),
+    )
+    return ReadModelTables(md, units, files, packages, staging, generation)
+
+
+def build_positions(md: MetaData | None = None) -> Table:
+    """Where each projection stands in the event log (updated with the rows, atomically)."""
+    return Table(
+        "projection_positions", md or MetaData(),
+        Column("name", String(100), primary_key=True),
+        Column("position", BigInteger, nullable=False),
+        Column("generation", String(40), nullable=False),
+        Column("updated_at", TZ, nullable=False),
+    )

@@ -1,0 +1,1 @@
+"""Smart queries: read models merged with commands that are accepted but not yet projected."""

@@ -1,0 +1,159 @@
+"""What the query API returns. Every row says whether it still waits on pending commands."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PendingInfo(BaseModel):
+    pending: bool = Field(
+        False,
+        description="True when commands accepted for this entity are not yet in the read model;"
+        " the row then shows the expected state after them.",
+    )
+    command_status: str | None = Field(
+        None, description="Status of the newest pending command (accepted or applied)."
+    )
+    pending_command_ids: list[str] = Field(default_factory=list)
+    last_position: int | None = Field(
+        None, description="Log position of the last event reflected in the row."
+    )
+
+
+class ExecutedObsUnitView(PendingInfo):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "e433bda1-579b-4946-9f02-7a3e4a04efe2", "obs_unit_id": "OU-2026-0412",
+        "instrument": "HARPS", "status": "success", "start_time": "2026-11-21T23:14:05Z",
+        "end_time": "2026-11-22T00:02:40Z", "metadata": {"airmass": 1.12},
+        "started_by": "harps-night-script", "finished_by": "harps-night-script",
+        "pending": False, "command_status": None, "pending_command_ids": [],
+        "last_position": 3}]})
+
+    id: UUID
+    obs_unit_id: str
+    instrument: str
+    status: str
+    start_time: datetime
+    end_time: datetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    started_by: str | None = None
+    finished_by: str | None = None
+
+
+class ChecksumView(BaseModel):
+    algorithm: str
+    value: str
+
+
+class RawDataFileView(PendingInfo):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "1c49d49d-34d9-5c36-be8c-62dcce3da68c",
+        "name": "HARPS.2026-11-21T23:15:00.123.fits",
+        "instrument": "HARPS", "relative_path": "2026-11-21/HARPS.2026-11-21T23:15:00.123.fits",
+        "size": 16793280, "checksum": {"algorithm": "md5",
+                                       "value": "0f343b0931126a20f133d67c2b018a3b"},
+        "executed_obs_unit_id": "e433bda1-579b-4946-9f02-7a3e4a04efe2", "package_id": None,
+        "file_type": "raw_science", "created_at": "2026-11-21T23:15:00Z", "pending": True,
+        "command_status": "accepted", "pending_command_ids": ["night-1121-files-7"],
+        "last_position": None}]})
+
+    id: UUID
+    name: str
+    instrument: str
+    relative_path: str
+    size: int
+    checksum: ChecksumView
+    executed_obs_unit_id: UUID | None = None
+    package_id: UUID | None = None
+    file_type: str
+    created_at: datetime
+
+
+class RawDataPackageView(PendingInfo):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "3fb1d267-f9f6-4599-a97a-74fed41eaa02", "name": "HARPS-2026-11-21-OU-2026-0412",
+        "executed_obs_unit_id": "e433bda1-579b-4946-9f02-7a3e4a04efe2", "status": "complete",
+        "total_size": 16793280, "file_count": 1, "finalized_at": "2026-11-22T00:05:00Z",
+        "files": [], "pending": False, "last_position": 9}]})
+
+    id: UUID
+    name: str
+    executed_obs_unit_id: UUID | None = None
+    status: str
+    total_size: int | None = Field(None, description="Bytes; null while not yet known.")
+    file_count: int
+    finalized_at: datetime | None = None
+    files: list[RawDataFileView] = Field(default_factory=list)
+
+
+class StagingRequestView(PendingInfo):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "55488374-f976-4228-8b11-474234aebd9a",
+        "package_ids": ["3fb1d267-f9f6-4599-a97a-74fed41eaa02"],
+        "destination": "archive-transfer:/stage/night-1121", "status": "in_progress",
+        "bytes_total": 16793280, "files_total": 1, "bytes_transferred": 8396640,
+        "files_transferred": 0, "progress_percent": 50.0, "message": None, "pending": False,
+        "last_position": 13}]})
+
+    id: UUID
+    package_ids: list[UUID]
+    destination: str
+    status: str
+    bytes_total: int | None = None
+    files_total: int | None = None
+    bytes_transferred: int = 0
+    files_transferred: int = 0
+    progress_percent: float | None = None
+    message: str | None = None
+
+
+class Page(BaseModel):
+    total: int = Field(description="Rows in the read model matching the filters.")
+    limit: int
+    offset: int
+    pending_count: int = Field(0, description="Pending entities merged into this page.")
+    read_model_position: int
+
+
+class ExecutedObsUnitPage(Page):
+    items: list[ExecutedObsUnitView]
+
+
+class RawDataFilePage(Page):
+    items: list[RawDataFileView]
+
+
+class ExecutionsOfObsUnit(BaseModel):
+    obs_unit_id: str
+    read_model_position: int
+    executions: list[ExecutedObsUnitView]
+
+
+class CommandStatusView(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "command_id": "night-1121-ou-0412-finish", "command_type": "executed_obs_unit.finish",
+        "status": "rejected", "position": None,
+        "reason": "executed obs unit e433bda1-579b-4946-9f02-7a3e4a04efe2 is success; it cannot "
+        "become failed", "reason_code": "conflict", "reason_field": "status",
+        "received_at": "2026-11-22T00:02:41Z", "finished_at": "2026-11-22T00:02:41Z",
+        "actor": "harps-night-script", "correlation_id": "c0ffee00-0000-4000-8000-000000000001",
+        "attempts": 1,
+        "ids": {"executed_obs_unit_id": "e433bda1-579b-4946-9f02-7a3e4a04efe2"}}]})
+
+    command_id: str
+    command_type: str
+    status: str = Field(description="accepted, applied or rejected")
+    position: int | None = Field(None, description="Log position once applied.")
+    reason: str | None = None
+    reason_code: str | None = None
+    reason_field: str | None = None
+    received_at: datetime
+    finished_at: datetime | None = None
+    actor: str
+    correlation_id: str
+    attempts: int
+    ids: dict[str, Any] = Field(default_factory=dict)
