@@ -1,0 +1,1 @@
+"""Entry points: the HTTP API (FastAPI) and the ``obsledger`` command line."""

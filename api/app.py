@@ -1,0 +1,550 @@
+"""The HTTP API: critical commands for telescope automation, smart queries for dashboards."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.routing import APIRoute
+from fastapi.telemetry import get_telemetry_data
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import (
+    STATUS_OF_CODE,
+    ApiError,
+    BodySizeLimit,
+    ErrorResponse,
+    install_error_handlers,
+)
+from api.runtime import Ledger
+from commands.models import (
+    AddFilesToPackageRequest,
+    BulkRegisterRawDataFilesRequest,
+    CommandModel,
+    CreateRawDataPackageRequest,
+    FinishExecutedObsUnitRequest,
+    RegisterRawDataFileRequest,
+    StageRequest,
+    StagingProgressRequest,
+    StartExecutedObsUnitRequest,
+)
+from commands.service import outcome_body
+from infra.journal import ACCEPTED, APPLIED, REJECTED
+from infra.settings import Settings
+from queries.models import (
+    CommandStatusView,
+    ExecutedObsUnitPage,
+    ExecutedObsUnitView,
+    ExecutionsOfObsUnit,
+    RawDataFilePage,
+    RawDataFileView,
+    RawDataPackageView,
+    StagingRequestView,
+)
+
+_HEADER_VALUE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
+
+
+class CommandAccepted(BaseModel):
+    command_id: str = Field(description="The command id (the Idempotency-Key when given).")
+    status: Literal["accepted", "applied", "rejected"]
+    ids: dict[str, Any] = Field(description="Pre-generated ids of what the command creates.")
+    position: int | None = Field(None, description="Log position, once applied.")
+    reason: str | None = None
+
+    model_config = {"json_schema_extra": {"examples": [{
+        "command_id": "night-1121-ou-0412-start", "status": "accepted",
+        "ids": {"executed_obs_unit_id": "e433bda1-579b-4946-9f02-7a3e4a04efe2"}}]}}
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Malformed JSON"},
+    404: {"model": ErrorResponse, "description": "Unknown entity"},
+    409: {"model": ErrorResponse, "description": "Not allowed in the entity's state"},
+    413: {"model": ErrorResponse, "description": "Body too large"},
+    422: {"model": ErrorResponse, "description": "Validation failed"},
+    503: {"model": ErrorResponse, "description": "Store unavailable (queries only)"},
+}
+COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {"model": CommandAccepted, "description": "Durably journaled; applied shortly."},
+    200: {"model": CommandAccepted, "description": "Applied (with ?wait=true)."},
+    **ERRORS,
+}
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    ledger: Ledger = app.state.ledger
+    ledger.start_workers()
+    # What exists now lives as long as the app: keep it out of the cyclic GC's full
+    # collections, which would otherwise rescan it every second under load.
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        await run_in_threadpool(ledger.stop)
+
+
+def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -> FastAPI:
+    settings = settings or Settings()
+    ledger = ledger or Ledger(settings)
+    app = FastAPI(
+        title="obsledger",
+        version="0.1.0",
+        description=(
+            "Event-sourced ledger of observatory operations. Critical commands are "
+            "acknowledged (202) once durably journaled, then applied in order to the event "
+            "store; queries merge not-yet-projected commands (`pending: true`). Send an "
+            "`Idempotency-Key` header to make retries safe; add `?wait=true` to wait for the "
+            "command to be applied. Errors: `{detail, status_code, errors[{field, message}]}`."
+        ),
+        lifespan=_lifespan,
+    )
+    app.state.ledger = ledger
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(_command_router())
+    app.include_router(_query_router())
+    return app
+
+
+# -- request context -------------------------------------------------------------------------
+class RequestContext(BaseModel):
+    actor: str
+    correlation_id: str
+    idempotency_key: str | None
+    wait: bool
+
+
+def _check_header(name: str, value: str | None) -> str | None:
+    if value is not None and not _HEADER_VALUE.match(value):
+        raise ApiError(422, "Validation failed", [{
+            "field": name, "message": "1-200 characters of letters, digits and ._:@/+=-"}])
+    return value
+
+
+async def request_context(  # async: FastAPI would run a sync dependency in a worker thread
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", description="Makes a retry return the first answer.")] = None,
+    actor: Annotated[str | None, Header(
+        alias="X-Obsledger-Actor",
+        description="Who is acting (until authentication records the principal).")] = None,
+    correlation_id: Annotated[str | None, Header(alias="X-Correlation-ID")] = None,
+    wait: Annotated[bool, Query(
+        description="Wait until the command is applied (or rejected) and answer with its "
+        "outcome and log position.")] = False,
+) -> RequestContext:
+    _check_header("Idempotency-Key", idempotency_key)
+    _check_header("X-Obsledger-Actor", actor)
+    _check_header("X-Correlation-ID", correlation_id)
+    cid = correlation_id or str(uuid.uuid4())
+    response.headers["X-Correlation-ID"] = cid
+    return RequestContext(actor=actor or "anonymous", correlation_id=cid,
+                          idempotency_key=idempotency_key, wait=wait)
+
+
+Ctx = Annotated[RequestContext, Depends(request_context)]
+IdPath = Annotated[UUID, Path(description="Entity id")]
+
+
+def _json(body: Any, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+async def _submit(request: Request, ctx: RequestContext, command_type: str,
+                  body: CommandModel, path: dict[str, Any] | None = None) -> Response:
+    ledger: Ledger = request.app.state.ledger
+    sub = await ledger.commands.submit(
+        command_type, body, path=path, actor=ctx.actor, correlation_id=ctx.correlation_id,
+        idempotency_key=ctx.idempotency_key)
+    headers = {"Location": f"/commands/{sub.entry.command_id}",
+               "X-Correlation-ID": ctx.correlation_id}
+    if sub.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if not ctx.wait:
+        return _json(sub.body, 202, headers)
+    entry = await ledger.journal.wait_outcome(sub.entry.command_id,
+                                              request.app.state.settings.sync_wait_s)
+    if entry is None or entry.status == ACCEPTED:
+        return _json(sub.body, 202, headers)
+    if entry.status == REJECTED:
+        status = STATUS_OF_CODE.get(entry.reason_code or "", 422)
+        errors = ([{"field": entry.reason_field, "message": entry.reason or ""}]
+                  if entry.reason_field else [])
+        return _json({"detail": entry.reason, "status_code": status, "errors": errors,
+                      "command_id": entry.command_id}, status, headers)
+    headers["X-Log-Position"] = str(entry.position)
+    return _json(outcome_body(entry), 200, headers)
+
+
+# -- the hot path: plain command requests without FastAPI's per-request dependency solving ----
+_WAIT_QUERY = {b"": False, b"wait=true": True, b"wait=false": False}
+
+
+def _fast_command(command_type: str, model: type[CommandModel]) -> Any:
+    """Mark an endpoint that is exactly ``_submit(request, ctx, command_type, body)``."""
+    def mark(endpoint: Any) -> Any:
+        endpoint.fast_command = (command_type, model)
+        return endpoint
+    return mark
+
+
+class _CommandRoute(APIRoute):
+    """A command route that answers a plain, valid request (JSON body valid for the model,
+    well-formed headers, no query but ``wait``) without FastAPI's dependency solving, which
+    costs more than the rest of the acknowledgement. Anything else — malformed JSON, an
+    invalid body or header, another content type or query, telemetry enabled — goes to the
+    regular FastAPI handler, so every answer and the OpenAPI schema stay the same."""
+
+    def get_route_handler(self) -> Any:
+        regular = super().get_route_handler()
+        fast = getattr(self.endpoint, "fast_command", None)
+        if fast is None:
+            return regular
+        command_type, model = fast
+
+        async def handler(request: Request) -> Response:
+            ctx_body = await _plain_request(request, model) if get_telemetry_data() is None \
+                else None
+            if ctx_body is None:
+                return await regular(request)
+            return await _submit(request, ctx_body[0], command_type, ctx_body[1])
+
+        return handler
+
+
+async def _plain_request(request: Request,
+                         model: type[CommandModel]) -> tuple[RequestContext, Any] | None:
+    """The context and the validated body, as the regular handler would find them, or None
+    when the request is not plain (the regular handler then answers, errors included)."""
+    wait = _WAIT_QUERY.get(request.scope.get("query_string", b""))
+    if wait is None:
+        return None
+    headers = request.headers
+    if headers.get("content-type") != "application/json":
+        return None
+    values = []
+    for name in ("idempotency-key", "x-obsledger-actor", "x-correlation-id"):
+        value = headers.get(name)
+        if value is not None and not _HEADER_VALUE.match(value):
+            return None
+        values.append(value)
+    try:
+        if not await request.body():
+            return None
+        body = model.model_validate(await request.json(), from_attributes=True)
+    except Exception:  # the regular handler reports it
+        return None
+    key, actor, cid = values
+    return RequestContext(actor=actor or "anonymous", correlation_id=cid or str(uuid.uuid4()),
+                          idempotency_key=key, wait=wait), body
+
+
+# -- commands --------------------------------------------------------------------------------
+def _command_router() -> APIRouter:
+    r = APIRouter(route_class=_CommandRoute)
+
+    @r.post("/executed_obs_units/start", tags=["executed obs units"], status_code=202,
+            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+            summary="Start an executed obs unit (critical)")
+    @_fast_command("executed_obs_unit.start", StartExecutedObsUnitRequest)
+    async def start_unit(request: Request, body: StartExecutedObsUnitRequest,
+                         ctx: Ctx) -> Response:
+        return await _submit(request, ctx, "executed_obs_unit.start", body)
+
+    @r.put("/executed_obs_units/{id}/finish", tags=["executed obs units"], status_code=202,
+           response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+           summary="Finish an executed obs unit: success, failed or aborted (critical)")
+    async def finish_unit(request: Request, id: IdPath, body: FinishExecutedObsUnitRequest,
+                          ctx: Ctx) -> Response:
+        return await _submit(request, ctx, "executed_obs_unit.finish", body, {"id": id})
+
+    @r.post("/raw_data_files", tags=["raw data files"], status_code=202,
+            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+            summary="Register one raw data file (critical)",
+            description="A file's id is derived from (instrument, name): uuid5 of the "
+            "raw-data-file namespace, so names are unique per instrument.")
+    @_fast_command("raw_data_file.register", RegisterRawDataFileRequest)
+    async def register_file(request: Request, body: RegisterRawDataFileRequest,
+                            ctx: Ctx) -> Response:
+        return await _submit(request, ctx, "raw_data_file.register", body)
+
+    @r.post("/raw_data_files/bulk", tags=["raw data files"], status_code=202,
+            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+            summary="Register many raw data files in one command: all or none (critical)")
+    async def register_files(request: Request, body: BulkRegisterRawDataFilesRequest,
+                             ctx: Ctx) -> Response:
+        limit = request.app.state.settings.max_bulk_files
+        if len(body.files) > limit:
+            raise ApiError(422, "Validation failed", [{
+                "field": "files", "message": f"at most {limit} files per command"}])
+        return await _submit(request, ctx, "raw_data_file.register_bulk", body)
+
+    @r.post("/raw_data_package", tags=["raw data packages"], status_code=202,
+            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+            summary="Create a raw data package, optionally registering its files (critical)")
+    @_fast_command("raw_data_package.create", CreateRawDataPackageRequest)
+    async def create_package(request: Request, body: CreateRawDataPackageRequest,
+                             ctx: Ctx) -> Response:
+        return await _submit(request, ctx, "raw_data_package.create", body)
+
+    @r.post("/raw_data_package/{id}/files", tags=["raw data packages"], status_code=202,
+            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+            summary="Add registered files to a building package (critical)")
+    async def add_files(request: Request, id: IdPath, body: AddFilesToPackageRequest,
+                        ctx: Ctx) -> Response:
+        return await _submit(request, ctx, "raw_data_package.add_files", body, {"id": id})
+
+    @r.put("/raw_data_package/{id}/finalize", tags=["raw data packages"], status_code=202,
+           response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+           summary="Finalize a package: building -> complete, within the size limit")
+    async def finalize_package(request: Request, id: IdPath, ctx: Ctx) -> Response:
+        return await _submit(request, ctx, "raw_data_package.finalize", _Empty(), {"id": id})
+
+    @r.post("/staging/stage", tags=["staging"], status_code=202,
+            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+            summary="Request that complete packages be staged to a destination (critical)")
+    @_fast_command("staging.stage", StageRequest)
+    async def stage(request: Request, body: StageRequest, ctx: Ctx) -> Response:
+        return await _submit(request, ctx, "staging.stage", body)
+
+    @r.put("/staging/{id}/progress", tags=["staging"], status_code=202,
+           response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+           summary="Report transfer progress or the outcome (transfer agent)")
+    async def progress(request: Request, id: IdPath, body: StagingProgressRequest,
+                       ctx: Ctx) -> Response:
+        return await _submit(request, ctx, "staging.report_progress", body, {"id": id})
+
+    @r.delete("/staging/{id}", tags=["staging"], status_code=202,
+              response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+              summary="Cancel a staging request (not once completed)")
+    async def cancel(request: Request, id: IdPath, ctx: Ctx,
+                     reason: Annotated[str | None, Query(
+                         max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
+        body = _CancelBody(reason=reason) if reason else _Empty()
+        return await _submit(request, ctx, "staging.cancel", body, {"id": id})
+
+    return r
+
+
+class _Empty(CommandModel):
+    pass
+
+
+class _CancelBody(CommandModel):
+    reason: str | None = None
+
+
+# -- queries ---------------------------------------------------------------------------------
+MinPosition = Annotated[int | None, Query(
+    ge=0, description="Wait (briefly, bounded) until the read models include this log "
+    "position: read-your-writes.")]
+
+
+async def _caught_up(request: Request, min_position: int | None) -> None:
+    if not min_position:
+        return
+    ledger: Ledger = request.app.state.ledger
+    timeout = request.app.state.settings.min_position_wait_s
+    if ledger.projector is not None and ledger.workers and ledger.settings.embedded_projector:
+        if ledger.projector.position >= min_position:
+            return
+        await run_in_threadpool(ledger.projector.wait_for, min_position, timeout)
+        return
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while time.monotonic() < deadline:
+        if await run_in_threadpool(ledger.queries.read_model_position) >= min_position:
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _not_found(what: str, entity_id: Any) -> ApiError:
+    return ApiError(404, f"{what} {entity_id} not found")
+
+
+def _query_router() -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/executed_obs_units", tags=["executed obs units"], response_model=ExecutedObsUnitPage,
+           responses=ERRORS, summary="Executed obs units for dashboards (filters, pages)")
+    async def list_units(
+        request: Request,
+        status: Annotated[Literal["running", "success", "failed", "aborted"] | None,
+                          Query()] = None,
+        instrument: Annotated[str | None, Query(max_length=100)] = None,
+        obs_unit_id: Annotated[str | None, Query(max_length=100)] = None,
+        start_from: Annotated[datetime | None, Query(
+            description="Started at or after (UTC)")] = None,
+        start_to: Annotated[datetime | None, Query(description="Started before (UTC)")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+        min_position: MinPosition = None,
+    ) -> Any:
+        await _caught_up(request, min_position)
+        ledger: Ledger = request.app.state.ledger
+        pos, total, items, pending = await run_in_threadpool(
+            ledger.queries.list_executions, status=status, instrument=instrument,
+            start_from=_utc(start_from), start_to=_utc(start_to), obs_unit_id=obs_unit_id,
+            limit=limit, offset=offset)
+        return ExecutedObsUnitPage(items=items, total=total, limit=limit, offset=offset,
+                                   pending_count=pending, read_model_position=pos)
+
+    @r.get("/executed_obs_units/execution/{id}", tags=["executed obs units"],
+           response_model=ExecutedObsUnitView, responses=ERRORS,
+           summary="One execution by its id (smart query)")
+    async def get_execution(request: Request, id: UUID,
+                            min_position: MinPosition = None) -> Any:
+        await _caught_up(request, min_position)
+        row = await run_in_threadpool(request.app.state.ledger.queries.execution, str(id))
+        if row is None:
+            raise _not_found("executed obs unit", id)
+        return row
+
+    @r.get("/executed_obs_units/{obs_unit_id}", tags=["executed obs units"],
+           response_model=ExecutionsOfObsUnit, responses=ERRORS,
+           summary="Every execution of a planned obs unit, merged with pending ones")
+    async def executions_of(request: Request,
+                            obs_unit_id: Annotated[str, Path(max_length=100)],
+                            min_position: MinPosition = None) -> Any:
+        await _caught_up(request, min_position)
+        pos, rows = await run_in_threadpool(
+            request.app.state.ledger.queries.executions_of, obs_unit_id)
+        return ExecutionsOfObsUnit(obs_unit_id=obs_unit_id, read_model_position=pos,
+                                   executions=rows)
+
+    @r.get("/raw_data_files", tags=["raw data files"], response_model=RawDataFilePage,
+           responses=ERRORS, summary="Raw data files, filtered and paged")
+    async def list_files(
+        request: Request,
+        executed_obs_unit_id: UUID | None = None,
+        package_id: UUID | None = None,
+        instrument: Annotated[str | None, Query(max_length=100)] = None,
+        file_type: Annotated[str | None, Query(max_length=50)] = None,
+        name: Annotated[str | None, Query(max_length=255)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+        min_position: MinPosition = None,
+    ) -> Any:
+        await _caught_up(request, min_position)
+        pos, total, items, pending = await run_in_threadpool(
+            request.app.state.ledger.queries.list_files,
+            executed_obs_unit_id=_s(executed_obs_unit_id), package_id=_s(package_id),
+            instrument=instrument, file_type=file_type, name=name, limit=limit, offset=offset)
+        return RawDataFilePage(items=items, total=total, limit=limit, offset=offset,
+                               pending_count=pending, read_model_position=pos)
+
+    @r.get("/raw_data_files/{id}", tags=["raw data files"], response_model=RawDataFileView,
+           responses=ERRORS, summary="One raw data file (smart query)")
+    async def get_file(request: Request, id: UUID, min_position: MinPosition = None) -> Any:
+        await _caught_up(request, min_position)
+        row = await run_in_threadpool(request.app.state.ledger.queries.file, str(id))
+        if row is None:
+            raise _not_found("raw data file", id)
+        return row
+
+    @r.get("/raw_data_package/{id}", tags=["raw data packages"],
+           response_model=RawDataPackageView, responses=ERRORS,
+           summary="A raw data package with its files (smart query)")
+    async def get_package(request: Request, id: UUID, min_position: MinPosition = None) -> Any:
+        await _caught_up(request, min_position)
+        row = await run_in_threadpool(request.app.state.ledger.queries.package, str(id))
+        if row is None:
+            raise _not_found("raw data package", id)
+        return row
+
+    @r.get("/staging/status/{id}", tags=["staging"], response_model=StagingRequestView,
+           responses=ERRORS, summary="Where a staging request stands (smart query)")
+    async def staging_status(request: Request, id: UUID,
+                             min_position: MinPosition = None) -> Any:
+        await _caught_up(request, min_position)
+        row = await run_in_threadpool(request.app.state.ledger.queries.staging, str(id))
+        if row is None:
+            raise _not_found("staging request", id)
+        return row
+
+    @r.get("/commands/{command_id}", tags=["commands"], response_model=CommandStatusView,
+           responses=ERRORS, summary="Where a critical command stands")
+    async def command_status(request: Request,
+                             command_id: Annotated[str, Path(max_length=200)]) -> Any:
+        entry = request.app.state.ledger.journal.get(command_id)
+        if entry is None:
+            raise _not_found("command", command_id)
+        return CommandStatusView(
+            command_id=entry.command_id, command_type=entry.command_type, status=entry.status,
+            position=entry.position if entry.status == APPLIED else None, reason=entry.reason,
+            reason_code=entry.reason_code, reason_field=entry.reason_field,
+            received_at=entry.received_at, finished_at=entry.finished_at, actor=entry.actor,
+            correlation_id=entry.correlation_id, attempts=entry.attempts,
+            ids=entry.response.get("ids", {}))
+
+    @r.get("/health", tags=["operations"], summary="Journal depth, store reachability, lag")
+    async def health(request: Request) -> Any:
+        ledger: Ledger = request.app.state.ledger
+        return await run_in_threadpool(health_report, ledger)
+
+    return r
+
+
+def health_report(ledger: Ledger) -> dict[str, Any]:
+    store_ok = ledger.store is not None and ledger.store.ping()
+    head = ledger.store.max_position() if store_ok and ledger.store else None
+    oldest = ledger.journal.oldest_pending_received_at()
+    try:
+        projected: int | None = ledger.queries.read_model_position()
+    except Exception:
+        projected = None
+    d = ledger.dispatcher
+    return {
+        "status": "ok" if store_ok else "degraded",
+        "store": {"kind": ledger.settings.store, "reachable": store_ok, "head_position": head},
+        "journal": {
+            "depth": ledger.journal.depth(),
+            "oldest_pending_age_s": (datetime.now(UTC) - oldest).total_seconds()
+            if oldest else None,
+            "commands": ledger.journal.counts(),
+        },
+        "dispatcher": {
+            "embedded": ledger.workers,
+            "store_reachable": d.store_reachable if d else False,
+            "last_error": d.last_error if d else "event store not connected",
+        },
+        "projector": {
+            "position": projected,
+            "lag_events": (head - projected) if head is not None and projected is not None
+            else None,
+            "last_error": ledger.projector.last_error if ledger.projector else None,
+        },
+    }
+
+
+def _utc(v: datetime | None) -> datetime | None:
+    if v is None:
+        return None
+    try:
+        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
+        raise ApiError(422, "Validation failed", [{
+            "field": "query", "message": f"{v.isoformat()} is not representable in UTC"}],
+        ) from None
+
+
+def _s(v: Any) -> str | None:
+    return None if v is None else str(v)

@@ -1,0 +1,122 @@
+"""``obsledger``: serve the API, run the dispatcher or projector alone, rebuild read models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+from infra.settings import Settings
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    if args.no_workers:
+        settings = settings.model_copy(update={"embedded_workers": False})
+    app = create_app(settings)
+    print(f"obsledger: {settings.store} event store, API on http://{args.host}:{args.port} "
+          f"(docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=args.access_log)
+    return 0
+
+
+def _run_until_signal(worker: Any) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    stop.wait()
+    worker.stop()
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from api.runtime import Ledger
+
+    ledger = Ledger(settings, workers=False)
+    if ledger.dispatcher is None:
+        print("event store unreachable", file=sys.stderr)
+        return 2
+    if args.drain:
+        ledger.dispatcher.drain(timeout=args.timeout)
+        print(f"journal drained; depth {ledger.journal.depth()}")
+    else:
+        _run_until_signal(ledger.dispatcher)
+    ledger.stop()
+    return 0
+
+
+def _project(args: argparse.Namespace, settings: Settings) -> int:
+    from api.runtime import Ledger
+
+    ledger = Ledger(settings, workers=False)
+    if ledger.projector is None:
+        print("event store unreachable", file=sys.stderr)
+        return 2
+    if args.once:
+        print(f"read models at position {ledger.projector.catch_up(timeout=args.timeout)}")
+    else:
+        _run_until_signal(ledger.projector)
+    ledger.stop()
+    return 0
+
+
+def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from api.runtime import Ledger
+
+    ledger = Ledger(settings, workers=False)
+    if ledger.projector is None or ledger.store is None:
+        print("event store unreachable", file=sys.stderr)
+        return 2
+
+    def progress(pos: int, head: int) -> None:
+        if not args.quiet:
+            print(f"\rrebuilding read models: {pos}/{head} events", end="", flush=True)
+
+    pos = ledger.projector.rebuild(progress)
+    print(f"\nread models rebuilt from the log and switched at position {pos}")
+    ledger.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="obsledger", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP API (with the dispatcher and projector "
+                       "inside, unless OBSLEDGER_EMBEDDED_WORKERS=false or --no-workers)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--no-workers", action="store_true")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("dispatch", help="apply journaled commands to the event store")
+    p.add_argument("--drain", action="store_true", help="apply what is due, then exit")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=_dispatch)
+
+    p = sub.add_parser("project", help="keep the read models up to date from the event log")
+    p.add_argument("--once", action="store_true", help="catch up, then exit")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=_project)
+
+    p = sub.add_parser("rebuild", help="rebuild every read model from the log, then switch")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_rebuild)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    return int(args.func(args, Settings()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Wiring: the journal, the event store, the dispatcher, the projector and the queries."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from commands.dispatcher import Dispatcher
+from commands.service import CommandService
+from infra.event_store import EventStore, StoreUnavailable
+from infra.journal import Journal
+from infra.read_model_db import create_read_model_engine
+from infra.settings import Settings
+from projections.projector import Projector
+from queries.service import QueryService
+
+log = logging.getLogger("obsledger")
+
+
+class Ledger:
+    """Everything one obsledger process runs. The store may be down at start: commands are
+    still accepted into the journal, and the workers start once the store answers."""
+
+    def __init__(self, settings: Settings, *, workers: bool | None = None) -> None:
+        self.settings = settings
+        settings.prepare_dirs()
+        self.journal = Journal(settings.journal_file)
+        self.engine = create_read_model_engine(settings.read_model_database_url)
+        self.queries = QueryService(self.engine, self.journal)
+        self.workers = settings.embedded_workers if workers is None else workers
+        self.store: EventStore | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.projector: Projector | None = None
+        self.commands = CommandService(self.journal, None)
+        self._stopping = threading.Event()
+        self._connect_store()
+
+    def _connect_store(self) -> bool:
+        if self.store is not None:
+            return True
+        try:
+            self.store = EventStore(self.settings)
+        except StoreUnavailable as e:
+            log.warning("event store unavailable at start: %s", e)
+            return False
+        try:
+            self.projector = Projector(self.store, self.engine,
+                                       self.settings.projection_page_size,
+                                       self.settings.projection_poll_s)
+        except Exception as e:  # the database went away again: retry later, not half-wired
+            log.warning("read-model database unavailable at start: %s", e)
+            self.store.close()
+            self.store = None
+            return False
+        self.commands.store = self.store
+        self.dispatcher = Dispatcher(self.journal, self.store, self.settings,
+                                     on_applied=self.projector.wake)
+        self.journal.on_append(self.dispatcher.wake)
+        return True
+
+    def start_workers(self) -> None:
+        """Start the dispatcher and projector threads (now, or once the store answers)."""
+        if not self.workers:
+            return
+        if self.dispatcher is not None and self.projector is not None:
+            self.dispatcher.start()
+            if self.settings.embedded_projector:
+                self.projector.start()
+            return
+
+        def connect_later() -> None:
+            while not self._stopping.wait(2.0):
+                if self._connect_store():
+                    self.start_workers()
+                    return
+
+        threading.Thread(target=connect_later, name="store-connect", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+        if self.projector is not None:
+            self.projector.stop()
+        self.journal.close()
+        if self.store is not None:
+            self.store.close()
+        self.engine.dispose()
