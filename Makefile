@@ -1,0 +1,36 @@
+# obsledger — `make run` starts the API on the embedded SQLite store; `make test` runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Start the API with the embedded default (SQLite event store, dispatcher and projector inside)
+run: setup
+	$(BIN)/obsledger serve --host 127.0.0.1 --port 8000
+
+## The whole test suite (SQLite and PostgreSQL; PostgreSQL tests skip unless
+## OBSLEDGER_REQUIRE_SERVICES=1, where they fail if the server is missing)
+test: setup
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+## Benchmarks against PostgreSQL (OBSLEDGER_POSTGRES_HOST/PORT/USER select the server)
+bench: setup
+	$(BIN)/python bench/commands.py
+	$(BIN)/python bench/projection.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
