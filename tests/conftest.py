@@ -1,0 +1,173 @@
+"""Shared fixtures: the store under test (SQLite and a real PostgreSQL), ledgers, servers.
+
+PostgreSQL tests create their own database and drop it afterwards. When PostgreSQL is not
+reachable they skip, except with OBSLEDGER_REQUIRE_SERVICES=1 (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.runtime import Ledger
+from infra.settings import Settings
+
+PG_HOST = os.environ.get("OBSLEDGER_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("OBSLEDGER_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("OBSLEDGER_TEST_PG_USER", "postgres")
+REQUIRE_SERVICES = os.environ.get("OBSLEDGER_REQUIRE_SERVICES") == "1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _admin() -> psycopg.Connection[Any]:
+    return psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres",
+                           autocommit=True, connect_timeout=3)
+
+
+def postgres_available() -> bool:
+    try:
+        with _admin():
+            return True
+    except psycopg.Error:
+        return False
+
+
+def need_postgres() -> None:
+    if postgres_available():
+        return
+    msg = f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}"
+    if REQUIRE_SERVICES:
+        pytest.fail(msg + " and OBSLEDGER_REQUIRE_SERVICES=1")
+    pytest.skip(msg)
+
+
+@pytest.fixture
+def pg_database() -> Iterator[Callable[[], str]]:
+    """Factory of fresh PostgreSQL databases, each dropped after the test."""
+    need_postgres()
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"obsledger_test_{uuid.uuid4().hex[:12]}"
+        with _admin() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return name
+
+    yield make
+    with _admin() as conn:
+        for name in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def make_settings(tmp_path: Path, store: str, dbname: str | None = None,
+                  **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"store": store, "data_dir": tmp_path / "var"}
+    if store == "postgres":
+        values.update(postgres_host=PG_HOST, postgres_port=PG_PORT, postgres_user=PG_USER,
+                      postgres_dbname=dbname)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, store_kind: str, pg_database_if_needed: str | None) -> Settings:
+    return make_settings(tmp_path, store_kind, pg_database_if_needed,
+                         missing_target_deadline_s=0.5)
+
+
+@pytest.fixture
+def pg_database_if_needed(store_kind: str, request: pytest.FixtureRequest) -> str | None:
+    if store_kind != "postgres":
+        return None
+    factory: Callable[[], str] = request.getfixturevalue("pg_database")
+    return factory()
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Iterator[Ledger]:
+    """A ledger without background workers: tests drain and project explicitly."""
+    lg = Ledger(settings, workers=False)
+    yield lg
+    lg.stop()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    """The API in-process, with the embedded dispatcher and projector running."""
+    app = create_app(settings)
+    with TestClient(app) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The OBSLEDGER_* environment that reproduces ``settings`` in another process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OBSLEDGER_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"OBSLEDGER_{name.upper()}"] = str(value).lower() if isinstance(
+                value, bool) else str(value)
+    return env
+
+
+class ServerProcess:
+    """``obsledger serve`` in its own process, on a free port."""
+
+    def __init__(self, settings: Settings, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port),
+             "--log-level", "warning", "--no-access-log", *extra],
+            env=settings_env(settings), cwd=ROOT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def live_server(settings: Settings) -> Iterator[ServerProcess]:
+    server = ServerProcess(settings)
+    yield server
+    server.stop()

@@ -1,0 +1,793 @@
+"""The HTTP API in-process (embedded dispatcher and projector), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from api.app import create_app
+from commands.models import (
+    AddFilesToPackageRequest,
+    BulkRegisterRawDataFilesRequest,
+    CreateRawDataPackageRequest,
+    FinishExecutedObsUnitRequest,
+    RegisterRawDataFileRequest,
+    StageRequest,
+    StagingProgressRequest,
+    StartExecutedObsUnitRequest,
+)
+from domain.raw_data import raw_data_file_id
+from tests.conftest import make_settings
+
+T0 = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
+ERROR_KEYS = {"detail", "status_code", "errors"}
+UNKNOWN = "00000000-0000-4000-8000-000000000000"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def assert_error(r: Any, status: int, field: str | None = None,
+                 message: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) >= ERROR_KEYS, body
+    assert body["status_code"] == status
+    assert isinstance(body["detail"], str) and body["detail"]
+    assert isinstance(body["errors"], list)
+    for e in body["errors"]:
+        assert set(e) == {"field", "message"} and isinstance(e["message"], str), e
+    if field is not None:
+        fields = [e["field"] for e in body["errors"]]
+        assert field in fields, (field, body)
+    if message is not None:
+        text = body["detail"] + " " + " ".join(e["message"] for e in body["errors"])
+        assert message in text, (message, body)
+    return body  # type: ignore[no-any-return]
+
+
+def applied(r: Any) -> dict[str, Any]:
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "applied" and body["position"] >= 1, body
+    assert r.headers["X-Log-Position"] == str(body["position"])
+    return body  # type: ignore[no-any-return]
+
+
+def file_spec(name: str, size: Any = 100, instrument: str = "HARPS",
+              unit: str | None = None, **over: Any) -> dict[str, Any]:
+    spec = {"name": name, "relative_path": f"2026-11-21/{name}", "size": size,
+            "checksum": {"algorithm": "sha256", "value": "ab" * 32},
+            "instrument": instrument, "file_type": "raw_science",
+            "created_at": T0.isoformat()}
+    if unit:
+        spec["executed_obs_unit_id"] = unit
+    spec.update(over)
+    return spec
+
+
+def fid(name: str, instrument: str = "HARPS") -> str:
+    return str(raw_data_file_id(instrument, name))
+
+
+def start(c: TestClient, obs_unit_id: str = "OU-1", instrument: str = "HARPS",
+          start_time: datetime = T0) -> tuple[str, int]:
+    body = applied(c.post("/executed_obs_units/start?wait=true", json={
+        "obs_unit_id": obs_unit_id, "instrument": instrument,
+        "start_time": start_time.isoformat()}))
+    return body["ids"]["executed_obs_unit_id"], body["position"]
+
+
+def complete_package(c: TestClient, names: list[str], sizes: list[int] | None = None
+                     ) -> tuple[str, int]:
+    sizes = sizes or [100] * len(names)
+    pkg = applied(c.post("/raw_data_package?wait=true", json={
+        "name": "P-" + names[0], "files": [file_spec(n, s) for n, s in zip(
+            names, sizes, strict=True)]}))["ids"]["raw_data_package_id"]
+    pos = applied(c.put(f"/raw_data_package/{pkg}/finalize?wait=true"))["position"]
+    return pkg, pos
+
+
+def stage(c: TestClient, pkg: str) -> str:
+    return str(applied(c.post("/staging/stage?wait=true", json={
+        "package_ids": [pkg], "destination": "archive:/stage"}))["ids"]["staging_id"])
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, store_kind: str,
+                request: pytest.FixtureRequest) -> Iterator[Callable[..., TestClient]]:
+    """Clients with their own settings (each on a fresh database)."""
+    new_db = request.getfixturevalue("pg_database") if store_kind == "postgres" else None
+    stack = contextlib.ExitStack()
+
+    def make(**overrides: Any) -> TestClient:
+        s = make_settings(tmp_path / uuid.uuid4().hex[:8], store_kind,
+                          new_db() if new_db else None, missing_target_deadline_s=0.5,
+                          **overrides)
+        return stack.enter_context(TestClient(create_app(s)))
+
+    yield make
+    stack.close()
+
+
+# -- happy paths -----------------------------------------------------------------------------
+def test_every_endpoint_happy_path(client: TestClient) -> None:
+    c = client
+    r = c.post("/executed_obs_units/start?wait=true",
+               json={"obs_unit_id": "OU-H", "instrument": "HARPS",
+                     "start_time": "2026-11-21T23:14:05Z", "metadata": {"airmass": 1.1}},
+               headers={"X-Obsledger-Actor": "night-script", "X-Correlation-ID": "corr-1"})
+    body = applied(r)
+    unit = body["ids"]["executed_obs_unit_id"]
+    assert r.headers["Location"] == f"/commands/{body['command_id']}"
+    assert r.headers["X-Correlation-ID"] == "corr-1"
+
+    r = c.get(f"/executed_obs_units/execution/{unit}?min_position={body['position']}")
+    assert r.status_code == 200, r.text
+    row = r.json()
+    assert row["status"] == "running" and row["started_by"] == "night-script"
+    assert row["pending"] is False and row["metadata"] == {"airmass": 1.1}
+
+    pos = applied(c.put(f"/executed_obs_units/{unit}/finish?wait=true", json={
+        "status": "success", "end_time": "2026-11-22T00:02:40Z",
+        "metadata": {"exposures": 12}}))["position"]
+    r = c.get(f"/executed_obs_units/OU-H?min_position={pos}")
+    assert r.status_code == 200
+    [ex] = r.json()["executions"]
+    assert ex["status"] == "success" and ex["metadata"] == {"airmass": 1.1, "exposures": 12}
+
+    r = c.post("/raw_data_files", json=file_spec("one.fits", 10, unit=unit))
+    assert r.status_code == 202 and r.json()["status"] == "accepted"
+    assert r.json()["ids"] == {"raw_data_file_id": fid("one.fits")}
+    bulk = applied(c.post("/raw_data_files/bulk?wait=true", json={"files": [
+        file_spec("two.fits", 20, unit=unit), file_spec("three.fits", 30)]}))
+    assert bulk["ids"]["raw_data_file_ids"] == [fid("two.fits"), fid("three.fits")]
+
+    pkg_body = applied(c.post("/raw_data_package?wait=true", json={
+        "name": "PKG", "executed_obs_unit_id": unit, "file_ids": [fid("one.fits")],
+        "files": [file_spec("four.fits", 40)]}))
+    pkg = pkg_body["ids"]["raw_data_package_id"]
+    assert pkg_body["ids"]["raw_data_file_ids"] == [fid("four.fits")]
+    applied(c.post(f"/raw_data_package/{pkg}/files?wait=true",
+                   json={"file_ids": [fid("two.fits"), fid("three.fits")]}))
+    pos = applied(c.put(f"/raw_data_package/{pkg}/finalize?wait=true"))["position"]
+    r = c.get(f"/raw_data_package/{pkg}?min_position={pos}")
+    assert r.status_code == 200
+    p = r.json()
+    assert (p["status"], p["total_size"], p["file_count"]) == ("complete", 100, 4)
+    assert p["finalized_at"] is not None and len(p["files"]) == 4
+
+    r = c.get(f"/raw_data_files/{fid('one.fits')}")
+    assert r.status_code == 200 and r.json()["package_id"] == pkg
+    r = c.get(f"/raw_data_files?package_id={pkg}&min_position={pos}")
+    assert r.status_code == 200 and r.json()["total"] == 4
+
+    stg = applied(c.post("/staging/stage?wait=true", json={
+        "package_ids": [pkg], "destination": "archive:/stage/1121"}))["ids"]["staging_id"]
+    pos = applied(c.put(f"/staging/{stg}/progress?wait=true", json={
+        "status": "in_progress", "bytes_transferred": 25, "files_transferred": 1}))["position"]
+    r = c.get(f"/staging/status/{stg}?min_position={pos}")
+    assert r.status_code == 200
+    s = r.json()
+    assert (s["status"], s["bytes_total"], s["progress_percent"]) == ("in_progress", 100, 25.0)
+    pos = applied(c.put(f"/staging/{stg}/progress?wait=true", json={
+        "status": "completed", "bytes_transferred": 100, "files_transferred": 4}))["position"]
+    assert c.get(f"/staging/status/{stg}?min_position={pos}").json()["status"] == "completed"
+
+    stg2 = stage(c, pkg)
+    cancel = applied(c.delete(f"/staging/{stg2}?wait=true&reason=not%20needed"))
+    r = c.get(f"/staging/status/{stg2}?min_position={cancel['position']}")
+    assert r.json()["status"] == "cancelled" and r.json()["message"] == "not needed"
+
+    r = c.get(f"/commands/{cancel['command_id']}")
+    assert r.status_code == 200
+    cs = r.json()
+    assert cs["status"] == "applied" and cs["position"] == cancel["position"]
+    assert cs["command_type"] == "staging.cancel" and cs["ids"] == {"staging_id": stg2}
+
+    r = c.get("/executed_obs_units?status=success")
+    assert r.status_code == 200 and [i["id"] for i in r.json()["items"]] == [unit]
+
+    r = c.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_command_status_endpoint(client: TestClient) -> None:
+    r = client.put(f"/executed_obs_units/{UNKNOWN}/finish", json={"status": "success"},
+                   headers={"Idempotency-Key": "stat-1"})
+    assert_error(r, 404)  # refused at once: nothing journaled
+    assert_error(client.get("/commands/stat-1"), 404, message="stat-1")
+
+    unit, _ = start(client, "OU-C")
+    r = client.put(f"/executed_obs_units/{unit}/finish?wait=true", json={
+        "status": "success", "end_time": (T0 - timedelta(hours=1)).isoformat()},
+        headers={"Idempotency-Key": "stat-2", "X-Obsledger-Actor": "closer"})
+    body = assert_error(r, 422, field="end_time", message="before start_time")
+    assert body["command_id"] == "stat-2"
+    r = client.get("/commands/stat-2")
+    assert r.status_code == 200
+    cs = r.json()
+    assert cs["status"] == "rejected" and cs["position"] is None
+    assert cs["reason_code"] == "invalid" and cs["reason_field"] == "end_time"
+    assert "before start_time" in cs["reason"] and cs["actor"] == "closer"
+    assert cs["attempts"] >= 1 and cs["finished_at"] is not None
+
+    r = client.post("/executed_obs_units/start", json={"obs_unit_id": "OU-D",
+                                                       "instrument": "HARPS"})
+    assert r.status_code == 202
+    cid = r.json()["command_id"]
+    deadline = time.monotonic() + 10
+    while (cs := client.get(f"/commands/{cid}").json())["status"] == "accepted":
+        assert cs["position"] is None
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert cs["status"] == "applied" and cs["position"] >= 1
+
+
+def test_idempotency_over_http(client: TestClient) -> None:
+    h = {"Idempotency-Key": "night-1121:start:OU-7"}
+    body = {"obs_unit_id": "OU-7", "instrument": "HARPS"}
+    r1 = client.post("/executed_obs_units/start?wait=true", json=body, headers=h)
+    first = applied(r1)
+    assert "Idempotent-Replayed" not in r1.headers
+    r2 = client.post("/executed_obs_units/start?wait=true", json=body, headers=h)
+    assert r2.headers["Idempotent-Replayed"] == "true"
+    assert applied(r2) == first
+    r3 = client.post("/executed_obs_units/start", json={**body, "instrument": "X"}, headers=h)
+    assert_error(r3, 409, field="Idempotency-Key")
+    r = client.get(f"/executed_obs_units/OU-7?min_position={first['position']}")
+    assert len(r.json()["executions"]) == 1
+
+
+# -- errors ----------------------------------------------------------------------------------
+BAD_REQUESTS: list[tuple[str, str, str, Any, str]] = [
+    ("wrong type", "POST", "/executed_obs_units/start",
+     {"obs_unit_id": 12, "instrument": "HARPS"}, "obs_unit_id"),
+    ("wrong type in metadata", "POST", "/executed_obs_units/start",
+     {"obs_unit_id": "OU", "instrument": "HARPS", "metadata": [1, 2]}, "metadata"),
+    ("naive start time", "POST", "/executed_obs_units/start",
+     {"obs_unit_id": "OU", "instrument": "HARPS", "start_time": "2026-11-21T23:00:00"},
+     "start_time"),
+    ("start time out of range in UTC", "POST", "/executed_obs_units/start",
+     {"obs_unit_id": "OU", "instrument": "HARPS", "start_time": "0001-01-01T00:00:00+01:00"},
+     "start_time"),
+    ("unknown field", "POST", "/executed_obs_units/start",
+     {"obs_unit_id": "OU", "instrument": "HARPS", "telescope": "UT1"}, "telescope"),
+    ("missing field", "POST", "/executed_obs_units/start", {"instrument": "HARPS"},
+     "obs_unit_id"),
+    ("empty string", "POST", "/executed_obs_units/start",
+     {"obs_unit_id": "", "instrument": "HARPS"}, "obs_unit_id"),
+    ("NUL character", "POST", "/executed_obs_units/start",
+     {"obs_unit_id": "OU\u0000", "instrument": "HARPS"}, "body"),
+    ("NUL character in metadata", "POST", "/executed_obs_units/start",
+     {"obs_unit_id": "OU", "instrument": "HARPS", "metadata": {"k": ["\u0000"]}}, "body"),
+    ("integer over 64 bits", "POST", "/executed_obs_units/start",
+     {"obs_unit_id": "OU", "instrument": "HARPS", "metadata": {"k": 2**64}}, "body"),
+    ("invalid finish status", "PUT", f"/executed_obs_units/{UNKNOWN}/finish",
+     {"status": "running"}, "status"),
+    ("bad id in path", "PUT", "/executed_obs_units/not-a-uuid/finish",
+     {"status": "success"}, "path.id"),
+    ("string size", "POST", "/raw_data_files", file_spec("a", size="big"), "size"),
+    ("negative size", "POST", "/raw_data_files", file_spec("a", size=-1), "size"),
+    ("size over 64 bits", "POST", "/raw_data_files", file_spec("a", size=2**70), "body"),
+    ("short checksum", "POST", "/raw_data_files",
+     file_spec("a", checksum={"algorithm": "sha256", "value": "ab" * 31}), "checksum"),
+    ("md5 length for sha1", "POST", "/raw_data_files",
+     file_spec("a", checksum={"algorithm": "sha1", "value": "0" * 32}), "checksum"),
+    ("non-hex checksum", "POST", "/raw_data_files",
+     file_spec("a", checksum={"algorithm": "md5", "value": "z" * 32}), "checksum.value"),
+    ("unknown checksum algorithm", "POST", "/raw_data_files",
+     file_spec("a", checksum={"algorithm": "crc64", "value": "0" * 16}),
+     "checksum.algorithm"),
+    ("absolute path", "POST", "/raw_data_files",
+     file_spec("a", relative_path="/data/a.fits"), "relative_path"),
+    ("parent in path", "POST", "/raw_data_files",
+     file_spec("a", relative_path="night/../../etc/passwd"), "relative_path"),
+    ("parent path", "POST", "/raw_data_files", file_spec("a", relative_path=".."),
+     "relative_path"),
+    ("bad file in bulk", "POST", "/raw_data_files/bulk",
+     {"files": [file_spec(f"f{i}") for i in range(3)] + [file_spec("f3", size=-5)]},
+     "files.3.size"),
+    ("empty bulk", "POST", "/raw_data_files/bulk", {"files": []}, "files"),
+    ("repeated name in bulk", "POST", "/raw_data_files/bulk",
+     {"files": [file_spec("x"), file_spec("x")]}, "body"),
+    ("files not a list", "POST", "/raw_data_files/bulk", {"files": {"a": 1}}, "files"),
+    ("package file in both lists", "POST", "/raw_data_package",
+     {"name": "p", "file_ids": [fid("x")], "files": [file_spec("x")]}, "body"),
+    ("package file_ids not uuids", "POST", "/raw_data_package",
+     {"name": "p", "file_ids": ["nope"]}, "file_ids.0"),
+    ("add no files", "POST", f"/raw_data_package/{UNKNOWN}/files", {"file_ids": []},
+     "file_ids"),
+    ("stage nothing", "POST", "/staging/stage", {"package_ids": [], "destination": "d"},
+     "package_ids"),
+    ("stage a package twice", "POST", "/staging/stage",
+     {"package_ids": [UNKNOWN, UNKNOWN], "destination": "d"}, "package_ids"),
+    ("negative progress", "PUT", f"/staging/{UNKNOWN}/progress",
+     {"bytes_transferred": -1, "files_transferred": 0}, "bytes_transferred"),
+    ("cancel through progress", "PUT", f"/staging/{UNKNOWN}/progress",
+     {"status": "cancelled", "bytes_transferred": 0, "files_transferred": 0}, "status"),
+    ("body is a list", "POST", "/executed_obs_units/start", [1, 2], "body"),
+]
+
+
+def test_validation_errors(client: TestClient) -> None:
+    for what, method, path, body, field in BAD_REQUESTS:
+        r = client.request(method, path, content=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+        try:
+            assert_error(r, 422, field=field)
+        except AssertionError as e:
+            raise AssertionError(f"{what}: {e}") from None
+    assert client.get("/health").json()["journal"]["commands"] == {}, "nothing journaled"
+
+
+QUERY_ERRORS = [
+    ("/executed_obs_units?limit=0", "query.limit"),
+    ("/executed_obs_units?limit=1001", "query.limit"),
+    ("/executed_obs_units?offset=-1", "query.offset"),
+    ("/executed_obs_units?status=exploded", "query.status"),
+    ("/executed_obs_units?start_from=yesterday", "query.start_from"),
+    ("/executed_obs_units?start_from=0001-01-01T00:00:00%2B01:00", "query"),
+    ("/executed_obs_units?min_position=-1", "query.min_position"),
+    ("/raw_data_files?package_id=nope", "query.package_id"),
+    ("/raw_data_files/not-a-uuid", "path.id"),
+    (f"/staging/{UNKNOWN}?reason=%00", "query.reason"),
+]
+
+
+def test_query_parameter_errors(client: TestClient) -> None:
+    for path, field in QUERY_ERRORS:
+        method = "DELETE" if path.startswith("/staging/") else "GET"
+        assert_error(client.request(method, path), 422, field=field)
+
+
+UNKNOWN_TARGETS = [
+    ("PUT", f"/executed_obs_units/{UNKNOWN}/finish", {"status": "success"},
+     "executed obs unit"),
+    ("PUT", f"/raw_data_package/{UNKNOWN}/finalize", None, "raw data package"),
+    ("POST", f"/raw_data_package/{UNKNOWN}/files", {"file_ids": [UNKNOWN]},
+     "raw data package"),
+    ("DELETE", f"/staging/{UNKNOWN}", None, "staging request"),
+    ("PUT", f"/staging/{UNKNOWN}/progress", {"bytes_transferred": 0, "files_transferred": 0},
+     "staging request"),
+    ("GET", f"/executed_obs_units/execution/{UNKNOWN}", None, "executed obs unit"),
+    ("GET", f"/raw_data_files/{UNKNOWN}", None, "raw data file"),
+    ("GET", f"/raw_data_package/{UNKNOWN}", None, "raw data package"),
+    ("GET", f"/staging/status/{UNKNOWN}", None, "staging request"),
+    ("GET", "/commands/never-sent", None, "command"),
+]
+
+
+def test_unknown_ids_are_404(client: TestClient) -> None:
+    for method, path, body, what in UNKNOWN_TARGETS:
+        r = client.request(method, path + ("?wait=true" if method != "GET" else ""),
+                           json=body)
+        assert_error(r, 404, message=f"{what} ")
+        assert r.json()["detail"].endswith("not found"), r.json()
+
+
+def test_references_to_unknown_entities_are_404_once_waited_for(client: TestClient) -> None:
+    r = client.post("/raw_data_files?wait=true",
+                    json=file_spec("orphan.fits", unit=UNKNOWN))
+    assert_error(r, 404, field="files.0.executed_obs_unit_id", message=UNKNOWN)
+    r = client.post("/staging/stage?wait=true",
+                    json={"package_ids": [UNKNOWN], "destination": "d"})
+    assert_error(r, 404, field="package_ids.0")
+
+
+def test_finishing_twice_is_409(client: TestClient) -> None:
+    unit, _ = start(client, "OU-2X")
+    applied(client.put(f"/executed_obs_units/{unit}/finish?wait=true",
+                       json={"status": "success"}))
+    r = client.put(f"/executed_obs_units/{unit}/finish?wait=true", json={"status": "failed"})
+    assert_error(r, 409, message="success")
+
+    unit, _ = start(client, "OU-FLIGHT")
+    # the second finish is refused whether the first is still pending or already applied
+    r1 = client.put(f"/executed_obs_units/{unit}/finish", json={"status": "success"})
+    r2 = client.put(f"/executed_obs_units/{unit}/finish?wait=true", json={"status": "aborted"})
+    assert r1.status_code == 202
+    assert_error(r2, 409)
+
+
+def test_cancelling_a_completed_staging_is_409(client: TestClient) -> None:
+    pkg, _ = complete_package(client, ["s1.fits"])
+    stg = stage(client, pkg)
+    applied(client.put(f"/staging/{stg}/progress?wait=true", json={
+        "status": "completed", "bytes_transferred": 100, "files_transferred": 1}))
+    r = client.delete(f"/staging/{stg}?wait=true")
+    assert_error(r, 409, message="completed")
+    r = client.put(f"/staging/{stg}/progress?wait=true", json={
+        "status": "in_progress", "bytes_transferred": 100, "files_transferred": 1})
+    assert_error(r, 409)
+
+
+def test_domain_refusals_over_http(client: TestClient) -> None:
+    pkg, _ = complete_package(client, ["d1.fits", "d2.fits"], [10, 20])
+    stg = stage(client, pkg)
+    r = client.put(f"/staging/{stg}/progress?wait=true", json={
+        "bytes_transferred": 31, "files_transferred": 0})
+    assert_error(r, 422, field="bytes_transferred", message="exceeds")
+    building = applied(client.post("/raw_data_package?wait=true", json={
+        "name": "b", "files": [file_spec("d3.fits")]}))["ids"]["raw_data_package_id"]
+    r = client.post("/staging/stage?wait=true",
+                    json={"package_ids": [building], "destination": "d"})
+    assert_error(r, 409, field="package_ids", message="only complete packages")
+    r = client.post(f"/raw_data_package/{building}/files?wait=true",
+                    json={"file_ids": [fid("d1.fits")]})
+    assert_error(r, 409, field="file_ids", message="already belongs")
+    r = client.post("/raw_data_files?wait=true", json=file_spec("d1.fits"))
+    assert_error(r, 409, message="d1.fits")
+
+
+def test_malformed_json_is_400(client: TestClient) -> None:
+    for body in [b"{", b'{"obs_unit_id": "OU",', b"\xff\xfe", b"{'a': 1}",
+                 b'{"obs_unit_id": "OU"} trailing']:
+        for path in ("/executed_obs_units/start", f"/staging/{UNKNOWN}/progress"):
+            method = "POST" if path.endswith("start") else "PUT"
+            r = client.request(method, path, content=body,
+                               headers={"Content-Type": "application/json"})
+            assert_error(r, 400, field="body", message="malformed JSON")
+
+
+BAD_HEADERS = [
+    ("Idempotency-Key", "has space"),
+    ("Idempotency-Key", "semi;colon"),
+    ("Idempotency-Key", "x" * 201),
+    ("Idempotency-Key", "quote\"d"),
+    ("X-Obsledger-Actor", "bad actor!"),
+    ("X-Correlation-ID", "a,b"),
+]
+
+
+def test_bad_header_characters_are_422(client: TestClient) -> None:
+    for header, value in BAD_HEADERS:
+        r = client.post("/executed_obs_units/start",
+                        json={"obs_unit_id": "OU", "instrument": "H"}, headers={header: value})
+        assert_error(r, 422, field=header)
+    assert client.get("/health").json()["journal"]["depth"] == 0
+
+
+def test_configured_limits(make_client: Callable[..., TestClient]) -> None:
+    c = make_client(max_body_bytes=2048, max_bulk_files=2, package_size_limit_bytes=1000)
+    # a body over max_body_bytes: 413, declared or streamed
+    big = {"files": [file_spec(f"big{i}.fits") for i in range(20)]}
+    assert len(json.dumps(big)) > 2048
+    assert_error(c.post("/raw_data_files/bulk", json=big), 413, field="body",
+                 message="2048 bytes")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit applies while reading
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 500):
+            yield data[i:i + 500]
+
+    assert_error(c.post("/raw_data_files/bulk", content=chunks(),
+                        headers={"Content-Type": "application/json"}), 413)
+    assert c.get("/health").json()["journal"]["commands"] == {}
+    small = {"files": [file_spec("small.fits")]}
+    assert c.post("/raw_data_files/bulk", json=small).status_code == 202
+
+    # more files than max_bulk_files
+    r = c.post("/raw_data_files/bulk", json={"files": [file_spec(f"m{i}") for i in range(3)]})
+    assert_error(r, 422, field="files", message="at most 2 files")
+
+    # the package size limit, at creation, when adding files, at finalization
+    r = c.post("/raw_data_package?wait=true", json={
+        "name": "too-big", "files": [file_spec("l1.fits", 600), file_spec("l2.fits", 401)]})
+    body = assert_error(r, 422, field="total_size")
+    assert "1001 bytes" in body["detail"] and "limit of 1000 bytes" in body["detail"]
+    assert_error(c.get(f"/raw_data_files/{fid('l1.fits')}"), 404)  # none registered
+
+    pkg = applied(c.post("/raw_data_package?wait=true", json={
+        "name": "fits", "files": [file_spec("l1.fits", 600)]}))["ids"]["raw_data_package_id"]
+    applied(c.post("/raw_data_files?wait=true", json=file_spec("l3.fits", 401)))
+    r = c.post(f"/raw_data_package/{pkg}/files?wait=true", json={"file_ids": [fid("l3.fits")]})
+    assert_error(r, 422, message="limit of 1000 bytes")
+    applied(c.post("/raw_data_files?wait=true", json=file_spec("l4.fits", 400)))
+    applied(c.post(f"/raw_data_package/{pkg}/files?wait=true",
+                   json={"file_ids": [fid("l4.fits"), fid("l4.fits")]}))  # counted once
+    pos = applied(c.put(f"/raw_data_package/{pkg}/finalize?wait=true"))["position"]
+    p = c.get(f"/raw_data_package/{pkg}?min_position={pos}").json()
+    assert (p["total_size"], p["file_count"], p["status"]) == (1000, 2, "complete")
+
+
+# -- lists -----------------------------------------------------------------------------------
+def test_executed_obs_units_filters_and_pages(client: TestClient) -> None:
+    c = client
+    units = {}
+    for i, (inst, status) in enumerate([("HARPS", "success"), ("HARPS", "failed"),
+                                        ("ESPRESSO", "success"), ("HARPS", None),
+                                        ("ESPRESSO", "aborted")]):
+        uid, _ = start(c, f"OU-{i}", inst, T0 + timedelta(hours=i))
+        units[i] = uid
+        if status:
+            pos = applied(c.put(f"/executed_obs_units/{uid}/finish?wait=true", json={
+                "status": status, "end_time": (T0 + timedelta(hours=i, minutes=30)).isoformat()
+            }))["position"]
+    pos = applied(c.post("/executed_obs_units/start?wait=true", json={
+        "obs_unit_id": "OU-0", "instrument": "HARPS",
+        "start_time": (T0 + timedelta(hours=5)).isoformat()}))["position"]
+
+    def ids(query: str) -> list[str]:
+        r = c.get(f"/executed_obs_units?{query}&min_position={pos}")
+        assert r.status_code == 200, r.text
+        page = r.json()
+        assert page["read_model_position"] >= pos and page["pending_count"] == 0
+        return [i["id"] for i in page["items"]]
+
+    everything = ids("limit=100")
+    assert len(everything) == 6
+    assert everything[1:] == [units[i] for i in (4, 3, 2, 1, 0)]  # newest start first
+    assert ids("status=success") == [units[2], units[0]]
+    assert ids("status=running") == [everything[0], units[3]]
+    assert ids("instrument=ESPRESSO") == [units[4], units[2]]
+    assert ids("instrument=HARPS&status=failed") == [units[1]]
+    assert ids("obs_unit_id=OU-0") == [everything[0], units[0]]
+    frm = (T0 + timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+    to = (T0 + timedelta(hours=3)).isoformat().replace("+00:00", "Z")
+    assert ids(f"start_from={frm}&start_to={to}") == [units[2], units[1]]  # [from, to)
+    chile = "2026-11-21T22:00:00-03:00"  # = T0 + 2h in UTC
+    assert ids(f"start_from={chile.replace('+', '%2B')}") == everything[:4]
+    assert ids("start_to=2026-11-21T23:00:00") == []  # naive is UTC; start_to is exclusive
+    r = c.get(f"/executed_obs_units?limit=2&offset=2&min_position={pos}").json()
+    assert [i["id"] for i in r["items"]] == everything[2:4]
+    assert (r["total"], r["limit"], r["offset"]) == (6, 2, 2)
+    r = c.get(f"/executed_obs_units?limit=2&offset=6&min_position={pos}").json()
+    assert r["items"] == [] and r["total"] == 6
+    r = c.get(f"/executed_obs_units?instrument=HARPS&limit=1&min_position={pos}").json()
+    assert r["total"] == 4 and len(r["items"]) == 1
+
+
+def test_raw_data_files_filters_and_pages(client: TestClient) -> None:
+    c = client
+    u1, _ = start(c, "OU-F1")
+    u2, _ = start(c, "OU-F2")
+    applied(c.post("/raw_data_files/bulk?wait=true", json={"files": [
+        file_spec(f"u1-{i}.fits", unit=u1, created_at=(T0 + timedelta(minutes=i)).isoformat())
+        for i in range(5)] + [file_spec("u2.fits", unit=u2), file_spec("loose.fits")]}))
+    pkg = applied(c.post("/raw_data_package?wait=true", json={
+        "name": "P", "executed_obs_unit_id": u1,
+        "file_ids": [fid("u1-0.fits"), fid("u1-1.fits")]}))
+    pos = pkg["position"]
+    pid = pkg["ids"]["raw_data_package_id"]
+
+    def page(query: str) -> dict[str, Any]:
+        r = c.get(f"/raw_data_files?{query}&min_position={pos}")
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    p = page(f"executed_obs_unit_id={u1}")
+    assert p["total"] == 5
+    assert [i["name"] for i in p["items"]] == [f"u1-{i}.fits" for i in (4, 3, 2, 1, 0)]
+    assert [i["name"] for i in page(f"executed_obs_unit_id={u2}")["items"]] == ["u2.fits"]
+    p = page(f"package_id={pid}")
+    assert p["total"] == 2 and {i["name"] for i in p["items"]} == {"u1-0.fits", "u1-1.fits"}
+    assert all(i["package_id"] == pid for i in p["items"])
+    p = page(f"executed_obs_unit_id={u1}&limit=2&offset=1")
+    assert [i["name"] for i in p["items"]] == ["u1-3.fits", "u1-2.fits"] and p["total"] == 5
+    assert page("limit=1000")["total"] == 7
+    assert page(f"executed_obs_unit_id={UNKNOWN}")["items"] == []
+    assert [i["name"] for i in page("name=loose.fits")["items"]] == ["loose.fits"]
+
+
+def test_lists_show_pending_commands(make_client: Callable[..., TestClient]) -> None:
+    c = make_client(embedded_projector=False)  # nothing is projected: all stays pending
+    r = c.post("/executed_obs_units/start?wait=true", json={"obs_unit_id": "OU-P",
+                                                            "instrument": "HARPS"})
+    body = applied(r)
+    page = c.get("/executed_obs_units").json()
+    assert page["total"] == 0 and page["pending_count"] == 1
+    [item] = page["items"]
+    assert item["id"] == body["ids"]["executed_obs_unit_id"]
+    assert item["pending"] is True and item["command_status"] == "applied"
+    assert item["pending_command_ids"] == [body["command_id"]]
+    assert c.get("/executed_obs_units?offset=1").json()["items"] == []
+    assert c.get("/executed_obs_units?status=success").json()["items"] == []
+    assert c.get("/health").json()["projector"]["lag_events"] == 2
+
+
+# -- operations and documentation ------------------------------------------------------------
+def test_health_shape(client: TestClient) -> None:
+    _, pos = start(client, "OU-HEALTH")
+    deadline = time.monotonic() + 10
+    while (h := client.get("/health").json())["projector"]["position"] < pos:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert set(h) == {"status", "store", "journal", "dispatcher", "projector"}
+    assert h["status"] == "ok"
+    assert h["store"]["reachable"] is True and h["store"]["head_position"] == pos
+    assert h["store"]["kind"] in ("sqlite", "postgres")
+    assert h["journal"]["depth"] == 0 and h["journal"]["oldest_pending_age_s"] is None
+    assert h["journal"]["commands"] == {"applied": 1}
+    assert h["dispatcher"] == {"embedded": True, "store_reachable": True, "last_error": None}
+    assert h["projector"] == {"position": pos, "lag_events": 0, "last_error": None}
+
+
+ROUTES = {
+    ("post", "/executed_obs_units/start"), ("put", "/executed_obs_units/{id}/finish"),
+    ("post", "/raw_data_files"), ("post", "/raw_data_files/bulk"),
+    ("post", "/raw_data_package"), ("post", "/raw_data_package/{id}/files"),
+    ("put", "/raw_data_package/{id}/finalize"), ("post", "/staging/stage"),
+    ("put", "/staging/{id}/progress"), ("delete", "/staging/{id}"),
+    ("get", "/executed_obs_units"), ("get", "/executed_obs_units/execution/{id}"),
+    ("get", "/executed_obs_units/{obs_unit_id}"), ("get", "/raw_data_files"),
+    ("get", "/raw_data_files/{id}"), ("get", "/raw_data_package/{id}"),
+    ("get", "/staging/status/{id}"), ("get", "/commands/{command_id}"), ("get", "/health"),
+}
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "StartExecutedObsUnitRequest": StartExecutedObsUnitRequest,
+    "FinishExecutedObsUnitRequest": FinishExecutedObsUnitRequest,
+    "RegisterRawDataFileRequest": RegisterRawDataFileRequest,
+    "BulkRegisterRawDataFilesRequest": BulkRegisterRawDataFilesRequest,
+    "CreateRawDataPackageRequest": CreateRawDataPackageRequest,
+    "AddFilesToPackageRequest": AddFilesToPackageRequest,
+    "StageRequest": StageRequest,
+    "StagingProgressRequest": StagingProgressRequest,
+}
+
+
+def test_openapi_schema_and_docs(client: TestClient) -> None:
+    r = client.get("/openapi.json")
+    assert r.status_code == 200
+    spec = r.json()
+    routes = {(m, p) for p, ops in spec["paths"].items() for m in ops}
+    assert routes >= ROUTES, ROUTES - routes
+    schemas = spec["components"]["schemas"]
+    bodies = set()
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            assert op.get("summary"), (method, path)
+            if "requestBody" not in op:
+                continue
+            media = op["requestBody"]["content"]["application/json"]
+            name = media["schema"]["$ref"].rsplit("/", 1)[-1]
+            bodies.add(name)
+            examples = media.get("examples") or schemas[name].get("examples") or (
+                [media["example"]] if "example" in media else [])
+            assert examples, f"{method.upper()} {path}: {name} has no example"
+            for example in examples:
+                example = example.get("value", example) if "value" in example else example
+                REQUEST_MODELS[name].model_validate(example)  # the example is valid
+            assert {"202", "422"} <= set(op["responses"]), (method, path)
+    assert bodies == set(REQUEST_MODELS)
+
+    # the documented examples, sent as they are, get through validation
+    for name in ("StartExecutedObsUnitRequest", "RegisterRawDataFileRequest"):
+        path = {"StartExecutedObsUnitRequest": "/executed_obs_units/start",
+                "RegisterRawDataFileRequest": "/raw_data_files"}[name]
+        r = client.post(path, json=schemas[name]["examples"][0])
+        assert r.status_code == 202, r.text
+
+    r = client.get("/docs")
+    assert r.status_code == 200 and "swagger" in r.text.lower()
+    assert_error(client.get("/no/such/route"), 404)
+    assert_error(client.patch("/executed_obs_units/start"), 405)
+
+
+# -- fuzzing ---------------------------------------------------------------------------------
+EDGES = st.sampled_from([2**63 - 1, 2**63, -(2**63) - 1, 2**64, 10**30, -1, 0, "", "\x00",
+                         "a\x00b", "..", "/abs", "0001-01-01T00:00:00+01:00",
+                         "9999-12-31T23:59:59-01:00", "2026-11-21T23:00:00", UNKNOWN, 1e308])
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=20) | EDGES,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+ENDPOINTS = [
+    ("POST", "/executed_obs_units/start", {"obs_unit_id": "OU", "instrument": "HARPS",
+                                           "start_time": "2026-11-21T23:00:00Z",
+                                           "metadata": {"airmass": 1.1, "tags": ["a"]}}),
+    ("PUT", "/executed_obs_units/{id}/finish", {"status": "success", "metadata": {"n": 1}}),
+    ("POST", "/raw_data_files", file_spec("fz.fits")),
+    ("POST", "/raw_data_files/bulk", {"files": [file_spec("fz.fits")]}),
+    ("POST", "/raw_data_package", {"name": "p", "files": [file_spec("fz.fits")]}),
+    ("POST", "/raw_data_package/{id}/files", {"file_ids": [UNKNOWN]}),
+    ("PUT", "/raw_data_package/{id}/finalize", {}),
+    ("POST", "/staging/stage", {"package_ids": [UNKNOWN], "destination": "d"}),
+    ("PUT", "/staging/{id}/progress", {"bytes_transferred": 0, "files_transferred": 0,
+                                       "message": "m"}),
+]
+
+
+def _leaves(base: Any, p: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Any]]:
+    out: list[tuple[tuple[Any, ...], Any]] = [(p, base)]
+    if isinstance(base, dict):
+        for k, x in base.items():
+            out += _leaves(x, (*p, k))
+    elif isinstance(base, list):
+        for n, x in enumerate(base):
+            out += _leaves(x, (*p, n))
+    return out
+
+
+def _replaced(base: Any, path: tuple[Any, ...], value: Any) -> Any:
+    if not path:
+        return value
+    body = json.loads(json.dumps(base))
+    target = body
+    for k in path[:-1]:
+        target = target[k]
+    target[path[-1]] = value
+    return body
+
+
+def _like(value: Any) -> st.SearchStrategy[Any]:
+    """Arbitrary values of the type of ``value``: they pass the type checks and reach the
+    deeper validators, the domain and the stores."""
+    if isinstance(value, bool):
+        return st.booleans()
+    if isinstance(value, int | float):
+        return st.integers() | EDGES.filter(lambda v: isinstance(v, int))
+    if isinstance(value, str):
+        return st.text(max_size=30) | EDGES.filter(lambda v: isinstance(v, str))
+    if isinstance(value, dict):
+        return st.dictionaries(st.text(max_size=10), JSON, max_size=3)
+    return JSON
+
+
+@st.composite
+def _mutated(draw: st.DrawFn, base: dict[str, Any], typed: bool) -> Any:
+    """A valid body with one (possibly nested) value replaced: by arbitrary JSON, or by an
+    arbitrary value of the same type."""
+    path, old = draw(st.sampled_from(_leaves(base)))
+    return _replaced(base, path, draw(_like(old) if typed else JSON))
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[str, str, bytes]:
+    method, path, base = draw(st.sampled_from(ENDPOINTS))
+    path = path.replace("{id}", draw(st.sampled_from([UNKNOWN, "x", "%00", str(uuid.uuid4())])))
+    kind = draw(st.sampled_from(["json", "mutated", "text", "typed", "typed", "typed"]))
+    if kind == "text":
+        return method, path, draw(st.text(max_size=50)).encode("utf-8", "surrogatepass")
+    strategy = {"json": JSON, "mutated": _mutated(base, typed=False),
+                "typed": _mutated(base, typed=True)}[kind]
+    body = draw(strategy)
+    return method, path, json.dumps(body).encode()
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(req=requests(), idem=st.one_of(
+    st.none(), st.from_regex(r"[A-Za-z0-9._:@/+=-]{1,12}", fullmatch=True),
+    st.text(max_size=8)))
+def _fuzz(client: TestClient, req: tuple[str, str, bytes], idem: str | None) -> None:
+    method, path, body = req
+    headers = {"Content-Type": "application/json"}
+    if idem:
+        headers["Idempotency-Key"] = idem.encode("ascii", "ignore").decode() or "-"
+    r = client.request(method, path, content=body, headers=headers)
+    assert r.status_code < 500, (method, path, body, r.status_code, r.text)
+    if r.status_code >= 400:
+        data = r.json()
+        assert set(data) >= ERROR_KEYS, data
+        assert data["status_code"] == r.status_code
+        assert isinstance(data["errors"], list)
+    else:
+        assert r.status_code == 202, r.text
+
+
+def test_fuzz_command_endpoints(client: TestClient) -> None:
+    _fuzz(client)
+    # whatever got accepted, the workers digest it: no poison command stalls them
+    deadline = time.monotonic() + 20
+    while True:
+        h = client.get("/health").json()
+        if h["journal"]["depth"] == 0 and h["projector"]["lag_events"] == 0:
+            break
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    assert h["projector"]["last_error"] is None and h["dispatcher"]["last_error"] is None
+    assert "internal" not in json.dumps(h)
