@@ -318,8 +318,9 @@ class CancelStaging(CommandModel):
 
 def observed_at_of(payload: CommandModel) -> datetime | None:
     """When the command's change happened at the telescope, where the command says so."""
+    fields = type(payload).model_fields
     for name in ("start_time", "end_time", "created_at"):
-        value = getattr(payload, name, None)
+        value = payload.__dict__.get(name) if name in fields else None
         if isinstance(value, datetime):
             return utc(value)
     return None

@@ -94,25 +94,29 @@ class CommandService:
         *,
         path: dict[str, Any] | None = None,
         actor: str,
-        correlation_id: str,
+        correlation_id: str | None,
         idempotency_key: str | None,
     ) -> Submission:
         spec = COMMANDS[command_type]
         path = {k: str(v) for k, v in (path or {}).items()}
-        sent = request.model_dump(mode="json", exclude_unset=True)
-        digest = request_hash(command_type, path, sent)
-        command_id = idempotency_key or str(uuid.uuid4())
-
         if idempotency_key:
+            # What a repeat of this key must match; without a key nothing can repeat.
+            command_id = idempotency_key
+            digest = request_hash(command_type, path,
+                                  request.model_dump(mode="json", exclude_unset=True))
             previous = self.journal.get(command_id)
             if previous is not None:
                 return self._repeat(previous, digest)
+        else:
+            command_id, digest = str(uuid.uuid4()), ""
 
-        payload = request.model_dump(mode="json")
-        payload.update(path)
-        if "id" in spec.model.model_fields and not payload.get("id"):
-            payload["id"] = str(uuid.uuid4())  # the pre-generated id
-        cmd = spec.model.model_validate(payload)
+        # The journaled command is the validated request plus its ids: built without a
+        # second validation (the dispatcher validates the journaled payload again anyway).
+        values = request.__dict__.copy()
+        values.update((k, UUID(v)) for k, v in path.items())
+        if "id" in spec.model.model_fields and values.get("id") is None:
+            values["id"] = uuid.uuid4()  # the pre-generated id
+        cmd = spec.model.model_construct(**values)
         await self._precheck(command_type, cmd)
         ids = response_ids(command_type, cmd)
         body = {"command_id": command_id, "status": "accepted", "ids": ids}
@@ -121,7 +125,7 @@ class CommandService:
             command_type=command_type,
             payload=cmd.model_dump(mode="json"),
             actor=actor,
-            correlation_id=correlation_id,
+            correlation_id=correlation_id or command_id,
             request_hash=digest,
             response=body,
             subjects=spec.subjects(cmd),
