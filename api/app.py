@@ -6,9 +6,9 @@ import asyncio
 import gc
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -16,7 +16,6 @@ from uuid import UUID
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.routing import APIRoute
-from fastapi.telemetry import get_telemetry_data
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -98,10 +97,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(ledger.stop)
 
 
-def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -> ObsLedgerAPI:
     settings = settings or Settings()
     ledger = ledger or Ledger(settings)
-    app = FastAPI(
+    app = ObsLedgerAPI(
         title="obsledger",
         version="0.1.0",
         description=(
@@ -117,15 +116,16 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.include_router(_command_router())
+    app.include_command_router(_command_router())
     app.include_router(_query_router())
     return app
 
 
 # -- request context -------------------------------------------------------------------------
-class RequestContext(BaseModel):
+@dataclass(slots=True)
+class RequestContext:
     actor: str
-    correlation_id: str
+    correlation_id: str | None  # None: the command id correlates
     idempotency_key: str | None
     wait: bool
 
@@ -138,7 +138,6 @@ def _check_header(name: str, value: str | None) -> str | None:
 
 
 async def request_context(  # async: FastAPI would run a sync dependency in a worker thread
-    response: Response,
     idempotency_key: Annotated[str | None, Header(
         alias="Idempotency-Key", description="Makes a retry return the first answer.")] = None,
     actor: Annotated[str | None, Header(
@@ -152,9 +151,7 @@ async def request_context(  # async: FastAPI would run a sync dependency in a wo
     _check_header("Idempotency-Key", idempotency_key)
     _check_header("X-Obsledger-Actor", actor)
     _check_header("X-Correlation-ID", correlation_id)
-    cid = correlation_id or str(uuid.uuid4())
-    response.headers["X-Correlation-ID"] = cid
-    return RequestContext(actor=actor or "anonymous", correlation_id=cid,
+    return RequestContext(actor=actor or "anonymous", correlation_id=correlation_id,
                           idempotency_key=idempotency_key, wait=wait)
 
 
@@ -167,20 +164,24 @@ def _json(body: Any, status: int, headers: dict[str, str] | None = None) -> Resp
                     headers=headers)
 
 
-async def _submit(request: Request, ctx: RequestContext, command_type: str,
-                  body: CommandModel, path: dict[str, Any] | None = None) -> Response:
+def _ledger(request: Request) -> Ledger:
     ledger: Ledger = request.app.state.ledger
+    return ledger
+
+
+async def _submit(ledger: Ledger, ctx: RequestContext, command_type: str,
+                  body: CommandModel, path: dict[str, Any] | None = None) -> Response:
     sub = await ledger.commands.submit(
         command_type, body, path=path, actor=ctx.actor, correlation_id=ctx.correlation_id,
         idempotency_key=ctx.idempotency_key)
     headers = {"Location": f"/commands/{sub.entry.command_id}",
-               "X-Correlation-ID": ctx.correlation_id}
+               "X-Correlation-ID": ctx.correlation_id or sub.entry.correlation_id}
     if sub.replayed:
         headers["Idempotent-Replayed"] = "true"
     if not ctx.wait:
         return _json(sub.body, 202, headers)
     entry = await ledger.journal.wait_outcome(sub.entry.command_id,
-                                              request.app.state.settings.sync_wait_s)
+                                              ledger.settings.sync_wait_s)
     if entry is None or entry.status == ACCEPTED:
         return _json(sub.body, 202, headers)
     if entry.status == REJECTED:
@@ -193,97 +194,145 @@ async def _submit(request: Request, ctx: RequestContext, command_type: str,
     return _json(outcome_body(entry), 200, headers)
 
 
-# -- the hot path: plain command requests without FastAPI's per-request dependency solving ----
+# -- the hot path: plain command requests straight to the command service -------------------
 _WAIT_QUERY = {b"": False, b"wait=true": True, b"wait=false": False}
+_LANE_MAX_BODY = 1024 * 1024
+_CONTEXT_HEADERS = {b"idempotency-key": 0, b"x-obsledger-actor": 1, b"x-correlation-id": 2}
 
 
-def _fast_command(command_type: str, model: type[CommandModel]) -> Any:
-    """Mark an endpoint that is exactly ``_submit(request, ctx, command_type, body)``."""
+def _plain_command(command_type: str, model: type[CommandModel]) -> Any:
+    """Mark a route whose endpoint is exactly ``_submit(ledger, ctx, command_type, body)``:
+    the plain command lane may answer its requests."""
     def mark(endpoint: Any) -> Any:
-        endpoint.fast_command = (command_type, model)
+        endpoint.plain_command = (command_type, model)
         return endpoint
     return mark
 
 
-class _CommandRoute(APIRoute):
-    """A command route that answers a plain, valid request (JSON body valid for the model,
-    well-formed headers, no query but ``wait``) without FastAPI's dependency solving, which
-    costs more than the rest of the acknowledgement. Anything else — malformed JSON, an
-    invalid body or header, another content type or query, telemetry enabled — goes to the
-    regular FastAPI handler, so every answer and the OpenAPI schema stay the same."""
+class ObsLedgerAPI(FastAPI):
+    """FastAPI, plus a lane for plain critical-command requests.
 
-    def get_route_handler(self) -> Any:
-        regular = super().get_route_handler()
-        fast = getattr(self.endpoint, "fast_command", None)
-        if fast is None:
-            return regular
-        command_type, model = fast
+    Acknowledging a command is the hot path of telescope automation, and FastAPI's
+    middleware, routing and dependency solving cost more than the acknowledgement itself.
+    A plain request — ``POST`` to a marked route, JSON body valid for the command, the
+    context headers well formed, no query but ``wait`` — goes straight to ``_submit``.
+    Anything else, and any request the command service refuses, is replayed to the regular
+    FastAPI stack, so every answer (errors included) and the OpenAPI schema stay the same.
+    With OpenTelemetry configured (before the first command arrives), every request takes
+    the regular, instrumented path.
+    """
 
-        async def handler(request: Request) -> Response:
-            ctx_body = await _plain_request(request, model) if get_telemetry_data() is None \
-                else None
-            if ctx_body is None:
-                return await regular(request)
-            return await _submit(request, ctx_body[0], command_type, ctx_body[1])
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.plain_routes: dict[str, tuple[str, type[CommandModel]]] = {}
+        self._lane_open: bool | None = None
 
-        return handler
+    def include_command_router(self, router: APIRouter) -> None:
+        """Include ``router``, and let the lane answer its marked routes."""
+        self.include_router(router)
+        self.plain_routes = {**self.plain_routes, **{
+            route.path: route.endpoint.plain_command for route in router.routes
+            if isinstance(route, APIRoute) and route.methods == {"POST"}
+            and hasattr(route.endpoint, "plain_command")}}
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            plain = self.plain_routes.get(scope["path"])
+            if plain is not None and self._lane_open is None:
+                self._lane_open = not self._native_telemetry.enabled()
+            if plain is not None and self._lane_open:
+                receive = await self._plain_lane(scope, receive, send, *plain)
+                if receive is None:
+                    return
+        await super().__call__(scope, receive, send)
 
-async def _plain_request(request: Request,
-                         model: type[CommandModel]) -> tuple[RequestContext, Any] | None:
-    """The context and the validated body, as the regular handler would find them, or None
-    when the request is not plain (the regular handler then answers, errors included)."""
-    wait = _WAIT_QUERY.get(request.scope.get("query_string", b""))
-    if wait is None:
+    async def _plain_lane(self, scope: Any, receive: Any, send: Any, command_type: str,
+                          model: type[CommandModel]) -> Any:
+        """Answer a plain request and return None, or return the ``receive`` with which the
+        regular stack gets the request (the body read here replayed first)."""
+        wait = _WAIT_QUERY.get(scope.get("query_string", b""))
+        context: list[str | None] = [None, None, None]
+        declared = -1
+        content_type = None
+        for name, value in scope["headers"]:
+            slot = _CONTEXT_HEADERS.get(name)
+            if slot is not None:
+                text = value.decode("latin-1")
+                if context[slot] is not None or not _HEADER_VALUE.match(text):
+                    wait = None
+                context[slot] = text
+            elif name == b"content-length":
+                declared = int(value) if value.isdigit() else -1
+            elif name == b"content-type":
+                content_type = value
+        if (wait is None or content_type != b"application/json"
+                or not 0 < declared <= min(_LANE_MAX_BODY, self.state.settings.max_body_bytes)):
+            return receive
+
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected: let the regular stack see it
+                return _replaying(chunks, receive, message)
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            command = model.model_validate_json(body)
+        except ValueError:
+            return _replaying(chunks, receive)
+        key, actor, cid = context
+        ctx = RequestContext(actor=actor or "anonymous", correlation_id=cid,
+                             idempotency_key=key, wait=wait)
+        try:
+            response = await _submit(self.state.ledger, ctx, command_type, command)
+        except Exception:  # refused (nothing journaled): the regular stack answers it
+            return _replaying(chunks, receive)
+        await response(scope, receive, send)
         return None
-    headers = request.headers
-    if headers.get("content-type") != "application/json":
-        return None
-    values = []
-    for name in ("idempotency-key", "x-obsledger-actor", "x-correlation-id"):
-        value = headers.get(name)
-        if value is not None and not _HEADER_VALUE.match(value):
-            return None
-        values.append(value)
-    try:
-        if not await request.body():
-            return None
-        body = model.model_validate(await request.json(), from_attributes=True)
-    except Exception:  # the regular handler reports it
-        return None
-    key, actor, cid = values
-    return RequestContext(actor=actor or "anonymous", correlation_id=cid or str(uuid.uuid4()),
-                          idempotency_key=key, wait=wait), body
+
+
+def _replaying(chunks: list[bytes], receive: Any, last: Any = None) -> Any:
+    """A ``receive`` that hands out the body already read, then the original's messages."""
+    pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": last is not None}]
+    if last is not None:
+        pending.append(last)
+
+    async def replay() -> Any:
+        return pending.pop(0) if pending else await receive()
+
+    return replay
 
 
 # -- commands --------------------------------------------------------------------------------
 def _command_router() -> APIRouter:
-    r = APIRouter(route_class=_CommandRoute)
+    r = APIRouter()
 
     @r.post("/executed_obs_units/start", tags=["executed obs units"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Start an executed obs unit (critical)")
-    @_fast_command("executed_obs_unit.start", StartExecutedObsUnitRequest)
+    @_plain_command("executed_obs_unit.start", StartExecutedObsUnitRequest)
     async def start_unit(request: Request, body: StartExecutedObsUnitRequest,
                          ctx: Ctx) -> Response:
-        return await _submit(request, ctx, "executed_obs_unit.start", body)
+        return await _submit(_ledger(request), ctx, "executed_obs_unit.start", body)
 
     @r.put("/executed_obs_units/{id}/finish", tags=["executed obs units"], status_code=202,
            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
            summary="Finish an executed obs unit: success, failed or aborted (critical)")
     async def finish_unit(request: Request, id: IdPath, body: FinishExecutedObsUnitRequest,
                           ctx: Ctx) -> Response:
-        return await _submit(request, ctx, "executed_obs_unit.finish", body, {"id": id})
+        return await _submit(_ledger(request), ctx, "executed_obs_unit.finish", body, {"id": id})
 
     @r.post("/raw_data_files", tags=["raw data files"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Register one raw data file (critical)",
             description="A file's id is derived from (instrument, name): uuid5 of the "
             "raw-data-file namespace, so names are unique per instrument.")
-    @_fast_command("raw_data_file.register", RegisterRawDataFileRequest)
+    @_plain_command("raw_data_file.register", RegisterRawDataFileRequest)
     async def register_file(request: Request, body: RegisterRawDataFileRequest,
                             ctx: Ctx) -> Response:
-        return await _submit(request, ctx, "raw_data_file.register", body)
+        return await _submit(_ledger(request), ctx, "raw_data_file.register", body)
 
     @r.post("/raw_data_files/bulk", tags=["raw data files"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
@@ -294,42 +343,43 @@ def _command_router() -> APIRouter:
         if len(body.files) > limit:
             raise ApiError(422, "Validation failed", [{
                 "field": "files", "message": f"at most {limit} files per command"}])
-        return await _submit(request, ctx, "raw_data_file.register_bulk", body)
+        return await _submit(_ledger(request), ctx, "raw_data_file.register_bulk", body)
 
     @r.post("/raw_data_package", tags=["raw data packages"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Create a raw data package, optionally registering its files (critical)")
-    @_fast_command("raw_data_package.create", CreateRawDataPackageRequest)
+    @_plain_command("raw_data_package.create", CreateRawDataPackageRequest)
     async def create_package(request: Request, body: CreateRawDataPackageRequest,
                              ctx: Ctx) -> Response:
-        return await _submit(request, ctx, "raw_data_package.create", body)
+        return await _submit(_ledger(request), ctx, "raw_data_package.create", body)
 
     @r.post("/raw_data_package/{id}/files", tags=["raw data packages"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Add registered files to a building package (critical)")
     async def add_files(request: Request, id: IdPath, body: AddFilesToPackageRequest,
                         ctx: Ctx) -> Response:
-        return await _submit(request, ctx, "raw_data_package.add_files", body, {"id": id})
+        return await _submit(_ledger(request), ctx, "raw_data_package.add_files", body, {"id": id})
 
     @r.put("/raw_data_package/{id}/finalize", tags=["raw data packages"], status_code=202,
            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
            summary="Finalize a package: building -> complete, within the size limit")
     async def finalize_package(request: Request, id: IdPath, ctx: Ctx) -> Response:
-        return await _submit(request, ctx, "raw_data_package.finalize", _Empty(), {"id": id})
+        return await _submit(_ledger(request), ctx, "raw_data_package.finalize", _Empty(),
+                             {"id": id})
 
     @r.post("/staging/stage", tags=["staging"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Request that complete packages be staged to a destination (critical)")
-    @_fast_command("staging.stage", StageRequest)
+    @_plain_command("staging.stage", StageRequest)
     async def stage(request: Request, body: StageRequest, ctx: Ctx) -> Response:
-        return await _submit(request, ctx, "staging.stage", body)
+        return await _submit(_ledger(request), ctx, "staging.stage", body)
 
     @r.put("/staging/{id}/progress", tags=["staging"], status_code=202,
            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
            summary="Report transfer progress or the outcome (transfer agent)")
     async def progress(request: Request, id: IdPath, body: StagingProgressRequest,
                        ctx: Ctx) -> Response:
-        return await _submit(request, ctx, "staging.report_progress", body, {"id": id})
+        return await _submit(_ledger(request), ctx, "staging.report_progress", body, {"id": id})
 
     @r.delete("/staging/{id}", tags=["staging"], status_code=202,
               response_model=CommandAccepted, responses=COMMAND_RESPONSES,
@@ -338,7 +388,7 @@ def _command_router() -> APIRouter:
                      reason: Annotated[str | None, Query(
                          max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
         body = _CancelBody(reason=reason) if reason else _Empty()
-        return await _submit(request, ctx, "staging.cancel", body, {"id": id})
+        return await _submit(_ledger(request), ctx, "staging.cancel", body, {"id": id})
 
     return r
 

@@ -791,3 +791,83 @@ def test_fuzz_command_endpoints(client: TestClient) -> None:
         time.sleep(0.05)
     assert h["projector"]["last_error"] is None and h["dispatcher"]["last_error"] is None
     assert "internal" not in json.dumps(h)
+
+
+# -- the plain command lane ------------------------------------------------------------------
+@pytest.fixture
+def lane_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records, for each command request the lane looked at, whether it answered it."""
+    from api.app import ObsLedgerAPI
+
+    calls: list[bool] = []
+    original = ObsLedgerAPI._plain_lane
+
+    async def spy(self: ObsLedgerAPI, *args: Any) -> Any:
+        receive = await original(self, *args)
+        calls.append(receive is None)
+        return receive
+
+    monkeypatch.setattr(ObsLedgerAPI, "_plain_lane", spy)
+    return calls
+
+
+def test_plain_lane_answers_as_the_regular_stack(client: TestClient,
+                                                 lane_calls: list[bool]) -> None:
+    body = {"obs_unit_id": "OU-LANE", "instrument": "HARPS", "start_time": T0.isoformat()}
+    plain = client.post("/executed_obs_units/start", json=body)
+    regular = client.post("/executed_obs_units/start", content=json.dumps(body),
+                          headers={"Content-Type": "application/json; charset=utf-8"})
+    assert lane_calls == [True, False]  # the second one is not plain: the regular stack
+    for r in (plain, regular):
+        assert r.status_code == 202, r.text
+        answer = r.json()
+        assert set(answer) == {"command_id", "status", "ids"} and answer["status"] == "accepted"
+        assert r.headers["Location"] == f"/commands/{answer['command_id']}"
+        assert r.headers["content-type"] == "application/json"
+        # without X-Correlation-ID, the command id is the correlation id
+        assert r.headers["X-Correlation-ID"] == answer["command_id"]
+    a, b = plain.json()["ids"], regular.json()["ids"]
+    assert a["executed_obs_unit_id"] != b["executed_obs_unit_id"]
+    status = client.get(f"/commands/{plain.json()['command_id']}").json()
+    assert status["correlation_id"] == plain.json()["command_id"]
+
+
+def test_plain_lane_replays_what_it_does_not_answer(client: TestClient,
+                                                    lane_calls: list[bool]) -> None:
+    # invalid body: answered by the regular stack, in the error format
+    assert_error(client.post("/executed_obs_units/start", json={"instrument": "HARPS"}),
+                 422, "obs_unit_id")
+    assert_error(client.post("/executed_obs_units/start", content=b"{not json",
+                             headers={"Content-Type": "application/json"}), 400)
+    # a query other than wait, a malformed context header
+    assert_error(client.post("/executed_obs_units/start?wait=maybe",
+                             json={"obs_unit_id": "OU-1", "instrument": "HARPS"}),
+                 422, "query.wait")
+    assert_error(client.post("/executed_obs_units/start",
+                             json={"obs_unit_id": "OU-1", "instrument": "HARPS"},
+                             headers={"X-Obsledger-Actor": "a b"}), 422, "X-Obsledger-Actor")
+    assert lane_calls == [False, False, False, False]
+
+    # idempotent repeat: answered by the lane; reuse with another body: refused (409) by the
+    # regular stack, and nothing new is journaled
+    key = {"Idempotency-Key": "night-1121-lane"}
+    first = client.post("/executed_obs_units/start", headers=key,
+                        json={"obs_unit_id": "OU-1", "instrument": "HARPS"})
+    again = client.post("/executed_obs_units/start", headers=key,
+                        json={"obs_unit_id": "OU-1", "instrument": "HARPS"})
+    assert first.status_code == again.status_code == 202
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    assert_error(client.post("/executed_obs_units/start", headers=key,
+                             json={"obs_unit_id": "OU-2", "instrument": "HARPS"}),
+                 409, "Idempotency-Key")
+    assert lane_calls[4:] == [True, True, False]
+    page = client.get("/executed_obs_units", params={"obs_unit_id": "OU-2"}).json()
+    assert page["items"] == []
+
+
+def test_plain_lane_waits_for_the_outcome(client: TestClient, lane_calls: list[bool]) -> None:
+    unit, position = start(client, "OU-LANE-WAIT")
+    assert lane_calls == [True]
+    row = client.get(f"/executed_obs_units/execution/{unit}",
+                     params={"min_position": position}).json()
+    assert row["pending"] is False and row["obs_unit_id"] == "OU-LANE-WAIT"
