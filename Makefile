@@ -29,7 +29,7 @@ lint: setup
 
 ## Benchmarks against PostgreSQL (OBSLEDGER_POSTGRES_HOST/PORT/USER select the server)
 bench: setup
-	$(BIN)/python bench/critical_commands.py
+	$(BIN)/python bench/commands.py
 	$(BIN)/python bench/projection.py
 
 clean:

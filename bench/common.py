@@ -310,8 +310,9 @@ def _run_aiohttp(url: str, body: bytes, seconds: float, connections: int) -> Loa
     """The fallback client, in its own process so it never shares the server's GIL."""
     args = ", ".join(repr(a) for a in (url, body, seconds, connections))
     code = (
-        f"import sys, json, asyncio, time; sys.path.insert(0, {str(Path(__file__).parent)!r});"
-        f"import common; t=time.perf_counter(); c=asyncio.run(common._aiohttp_load({args}));"
+        f"import sys, json, asyncio, time; sys.path.insert(0, {str(ROOT)!r});"
+        f"from bench import common; t=time.perf_counter();"
+        f"c=asyncio.run(common._aiohttp_load({args}));"
         "print(json.dumps([c[0], c[1], time.perf_counter()-t]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

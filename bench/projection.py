@@ -30,9 +30,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# `python bench/x.py` puts bench/ on sys.path; the benchmarks import the project and bench.common
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (
+from bench.common import (
     Command,
     Pg,
     add_pg_args,

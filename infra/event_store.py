@@ -20,7 +20,9 @@ from eventsourcing.persistence import (
     Notification,
     PersistenceError,
     Recording,
+    StoredEvent,
 )
+from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
 from eventsourcing.utils import EnvType
 
 from infra.settings import Settings
@@ -41,6 +43,37 @@ class StoreUnavailable(Exception):
 #: Errors that mean "the database is not reachable now" rather than "this write is wrong".
 _UNAVAILABLE: tuple[type[BaseException], ...] = (PersistenceError, OSError, psycopg.Error,
                                                 psycopg_pool.PoolTimeout)
+
+
+class ChunkedInsertRecorder(PostgresApplicationRecorder):
+    """eventsourcing's PostgreSQL recorder, inserting without psycopg's pipeline mode.
+
+    The stock ``insert_events`` sends all events as one array parameter inside a pipeline;
+    with ~20,000 events (one bulk file registration) the pipeline never returns: the server
+    waits for the rest of the statement, the client for its results (measured here with
+    psycopg 3.3.9: 10,000 events in 1.2 s, 20,000 hung for good). This inserts in statements
+    of at most ``chunk`` events, in one transaction under the same table lock, so the save is
+    still atomic and insert order is still commit order. Connection errors are not retried
+    here (the dispatcher backs off and retries the whole batch).
+    """
+
+    chunk = 2000
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        ids: list[int] = []
+        with self.datastore.get_connection() as conn, conn.transaction(), \
+                conn.cursor() as curs:
+            if not stored_events:
+                return ids
+            self._lock_table(curs)
+            self._notify_channel(curs)
+            for i in range(0, len(stored_events), self.chunk):
+                part = stored_events[i:i + self.chunk]
+                PostgresAggregateRecorder._insert_stored_events(self, curs, part)
+                ids.extend(self._fetch_ids_after_insert_events(curs, part) or ())
+        return ids
 
 
 class ObservatoryLedger(Application[UUID]):

@@ -82,6 +82,7 @@ class Settings(BaseSettings):
         if self.store == "postgres":
             return {
                 "PERSISTENCE_MODULE": "eventsourcing.postgres",
+                "APPLICATION_RECORDER_TOPIC": "infra.event_store:ChunkedInsertRecorder",
                 "POSTGRES_DBNAME": self.postgres_dbname,
                 "POSTGRES_HOST": self.postgres_host,
                 "POSTGRES_PORT": str(self.postgres_port),

@@ -268,6 +268,24 @@ def test_bulk_registration_of_thousands_of_files(ledger: Ledger) -> None:
     assert row is not None and row["size"] == 2999 and row["pending"] is False
 
 
+@pytest.mark.timeout(180)
+def test_one_dispatch_batch_of_tens_of_thousands_of_events(ledger: Ledger) -> None:
+    # Three bulk registrations in one batch: 30,003 events in one store transaction. With
+    # eventsourcing's pipelined insert this hung for good on PostgreSQL (from ~20,000 events).
+    per = 10_000
+    subs = [journal(ledger, "raw_data_file.register_bulk", {"files": [
+        file_spec(f"NIRSPEC.{c}.{i:05d}.fits", i) for i in range(per)]}) for c in range(3)]
+    settle(ledger)
+    for sub in subs:
+        entry = status(ledger, sub.command_id)
+        assert entry.status == APPLIED, entry.reason
+    assert event_count(ledger) == 3 * (per + 1)
+    positions = sorted(status(ledger, s.command_id).position or 0 for s in subs)
+    assert positions == [per + 1, 2 * (per + 1), 3 * (per + 1)]  # each ends on its receipt
+    row = ledger.queries.file(fid("NIRSPEC.2.09999.fits"))
+    assert row is not None and row["size"] == 9999 and row["pending"] is False
+
+
 def test_bulk_registration_is_all_or_none(ledger: Ledger) -> None:
     submit(ledger, "raw_data_file.register",
            RegisterRawDataFileRequest.model_validate(file_spec("dup.fits", 5)))

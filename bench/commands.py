@@ -15,7 +15,7 @@
 4. ``bulk_files_per_s``: the dispatcher applying ``raw_data_file.register_bulk`` commands of
    ``--bulk-files`` files each.
 
-Usage: ``python bench/critical_commands.py [--commands N] [--pg-host H --pg-port P --pg-user U]``
+Usage: ``python bench/commands.py [--commands N] [--pg-host H --pg-port P --pg-user U]``
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# `python bench/x.py` puts bench/ on sys.path; the benchmarks import the project and bench.common
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (
+from bench.common import (
     Server,
     add_load_args,
     add_pg_args,

@@ -1,0 +1,1 @@
+"""Benchmarks, run by hand (``make bench``); see bench/README.md."""
