@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean kcat
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ run: setup
 
 ## The whole test suite (SQLite and PostgreSQL; PostgreSQL tests skip unless
 ## OBSLEDGER_REQUIRE_SERVICES=1, where they fail if the server is missing)
-test: setup
+test: setup kcat
 	$(BIN)/pytest
+
+## Debian's kcat: the independent Kafka client of the end-to-end relay test
+kcat:
+	@command -v kcat >/dev/null || { apt-get install -y -q kcat >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q kcat >/dev/null; } || \
+	  echo "kcat could not be installed: the Kafka end-to-end test will say so"; }
 
 lint: setup
 	$(BIN)/ruff check .

@@ -40,6 +40,7 @@ from commands.models import (
 )
 from commands.service import outcome_body
 from infra.journal import ACCEPTED, APPLIED, REJECTED
+from infra.kafka_relay import broker_reachable, relay_lag
 from infra.settings import Settings
 from queries.models import (
     CommandStatusView,
@@ -582,7 +583,32 @@ def health_report(ledger: Ledger) -> dict[str, Any]:
             else None,
             "last_error": ledger.projector.last_error if ledger.projector else None,
         },
+        "kafka": relay_health(ledger),
     }
+
+
+def relay_health(ledger: Ledger) -> dict[str, Any] | None:
+    """The Kafka relay: broker reachability and lag (events, seconds); None without Kafka."""
+    settings = ledger.settings
+    if not settings.kafka_bootstrap:
+        return None
+    relay = ledger.relay
+    report: dict[str, Any] = {
+        "bootstrap": settings.kafka_bootstrap,
+        "relay_embedded": bool(relay is not None and relay.running),
+        "broker_reachable": broker_reachable(settings.kafka_bootstrap_servers),
+        "published_position": None, "lag": None,
+        "last_error": relay.last_error if relay is not None else None,
+    }
+    if relay is None or ledger.store is None:
+        return report
+    try:  # the relay may run in its own process: its position is in the read-model database
+        position = relay.read_position()
+        report["published_position"] = position
+        report["lag"] = relay_lag(ledger.store, position)
+    except Exception as e:  # the store or read-model database is down: other sections say so
+        report["last_error"] = report["last_error"] or f"lag unavailable: {e}"
+    return report
 
 
 def _utc(v: datetime | None) -> datetime | None:

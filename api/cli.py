@@ -67,6 +67,24 @@ def _project(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _relay(args: argparse.Namespace, settings: Settings) -> int:
+    from api.runtime import Ledger
+
+    if not settings.kafka_bootstrap:
+        print("OBSLEDGER_KAFKA_BOOTSTRAP is not set", file=sys.stderr)
+        return 2
+    ledger = Ledger(settings, workers=False)
+    if ledger.relay is None:
+        print("event store unreachable", file=sys.stderr)
+        return 2
+    if args.once:
+        print(f"published up to position {ledger.relay.catch_up(timeout=args.timeout)}")
+    else:
+        _run_until_signal(ledger.relay)
+    ledger.stop()
+    return 0
+
+
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from api.runtime import Ledger
 
@@ -107,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--once", action="store_true", help="catch up, then exit")
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(func=_project)
+
+    p = sub.add_parser("relay", help="publish every stored event to Kafka "
+                       "(OBSLEDGER_KAFKA_BOOTSTRAP), resuming after the last flushed batch")
+    p.add_argument("--once", action="store_true", help="publish up to the head, then exit")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=_relay)
 
     p = sub.add_parser("rebuild", help="rebuild every read model from the log, then switch")
     p.add_argument("--quiet", action="store_true")

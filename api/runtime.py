@@ -9,6 +9,7 @@ from commands.dispatcher import Dispatcher
 from commands.service import CommandService
 from infra.event_store import EventStore, StoreUnavailable
 from infra.journal import Journal
+from infra.kafka_relay import EventRelay
 from infra.read_model_db import create_read_model_engine
 from infra.settings import Settings
 from projections.projector import Projector
@@ -31,6 +32,7 @@ class Ledger:
         self.store: EventStore | None = None
         self.dispatcher: Dispatcher | None = None
         self.projector: Projector | None = None
+        self.relay: EventRelay | None = None
         self.commands = CommandService(self.journal, None)
         self._stopping = threading.Event()
         self._connect_store()
@@ -47,6 +49,8 @@ class Ledger:
             self.projector = Projector(self.store, self.engine,
                                        self.settings.projection_page_size,
                                        self.settings.projection_poll_s)
+            if self.settings.kafka_bootstrap:
+                self.relay = EventRelay(self.store, self.engine, self.settings)
         except Exception as e:  # the database went away again: retry later, not half-wired
             log.warning("read-model database unavailable at start: %s", e)
             self.store.close()
@@ -54,9 +58,16 @@ class Ledger:
             return False
         self.commands.store = self.store
         self.dispatcher = Dispatcher(self.journal, self.store, self.settings,
-                                     on_applied=self.projector.wake)
+                                     on_applied=self._applied)
         self.journal.on_append(self.dispatcher.wake)
         return True
+
+    def _applied(self, position: int) -> None:
+        """The dispatcher applied commands up to ``position``: wake who follows the log."""
+        if self.projector is not None:
+            self.projector.wake(position)
+        if self.relay is not None:
+            self.relay.wake(position)
 
     def start_workers(self) -> None:
         """Start the dispatcher and projector threads (now, or once the store answers)."""
@@ -66,6 +77,8 @@ class Ledger:
             self.dispatcher.start()
             if self.settings.embedded_projector:
                 self.projector.start()
+            if self.relay is not None and self.settings.embedded_relay:
+                self.relay.start()
             return
 
         def connect_later() -> None:
@@ -82,6 +95,8 @@ class Ledger:
             self.dispatcher.stop()
         if self.projector is not None:
             self.projector.stop()
+        if self.relay is not None:
+            self.relay.stop()
         self.journal.close()
         if self.store is not None:
             self.store.close()

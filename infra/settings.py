@@ -57,6 +57,29 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_bulk_files: int = Field(100_000, ge=1)
 
+    kafka_bootstrap: str | None = Field(
+        None, description="Kafka bootstrap servers (host:port, comma-separated). When set, the "
+        "API process also runs the relay that publishes every stored event to Kafka.",
+    )
+    kafka_topic_prefix: str = Field(
+        "obsledger", pattern=r"^[A-Za-z0-9._-]{1,100}$",
+        description="Topics are <prefix>.<aggregate type>, e.g. obsledger.executed_obs_unit.",
+    )
+    kafka_partitions: int = Field(6, ge=1, le=1000, description="Partitions of new topics.")
+    kafka_replication_factor: int = Field(1, ge=1, le=10)
+    embedded_relay: bool = Field(
+        True, description="With embedded workers and OBSLEDGER_KAFKA_BOOTSTRAP, run the relay "
+        "in the API process (false when a separate `obsledger relay` service runs it).",
+    )
+    relay_batch_size: int = Field(2000, ge=1, le=100_000)
+    relay_poll_s: float = Field(0.2, gt=0, description="Relay polling fallback interval.")
+    relay_retry_max_s: float = Field(5.0, gt=0, description="Relay backoff cap, broker down.")
+    relay_flush_timeout_s: float = Field(30.0, gt=0)
+
+    @property
+    def kafka_bootstrap_servers(self) -> list[str]:
+        return [s.strip() for s in (self.kafka_bootstrap or "").split(",") if s.strip()]
+
     @property
     def journal_file(self) -> Path:
         return self.journal_path or self.data_dir / "journal.sqlite3"

@@ -603,8 +603,9 @@ def test_health_shape(client: TestClient) -> None:
     while (h := client.get("/health").json())["projector"]["position"] < pos:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert set(h) == {"status", "store", "journal", "dispatcher", "projector"}
+    assert set(h) == {"status", "store", "journal", "dispatcher", "projector", "kafka"}
     assert h["status"] == "ok"
+    assert h["kafka"] is None  # no OBSLEDGER_KAFKA_BOOTSTRAP: no relay (tests/test_kafka.py)
     assert h["store"]["reachable"] is True and h["store"]["head_position"] == pos
     assert h["store"]["kind"] in ("sqlite", "postgres")
     assert h["journal"]["depth"] == 0 and h["journal"]["oldest_pending_age_s"] is None

