@@ -37,6 +37,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/commands.py
 	$(BIN)/python bench/projection.py
+	$(BIN)/python bench/relay.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

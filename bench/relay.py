@@ -1,0 +1,204 @@
+"""Kafka relay benchmarks (issue: Kafka), against a broker this script starts (noida-db from
+PyPI, as the tests do) or ``--bootstrap host:port``, and a PostgreSQL event store.
+
+1. ``relay_per_s``: the relay publishing a filled log (read the page, wrap each stored event,
+   send with acks=all, flush, record the position), beside ``producer_per_s``: a plain
+   kafka-python producer with the same settings sending the same serialized records in the
+   same run. ``relay_ratio`` = relay / producer (target >= 0.8).
+2. ``e2e_p50_ms`` / ``e2e_p99_ms``: from an event's recorded timestamp (when the dispatcher
+   applied its command) until a consumer reads it from Kafka, with the dispatcher and the
+   relay running and start commands arriving at a steady ``--rate`` (500/s) (target p99 <= 250).
+
+Usage: ``python bench/relay.py [--events N] [--rate R --seconds S] [--bootstrap H:P]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# `python bench/x.py` puts bench/ on sys.path; the benchmarks import the project and bench.common
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    add_pg_args,
+    bench,
+    drain_journal,
+    journal_commands,
+    make_settings,
+    note,
+    pg_from_args,
+    temp_database,
+    temp_dir,
+)
+
+
+def start_requests(n: int) -> list[Any]:
+    from commands.models import StartExecutedObsUnitRequest
+
+    now = datetime.now(UTC)
+    return [StartExecutedObsUnitRequest(obs_unit_id=f"OU-{i % 97}", instrument="HARPS",
+                                        start_time=now, metadata={"airmass": 1.12, "seq": i})
+            for i in range(n)]
+
+
+def measure_throughput(args: argparse.Namespace, settings: Any) -> None:
+    from kafka import KafkaProducer
+
+    from api.runtime import Ledger
+    from infra.kafka_relay import EventRelay, ensure_topics, event_message, producer_config
+
+    ledger = Ledger(settings, workers=False)
+    try:
+        n = args.events // 2  # each start command stores the unit's event and a receipt
+        asyncio.run(journal_commands(ledger, "executed_obs_unit.start", start_requests(n)))
+        drain_journal(ledger, n, "fill")
+        assert ledger.store is not None and ledger.relay is not None
+        events = list(ledger.store.select_notifications(0, 10 ** 9))
+        note(f"log: {len(events)} events; relay batch {settings.relay_batch_size}, "
+             f"{settings.kafka_partitions} partitions per topic, acks=all")
+
+        relay: EventRelay = ledger.relay
+        ensure_topics(settings)
+        relay.relay_once()  # warm-up: connections and metadata (not counted below)
+        warm = relay.position
+        t = time.perf_counter()
+        relay.catch_up(timeout=600)
+        relay_took = time.perf_counter() - t
+        relayed = len(events) - warm
+
+        # the plain producer: the same records, serialized beforehand, the same settings
+        plain = settings.model_copy(update={"kafka_topic_prefix": "plain" + uuid.uuid4().hex[:6]})
+        ensure_topics(plain)
+        messages = [event_message(plain.kafka_topic_prefix, e) for e in events[warm:]]
+        producer = KafkaProducer(**producer_config(plain))
+        m0 = event_message(plain.kafka_topic_prefix, events[0])
+        producer.send(m0.topic, key=m0.key, value=m0.value, headers=m0.headers).get(30)
+        t = time.perf_counter()
+        futures = [producer.send(m.topic, key=m.key, value=m.value, headers=m.headers)
+                   for m in messages]
+        producer.flush()
+        for f in futures:
+            f.get(timeout=0)
+        plain_took = time.perf_counter() - t
+        producer.close()
+    finally:
+        ledger.stop()
+    note(f"relay: {relayed} events in {relay_took:.2f}s; plain producer: {len(messages)} "
+         f"in {plain_took:.2f}s")
+    bench("relay_per_s", round(relayed / relay_took, 1))
+    bench("producer_per_s", round(len(messages) / plain_took, 1))
+    bench("relay_ratio", round((relayed / relay_took) / (len(messages) / plain_took), 3))
+
+
+def measure_e2e(args: argparse.Namespace, settings: Any) -> None:
+    import orjson
+    from kafka import KafkaConsumer
+
+    from api.runtime import Ledger
+    from infra.kafka_relay import ensure_topics, kafka_topic
+
+    ensure_topics(settings)
+    topic = kafka_topic(settings.kafka_topic_prefix, "ExecutedObsUnit")
+    lags: list[float] = []
+    stop = threading.Event()
+    ready = threading.Event()
+
+    def consume() -> None:
+        consumer = KafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap,
+                                 group_id=f"bench-{uuid.uuid4().hex[:6]}",
+                                 auto_offset_reset="latest", fetch_max_wait_ms=10,
+                                 session_timeout_ms=6000, heartbeat_interval_ms=1000)
+        while not consumer.assignment():
+            consumer.poll(timeout_ms=100)
+        ready.set()
+        while not stop.is_set():
+            for records in consumer.poll(timeout_ms=100).values():
+                now = datetime.now(UTC)
+                for r in records:
+                    stamp = orjson.loads(r.value)["state"]["timestamp"]["_data_"]
+                    lags.append((now - datetime.fromisoformat(stamp)).total_seconds() * 1000)
+        consumer.close()
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    if not ready.wait(60):
+        raise SystemExit("the consumer never got its partitions")
+    ledger = Ledger(settings)
+    ledger.start_workers()
+    try:
+        total = int(args.rate * args.seconds)
+        requests = start_requests(total)
+
+        async def paced() -> None:
+            t0 = time.perf_counter()
+            for i, req in enumerate(requests):
+                delay = t0 + i / args.rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await ledger.commands.submit("executed_obs_unit.start", req, path=None,
+                                             actor="bench", correlation_id=str(uuid.uuid4()),
+                                             idempotency_key=None)
+
+        asyncio.run(paced())
+        deadline = time.monotonic() + 60
+        while len(lags) < total and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        ledger.stop()
+        reader.join(timeout=10)
+    if len(lags) < total:
+        raise SystemExit(f"e2e: only {len(lags)} of {total} events were consumed")
+    lags.sort()
+    note(f"e2e: {total} start commands at {args.rate}/s for {args.seconds}s, dispatcher and "
+         f"relay embedded; lag = consumer read time - event recorded time; max {lags[-1]:.1f}ms")
+    bench("e2e_p50_ms", round(statistics.median(lags), 2))
+    bench("e2e_p99_ms", round(lags[int(0.99 * (len(lags) - 1))], 2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pg_args(p)
+    p.add_argument("--bootstrap", help="an existing broker instead of a noida-db started here")
+    p.add_argument("--events", type=int, default=40_000)
+    p.add_argument("--rate", type=float, default=500.0)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--only", nargs="*", choices=["throughput", "e2e"])
+    args = p.parse_args(argv)
+    only = set(args.only or ["throughput", "e2e"])
+    pg = pg_from_args(args)
+
+    from tests.kafka_broker import KafkaBroker
+
+    with tempfile.TemporaryDirectory(prefix="obsledger-broker-") as broker_dir:
+        broker = (KafkaBroker("external", Path(broker_dir), args.bootstrap) if args.bootstrap
+                  else KafkaBroker("noida", Path(broker_dir)))
+        note(f"broker: {broker.kind} at {broker.bootstrap}")
+        try:
+            with temp_database(pg, "obsledger_bench") as db, temp_dir(args.keep_dir) as tmp:
+                def settings(phase: str) -> Any:
+                    return make_settings(pg, db, tmp / phase, kafka_bootstrap=broker.bootstrap,
+                                         kafka_topic_prefix=f"{phase}{uuid.uuid4().hex[:6]}")
+
+                if "throughput" in only:
+                    measure_throughput(args, settings("throughput"))
+                if "e2e" in only:
+                    measure_e2e(args, settings("e2e"))
+        finally:
+            broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
