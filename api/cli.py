@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from infra.settings import Settings
@@ -36,53 +37,46 @@ def _run_until_signal(worker: Any) -> None:
     worker.stop()
 
 
-def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+def _run_worker(args: argparse.Namespace, settings: Settings, role: str,
+                once: Callable[[Any], str]) -> int:
+    """Run the ledger's ``role`` (dispatcher, projector, relay): ``once`` and exit with
+    --drain/--once, else until SIGINT/SIGTERM."""
     from api.runtime import Ledger
 
     ledger = Ledger(settings, workers=False)
-    if ledger.dispatcher is None:
-        print("event store unreachable", file=sys.stderr)
-        return 2
-    if args.drain:
-        ledger.dispatcher.drain(timeout=args.timeout)
-        print(f"journal drained; depth {ledger.journal.depth()}")
-    else:
-        _run_until_signal(ledger.dispatcher)
-    ledger.stop()
-    return 0
+    try:
+        worker = getattr(ledger, role)
+        if worker is None:
+            print("event store unreachable", file=sys.stderr)
+            return 2
+        if getattr(args, "once", False) or getattr(args, "drain", False):
+            print(once(worker))
+        else:
+            _run_until_signal(worker)
+        return 0
+    finally:
+        ledger.stop()
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    def drain(dispatcher: Any) -> str:
+        dispatcher.drain(timeout=args.timeout)
+        return f"journal drained; depth {dispatcher.journal.depth()}"
+
+    return _run_worker(args, settings, "dispatcher", drain)
 
 
 def _project(args: argparse.Namespace, settings: Settings) -> int:
-    from api.runtime import Ledger
-
-    ledger = Ledger(settings, workers=False)
-    if ledger.projector is None:
-        print("event store unreachable", file=sys.stderr)
-        return 2
-    if args.once:
-        print(f"read models at position {ledger.projector.catch_up(timeout=args.timeout)}")
-    else:
-        _run_until_signal(ledger.projector)
-    ledger.stop()
-    return 0
+    return _run_worker(args, settings, "projector", lambda projector: (
+        f"read models at position {projector.catch_up(timeout=args.timeout)}"))
 
 
 def _relay(args: argparse.Namespace, settings: Settings) -> int:
-    from api.runtime import Ledger
-
     if not settings.kafka_bootstrap:
         print("OBSLEDGER_KAFKA_BOOTSTRAP is not set", file=sys.stderr)
         return 2
-    ledger = Ledger(settings, workers=False)
-    if ledger.relay is None:
-        print("event store unreachable", file=sys.stderr)
-        return 2
-    if args.once:
-        print(f"published up to position {ledger.relay.catch_up(timeout=args.timeout)}")
-    else:
-        _run_until_signal(ledger.relay)
-    ledger.stop()
-    return 0
+    return _run_worker(args, settings, "relay", lambda relay: (
+        f"published up to position {relay.catch_up(timeout=args.timeout)}"))
 
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:

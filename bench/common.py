@@ -113,12 +113,7 @@ def make_settings(pg: Pg, dbname: str, data_dir: Path, **overrides: Any) -> Any:
 def settings_env(settings: Any) -> dict[str, str]:
     """The OBSLEDGER_* environment that reproduces ``settings`` in another process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OBSLEDGER_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"OBSLEDGER_{name.upper()}"] = (str(value).lower() if isinstance(value, bool)
-                                                else str(value))
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+    return {**env, **settings.environment(), "PYTHONPATH": str(ROOT)}
 
 
 # -- servers ---------------------------------------------------------------------------------

