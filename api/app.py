@@ -42,6 +42,7 @@ from commands.service import outcome_body
 from infra.journal import ACCEPTED, APPLIED, REJECTED
 from infra.kafka_relay import broker_reachable, relay_lag
 from infra.settings import Settings
+from projections.kafka_projector import KafkaProjector
 from queries.models import (
     CommandStatusView,
     ExecutedObsUnitPage,
@@ -578,13 +579,28 @@ def health_report(ledger: Ledger) -> dict[str, Any]:
             "last_error": d.last_error if d else "event store not connected",
         },
         "projector": {
+            "source": ledger.settings.projection_source,
             "position": projected,
             "lag_events": (head - projected) if head is not None and projected is not None
             else None,
             "last_error": ledger.projector.last_error if ledger.projector else None,
+            **kafka_projector_health(ledger),
         },
         "kafka": relay_health(ledger),
     }
+
+
+def kafka_projector_health(ledger: Ledger) -> dict[str, Any]:
+    """With OBSLEDGER_PROJECTION_SOURCE=kafka: the group, and this process's member if any."""
+    projector = ledger.projector
+    if not isinstance(projector, KafkaProjector):
+        return {}
+    return {"kafka": {
+        "group": projector.group,
+        "member": projector.member if projector.running else None,
+        "assigned_partitions": [f"{t}:{p}" for t, p in projector.assigned],
+        "malformed_records": projector.malformed_records,
+    }}
 
 
 def relay_health(ledger: Ledger) -> dict[str, Any] | None:

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # connection chatter at INFO
     return int(args.func(args, Settings()))
 
 

@@ -12,6 +12,7 @@ from infra.journal import Journal
 from infra.kafka_relay import EventRelay
 from infra.read_model_db import create_read_model_engine
 from infra.settings import Settings
+from projections.kafka_projector import KafkaProjector
 from projections.projector import Projector
 from queries.service import QueryService
 
@@ -46,9 +47,12 @@ class Ledger:
             log.warning("event store unavailable at start: %s", e)
             return False
         try:
-            self.projector = Projector(self.store, self.engine,
-                                       self.settings.projection_page_size,
-                                       self.settings.projection_poll_s)
+            if self.settings.projection_source == "kafka":
+                self.projector = KafkaProjector(self.store, self.engine, self.settings)
+            else:
+                self.projector = Projector(self.store, self.engine,
+                                           self.settings.projection_page_size,
+                                           self.settings.projection_poll_s)
             if self.settings.kafka_bootstrap:
                 self.relay = EventRelay(self.store, self.engine, self.settings)
         except Exception as e:  # the database went away again: retry later, not half-wired

@@ -33,11 +33,14 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     DateTime,
     Engine,
     MetaData,
     String,
     Table,
+    Text,
+    delete,
     insert,
     select,
     update,
@@ -128,6 +131,29 @@ def build_relay_positions(md: MetaData | None = None) -> Table:
     )
 
 
+def build_relay_watermarks(md: MetaData | None = None) -> Table:
+    """After each flushed batch: the batch's last log position and, for every partition the
+    relay has written to, the offset after its last acknowledged record (JSON
+    ``{"<topic>:<partition>": next_offset}``). A consumer that has consumed up to those offsets
+    has seen every event at or below the position: Kafka projectors derive the position up to
+    which the read models are complete from it."""
+    return Table(
+        "kafka_relay_watermarks", md or MetaData(),
+        Column("name", String(200), primary_key=True),
+        Column("position", BigInteger, primary_key=True),
+        Column("partition_ends", Text, nullable=False),
+        Column("recorded_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+#: Watermarks the relay keeps when no Kafka projector prunes them (one per flushed batch).
+WATERMARKS_KEPT = 10_000
+
+
+def partition_key(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
+
+
 def producer_config(settings: Settings) -> dict[str, Any]:
     """What the relay's producer needs for ordered, acknowledged delivery."""
     return {
@@ -191,7 +217,10 @@ class EventRelay:
         self.prefix = settings.kafka_topic_prefix
         self.batch_size = settings.relay_batch_size
         self.positions = build_relay_positions()
+        self.watermarks = build_relay_watermarks()
         self.name = self.prefix
+        self.partition_ends: dict[str, int] = {}
+        self._recorded = 0
         self.position = 0
         self.published = 0
         self.broker_reachable: bool | None = None
@@ -208,18 +237,45 @@ class EventRelay:
     def setup(self) -> None:
         with self.engine.begin() as conn:
             self.positions.create(conn, checkfirst=True)
+            self.watermarks.create(conn, checkfirst=True)
             row = conn.execute(select(self.positions.c.position)
                                .where(self.positions.c.name == self.name)).first()
             if row is None:
                 conn.execute(insert(self.positions).values(
                     name=self.name, position=0, updated_at=datetime.now(UTC)))
             self.position = int(row[0]) if row else 0
+            last = conn.execute(
+                select(self.watermarks.c.partition_ends)
+                .where(self.watermarks.c.name == self.name)
+                .order_by(self.watermarks.c.position.desc()).limit(1)).first()
+            self.partition_ends = orjson.loads(last[0]) if last else {}
 
-    def _record(self, position: int) -> None:
+    def _record(self, position: int, partition_ends: dict[str, int]) -> None:
+        """The batch up to ``position`` is acknowledged: its position and watermark, at once."""
+        now = datetime.now(UTC)
         with self.engine.begin() as conn:
             conn.execute(update(self.positions).where(self.positions.c.name == self.name)
-                         .values(position=position, updated_at=datetime.now(UTC)))
+                         .values(position=position, updated_at=now))
+            # a relay set back to re-publish (or a new cluster under the same name) replaces
+            # the watermarks it passes again; the older ones stay true, the new ones too
+            conn.execute(delete(self.watermarks).where(self.watermarks.c.name == self.name,
+                                                       self.watermarks.c.position >= position))
+            conn.execute(insert(self.watermarks).values(
+                name=self.name, position=position, recorded_at=now,
+                partition_ends=orjson.dumps(partition_ends, option=orjson.OPT_SORT_KEYS)
+                .decode()))
+            self._recorded += 1
+            if self._recorded % 100 == 0:
+                self._prune_watermarks(conn)
         self.position = position
+        self.partition_ends = partition_ends
+
+    def _prune_watermarks(self, conn: Connection) -> None:
+        w = self.watermarks
+        oldest_kept = (select(w.c.position).where(w.c.name == self.name)
+                       .order_by(w.c.position.desc()).offset(WATERMARKS_KEPT).limit(1)
+                       .scalar_subquery())
+        conn.execute(delete(w).where(w.c.name == self.name, w.c.position < oldest_kept))
 
     def read_position(self) -> int:
         """The published position as recorded (by this or another relay process)."""
@@ -299,9 +355,13 @@ class EventRelay:
             m = event_message(self.prefix, n)
             futures.append(producer.send(m.topic, key=m.key, value=m.value, headers=m.headers))
         producer.flush(timeout=self.settings.relay_flush_timeout_s)
+        ends = dict(self.partition_ends)
         for f in futures:
-            f.get(timeout=0)  # raises the delivery error of any record of the batch
-        self._record(notifications[-1].id)
+            meta = f.get(timeout=0)  # raises the delivery error of any record of the batch
+            key = partition_key(meta.topic, meta.partition)
+            if meta.offset + 1 > ends.get(key, 0):
+                ends[key] = meta.offset + 1
+        self._record(notifications[-1].id, ends)
         self.published += len(notifications)
         self.broker_reachable = True
         self.last_error = None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 
 
 def create_read_model_engine(url: str) -> Engine:
@@ -23,7 +25,7 @@ def create_read_model_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN")
+            conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
 
         return engine
     return create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
@@ -31,3 +33,18 @@ def create_read_model_engine(url: str) -> Engine:
 
 def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that reads and then writes (a projector's page and its position).
+
+    On SQLite it takes the write lock at BEGIN (``BEGIN IMMEDIATE``): a deferred transaction
+    that read first would fail with SQLITE_BUSY, not wait, when another process (the relay,
+    a second projector) committed in between. PostgreSQL needs nothing special.
+    """
+    with engine.connect() as conn:
+        if not is_postgres(engine):
+            conn = conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+        with conn.begin():
+            yield conn

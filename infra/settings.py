@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.raw_data import DEFAULT_PACKAGE_SIZE_LIMIT
@@ -75,6 +75,21 @@ class Settings(BaseSettings):
     relay_poll_s: float = Field(0.2, gt=0, description="Relay polling fallback interval.")
     relay_retry_max_s: float = Field(5.0, gt=0, description="Relay backoff cap, broker down.")
     relay_flush_timeout_s: float = Field(30.0, gt=0)
+    projection_source: Literal["log", "kafka"] = Field(
+        "log", description="Where projectors read events: the event store's notification log "
+        "(default), or the relay's Kafka topics in a consumer group (scale-out; needs "
+        "OBSLEDGER_KAFKA_BOOTSTRAP and a running relay).",
+    )
+    kafka_consumer_group: str = Field(
+        "obsledger-projector", pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        description="Consumer group of the Kafka projectors sharing one read-model database.",
+    )
+
+    @model_validator(mode="after")
+    def _kafka_projection_needs_a_broker(self) -> Settings:
+        if self.projection_source == "kafka" and not self.kafka_bootstrap:
+            raise ValueError("OBSLEDGER_PROJECTION_SOURCE=kafka needs OBSLEDGER_KAFKA_BOOTSTRAP")
+        return self
 
     @property
     def kafka_bootstrap_servers(self) -> list[str]:

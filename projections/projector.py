@@ -3,6 +3,11 @@
 Pages of notifications are read from the event store's log, decoded with the application's
 mapper and turned into SQL; runs of the same statement become one ``executemany``. The new
 position is written in the same transaction, so each event is applied exactly once.
+
+Every statement is also guarded by the row's ``last_position``: an insert of a row that exists
+and an update by an event the row already reflects change nothing. The log projector never
+sends such events; the Kafka projector (``projections.kafka_projector``) relies on the guard to
+drop the duplicates that at-least-once delivery brings.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, inspect, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from infra.event_store import EventStore
-from infra.read_model_db import is_postgres
+from infra.read_model_db import is_postgres, write_transaction
 from projections.tables import READ_MODELS, ReadModelTables, build_positions, build_tables
 
 log = logging.getLogger("obsledger.projector")
@@ -35,8 +41,9 @@ def _s(value: Any) -> str | None:
 class _Ops:
     """Translates events into SQL operations against one set of tables."""
 
-    def __init__(self, t: ReadModelTables) -> None:
+    def __init__(self, t: ReadModelTables, dialect: str) -> None:
         self.t = t
+        self._dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         u, f, p, s = t.executed_obs_units, t.raw_data_files, t.raw_data_packages, t.staging_requests
         self._updates: dict[str, Any] = {}
         self.handlers: dict[str, Callable[[Any, int], Op | None]] = {
@@ -79,10 +86,9 @@ class _Ops:
                 "status": "cancelled", "message": e.reason}),
         }
 
-    @staticmethod
-    def _insert(table: Table, values: Callable[[Any], dict[str, Any]]) -> Callable[[Any, int],
-                                                                                   Op]:
-        stmt = insert(table)
+    def _insert(self, table: Table, values: Callable[[Any], dict[str, Any]]) -> Callable[
+            [Any, int], Op]:
+        stmt = self._dialect_insert(table).on_conflict_do_nothing()
 
         def op(e: Any, position: int) -> Op:
             row = values(e)
@@ -101,12 +107,15 @@ class _Ops:
             vals.update(last_position=position, last_command_id=e.command_id,
                         last_actor=e.actor, updated_at=e.timestamp)
             if key_extra:  # expressions: no executemany, one statement per event
-                stmt = update(table).where(table.c.id == str(e.originator_id)).values(**vals)
+                stmt = (update(table).where(table.c.id == str(e.originator_id),
+                                            table.c.last_position < position).values(**vals))
                 return ((table.name, "expr", id(stmt)), stmt, {})
             cols = tuple(sorted(vals))
-            stmt = (update(table).where(table.c.id == bindparam("_id"))
+            stmt = (update(table).where(table.c.id == bindparam("_id"),
+                                        table.c.last_position < bindparam("_position"))
                     .values({c: bindparam(c) for c in cols}))
             vals["_id"] = str(e.originator_id)
+            vals["_position"] = position
             return ((table.name, "upd", cols), stmt, vals)
 
         return op
@@ -144,7 +153,7 @@ class Projector:
         self.poll_interval = poll_interval
         self.positions = build_positions()
         self.tables = build_tables()
-        self._ops = _Ops(self.tables)
+        self._ops = _Ops(self.tables, engine.dialect.name)
         self.position = 0
         self.last_error: str | None = None
         self.caught_up_at: float | None = None
@@ -225,7 +234,7 @@ class Projector:
     # -- one page ------------------------------------------------------------------------
     def project_once(self) -> int:
         """Apply the next page of events; return how many notifications were consumed."""
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             pos = self._lock_position(conn, MAIN)
             notifications = self.store.select_notifications(pos, self.page_size)
             if not notifications:
@@ -276,20 +285,18 @@ class Projector:
         return int(row[0]) if row else 0
 
     # -- rebuild -------------------------------------------------------------------------
-    def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Build a fresh set of tables from position 0, then switch to it atomically.
-
-        The live tables keep serving queries (and the live projector keeps running) until the
-        switch, which happens in one transaction that also catches up the last events.
-        """
+    def build_fresh(self, progress: Callable[[int, int], None] | None = None,
+                    ) -> tuple[ReadModelTables, int]:
+        """A new set of read-model tables (``<model>_r<hex>``) built from position 0 up to the
+        log's head as it was when this started; return them and the position they reached."""
         generation = "r" + uuid.uuid4().hex[:12]
         shadow = build_tables(generation=generation, table_suffix="_" + generation)
-        ops = _Ops(shadow)
+        ops = _Ops(shadow, self.engine.dialect.name)
         with self.engine.begin() as conn:
             shadow.metadata.create_all(conn)
         pos = 0
         head = self.store.max_position()
-        while True:
+        while pos < head:
             notifications = self.store.select_notifications(pos, self.page_size)
             if not notifications:
                 break
@@ -298,9 +305,25 @@ class Projector:
             pos = notifications[-1].id
             if progress:
                 progress(pos, max(head, pos))
-            if pos >= head:
-                break
+        return shadow, pos
+
+    def drop(self, tables: ReadModelTables) -> None:
+        """Drop a set built by ``build_fresh`` (never the live one)."""
+        if not tables.generation.startswith("r"):
+            raise ValueError("refusing to drop the live read models")
         with self.engine.begin() as conn:
+            tables.metadata.drop_all(conn)
+
+    def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Build a fresh set of tables from position 0, then switch to it atomically.
+
+        The live tables keep serving queries (and the live projector keeps running) until the
+        switch, which happens in one transaction that also catches up the last events.
+        """
+        shadow, pos = self.build_fresh(progress)
+        ops = _Ops(shadow, self.engine.dialect.name)
+        generation = shadow.generation
+        with write_transaction(self.engine) as conn:
             self._lock_position(conn, MAIN)
             while True:  # the last events, inside the switching transaction
                 notifications = self.store.select_notifications(pos, self.page_size)

@@ -135,3 +135,17 @@ def build_positions(md: MetaData | None = None) -> Table:
         Column("generation", String(40), nullable=False),
         Column("updated_at", TZ, nullable=False),
     )
+
+
+def build_consumer_offsets(md: MetaData | None = None) -> Table:
+    """Kafka projectors: the next offset to apply in each partition, per consumer group (updated
+    with the rows, atomically), and which member applied it last."""
+    return Table(
+        "kafka_consumer_offsets", md or MetaData(),
+        Column("group_id", String(200), primary_key=True),
+        Column("topic", String(255), primary_key=True),
+        Column("partition", Integer, primary_key=True),
+        Column("next_offset", BigInteger, nullable=False),
+        Column("member", String(255), nullable=False),
+        Column("updated_at", TZ, nullable=False),
+    )

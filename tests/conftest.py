@@ -19,10 +19,12 @@ from typing import Any
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, select
 
 from api.app import create_app
 from api.runtime import Ledger
 from infra.settings import Settings
+from projections.tables import READ_MODELS, ReadModelTables, build_tables
 
 PG_HOST = os.environ.get("OBSLEDGER_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("OBSLEDGER_TEST_PG_PORT", "5432"))
@@ -115,6 +117,18 @@ def client(settings: Settings) -> Iterator[TestClient]:
     app = create_app(settings)
     with TestClient(app) as c:
         yield c
+
+
+def read_model_rows(engine: Engine, tables: ReadModelTables | None = None,
+                    ) -> dict[str, list[dict[str, Any]]]:
+    """Every row of every read model (the live set, or ``tables``), by model, in id order."""
+    t = tables or build_tables()
+    out = {}
+    with engine.connect() as conn:
+        for model, table in zip(READ_MODELS, t.all(), strict=True):
+            rows = conn.execute(select(table).order_by(table.c.id)).mappings().all()
+            out[model] = [dict(r) for r in rows]
+    return out
 
 
 def free_port() -> int:

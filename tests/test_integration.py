@@ -16,7 +16,6 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from sqlalchemy import select
 
 from api.runtime import Ledger
 from commands.handlers import COMMANDS
@@ -36,7 +35,8 @@ from commands.service import IdempotencyConflict, Submission
 from domain.raw_data import raw_data_file_id
 from infra.journal import ACCEPTED, APPLIED, REJECTED, Journal, JournalEntry, NewCommand
 from infra.settings import Settings
-from projections.tables import READ_MODELS, build_tables
+from projections.tables import READ_MODELS
+from tests.conftest import read_model_rows
 
 T0 = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
 
@@ -123,14 +123,7 @@ def dispatch_until_final(ledger: Ledger, command_ids: list[str],
 
 
 def table_rows(ledger: Ledger) -> dict[str, list[dict[str, Any]]]:
-    t = build_tables()
-    out = {}
-    with ledger.engine.connect() as conn:
-        for table in t.all():
-            rows = conn.execute(select(table).order_by(table.c.id)).mappings().all()
-            out[table.name] = [dict(r) for r in rows]
-    assert set(out) == set(READ_MODELS)
-    return out
+    return read_model_rows(ledger.engine)
 
 
 def head(ledger: Ledger) -> int:

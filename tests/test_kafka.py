@@ -25,21 +25,32 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer, TopicPartition
+from sqlalchemy import select, update
 
 from api.app import create_app
 from api.runtime import Ledger
 from commands.models import (
+    AddFilesToPackageRequest,
     BulkRegisterRawDataFilesRequest,
+    CommandModel,
     CreateRawDataPackageRequest,
     FinishExecutedObsUnitRequest,
+    StageRequest,
+    StagingProgressRequest,
     StartExecutedObsUnitRequest,
 )
 from infra.kafka_relay import SCHEMA, EventRelay, all_topics, event_type_of, kafka_topic
 from infra.settings import Settings
-from tests.conftest import REQUIRE_SERVICES, ROOT, settings_env
+from projections.kafka_projector import KafkaProjector
+from projections.tables import build_consumer_offsets
+from tests.conftest import REQUIRE_SERVICES, ROOT, read_model_rows, settings_env
 from tests.kafka_broker import KafkaBroker, kcat_binary
 
 T0 = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
+
+
+class Empty(CommandModel):
+    pass
 BROKERS = ["external"] if os.environ.get("KAFKA_BOOTSTRAP") else ["noida", "tansu"]
 
 
@@ -83,11 +94,26 @@ def night(ledger: Ledger, units: int = 4, files: int = 5) -> None:
                 "instrument": "HARPS", "executed_obs_unit_id": unit, "file_type": "raw_science",
                 "created_at": T0.isoformat()} for i in range(files)]})
             files_sub = await submit("raw_data_file.register_bulk", bulk)
-            await submit("raw_data_package.create", CreateRawDataPackageRequest.model_validate(
-                {"name": f"pkg-{u}", "executed_obs_unit_id": unit,
-                 "file_ids": files_sub.body["ids"]["raw_data_file_ids"]}))
+            file_ids = files_sub.body["ids"]["raw_data_file_ids"]
+            half = max(1, len(file_ids) // 2)
+            pkg = await submit("raw_data_package.create",
+                               CreateRawDataPackageRequest.model_validate({
+                                   "name": f"pkg-{u}", "executed_obs_unit_id": unit,
+                                   "file_ids": file_ids[:half]}))
+            if file_ids[half:]:  # FilesAdded: an update that adds to the package's totals
+                await submit("raw_data_package.add_files",
+                             AddFilesToPackageRequest.model_validate(
+                                 {"file_ids": file_ids[half:]}),
+                             path={"id": uuid.UUID(pkg.body["ids"]["raw_data_package_id"])})
             await submit("executed_obs_unit.finish", FinishExecutedObsUnitRequest.model_validate(
                 {"status": "success", "end_time": T0.isoformat()}), path={"id": uuid.UUID(unit)})
+            package_id = uuid.UUID(pkg.body["ids"]["raw_data_package_id"])
+            await submit("raw_data_package.finalize", Empty(), path={"id": package_id})
+            staged = await submit("staging.stage", StageRequest(
+                package_ids=[package_id], destination="archive-transfer:/stage/night"))
+            await submit("staging.report_progress", StagingProgressRequest(
+                status="completed", bytes_transferred=files * 1000, files_transferred=files),
+                path={"id": uuid.UUID(staged.body["ids"]["staging_id"])})
     asyncio.run(go())
     assert ledger.dispatcher is not None
     ledger.dispatcher.drain()
@@ -192,7 +218,7 @@ def test_every_stored_event_reaches_kcat_in_order_with_its_headers(
         by_topic[kafka_topic(kafka_settings.kafka_topic_prefix, event_type_of(n.topic)[0])
                  ].append(n)
     assert set(by_topic) <= set(all_topics(kafka_settings.kafka_topic_prefix))
-    assert len(by_topic) == 4  # units, files, packages, receipts
+    assert len(by_topic) == 5  # units, files, packages, staging, receipts
     for topic, expected in by_topic.items():
         received = read_topic(broker, topic, len(expected))
         assert len(received) == len(expected)
@@ -315,3 +341,157 @@ def test_relay_requires_a_bootstrap(ledger: Ledger) -> None:
     assert ledger.store is not None
     with pytest.raises(ValueError):
         EventRelay(ledger.store, ledger.engine, ledger.settings)
+
+
+# -- projectors consuming from Kafka ---------------------------------------------------------
+@pytest.fixture
+def kafka_projection_settings(kafka_settings: Settings) -> Settings:
+    return kafka_settings.model_copy(update={
+        "projection_source": "kafka", "kafka_consumer_group": f"g{uuid.uuid4().hex[:8]}",
+        "embedded_projector": False, "projection_page_size": 200})
+
+
+def assert_equals_a_build_from_the_log(ledger: Ledger) -> None:
+    """The live read models, row for row, equal a fresh build from the event log."""
+    assert ledger.projector is not None
+    fresh, _ = ledger.projector.build_fresh()
+    try:
+        live, rebuilt = read_model_rows(ledger.engine), read_model_rows(ledger.engine, fresh)
+        assert all(rebuilt.values()), "every read model has rows"
+        for model in rebuilt:
+            assert live[model] == rebuilt[model], model
+    finally:
+        ledger.projector.drop(fresh)
+
+
+def consumer_offsets(ledger: Ledger, group: str) -> list[dict[str, Any]]:
+    o = build_consumer_offsets()
+    with ledger.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(
+            select(o).where(o.c.group_id == group).order_by(o.c.topic, o.c.partition))
+            .mappings()]
+
+
+def projected_records(ledger: Ledger) -> int:
+    """How many records the relay put on the topics the projectors read (no receipts)."""
+    return sum(1 for n in stored_events(ledger)
+               if event_type_of(n.topic)[0] != "CommandReceipt")
+
+
+def test_two_kafka_projector_processes_build_what_the_log_builds(
+        kafka_projection_settings: Settings) -> None:
+    settings = kafka_projection_settings
+    group = settings.kafka_consumer_group
+    ledger = Ledger(settings, workers=False)
+    env = settings_env(settings)
+    members = [subprocess.Popen([sys.executable, "-m", "api.cli", "project"], env=env,
+                                cwd=ROOT) for _ in range(2)]
+    try:
+        # both members hold a share of the partitions before the night starts
+        wait_until(lambda: len({r["member"] for r in consumer_offsets(ledger, group)}) == 2,
+                   timeout=90)
+        night(ledger, units=6, files=20)
+        assert ledger.relay is not None
+        head = ledger.relay.catch_up()
+        wait_until(lambda: ledger.queries.read_model_position() == head, timeout=60)
+        offsets = consumer_offsets(ledger, group)
+        assert sum(r["next_offset"] for r in offsets) == projected_records(ledger)
+        assert len({r["member"] for r in offsets}) == 2  # both applied records
+    finally:
+        for m in members:
+            m.send_signal(signal.SIGTERM)
+        for m in members:
+            assert m.wait(timeout=30) == 0
+        try:
+            assert_equals_a_build_from_the_log(ledger)
+        finally:
+            ledger.stop()
+
+
+def test_duplicates_from_the_relay_change_nothing(kafka_projection_settings: Settings) -> None:
+    settings = kafka_projection_settings
+    ledger = Ledger(settings, workers=False)
+    try:
+        night(ledger, units=4, files=10)
+        assert ledger.relay is not None and isinstance(ledger.projector, KafkaProjector)
+        head = ledger.relay.catch_up()
+        assert ledger.projector.catch_up() == head
+        once = read_model_rows(ledger.engine)
+        # the relay is set back and publishes everything again: every record twice
+        with ledger.engine.begin() as conn:
+            conn.execute(update(ledger.relay.positions).values(position=0))
+        ledger.relay.position = 0
+        assert ledger.relay.catch_up() == head
+        total = 2 * projected_records(ledger)
+        group = settings.kafka_consumer_group
+        wait_until(lambda: ledger.projector.project_once() >= 0 and  # type: ignore[union-attr]
+                   sum(r["next_offset"] for r in consumer_offsets(ledger, group)) == total)
+        assert read_model_rows(ledger.engine) == once
+        assert ledger.queries.read_model_position() == head
+        assert_equals_a_build_from_the_log(ledger)
+    finally:
+        ledger.stop()
+
+
+@pytest.mark.slow
+def test_a_kafka_projector_killed_mid_batch_resumes_without_applying_twice(
+        kafka_projection_settings: Settings, broker: KafkaBroker) -> None:
+    settings = kafka_projection_settings.model_copy(update={"projection_page_size": 100})
+    group = settings.kafka_consumer_group
+    ledger = Ledger(settings, workers=False)
+    try:
+        night(ledger, units=8, files=300)  # ~2,500 records on the projected topics
+        assert ledger.relay is not None
+        head = ledger.relay.catch_up()
+        total = projected_records(ledger)
+        env = settings_env(settings)
+        member = subprocess.Popen([sys.executable, "-m", "api.cli", "project"], env=env,
+                                  cwd=ROOT)
+        try:
+            wait_until(lambda: 0 < sum(r["next_offset"] for r in consumer_offsets(ledger, group))
+                       < total, timeout=60)
+        finally:
+            member.send_signal(signal.SIGKILL)
+            member.wait()
+        assert sum(r["next_offset"] for r in consumer_offsets(ledger, group)) < total
+        broker.forget_dead_members()
+        done = subprocess.run([sys.executable, "-m", "api.cli", "project", "--once",
+                               "--timeout", "90"], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert ledger.queries.read_model_position() == head
+        assert sum(r["next_offset"] for r in consumer_offsets(ledger, group)) == total
+        assert_equals_a_build_from_the_log(ledger)
+    finally:
+        ledger.stop()
+
+
+def test_smart_queries_read_their_writes_with_a_kafka_projector(
+        kafka_projection_settings: Settings) -> None:
+    settings = kafka_projection_settings.model_copy(update={"embedded_projector": True})
+    with TestClient(create_app(settings)) as client:
+        ids = []
+        for _ in range(5):
+            r = client.post("/executed_obs_units/start", json={
+                "obs_unit_id": "OU-RYW", "instrument": "HARPS", "start_time": T0.isoformat()})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["ids"]["executed_obs_unit_id"])
+        seen = client.get("/executed_obs_units/OU-RYW").json()
+        assert sorted(e["id"] for e in seen["executions"]) == sorted(ids)  # at once
+
+        def projected() -> dict[str, Any] | None:
+            body: dict[str, Any] = client.get("/executed_obs_units/OU-RYW").json()
+            return body if not any(e["pending"] for e in body["executions"]) else None
+
+        body = wait_until(projected)
+        assert sorted(e["id"] for e in body["executions"]) == sorted(ids)
+        health = client.get("/health").json()["projector"]
+        assert health["source"] == "kafka" and health["lag_events"] == 0
+        assert health["kafka"]["group"] == settings.kafka_consumer_group
+        assert len(health["kafka"]["assigned_partitions"]) == 4 * settings.kafka_partitions
+
+
+def test_kafka_projection_requires_a_bootstrap(settings: Settings) -> None:
+    with pytest.raises(ValueError, match="KAFKA_BOOTSTRAP"):
+        Settings.model_validate({**settings.model_dump(), "projection_source": "kafka",
+                                 "kafka_bootstrap": None})
