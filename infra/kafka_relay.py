@@ -15,6 +15,7 @@ the relay backs off and retries, and catches up when the broker returns.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import re
@@ -60,10 +61,12 @@ AGGREGATE_TYPES = ("ExecutedObsUnit", "RawDataFile", "RawDataPackage", "StagingR
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
 
+@functools.cache
 def snake(name: str) -> str:
     return _CAMEL.sub("_", name).lower()
 
 
+@functools.cache
 def kafka_topic(prefix: str, aggregate_type: str) -> str:
     """``obsledger`` + ``ExecutedObsUnit`` → ``obsledger.executed_obs_unit``."""
     return f"{prefix}.{snake(aggregate_type)}"
@@ -73,6 +76,7 @@ def all_topics(prefix: str) -> list[str]:
     return [kafka_topic(prefix, a) for a in AGGREGATE_TYPES]
 
 
+@functools.cache
 def event_type_of(stored_topic: str) -> tuple[str, str]:
     """``domain.obs_units:ExecutedObsUnit.Started`` → (``ExecutedObsUnit``,
     ``ExecutedObsUnit.Started``)."""

@@ -125,7 +125,7 @@ def stored_events(ledger: Ledger) -> list[Any]:
 
 
 def consume(settings: Settings, expected: int, timeout: float = 30.0) -> list[Any]:
-    """Everything on the relay's topics (until ``expected`` records, or quiet)."""
+    """Everything on the relay's topics (until ``expected`` distinct events, or quiet)."""
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                              enable_auto_commit=False, fetch_max_wait_ms=50,
                              consumer_timeout_ms=3000)
@@ -135,11 +135,13 @@ def consume(settings: Settings, expected: int, timeout: float = 30.0) -> list[An
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
         records: list[Any] = []
+        distinct: set[tuple[bytes, bytes]] = set()  # (aggregate id, version): not duplicates
         deadline = time.monotonic() + timeout
-        while len(records) < expected and time.monotonic() < deadline:
+        while len(distinct) < expected and time.monotonic() < deadline:
             batch = consumer.poll(timeout_ms=500)
             for recs in batch.values():
                 records.extend(recs)
+                distinct.update((r.key, dict(r.headers)["aggregate_version"]) for r in recs)
         # anything beyond ``expected`` that is already there (duplicates) comes too
         for recs in consumer.poll(timeout_ms=1000).values():
             records.extend(recs)
