@@ -20,6 +20,7 @@ import logging
 import random
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -123,6 +124,35 @@ def event_message(prefix: str, n: Any) -> EventMessage:
             headers.append((name, str(value).encode()))
     return EventMessage(kafka_topic(prefix, aggregate_type), aggregate_id.encode(), envelope,
                         headers, n.id)
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's key hash (the Java client's ``Utils.murmur2``), a word at a time: the same value
+    as kafka-python's byte-by-byte ``murmur2``, several times faster."""
+    m, length = 0x5BD1E995, len(data)
+    h = 0x9747B28C ^ length
+    words = length // 4
+    for k in struct.unpack_from(f"<{words}I", data):
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        h = ((h * m) & 0xFFFFFFFF) ^ ((k * m) & 0xFFFFFFFF)
+    tail = data[words * 4:]
+    if len(tail) == 3:
+        h ^= tail[2] << 16
+    if len(tail) >= 2:
+        h ^= tail[1] << 8
+    if tail:
+        h ^= tail[0]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner picks for ``key`` (Java and kafka-python)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def build_relay_positions(md: MetaData | None = None) -> Table:
@@ -355,9 +385,15 @@ class EventRelay:
             return 0
         producer = self._producer_now()
         futures = []
+        counts: dict[str, int] = {}  # partitions per topic, from the producer's metadata
         for n in notifications:
             m = event_message(self.prefix, n)
-            futures.append(producer.send(m.topic, key=m.key, value=m.value, headers=m.headers))
+            count = counts.get(m.topic)
+            if count is None:
+                count = counts[m.topic] = len(producer.partitions_for(m.topic))
+            # the default partitioner's choice, computed here: it is the costliest step of send
+            futures.append(producer.send(m.topic, key=m.key, value=m.value, headers=m.headers,
+                                         partition=key_partition(m.key, count)))
         producer.flush(timeout=self.settings.relay_flush_timeout_s)
         ends = dict(self.partition_ends)
         for f in futures:
