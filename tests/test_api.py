@@ -611,7 +611,8 @@ def test_health_shape(client: TestClient) -> None:
     assert h["journal"]["depth"] == 0 and h["journal"]["oldest_pending_age_s"] is None
     assert h["journal"]["commands"] == {"applied": 1}
     assert h["dispatcher"] == {"embedded": True, "store_reachable": True, "last_error": None}
-    assert h["projector"] == {"position": pos, "lag_events": 0, "last_error": None}
+    assert h["projector"] == {"source": "log", "position": pos, "lag_events": 0,
+                              "last_error": None}
 
 
 ROUTES = {
