@@ -120,6 +120,10 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_command_router(_command_router())
     app.include_router(_query_router())
+    from api.results import results_command_router, results_query_router  # uses this module
+
+    app.include_command_router(results_command_router())
+    app.include_router(results_query_router())
     return app
 
 

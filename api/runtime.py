@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from datetime import datetime
 
 from commands.dispatcher import Dispatcher
 from commands.service import CommandService
@@ -23,8 +25,10 @@ class Ledger:
     """Everything one obsledger process runs. The store may be down at start: commands are
     still accepted into the journal, and the workers start once the store answers."""
 
-    def __init__(self, settings: Settings, *, workers: bool | None = None) -> None:
+    def __init__(self, settings: Settings, *, workers: bool | None = None,
+                 clock: Callable[[], datetime] | None = None) -> None:
         self.settings = settings
+        self.clock = clock  # the dispatcher's (tests of the results' debounce set it)
         settings.prepare_dirs()
         self.journal = Journal(settings.journal_file)
         self.engine = create_read_model_engine(settings.read_model_database_url)
@@ -62,7 +66,7 @@ class Ledger:
             return False
         self.commands.store = self.store
         self.dispatcher = Dispatcher(self.journal, self.store, self.settings,
-                                     on_applied=self._applied)
+                                     on_applied=self._applied, clock=self.clock)
         self.journal.on_append(self.dispatcher.wake)
         return True
 

@@ -13,11 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from commands.handlers import COMMANDS, CommandSpec, Limits
+from commands.handlers import COMMANDS, CommandSpec, Policy
 from commands.unit_of_work import UnitOfWork
 from domain.errors import DomainRejection, TargetNotFound
 from domain.provenance import Provenance
@@ -44,11 +45,12 @@ class Dispatcher:
         store: EventStore,
         settings: Settings,
         on_applied: Callable[[int], None] | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.journal = journal
         self.store = store
         self.settings = settings
-        self.limits = Limits(package_size_limit=settings.package_size_limit_bytes)
+        self.policy = Policy.from_settings(settings, clock)
         self.batch_size = settings.dispatch_batch_size
         self.on_applied = on_applied
         self.store_reachable = True
@@ -132,7 +134,7 @@ class Dispatcher:
             failure: tuple[_Parsed, Exception] | None = None
             for item in parsed:
                 try:
-                    ids = item.spec.handle(item.command, uow, item.provenance, self.limits)
+                    ids = item.spec.handle(item.command, uow, item.provenance, self.policy)
                     uow.add(CommandReceipt.record(
                         item.spec.name, [str(i) for i in ids], item.provenance), "command receipt")
                     events.extend(uow.collect())

@@ -6,6 +6,7 @@ pre-generated (or the client chose), so the dispatcher needs nothing else to app
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -22,6 +23,7 @@ from pydantic import (
 
 from domain.provenance import utc
 from domain.raw_data import raw_data_file_id
+from domain.results import CopiesMode, copies_per_cell, leaf_cells
 
 Name = Annotated[str, Field(min_length=1, max_length=255)]
 Instrument = Annotated[str, Field(min_length=1, max_length=100, examples=["HARPS"])]
@@ -314,6 +316,144 @@ class ReportStagingProgress(StagingProgressRequest):
 class CancelStaging(CommandModel):
     id: UUID
     reason: Annotated[str, Field(max_length=2000)] | None = None
+
+
+# -- observation results ---------------------------------------------------------------------
+LeafIndex = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class MaterializeObservationResultsRequest(CommandModel):
+    """A request spec: every (epoch, sample, copy) leaf cell becomes an observation result."""
+
+    observation_id: LeafIndex
+    request_id: LeafIndex
+    epochs: int = Field(1, ge=1, le=100_000)
+    samples: int = Field(1, ge=1, le=100_000)
+    copies_mode: Literal["single", "all_eligible", "count"] = "single"
+    copies: int = Field(1, ge=1, le=1000, description="Copies per cell with copies_mode=count.")
+    eligible_instruments: list[Instrument] = Field(
+        default_factory=list, max_length=100,
+        description="all_eligible: one copy per instrument; otherwise the first, if any, is "
+        "the result's instrument.")
+    not_before: UtcDatetime | None = None
+    spec_snapshot: dict[str, Any] | None = Field(
+        None, description="The request spec as it was when materialized (stored as is).")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "observation_id": 7, "request_id": 42, "epochs": 3, "samples": 2,
+            "copies_mode": "all_eligible", "eligible_instruments": ["HARPS", "ESPRESSO"],
+            "not_before": "2026-11-22T00:00:00Z", "spec_snapshot": {"exptime": 600}}]},
+    )
+
+    @model_validator(mode="after")
+    def _copies(self) -> MaterializeObservationResultsRequest:
+        if self.copies_mode == "all_eligible" and not self.eligible_instruments:
+            raise ValueError("copies_mode all_eligible needs eligible_instruments")
+        if len(set(self.eligible_instruments)) != len(self.eligible_instruments):
+            raise ValueError("eligible_instruments repeats an instrument")
+        if self.copies_mode != "count" and "copies" in self.model_fields_set \
+                and self.copies != 1:
+            raise ValueError("copies is only meaningful with copies_mode=count")
+        if self.cell_count() > MAX_RESULTS_PER_COMMAND:
+            raise ValueError(f"the spec has {self.cell_count()} leaf cells; at most "
+                             f"{MAX_RESULTS_PER_COMMAND} per command")
+        return self
+
+    def cells(self) -> Iterator[tuple[UUID, int, int, int, str | None]]:
+        """(result id, epoch, sample, copy, instrument) of every leaf cell."""
+        return leaf_cells(self.observation_id, self.request_id, self.epochs, self.samples,
+                          self.copies_per_cell())
+
+    def copies_per_cell(self) -> list[str | None]:
+        return copies_per_cell(CopiesMode(self.copies_mode), self.copies,
+                               self.eligible_instruments)
+
+    def cell_count(self) -> int:
+        return self.epochs * self.samples * len(self.copies_per_cell())
+
+
+MAX_RESULTS_PER_COMMAND = 100_000
+
+
+class DispatchObservationResultRequest(CommandModel):
+    task_id: UUID | None = Field(None, description="Pre-generated task id.")
+    instrument_id: Instrument | None = None
+    executed_obs_unit_id: UUID | None = Field(
+        None, description="The executed obs unit carrying out the task, if known.")
+
+
+class DispatchObservationResult(DispatchObservationResultRequest):
+    id: UUID
+    task_id: UUID
+
+
+class TaskOutcomeRequest(CommandModel):
+    outcome: Literal["succeeded", "partial", "failed", "canceled"]
+    finished_at: UtcDatetime = Field(default_factory=_now)
+    executed_obs_unit_id: UUID | None = None
+
+
+class ReportTaskOutcome(TaskOutcomeRequest):
+    id: UUID
+    task_id: UUID
+
+
+class CancelObservationResultRequest(CommandModel):
+    reason: Annotated[str, Field(min_length=1, max_length=2000)]
+
+
+class CancelObservationResult(CancelObservationResultRequest):
+    id: UUID
+
+
+class ContributeAssetRequest(CommandModel):
+    asset_id: Annotated[str, Field(min_length=1, max_length=255, description=(
+        "What contributes (e.g. raw_data_file:<id>); counted once per result."))]
+
+
+class ContributeAsset(ContributeAssetRequest):
+    id: UUID
+
+
+class StartProcessingRunRequest(CommandModel):
+    run_id: UUID | None = Field(None, description="Pre-generated processing run id.")
+
+
+class StartProcessingRun(StartProcessingRunRequest):
+    id: UUID
+    run_id: UUID
+
+
+class ProductOutput(CommandModel):
+    """One data product a run produced."""
+
+    name: Name
+    kind: Annotated[str, Field(min_length=1, max_length=50, examples=["combined_image"])]
+    uri: Annotated[str, Field(max_length=2048)] | None = None
+    size: int | None = Field(None, ge=0)
+    checksum: Checksum | None = None
+    metadata: Metadata
+
+
+class EndProcessingRunRequest(CommandModel):
+    end: Literal["completed", "failed", "blocked", "skipped"]
+    outputs: list[ProductOutput] = Field(default_factory=list, max_length=10_000)
+    error: Annotated[str, Field(max_length=4000)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EndProcessingRunRequest:
+        if self.end == "completed" and self.error is not None:
+            raise ValueError("a completed run has no error")
+        if self.end != "completed" and self.outputs:
+            raise ValueError(f"a {self.end} run has no outputs")
+        return self
+
+
+class EndProcessingRun(EndProcessingRunRequest):
+    id: UUID
+    run_id: UUID
 
 
 def observed_at_of(payload: CommandModel) -> datetime | None:

@@ -41,7 +41,8 @@ class _Target:
 
     kind: str
     what: str
-    final_statuses: frozenset[str]
+    final_statuses: frozenset[str] = frozenset()
+    one_pending: bool = True  # a second such command while one is pending is refused
 
 
 _TARGETS: dict[str, _Target] = {
@@ -52,14 +53,20 @@ _TARGETS: dict[str, _Target] = {
     "raw_data_package.finalize": _Target(
         "raw_data_package", "raw data package", frozenset({"complete"})),
     "staging.report_progress": _Target(
-        "staging", "staging request", frozenset({"completed", "failed", "cancelled"})),
+        "staging", "staging request", frozenset({"completed", "failed", "cancelled"}),
+        one_pending=False),
     "staging.cancel": _Target(
         "staging", "staging request", frozenset({"completed", "failed", "cancelled"})),
+    **{f"observation_result.{name}": _Target("observation_result", "observation result",
+                                             one_pending=False)
+       for name in ("dispatch", "report_task", "cancel", "contribute_asset", "start_run",
+                    "end_run")},
 }
 _CREATES = {
     "executed_obs_unit": {"executed_obs_unit.start"},
     "raw_data_package": {"raw_data_package.create"},
     "staging": {"staging.stage"},
+    "observation_result": {"observation_result.materialize"},
 }
 
 
@@ -77,8 +84,15 @@ def response_ids(command_type: str, cmd: Any) -> dict[str, Any]:
     if command_type == "raw_data_package.create":
         return {"raw_data_package_id": str(cmd.id),
                 "raw_data_file_ids": [str(f.file_id) for f in cmd.files]}
+    if command_type == "observation_result.materialize":
+        return {"observation_result_ids": [str(rid) for rid, *_ in cmd.cells()]}
+    if command_type == "observation_result.dispatch":
+        return {"observation_result_id": str(cmd.id), "task_id": str(cmd.task_id)}
+    if command_type == "observation_result.start_run":
+        return {"observation_result_id": str(cmd.id), "run_id": str(cmd.run_id)}
     key = {"executed_obs_unit": "executed_obs_unit_id", "raw_data_package": "raw_data_package_id",
-           "staging": "staging_id"}[command_type.split(".")[0]]
+           "staging": "staging_id", "observation_result": "observation_result_id",
+           }[command_type.split(".")[0]]
     return {key: str(cmd.id)}
 
 
@@ -114,8 +128,9 @@ class CommandService:
         # second validation (the dispatcher validates the journaled payload again anyway).
         values = request.__dict__.copy()
         values.update((k, UUID(v)) for k, v in path.items())
-        if "id" in spec.model.model_fields and values.get("id") is None:
-            values["id"] = uuid.uuid4()  # the pre-generated id
+        for name in spec.generated:  # the pre-generated ids
+            if name in spec.model.model_fields and values.get(name) is None:
+                values[name] = uuid.uuid4()
         cmd = spec.model.model_construct(**values)
         await self._precheck(command_type, cmd)
         ids = response_ids(command_type, cmd)
@@ -149,8 +164,7 @@ class CommandService:
             return
         target_id = str(cmd.id)
         pending = self.journal.unprojected(sys.maxsize, f"{target.kind}:{target_id}")
-        if any(e.command_type == command_type and command_type != "staging.report_progress"
-               for e in pending):
+        if target.one_pending and any(e.command_type == command_type for e in pending):
             raise IllegalTransition(
                 f"a {command_type} command for {target.what} {target_id} is already pending",
                 field="id")

@@ -32,6 +32,15 @@ class UnitOfWork:
             return None
         return agg
 
+    def absent(self, aggregate_ids: list[UUID]) -> list[UUID]:
+        """Which of ``aggregate_ids`` exist neither here nor in the store (one query per
+        thousand ids, not one load per id: for commands that create thousands at once)."""
+        unknown = [a for a in aggregate_ids
+                   if a not in self._aggregates and a not in self._missing]
+        stored = self.store.existing(unknown) if unknown else set()
+        self._missing.update(a for a in unknown if a not in stored)
+        return [a for a in aggregate_ids if a in self._missing]
+
     def get(self, cls: type[A], aggregate_id: UUID, what: str, field: str | None = None) -> A:
         """Load an aggregate that must exist (or fail with ``TargetNotFound``)."""
         agg = self.find(cls, aggregate_id)

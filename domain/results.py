@@ -17,6 +17,7 @@ exact.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -42,6 +43,26 @@ class CopiesMode(StrEnum):
     SINGLE = "single"
     ALL_ELIGIBLE = "all_eligible"
     COUNT = "count"
+
+
+def copies_per_cell(mode: CopiesMode, copies: int, eligible_instruments: list[str],
+                    ) -> list[str | None]:
+    """The instrument of each copy of a cell (None: not fixed): ``single`` is one copy,
+    ``count`` is ``copies`` copies, ``all_eligible`` one copy per eligible instrument."""
+    if mode is CopiesMode.ALL_ELIGIBLE:
+        return list(eligible_instruments)
+    first = eligible_instruments[0] if eligible_instruments else None
+    return [first] * (copies if mode is CopiesMode.COUNT else 1)
+
+
+def leaf_cells(observation_id: int, request_id: int, epochs: int, samples: int,
+               copies: list[str | None]) -> Iterator[tuple[UUID, int, int, int, str | None]]:
+    """(result id, epoch, sample, copy, instrument) of every cell of a request spec."""
+    for epoch in range(epochs):
+        for sample in range(samples):
+            for copy, instrument in enumerate(copies):
+                yield (observation_result_id(observation_id, request_id, epoch, sample, copy),
+                       epoch, sample, copy, instrument)
 
 
 class Fulfillment(StrEnum):
@@ -224,22 +245,24 @@ class ObservationResult(Aggregate):
         if task["outcome"] is not None:
             raise IllegalTransition(f"task {task_id} already ended: {task['outcome']}",
                                     field="outcome")
-        self._move(OUTCOME_TARGET[outcome])
-        self._task_ended(task_id=task_id, outcome=outcome.value, finished_at=utc(finished_at),
+        target = OUTCOME_TARGET[outcome]
+        self._move(target)
+        finished_at = utc(finished_at)
+        self._task_ended(task_id=task_id, outcome=outcome.value, finished_at=finished_at,
                          executed_obs_unit_id=executed_obs_unit_id or
-                         task["executed_obs_unit_id"], **provenance.event_fields())
+                         task["executed_obs_unit_id"], fulfillment_status=target.value,
+                         fulfilled_on=finished_at if target is Fulfillment.FULFILLED else None,
+                         **provenance.event_fields())
 
     @event("TaskEnded")
     def _task_ended(self, task_id: UUID, outcome: str, finished_at: datetime,
-                    executed_obs_unit_id: UUID | None, actor: str, command_id: str,
+                    executed_obs_unit_id: UUID | None, fulfillment_status: str,
+                    fulfilled_on: datetime | None, actor: str, command_id: str,
                     correlation_id: str, observed_at: datetime | None) -> None:
-        task = self.tasks[str(task_id)]
-        task.update(outcome=outcome, finished_at=finished_at,
-                    executed_obs_unit_id=executed_obs_unit_id)
-        target = OUTCOME_TARGET[TaskOutcome(outcome)]
-        self.fulfillment_status = target.value
-        if target is Fulfillment.FULFILLED:
-            self.fulfilled_on = finished_at
+        self.tasks[str(task_id)].update(outcome=outcome, finished_at=finished_at,
+                                        executed_obs_unit_id=executed_obs_unit_id)
+        self.fulfillment_status = fulfillment_status
+        self.fulfilled_on = fulfilled_on
 
     def cancel(self, reason: str, now: datetime, provenance: Provenance) -> None:
         """Cancel from any non-final state; an open task is canceled with it."""
@@ -261,24 +284,29 @@ class ObservationResult(Aggregate):
         """An asset (raw data, a per-asset run) feeds the result; False if already counted."""
         if asset_id in self.assets:
             return False
-        self._asset_contributed(asset_id=asset_id, revision=self.assets_revision + 1,
-                                next_eligible_run_at=utc(now) + debounce,
-                                **provenance.event_fields())
+        revision = self.assets_revision + 1
+        status = ProductStatus(self.data_product_status)
+        if status is not ProductStatus.BUILDING:  # a build in progress ends STALE instead
+            status = (ProductStatus.STALE if self.last_built_revision is not None
+                      else ProductStatus.PENDING)
+        self._asset_contributed(
+            asset_id=asset_id, revision=revision,
+            dirty_from_revision=self.dirty_from_revision or revision,
+            next_eligible_run_at=utc(now) + debounce, data_product_status=status.value,
+            **provenance.event_fields())
         return True
 
     @event("AssetContributed")
-    def _asset_contributed(self, asset_id: str, revision: int,
-                           next_eligible_run_at: datetime, actor: str, command_id: str,
-                           correlation_id: str, observed_at: datetime | None) -> None:
+    def _asset_contributed(self, asset_id: str, revision: int, dirty_from_revision: int,
+                           next_eligible_run_at: datetime, data_product_status: str,
+                           actor: str, command_id: str, correlation_id: str,
+                           observed_at: datetime | None) -> None:
         self.assets.add(asset_id)
         self.assets_revision = revision
-        if self.dirty_from_revision is None:
-            self.dirty_from_revision = revision
+        self.dirty_from_revision = dirty_from_revision
         self.next_eligible_run_at = next_eligible_run_at
+        self.data_product_status = data_product_status
         self.failed_runs = 0
-        if self.data_product_status != ProductStatus.BUILDING:
-            self.data_product_status = (ProductStatus.STALE if self.last_built_revision
-                                        is not None else ProductStatus.PENDING).value
 
     def start_run(self, run_id: UUID, now: datetime, provenance: Provenance) -> None:
         """A processing run builds the current ``assets_revision``."""
@@ -320,36 +348,39 @@ class ObservationResult(Aggregate):
             raise InvalidCommand("a completed run has no error", field="error")
         if end is not RunEnd.COMPLETED and outputs:
             raise InvalidCommand(f"a {end.value} run has no outputs", field="outputs")
-        retry_at: datetime | None = None
-        if end is RunEnd.FAILED and self.failed_runs < retry_limit:
-            retry_at = utc(now) + retry_base * 2 ** self.failed_runs
+        revision = self.runs[str(run_id)]["revision"]
+        dirty_from, next_run = self.dirty_from_revision, self.next_eligible_run_at
+        last_built, failed_runs = self.last_built_revision, self.failed_runs
+        if end in (RunEnd.COMPLETED, RunEnd.SKIPPED):
+            last_built, failed_runs = revision, 0
+            if self.assets_revision == revision:
+                dirty_from, next_run = None, None
+                status = ProductStatus.READY if end is RunEnd.COMPLETED else ProductStatus.SKIPPED
+            else:  # assets arrived during the build: dirty from the first one after it
+                dirty_from, status = revision + 1, ProductStatus.STALE
+        elif end is RunEnd.FAILED:
+            next_run = (utc(now) + retry_base * 2 ** failed_runs if failed_runs < retry_limit
+                        else None)
+            failed_runs, status = failed_runs + 1, ProductStatus.FAILED
+        else:  # blocked: waits for a new asset to become eligible again
+            next_run, status = None, ProductStatus.BLOCKED
         self._run_ended(run_id=run_id, end=end.value, outputs=outputs, error=error,
-                        finished_at=utc(now), retry_at=retry_at, **provenance.event_fields())
+                        finished_at=utc(now), data_product_status=status.value,
+                        dirty_from_revision=dirty_from, next_eligible_run_at=next_run,
+                        last_built_revision=last_built, failed_runs=failed_runs,
+                        **provenance.event_fields())
 
     @event("RunEnded")
     def _run_ended(self, run_id: UUID, end: str, outputs: list[dict[str, Any]],
-                   error: str | None, finished_at: datetime, retry_at: datetime | None,
-                   actor: str, command_id: str, correlation_id: str,
-                   observed_at: datetime | None) -> None:
-        run = self.runs[str(run_id)]
-        run.update(status=end, finished_at=finished_at, outputs=outputs, error=error)
+                   error: str | None, finished_at: datetime, data_product_status: str,
+                   dirty_from_revision: int | None, next_eligible_run_at: datetime | None,
+                   last_built_revision: int | None, failed_runs: int, actor: str,
+                   command_id: str, correlation_id: str, observed_at: datetime | None) -> None:
+        self.runs[str(run_id)].update(status=end, finished_at=finished_at, outputs=outputs,
+                                      error=error)
         self.current_processing_run_id = None
-        revision = run["revision"]
-        if end in (RunEnd.COMPLETED, RunEnd.SKIPPED):
-            self.last_built_revision = revision
-            self.failed_runs = 0
-            if self.assets_revision == revision:
-                self.dirty_from_revision = None
-                self.next_eligible_run_at = None
-                self.data_product_status = (ProductStatus.READY if end == RunEnd.COMPLETED
-                                            else ProductStatus.SKIPPED).value
-            else:  # assets arrived during the build: still dirty from the first one after it
-                self.dirty_from_revision = revision + 1
-                self.data_product_status = ProductStatus.STALE.value
-        elif end == RunEnd.FAILED:
-            self.failed_runs += 1
-            self.next_eligible_run_at = retry_at
-            self.data_product_status = ProductStatus.FAILED.value
-        else:  # blocked: waits for a new asset (or an operator) to become eligible again
-            self.next_eligible_run_at = None
-            self.data_product_status = ProductStatus.BLOCKED.value
+        self.data_product_status = data_product_status
+        self.dirty_from_revision = dirty_from_revision
+        self.next_eligible_run_at = next_eligible_run_at
+        self.last_built_revision = last_built_revision
+        self.failed_runs = failed_runs

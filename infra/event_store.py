@@ -147,6 +147,27 @@ class EventStore:
             row = curs.fetchone()
             return int(row["notification_id"]) if row else None
 
+    def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
+        """Which of ``aggregate_ids`` the store holds (one query per thousand ids)."""
+        table = self.recorder.events_table_name
+        found: set[UUID] = set()
+        for i in range(0, len(aggregate_ids), 1000):
+            chunk = aggregate_ids[i:i + 1000]
+            if self.kind == "sqlite":
+                marks = ",".join("?" * len(chunk))
+                with self.recorder.datastore.transaction(commit=False) as curs:
+                    curs.execute(f"SELECT originator_id FROM {table} WHERE originator_version=1 "
+                                 f"AND originator_id IN ({marks})", [a.hex for a in chunk])
+                    found.update(UUID(row[0]) for row in curs.fetchall())
+            else:
+                schema = self.recorder.datastore.schema
+                with self.recorder.datastore.transaction(commit=False) as curs:
+                    curs.execute(f'SELECT originator_id FROM "{schema}"."{table}" '
+                                 "WHERE originator_version=1 AND originator_id = ANY(%s)",
+                                 (list(chunk),))
+                    found.update(UUID(str(row["originator_id"])) for row in curs.fetchall())
+        return found
+
     def max_position(self) -> int:
         return self.recorder.max_notification_id() or 0
 

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Longest a ?wait=true command waits to be applied."
     )
     package_size_limit_bytes: int = Field(DEFAULT_PACKAGE_SIZE_LIMIT, ge=0)
+    result_debounce_s: float = Field(
+        60.0, ge=0, description="An observation result is rebuilt this long after its last "
+        "contributing asset (a burst of assets → one processing run).")
+    processing_retry_limit: int = Field(3, ge=0, le=100, description="Retries of a failed "
+                                        "processing run before the result stays FAILED.")
+    processing_retry_base_s: float = Field(
+        60.0, gt=0, description="First retry delay of a failed run; doubles each time.")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_bulk_files: int = Field(100_000, ge=1)
 

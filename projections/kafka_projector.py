@@ -140,9 +140,7 @@ class KafkaProjector(Projector):
         def gen() -> Iterator[Op]:
             for r in records:
                 if r.notification is not None:
-                    op = ops.ops(decode(r.notification), r.notification.id)
-                    if op is not None:
-                        yield op
+                    yield from ops.ops(decode(r.notification), r.notification.id)
 
         execute_ops(conn, gen())
         ends: dict[Partition, int] = {}

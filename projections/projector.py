@@ -38,6 +38,17 @@ def _s(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _originator(e: Any) -> Any:
+    return e.originator_id
+
+
+def _each(*handlers: Callable[[Any, int], list[Op]]) -> Callable[[Any, int], list[Op]]:
+    """One event changing several rows (a result and its task or run)."""
+    def ops(e: Any, position: int) -> list[Op]:
+        return [op for h in handlers for op in h(e, position)]
+    return ops
+
+
 class _Ops:
     """Translates events into SQL operations against one set of tables."""
 
@@ -45,8 +56,8 @@ class _Ops:
         self.t = t
         self._dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         u, f, p, s = t.executed_obs_units, t.raw_data_files, t.raw_data_packages, t.staging_requests
-        self._updates: dict[str, Any] = {}
-        self.handlers: dict[str, Callable[[Any, int], Op | None]] = {
+        r, tk, run = t.observation_results, t.observation_result_tasks, t.processing_runs
+        self.handlers: dict[str, Callable[[Any, int], list[Op]]] = {
             "ExecutedObsUnit.Started": self._insert(u, lambda e: {
                 "obs_unit_id": e.obs_unit_id, "instrument": e.instrument,
                 "status": "running", "start_time": e.start_time, "end_time": None,
@@ -84,46 +95,104 @@ class _Ops:
                 "files_transferred": e.files_transferred, "message": e.message}),
             "StagingRequest.Cancelled": self._update(s, lambda e: {
                 "status": "cancelled", "message": e.reason}),
+            "ObservationResult.Materialized": self._insert(r, lambda e: {
+                "observation_id": e.observation_id, "request_id": e.request_id,
+                "epoch_index": e.epoch_index, "sample_index": e.sample_index,
+                "copy_index": e.copy_index, "instrument_id": e.instrument_id,
+                "copies_mode": e.copies_mode, "not_before": e.not_before,
+                "spec_snapshot": e.spec_snapshot, "fulfillment_status": "pending_dispatch",
+                "fulfilled_on": None, "task_count": 0, "data_product_status": "PENDING",
+                "assets_revision": 0, "dirty_from_revision": None, "next_eligible_run_at": None,
+                "last_built_revision": None, "current_processing_run_id": None,
+                "failed_runs": 0}),
+            "ObservationResult.Dispatched": _each(
+                self._update(r, lambda e: {"fulfillment_status": "dispatched",
+                                           "task_count": e.attempt}),
+                self._insert(tk, lambda e: {
+                    "result_id": str(e.originator_id), "attempt": e.attempt,
+                    "instrument_id": e.instrument_id,
+                    "executed_obs_unit_id": _s(e.executed_obs_unit_id), "status": "open",
+                    "dispatched_at": e.dispatched_at, "finished_at": None},
+                    key=lambda e: e.task_id)),
+            "ObservationResult.TaskEnded": _each(
+                self._update(r, lambda e: {"fulfillment_status": e.fulfillment_status,
+                                           "fulfilled_on": e.fulfilled_on}),
+                self._update(tk, lambda e: {
+                    "status": e.outcome, "finished_at": e.finished_at,
+                    "executed_obs_unit_id": _s(e.executed_obs_unit_id)},
+                    key=lambda e: e.task_id)),
+            "ObservationResult.Canceled": _each(
+                self._update(r, lambda e: {"fulfillment_status": "canceled"}),
+                self._update(tk, lambda e: {"status": "canceled",
+                                            "finished_at": e.canceled_at},
+                             key=lambda e: e.task_id)),
+            "ObservationResult.AssetContributed": self._update(r, lambda e: {
+                "assets_revision": e.revision, "dirty_from_revision": e.dirty_from_revision,
+                "next_eligible_run_at": e.next_eligible_run_at,
+                "data_product_status": e.data_product_status, "failed_runs": 0}),
+            "ObservationResult.RunStarted": _each(
+                self._update(r, lambda e: {"data_product_status": "BUILDING",
+                                           "current_processing_run_id": str(e.run_id)}),
+                self._insert(run, lambda e: {
+                    "result_id": str(e.originator_id), "revision": e.revision,
+                    "status": "running", "started_at": e.started_at, "finished_at": None,
+                    "outputs": [], "error": None}, key=lambda e: e.run_id)),
+            "ObservationResult.RunEnded": _each(
+                self._update(r, lambda e: {
+                    "data_product_status": e.data_product_status,
+                    "dirty_from_revision": e.dirty_from_revision,
+                    "next_eligible_run_at": e.next_eligible_run_at,
+                    "last_built_revision": e.last_built_revision,
+                    "current_processing_run_id": None, "failed_runs": e.failed_runs}),
+                self._update(run, lambda e: {
+                    "status": e.end, "finished_at": e.finished_at, "outputs": e.outputs,
+                    "error": e.error}, key=lambda e: e.run_id)),
         }
 
-    def _insert(self, table: Table, values: Callable[[Any], dict[str, Any]]) -> Callable[
-            [Any, int], Op]:
+    def _insert(self, table: Table, values: Callable[[Any], dict[str, Any]],
+                key: Callable[[Any], Any] = _originator) -> Callable[[Any, int], list[Op]]:
+        """Insert the row ``key(event)`` (the aggregate's own row unless given)."""
         stmt = self._dialect_insert(table).on_conflict_do_nothing()
 
-        def op(e: Any, position: int) -> Op:
+        def op(e: Any, position: int) -> list[Op]:
             row = values(e)
-            row.update(id=str(e.originator_id), created_position=position,
+            row.update(id=str(key(e)), created_position=position,
                        last_position=position, last_command_id=e.command_id,
                        last_actor=e.actor, recorded_at=e.timestamp, updated_at=e.timestamp)
-            return (table.name, stmt, row)
+            return [(table.name, stmt, row)]
 
         return op
 
     @staticmethod
     def _update(table: Table, values: Callable[[Any], dict[str, Any]],
-                key_extra: tuple[str, ...] = ()) -> Callable[[Any, int], Op]:
-        def op(e: Any, position: int) -> Op:
+                key_extra: tuple[str, ...] = (),
+                key: Callable[[Any], Any] = _originator) -> Callable[[Any, int], list[Op]]:
+        """Update the row ``key(event)``; an event the row already reflects changes nothing,
+        and an event without a key (``None``) changes no row of this table."""
+        def op(e: Any, position: int) -> list[Op]:
+            row_id = key(e)
+            if row_id is None:
+                return []
             vals = values(e)
             vals.update(last_position=position, last_command_id=e.command_id,
                         last_actor=e.actor, updated_at=e.timestamp)
             if key_extra:  # expressions: no executemany, one statement per event
-                stmt = (update(table).where(table.c.id == str(e.originator_id),
+                stmt = (update(table).where(table.c.id == str(row_id),
                                             table.c.last_position < position).values(**vals))
-                return ((table.name, "expr", id(stmt)), stmt, {})
+                return [((table.name, "expr", id(stmt)), stmt, {})]
             cols = tuple(sorted(vals))
             stmt = (update(table).where(table.c.id == bindparam("_id"),
                                         table.c.last_position < bindparam("_position"))
                     .values({c: bindparam(c) for c in cols}))
-            vals["_id"] = str(e.originator_id)
+            vals["_id"] = str(row_id)
             vals["_position"] = position
-            return ((table.name, "upd", cols), stmt, vals)
+            return [((table.name, "upd", cols), stmt, vals)]
 
         return op
 
-    def ops(self, event: Any, position: int) -> Op | None:
-        name = type(event).__qualname__
-        handler = self.handlers.get(name)
-        return handler(event, position) if handler else None
+    def ops(self, event: Any, position: int) -> list[Op]:
+        handler = self.handlers.get(type(event).__qualname__)
+        return handler(event, position) if handler else []
 
 
 def execute_ops(conn: Connection, ops: Iterator[Op]) -> None:
@@ -252,9 +321,7 @@ class Projector:
 
         def gen() -> Iterator[Op]:
             for n in notifications:
-                op = ops.ops(decode(n), n.id)
-                if op is not None:
-                    yield op
+                yield from ops.ops(decode(n), n.id)
 
         execute_ops(conn, gen())
 

@@ -22,7 +22,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 Json = JSON().with_variant(JSONB(), "postgresql")
 TZ = DateTime(timezone=True)
 
-READ_MODELS = ("executed_obs_units", "raw_data_files", "raw_data_packages", "staging_requests")
+READ_MODELS = ("executed_obs_units", "raw_data_files", "raw_data_packages", "staging_requests",
+               "observation_results", "observation_result_tasks", "processing_runs")
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,16 @@ class ReadModelTables:
     raw_data_files: Table
     raw_data_packages: Table
     staging_requests: Table
+    observation_results: Table
+    observation_result_tasks: Table
+    processing_runs: Table
     generation: str
 
     def all(self) -> list[Table]:
+        """The tables, in the order of ``READ_MODELS``."""
         return [self.executed_obs_units, self.raw_data_files, self.raw_data_packages,
-                self.staging_requests]
+                self.staging_requests, self.observation_results, self.observation_result_tasks,
+                self.processing_runs]
 
 
 def _common() -> list[Column[object]]:
@@ -123,7 +129,64 @@ def build_tables(generation: str = "", table_suffix: str = "") -> ReadModelTable
         *_common(),
         Index(f"ix_stg_status_{g}", "status"),
     )
-    return ReadModelTables(md, units, files, packages, staging, generation)
+    results = Table(
+        name("observation_results"), md,
+        Column("id", String(36), primary_key=True),
+        Column("observation_id", BigInteger, nullable=False),
+        Column("request_id", BigInteger, nullable=False),
+        Column("epoch_index", Integer, nullable=False),
+        Column("sample_index", Integer, nullable=False),
+        Column("copy_index", Integer, nullable=False),
+        Column("instrument_id", String(100)),
+        Column("copies_mode", String(20), nullable=False),
+        Column("not_before", TZ),
+        Column("spec_snapshot", Json),
+        Column("fulfillment_status", String(30), nullable=False),
+        Column("fulfilled_on", TZ),
+        Column("task_count", Integer, nullable=False),
+        Column("data_product_status", String(20), nullable=False),
+        Column("assets_revision", BigInteger, nullable=False),
+        Column("dirty_from_revision", BigInteger),
+        Column("next_eligible_run_at", TZ),
+        Column("last_built_revision", BigInteger),
+        Column("current_processing_run_id", String(36)),
+        Column("failed_runs", Integer, nullable=False),
+        *_common(),
+        UniqueConstraint("observation_id", "request_id", "epoch_index", "sample_index",
+                         "copy_index", name=f"uq_res_leaf_{g}"),
+        Index(f"ix_res_request_{g}", "request_id"),
+        Index(f"ix_res_fulfillment_{g}", "fulfillment_status"),
+        Index(f"ix_res_product_{g}", "data_product_status"),
+        Index(f"ix_res_next_run_{g}", "next_eligible_run_at"),
+    )
+    tasks = Table(
+        name("observation_result_tasks"), md,
+        Column("id", String(36), primary_key=True),
+        Column("result_id", String(36), nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("instrument_id", String(100)),
+        Column("executed_obs_unit_id", String(36)),
+        Column("status", String(20), nullable=False),  # open | <task outcome>
+        Column("dispatched_at", TZ, nullable=False),
+        Column("finished_at", TZ),
+        *_common(),
+        Index(f"ix_task_result_{g}", "result_id"),
+        Index(f"ix_task_eou_{g}", "executed_obs_unit_id"),
+    )
+    runs = Table(
+        name("processing_runs"), md,
+        Column("id", String(36), primary_key=True),
+        Column("result_id", String(36), nullable=False),
+        Column("revision", BigInteger, nullable=False),
+        Column("status", String(20), nullable=False),  # running | completed | failed | …
+        Column("started_at", TZ, nullable=False),
+        Column("finished_at", TZ),
+        Column("outputs", Json, nullable=False),
+        Column("error", Text),
+        *_common(),
+        Index(f"ix_run_result_{g}", "result_id"),
+    )
+    return ReadModelTables(md, units, files, packages, staging, results, tasks, runs, generation)
 
 
 def build_positions(md: MetaData | None = None) -> Table:

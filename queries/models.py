@@ -157,3 +157,91 @@ class CommandStatusView(BaseModel):
     correlation_id: str
     attempts: int
     ids: dict[str, Any] = Field(default_factory=dict)
+
+
+# -- observation results ---------------------------------------------------------------------
+class ResultTaskView(BaseModel):
+    id: UUID
+    attempt: int | None = Field(None, description="1, 2, … (None while pending)")
+    status: str = Field(description="open, or the outcome: succeeded, partial, failed, "
+                        "canceled")
+    instrument_id: str | None = None
+    executed_obs_unit_id: UUID | None = None
+    dispatched_at: datetime | None = None
+    finished_at: datetime | None = None
+    pending: bool = False
+
+
+class ProcessingRunView(BaseModel):
+    id: UUID
+    revision: int | None = Field(None, description="The assets_revision the run builds")
+    status: str = Field(description="running, completed, failed, blocked or skipped")
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    outputs: list[dict[str, Any]] = Field(default_factory=list,
+                                          description="The data products it produced")
+    error: str | None = None
+    pending: bool = False
+
+
+class ObservationResultView(PendingInfo):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "2b6a1f0e-53c1-5a7e-8f0c-3f1b2c7d9e10", "observation_id": 7, "request_id": 42,
+        "epoch_index": 0, "sample_index": 1, "copy_index": 0, "instrument_id": "HARPS",
+        "copies_mode": "single", "not_before": None, "spec_snapshot": {"exptime": 600},
+        "fulfillment_status": "fulfilled", "fulfilled_on": "2026-11-22T03:10:00Z",
+        "task_count": 1, "data_product_status": "READY", "assets_revision": 12,
+        "dirty": False, "dirty_from_revision": None, "next_eligible_run_at": None,
+        "last_built_revision": 12, "current_processing_run_id": None, "failed_runs": 0,
+        "pending": False, "last_position": 5123}]})
+
+    id: UUID
+    observation_id: int
+    request_id: int
+    epoch_index: int
+    sample_index: int
+    copy_index: int
+    instrument_id: str | None = None
+    copies_mode: str
+    not_before: datetime | None = None
+    spec_snapshot: dict[str, Any] | None = None
+    fulfillment_status: str
+    fulfilled_on: datetime | None = None
+    task_count: int
+    data_product_status: str
+    assets_revision: int
+    dirty: bool
+    dirty_from_revision: int | None = None
+    next_eligible_run_at: datetime | None = None
+    last_built_revision: int | None = None
+    current_processing_run_id: UUID | None = None
+    failed_runs: int = 0
+
+
+class ObservationResultDetail(ObservationResultView):
+    tasks: list[ResultTaskView] = Field(default_factory=list)
+    runs: list[ProcessingRunView] = Field(default_factory=list)
+
+
+class ObservationResultPage(Page):
+    items: list[ObservationResultView]
+
+
+class DueResultView(ObservationResultView):
+    due: bool = Field(description="Whether the debounce has passed (the scheduler starts a "
+                      "run now); otherwise next_eligible_run_at says when")
+
+
+class DueResults(BaseModel):
+    now: datetime
+    items: list[DueResultView]
+
+
+class ResultCounts(BaseModel):
+    read_model_position: int
+    total: int
+    dirty: int
+    fulfillment_status: dict[str, int]
+    data_product_status: dict[str, int]
+    pending_commands: int = Field(description="Results commands accepted but not yet in the "
+                                  "read models (not in the counts)")

@@ -10,9 +10,17 @@ from collections.abc import Callable
 from typing import Any
 
 from domain.raw_data import raw_data_file_id
+from domain.results import (
+    OUTCOME_TARGET,
+    CopiesMode,
+    Fulfillment,
+    TaskOutcome,
+    copies_per_cell,
+    leaf_cells,
+)
 from infra.journal import JournalEntry
 
-Kind = str  # "executed_obs_unit" | "raw_data_file" | "raw_data_package" | "staging"
+Kind = str  # "executed_obs_unit" | "raw_data_file" | "raw_data_package" | "staging" | …
 Loader = Callable[[Kind, str], dict[str, Any] | None]
 
 
@@ -20,7 +28,8 @@ class Overlay:
     def __init__(self, load: Loader) -> None:
         self._load = load
         self.rows: dict[Kind, dict[str, dict[str, Any] | None]] = {
-            "executed_obs_unit": {}, "raw_data_file": {}, "raw_data_package": {}, "staging": {}}
+            "executed_obs_unit": {}, "raw_data_file": {}, "raw_data_package": {}, "staging": {},
+            "observation_result": {}}
         self.touched: dict[Kind, list[str]] = {k: [] for k in self.rows}
 
     def row(self, kind: Kind, entity_id: str) -> dict[str, Any] | None:
@@ -148,7 +157,78 @@ def _cancel(o: Overlay, e: JournalEntry, p: dict[str, Any]) -> None:
     o._patch("staging", p["id"], e, change)
 
 
+# -- observation results: what a pending command will do (marked pending; the applied
+# command may differ where the outcome depends on state only the dispatcher sees) ------------
+def _materialize(o: Overlay, e: JournalEntry, p: dict[str, Any]) -> None:
+    copies = copies_per_cell(CopiesMode(p["copies_mode"]), p["copies"],
+                             p.get("eligible_instruments") or [])
+    for rid, epoch, sample, copy, instrument in leaf_cells(
+            p["observation_id"], p["request_id"], p["epochs"], p["samples"], copies):
+        o._create("observation_result", str(rid), {
+            "id": str(rid), "observation_id": p["observation_id"],
+            "request_id": p["request_id"], "epoch_index": epoch, "sample_index": sample,
+            "copy_index": copy, "instrument_id": instrument, "copies_mode": p["copies_mode"],
+            "not_before": p.get("not_before"), "spec_snapshot": p.get("spec_snapshot"),
+            "fulfillment_status": "pending_dispatch", "fulfilled_on": None, "task_count": 0,
+            "data_product_status": "PENDING", "assets_revision": 0,
+            "dirty_from_revision": None, "dirty": False, "next_eligible_run_at": None,
+            "last_built_revision": None, "current_processing_run_id": None,
+            "failed_runs": 0}, e)
+
+
+def _result_patch(change: Callable[[dict[str, Any], dict[str, Any]], None]) -> Callable[
+        [Overlay, JournalEntry, dict[str, Any]], None]:
+    def handler(o: Overlay, e: JournalEntry, p: dict[str, Any]) -> None:
+        o._patch("observation_result", p["id"], e, lambda r: change(r, p))
+    return handler
+
+
+def _dispatched(r: dict[str, Any], p: dict[str, Any]) -> None:
+    if r["fulfillment_status"] in ("pending_dispatch", "partially_fulfilled"):
+        r.update(fulfillment_status="dispatched", task_count=r["task_count"] + 1)
+
+
+def _task_ended(r: dict[str, Any], p: dict[str, Any]) -> None:
+    if r["fulfillment_status"] == "dispatched":
+        target = OUTCOME_TARGET[TaskOutcome(p["outcome"])]
+        r.update(fulfillment_status=target.value, fulfilled_on=p["finished_at"]
+                 if target is Fulfillment.FULFILLED else None)
+
+
+def _canceled(r: dict[str, Any], p: dict[str, Any]) -> None:
+    if r["fulfillment_status"] not in ("fulfilled", "canceled"):
+        r["fulfillment_status"] = "canceled"
+
+
+def _asset(r: dict[str, Any], p: dict[str, Any]) -> None:
+    r["assets_revision"] += 1  # unless the asset was counted already: known once applied
+    r["dirty_from_revision"] = r["dirty_from_revision"] or r["assets_revision"]
+    r["dirty"] = True
+    if r["data_product_status"] != "BUILDING":
+        r["data_product_status"] = "STALE" if r["last_built_revision"] is not None \
+            else "PENDING"
+
+
+def _run_started(r: dict[str, Any], p: dict[str, Any]) -> None:
+    if r["current_processing_run_id"] is None:
+        r.update(data_product_status="BUILDING", current_processing_run_id=p["run_id"])
+
+
+def _run_ended(r: dict[str, Any], p: dict[str, Any]) -> None:
+    if r["current_processing_run_id"] == p["run_id"]:
+        status = {"completed": "READY", "failed": "FAILED", "blocked": "BLOCKED",
+                  "skipped": "SKIPPED"}[p["end"]]
+        r.update(data_product_status=status, current_processing_run_id=None)
+
+
 _HANDLERS: dict[str, Callable[[Overlay, JournalEntry, dict[str, Any]], None]] = {
+    "observation_result.materialize": _materialize,
+    "observation_result.dispatch": _result_patch(_dispatched),
+    "observation_result.report_task": _result_patch(_task_ended),
+    "observation_result.cancel": _result_patch(_canceled),
+    "observation_result.contribute_asset": _result_patch(_asset),
+    "observation_result.start_run": _result_patch(_run_started),
+    "observation_result.end_run": _result_patch(_run_ended),
     "executed_obs_unit.start": _start,
     "executed_obs_unit.finish": _finish,
     "raw_data_file.register": _register,

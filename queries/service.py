@@ -17,6 +17,9 @@ COMMAND_TYPES = {
     "executed_obs_unit": ("executed_obs_unit.start", "executed_obs_unit.finish"),
     "raw_data_file": ("raw_data_file.register", "raw_data_file.register_bulk",
                       "raw_data_package.create", "raw_data_package.add_files"),
+    "observation_result": tuple(f"observation_result.{c}" for c in (
+        "materialize", "dispatch", "report_task", "cancel", "contribute_asset", "start_run",
+        "end_run")),
 }
 PENDING_SCAN_LIMIT = 10_000
 
@@ -59,6 +62,7 @@ class QueryService:
             "raw_data_file": (self.t.raw_data_files, file_view),
             "raw_data_package": (self.t.raw_data_packages, package_view),
             "staging": (self.t.staging_requests, staging_view),
+            "observation_result": (self.t.observation_results, result_view),
         }
 
         def load(kind: str, entity_id: str) -> dict[str, Any] | None:
@@ -205,6 +209,97 @@ class QueryService:
         return row
 
 
+    # -- observation results -------------------------------------------------------------
+    def result(self, result_id: str) -> dict[str, Any] | None:
+        """One result with its tasks and processing runs (outputs included)."""
+        tk, rn = self.t.observation_result_tasks, self.t.processing_runs
+        with self._connect() as conn, conn.begin():
+            position = self._position(conn)
+            pending = self.journal.unprojected(position, f"observation_result:{result_id}")
+            overlay = Overlay(self._loader(conn))
+            for entry in pending[-PENDING_SCAN_LIMIT:]:
+                overlay.apply(entry)
+            row = overlay.row("observation_result", result_id)
+            if row is None:
+                return None
+            tasks = {r["id"]: task_view(r) for r in self._rows(
+                conn, select(tk).where(tk.c.result_id == result_id).order_by(tk.c.attempt))}
+            runs = {r["id"]: run_view(r) for r in self._rows(
+                conn, select(rn).where(rn.c.result_id == result_id).order_by(rn.c.started_at))}
+        for entry in pending:  # tasks and runs not projected yet
+            p = entry.payload
+            if entry.command_type == "observation_result.dispatch" and \
+                    str(p["task_id"]) not in tasks:
+                tasks[str(p["task_id"])] = {
+                    "id": str(p["task_id"]), "attempt": None, "status": "open",
+                    "instrument_id": p.get("instrument_id"),
+                    "executed_obs_unit_id": p.get("executed_obs_unit_id"),
+                    "dispatched_at": None, "finished_at": None, "pending": True}
+            elif entry.command_type == "observation_result.start_run" and \
+                    str(p["run_id"]) not in runs:
+                runs[str(p["run_id"])] = {
+                    "id": str(p["run_id"]), "revision": None, "status": "running",
+                    "started_at": None, "finished_at": None, "outputs": [], "error": None,
+                    "pending": True}
+        row["tasks"] = list(tasks.values())
+        row["runs"] = list(runs.values())
+        return row
+
+    def list_results(self, *, observation_id: int | None, request_id: int | None,
+                     instrument_id: str | None, fulfillment_status: str | None,
+                     data_product_status: str | None, dirty: bool | None, limit: int,
+                     offset: int) -> tuple[int, int, list[dict[str, Any]], int]:
+        r = self.t.observation_results
+        filters = {"observation_id": observation_id, "request_id": request_id,
+                   "instrument_id": instrument_id, "fulfillment_status": fulfillment_status,
+                   "data_product_status": data_product_status}
+        conds = [r.c[k] == v for k, v in filters.items() if v is not None]
+        if dirty is not None:
+            conds.append(r.c.dirty_from_revision.isnot(None) if dirty
+                         else r.c.dirty_from_revision.is_(None))
+
+        def matches(row: dict[str, Any]) -> bool:
+            return (all(v is None or row.get(k) == v for k, v in filters.items())
+                    and (dirty is None or row["dirty"] == dirty))
+
+        order = (r.c.request_id, r.c.epoch_index, r.c.sample_index, r.c.copy_index, r.c.id)
+        return self._page(r, conds, order, result_view, "observation_result", matches, limit,
+                          offset)
+
+    def due_results(self, now: datetime, limit: int) -> list[dict[str, Any]]:
+        """Dirty results with no run in progress, soonest first: what the scheduler builds
+        next and when (``due`` says whether now)."""
+        r = self.t.observation_results
+        with self._connect() as conn, conn.begin():
+            rows = self._rows(conn, select(r).where(
+                r.c.next_eligible_run_at.isnot(None), r.c.dirty_from_revision.isnot(None),
+                r.c.current_processing_run_id.is_(None),
+            ).order_by(r.c.next_eligible_run_at, r.c.id).limit(limit))
+        out = []
+        for row in rows:
+            view = result_view(row)
+            view["due"] = _aware(row["next_eligible_run_at"]) <= now
+            out.append(view)
+        return out
+
+    def result_counts(self) -> dict[str, Any]:
+        """Projected results by fulfillment and by data-product status (dashboards)."""
+        r = self.t.observation_results
+        with self._connect() as conn, conn.begin():
+            position = self._position(conn)
+            counts: dict[str, Any] = {"read_model_position": position}
+            for column in ("fulfillment_status", "data_product_status"):
+                counts[column] = {k: int(n) for k, n in conn.execute(
+                    select(r.c[column], func.count()).group_by(r.c[column]))}
+            counts["dirty"] = int(conn.execute(select(func.count()).select_from(r).where(
+                r.c.dirty_from_revision.isnot(None))).scalar() or 0)
+            counts["total"] = int(conn.execute(select(func.count()).select_from(r)).scalar()
+                                  or 0)
+        counts["pending_commands"] = len(self.journal.unprojected(
+            position, None, COMMAND_TYPES["observation_result"]))
+        return counts
+
+
 def _parse_dt(v: Any) -> datetime:
     if isinstance(v, datetime):
         return _aware(v)  # type: ignore[no-any-return]
@@ -247,3 +342,26 @@ def staging_view(r: dict[str, Any]) -> dict[str, Any]:
         "bytes_transferred": r["bytes_transferred"], "files_transferred": r["files_transferred"],
         "message": r["message"], "last_position": r["last_position"], "pending": False,
     }
+
+
+def result_view(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "observation_id", "request_id", "epoch_index", "sample_index", "copy_index",
+            "instrument_id", "copies_mode", "not_before", "spec_snapshot", "fulfillment_status",
+            "fulfilled_on", "task_count", "data_product_status", "assets_revision",
+            "dirty_from_revision", "next_eligible_run_at", "last_built_revision",
+            "current_processing_run_id", "failed_runs", "last_position")
+    view = {k: r[k] for k in keys}
+    view["dirty"] = r["dirty_from_revision"] is not None
+    view["pending"] = False
+    return view
+
+
+def task_view(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r[k] for k in ("id", "attempt", "status", "instrument_id",
+                              "executed_obs_unit_id", "dispatched_at", "finished_at")
+            } | {"pending": False}
+
+
+def run_view(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r[k] for k in ("id", "revision", "status", "started_at", "finished_at",
+                              "outputs", "error")} | {"pending": False}

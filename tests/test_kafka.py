@@ -500,7 +500,7 @@ def test_smart_queries_read_their_writes_with_a_kafka_projector(
         health = client.get("/health").json()["projector"]
         assert health["source"] == "kafka" and health["lag_events"] == 0
         assert health["kafka"]["group"] == settings.kafka_consumer_group
-        assert len(health["kafka"]["assigned_partitions"]) == 4 * settings.kafka_partitions
+        assert len(health["kafka"]["assigned_partitions"]) == 5 * settings.kafka_partitions
 
 
 def test_kafka_projection_requires_a_bootstrap(settings: Settings) -> None:
