@@ -383,6 +383,9 @@ class DispatchObservationResultRequest(CommandModel):
     executed_obs_unit_id: UUID | None = Field(
         None, description="The executed obs unit carrying out the task, if known.")
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "instrument_id": "HARPS", "executed_obs_unit_id": "e433bda1-579b-4946-9f02-7a3e4a04efe2"}]})
+
 
 class DispatchObservationResult(DispatchObservationResultRequest):
     id: UUID
@@ -394,6 +397,9 @@ class TaskOutcomeRequest(CommandModel):
     finished_at: UtcDatetime = Field(default_factory=_now)
     executed_obs_unit_id: UUID | None = None
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "outcome": "succeeded", "finished_at": "2026-11-22T03:10:00Z"}]})
+
 
 class ReportTaskOutcome(TaskOutcomeRequest):
     id: UUID
@@ -402,6 +408,9 @@ class ReportTaskOutcome(TaskOutcomeRequest):
 
 class CancelObservationResultRequest(CommandModel):
     reason: Annotated[str, Field(min_length=1, max_length=2000)]
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"reason": "request withdrawn by the PI"}]})
 
 
 class CancelObservationResult(CancelObservationResultRequest):
@@ -412,6 +421,9 @@ class ContributeAssetRequest(CommandModel):
     asset_id: Annotated[str, Field(min_length=1, max_length=255, description=(
         "What contributes (e.g. raw_data_file:<id>); counted once per result."))]
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "asset_id": "raw_data_file:1c49d49d-34d9-5c36-be8c-62dcce3da68c"}]})
+
 
 class ContributeAsset(ContributeAssetRequest):
     id: UUID
@@ -419,6 +431,9 @@ class ContributeAsset(ContributeAssetRequest):
 
 class StartProcessingRunRequest(CommandModel):
     run_id: UUID | None = Field(None, description="Pre-generated processing run id.")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"run_id": "0e5c1b1e-6f57-4d0c-9a53-3c3f4b7e2d11"}]})
 
 
 class StartProcessingRun(StartProcessingRunRequest):
@@ -441,6 +456,13 @@ class EndProcessingRunRequest(CommandModel):
     end: Literal["completed", "failed", "blocked", "skipped"]
     outputs: list[ProductOutput] = Field(default_factory=list, max_length=10_000)
     error: Annotated[str, Field(max_length=4000)] | None = None
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"end": "completed", "outputs": [{
+            "name": "OR-7-42-0-1-0_combined.fits", "kind": "combined_image",
+            "uri": "products/7/42/combined.fits", "size": 16793280,
+            "checksum": {"algorithm": "sha256", "value": "ab" * 32}}]},
+        {"end": "failed", "error": "no master bias among the inputs"}]})
 
     @model_validator(mode="after")
     def _consistent(self) -> EndProcessingRunRequest:

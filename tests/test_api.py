@@ -21,12 +21,19 @@ from api.app import create_app
 from commands.models import (
     AddFilesToPackageRequest,
     BulkRegisterRawDataFilesRequest,
+    CancelObservationResultRequest,
+    ContributeAssetRequest,
     CreateRawDataPackageRequest,
+    DispatchObservationResultRequest,
+    EndProcessingRunRequest,
     FinishExecutedObsUnitRequest,
+    MaterializeObservationResultsRequest,
     RegisterRawDataFileRequest,
     StageRequest,
     StagingProgressRequest,
     StartExecutedObsUnitRequest,
+    StartProcessingRunRequest,
+    TaskOutcomeRequest,
 )
 from domain.raw_data import raw_data_file_id
 from tests.conftest import make_settings
@@ -625,6 +632,13 @@ ROUTES = {
     ("get", "/executed_obs_units/{obs_unit_id}"), ("get", "/raw_data_files"),
     ("get", "/raw_data_files/{id}"), ("get", "/raw_data_package/{id}"),
     ("get", "/staging/status/{id}"), ("get", "/commands/{command_id}"), ("get", "/health"),
+    ("post", "/observation_results/materialize"), ("post", "/observation_results/{id}/dispatch"),
+    ("put", "/observation_results/{id}/tasks/{task_id}"),
+    ("post", "/observation_results/{id}/cancel"), ("post", "/observation_results/{id}/assets"),
+    ("post", "/observation_results/{id}/runs"),
+    ("put", "/observation_results/{id}/runs/{run_id}"), ("get", "/observation_results"),
+    ("get", "/observation_results/due"), ("get", "/observation_results/counts"),
+    ("get", "/observation_results/{id}"),
 }
 REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "StartExecutedObsUnitRequest": StartExecutedObsUnitRequest,
@@ -635,6 +649,13 @@ REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "AddFilesToPackageRequest": AddFilesToPackageRequest,
     "StageRequest": StageRequest,
     "StagingProgressRequest": StagingProgressRequest,
+    "MaterializeObservationResultsRequest": MaterializeObservationResultsRequest,
+    "DispatchObservationResultRequest": DispatchObservationResultRequest,
+    "TaskOutcomeRequest": TaskOutcomeRequest,
+    "CancelObservationResultRequest": CancelObservationResultRequest,
+    "ContributeAssetRequest": ContributeAssetRequest,
+    "StartProcessingRunRequest": StartProcessingRunRequest,
+    "EndProcessingRunRequest": EndProcessingRunRequest,
 }
 
 
