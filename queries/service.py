@@ -271,12 +271,18 @@ class QueryService:
         next and when (``due`` says whether now)."""
         r = self.t.observation_results
         with self._connect() as conn, conn.begin():
+            position = self._position(conn)
             rows = self._rows(conn, select(r).where(
                 r.c.next_eligible_run_at.isnot(None), r.c.dirty_from_revision.isnot(None),
                 r.c.current_processing_run_id.is_(None),
             ).order_by(r.c.next_eligible_run_at, r.c.id).limit(limit))
+        # a run started but not projected yet is in progress too
+        starting = {str(e.payload["id"]) for e in self.journal.unprojected(
+            position, None, ("observation_result.start_run",))}
         out = []
         for row in rows:
+            if str(row["id"]) in starting:
+                continue
             view = result_view(row)
             view["due"] = _aware(row["next_eligible_run_at"]) <= now
             out.append(view)

@@ -22,17 +22,25 @@ from commands.handlers import COMMANDS
 from commands.models import (
     AddFilesToPackageRequest,
     BulkRegisterRawDataFilesRequest,
+    CancelObservationResultRequest,
     CommandModel,
+    ContributeAssetRequest,
     CreateRawDataPackageRequest,
+    DispatchObservationResultRequest,
+    EndProcessingRunRequest,
     FinishExecutedObsUnitRequest,
+    MaterializeObservationResultsRequest,
     RegisterRawDataFileRequest,
     StageRequest,
     StagingProgressRequest,
     StartExecutedObsUnitRequest,
+    StartProcessingRunRequest,
+    TaskOutcomeRequest,
     observed_at_of,
 )
 from commands.service import IdempotencyConflict, Submission
 from domain.raw_data import raw_data_file_id
+from domain.results import observation_result_id
 from infra.journal import ACCEPTED, APPLIED, REJECTED, Journal, JournalEntry, NewCommand
 from infra.settings import Settings
 from projections.tables import READ_MODELS
@@ -173,6 +181,28 @@ def build_night(ledger: Ledger) -> dict[str, str]:
     s("stage2", "staging.stage", StageRequest(id=UUID(stg2), package_ids=[UUID(pkg)],
                                               destination="elsewhere"))
     s("cancel", "staging.cancel", CancelBody(reason="not needed"), {"id": stg2})
+    ids["result"] = result = str(observation_result_id(7, 42, 0, 0, 0))
+    ids["result2"] = result2 = str(observation_result_id(7, 42, 1, 0, 0))
+    s("materialize", "observation_result.materialize",
+      MaterializeObservationResultsRequest(observation_id=7, request_id=42, epochs=2,
+                                           spec_snapshot={"exptime": 600}))
+    ids["task"] = task = str(uuid.uuid4())
+    s("dispatch", "observation_result.dispatch",
+      DispatchObservationResultRequest(task_id=UUID(task), executed_obs_unit_id=UUID(unit)),
+      {"id": result})
+    s("outcome", "observation_result.report_task",
+      TaskOutcomeRequest(outcome="succeeded", finished_at=T0 + timedelta(hours=1)),
+      {"id": result, "task_id": task})
+    s("cancel_result", "observation_result.cancel",
+      CancelObservationResultRequest(reason="withdrawn"), {"id": result2})
+    s("asset", "observation_result.contribute_asset",
+      ContributeAssetRequest(asset_id=f"raw_data_file:{fid('single.fits')}"), {"id": result})
+    ids["run"] = run = str(uuid.uuid4())
+    s("run", "observation_result.start_run", StartProcessingRunRequest(run_id=UUID(run)),
+      {"id": result})
+    s("end_run", "observation_result.end_run", EndProcessingRunRequest.model_validate(
+        {"end": "completed", "outputs": [{"name": "c.fits", "kind": "combined_image"}]}),
+      {"id": result, "run_id": run})
     ids.update({f"cmd:{k}": v for k, v in cmds.items()})
     return ids
 
@@ -227,6 +257,19 @@ def test_every_command_type_is_applied_and_projected(ledger: Ledger) -> None:
                                             limit=10, offset=0)
     assert total == 3 and pending == 0
     assert {i["name"] for i in items} == {"single.fits", "b1.fits", "new.fits"}
+
+    result = q.result(ids["result"])
+    assert result is not None and result["pending"] is False
+    assert (result["fulfillment_status"], result["data_product_status"]) == ("fulfilled",
+                                                                             "READY")
+    assert result["fulfilled_on"] == T0 + timedelta(hours=1)
+    assert [(t["id"], t["status"], t["executed_obs_unit_id"]) for t in result["tasks"]] == [
+        (ids["task"], "succeeded", ids["unit"])]
+    assert [(r["id"], r["status"], r["outputs"][0]["name"]) for r in result["runs"]] == [
+        (ids["run"], "completed", "c.fits")]
+    assert result["spec_snapshot"] == {"exptime": 600} and result["last_built_revision"] == 1
+    canceled = q.result(ids["result2"])
+    assert canceled is not None and canceled["fulfillment_status"] == "canceled"
 
 
 def test_events_carry_the_commands_provenance(ledger: Ledger) -> None:

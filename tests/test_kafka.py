@@ -35,11 +35,16 @@ from commands.models import (
     AddFilesToPackageRequest,
     BulkRegisterRawDataFilesRequest,
     CommandModel,
+    ContributeAssetRequest,
     CreateRawDataPackageRequest,
+    DispatchObservationResultRequest,
+    EndProcessingRunRequest,
     FinishExecutedObsUnitRequest,
+    MaterializeObservationResultsRequest,
     StageRequest,
     StagingProgressRequest,
     StartExecutedObsUnitRequest,
+    StartProcessingRunRequest,
 )
 from infra.kafka_relay import (
     SCHEMA,
@@ -124,6 +129,19 @@ def night(ledger: Ledger, units: int = 4, files: int = 5) -> None:
             await submit("staging.report_progress", StagingProgressRequest(
                 status="completed", bytes_transferred=files * 1000, files_transferred=files),
                 path={"id": uuid.UUID(staged.body["ids"]["staging_id"])})
+            results = await submit("observation_result.materialize",
+                                   MaterializeObservationResultsRequest(
+                                       observation_id=u, request_id=1, samples=2))
+            result = uuid.UUID(results.body["ids"]["observation_result_ids"][0])
+            await submit("observation_result.dispatch", DispatchObservationResultRequest(
+                executed_obs_unit_id=uuid.UUID(unit)), path={"id": result})
+            await submit("observation_result.contribute_asset",
+                         ContributeAssetRequest(asset_id=f"file:{file_ids[0]}"),
+                         path={"id": result})
+            run = await submit("observation_result.start_run", StartProcessingRunRequest(),
+                               path={"id": result})
+            await submit("observation_result.end_run", EndProcessingRunRequest(end="skipped"),
+                         path={"id": result, "run_id": uuid.UUID(run.body["ids"]["run_id"])})
     asyncio.run(go())
     assert ledger.dispatcher is not None
     ledger.dispatcher.drain()
@@ -230,7 +248,7 @@ def test_every_stored_event_reaches_kcat_in_order_with_its_headers(
         by_topic[kafka_topic(kafka_settings.kafka_topic_prefix, event_type_of(n.topic)[0])
                  ].append(n)
     assert set(by_topic) <= set(all_topics(kafka_settings.kafka_topic_prefix))
-    assert len(by_topic) == 5  # units, files, packages, staging, receipts
+    assert len(by_topic) == 6  # units, files, packages, staging, results, receipts
     for topic, expected in by_topic.items():
         received = read_topic(broker, topic, len(expected))
         assert len(received) == len(expected)
