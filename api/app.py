@@ -591,7 +591,18 @@ def health_report(ledger: Ledger) -> dict[str, Any]:
             **kafka_projector_health(ledger),
         },
         "kafka": relay_health(ledger),
+        "results": _results_health(ledger),
     }
+
+
+def _results_health(ledger: Ledger) -> dict[str, Any] | None:
+    """The results process manager and scheduler (None until the store is connected)."""
+    if ledger.results is None:
+        return None
+    try:
+        return ledger.results.report()
+    except Exception as e:  # the read-model database is down: other sections say so
+        return {"last_error": f"unavailable: {e}"}
 
 
 def kafka_projector_health(ledger: Ledger) -> dict[str, Any]:

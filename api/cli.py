@@ -79,6 +79,10 @@ def _relay(args: argparse.Namespace, settings: Settings) -> int:
         f"published up to position {relay.catch_up(timeout=args.timeout)}"))
 
 
+def _results(args: argparse.Namespace, settings: Settings) -> int:
+    return _run_worker(args, settings, "results", lambda results: results.catch_up())
+
+
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from api.runtime import Ledger
 
@@ -125,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--once", action="store_true", help="publish up to the head, then exit")
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(func=_relay)
+
+    p = sub.add_parser("results", help="run the observation results' process manager (raw "
+                       "data files → assets, finished executions → task outcomes) and the "
+                       "scheduler (processing runs for results due a rebuild)")
+    p.add_argument("--once", action="store_true",
+                   help="handle what the read models show, start the runs due, then exit")
+    p.set_defaults(func=_results)
 
     p = sub.add_parser("rebuild", help="rebuild every read model from the log, then switch")
     p.add_argument("--quiet", action="store_true")

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from datetime import datetime
 
 from commands.dispatcher import Dispatcher
+from commands.handlers import utcnow
+from commands.result_automation import ResultsAutomation, ResultsProcessManager, ResultsScheduler
 from commands.service import CommandService
 from infra.event_store import EventStore, StoreUnavailable
 from infra.journal import Journal
@@ -38,6 +40,7 @@ class Ledger:
         self.dispatcher: Dispatcher | None = None
         self.projector: Projector | None = None
         self.relay: EventRelay | None = None
+        self.results: ResultsAutomation | None = None
         self.commands = CommandService(self.journal, None)
         self._stopping = threading.Event()
         self._connect_store()
@@ -68,6 +71,10 @@ class Ledger:
         self.dispatcher = Dispatcher(self.journal, self.store, self.settings,
                                      on_applied=self._applied, clock=self.clock)
         self.journal.on_append(self.dispatcher.wake)
+        self.results = ResultsAutomation(
+            ResultsProcessManager(self.store, self.engine, self.queries, self.commands),
+            ResultsScheduler(self.queries, self.commands, self.clock or utcnow,
+                             interval=self.settings.results_scheduler_interval_s))
         return True
 
     def _applied(self, position: int) -> None:
@@ -87,6 +94,8 @@ class Ledger:
                 self.projector.start()
             if self.relay is not None and self.settings.embedded_relay:
                 self.relay.start()
+            if self.results is not None and self.settings.embedded_results_automation:
+                self.results.start()
             return
 
         def connect_later() -> None:
@@ -99,6 +108,8 @@ class Ledger:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.results is not None:
+            self.results.stop()
         if self.dispatcher is not None:
             self.dispatcher.stop()
         if self.projector is not None:

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         "contributing asset (a burst of assets → one processing run).")
     processing_retry_limit: int = Field(3, ge=0, le=100, description="Retries of a failed "
                                         "processing run before the result stays FAILED.")
+    embedded_results_automation: bool = Field(
+        True, description="With embedded workers, run the results process manager and "
+        "scheduler in the API process (false when `obsledger results` runs them).")
+    results_scheduler_interval_s: float = Field(
+        5.0, gt=0, description="How often the scheduler looks for results due a rebuild.")
     processing_retry_base_s: float = Field(
         60.0, gt=0, description="First retry delay of a failed run; doubles each time.")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)

@@ -610,7 +610,10 @@ def test_health_shape(client: TestClient) -> None:
     while (h := client.get("/health").json())["projector"]["position"] < pos:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert set(h) == {"status", "store", "journal", "dispatcher", "projector", "kafka"}
+    assert set(h) == {"status", "store", "journal", "dispatcher", "projector", "kafka",
+                      "results"}
+    assert h["results"] == {"process_manager_position": h["results"][
+        "process_manager_position"], "runs_requested": 0, "last_error": None}
     assert h["status"] == "ok"
     assert h["kafka"] is None  # no OBSLEDGER_KAFKA_BOOTSTRAP: no relay (tests/test_kafka.py)
     assert h["store"]["reachable"] is True and h["store"]["head_position"] == pos

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import pytest
 from fastapi.testclient import TestClient
@@ -230,3 +231,92 @@ def test_bad_specs_are_clear_422s(rc: TestClient, body: dict[str, Any]) -> None:
     r = rc.post("/observation_results/materialize", json=body)
     assert r.status_code == 422, r.text
     assert r.json()["errors"]
+
+
+# -- the process manager and the scheduler ----------------------------------------------------
+@pytest.fixture
+def automation_ledger(settings: Settings, clock: Clock) -> Iterator[Ledger]:
+    s = settings.model_copy(update={"result_debounce_s": 30.0})
+    lg = Ledger(s, workers=False, clock=clock)
+    yield lg
+    lg.stop()
+
+
+def _submit(lg: Ledger, command_type: str, request: Any,
+            path: dict[str, Any] | None = None) -> dict[str, Any]:
+    import asyncio
+
+    sub = asyncio.run(lg.commands.submit(command_type, request, path=path, actor="night",
+                                         correlation_id=None, idempotency_key=None))
+    return sub.body  # type: ignore[no-any-return]
+
+
+def _settle(lg: Ledger) -> None:
+    assert lg.dispatcher is not None and lg.projector is not None
+    lg.dispatcher.drain()
+    lg.projector.catch_up()
+
+
+def test_the_process_manager_links_files_and_finished_executions_exactly_once(
+        automation_ledger: Ledger, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    from commands.models import (
+        BulkRegisterRawDataFilesRequest,
+        DispatchObservationResultRequest,
+        FinishExecutedObsUnitRequest,
+        MaterializeObservationResultsRequest,
+        StartExecutedObsUnitRequest,
+    )
+
+    lg = automation_ledger
+    assert lg.results is not None
+    unit = _submit(lg, "executed_obs_unit.start", StartExecutedObsUnitRequest(
+        obs_unit_id="OU-7", instrument="HARPS", start_time=T0))["ids"]["executed_obs_unit_id"]
+    rid = _submit(lg, "observation_result.materialize", MaterializeObservationResultsRequest(
+        observation_id=7, request_id=1))["ids"]["observation_result_ids"][0]
+    _submit(lg, "observation_result.dispatch",
+            DispatchObservationResultRequest(executed_obs_unit_id=unit), {"id": rid})
+    _settle(lg)
+    files = BulkRegisterRawDataFilesRequest.model_validate({"files": [{
+        "name": f"HARPS.{i}.fits", "relative_path": f"n/{i}.fits", "size": 100,
+        "checksum": {"algorithm": "md5", "value": f"{i:032x}"}, "instrument": "HARPS",
+        "executed_obs_unit_id": unit, "file_type": "raw_science",
+        "created_at": T0.isoformat()} for i in range(5)]})
+    _submit(lg, "raw_data_file.register_bulk", files)
+    _submit(lg, "executed_obs_unit.finish", FinishExecutedObsUnitRequest(
+        status="success", end_time=T0 + timedelta(hours=1)), {"id": UUID(unit)})
+    _settle(lg)
+
+    pm = lg.results.process_manager
+    crashes = iter([True])  # the first page "crashes" after its commands were sent
+
+    def record(position: int, original: Any = pm._record_position) -> None:
+        if next(crashes, False):
+            raise RuntimeError("killed before recording the position")
+        original(position)
+
+    monkeypatch.setattr(pm, "_record_position", record)
+    with pytest.raises(RuntimeError):
+        pm.once()
+    assert pm.position() == 0
+    assert lg.results.catch_up().startswith(f"{len(lg.store.select_notifications(0, 10**6))}")  # type: ignore[union-attr]
+    _settle(lg)
+    row = lg.queries.result(rid)
+    assert row is not None
+    assert row["assets_revision"] == 5  # once per file, the crashed page's included
+    assert row["fulfillment_status"] == "fulfilled"
+    assert row["fulfilled_on"] == T0 + timedelta(hours=1)
+    assert row["tasks"][0]["status"] == "succeeded"
+    assert lg.journal.unprojected(lg.queries.read_model_position()) == []  # all projected
+    assert lg.journal.get(f"pm:finish:{unit}:{row['tasks'][0]['id']}") is not None
+
+    # the scheduler: nothing before the debounce, one run after it, none while it runs
+    clock.advance(seconds=29)
+    assert lg.results.scheduler.once() == 0 and lg.results.scheduler.sent == 0
+    clock.advance(seconds=1)
+    lg.results.scheduler.once()
+    lg.results.scheduler.once()  # the start is pending: not asked again
+    _settle(lg)
+    lg.results.scheduler.once()
+    row = lg.queries.result(rid)
+    assert row is not None and row["data_product_status"] == "BUILDING"
+    assert len(row["runs"]) == 1 and lg.results.scheduler.sent == 1
