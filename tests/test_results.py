@@ -320,3 +320,64 @@ def test_the_process_manager_links_files_and_finished_executions_exactly_once(
     row = lg.queries.result(rid)
     assert row is not None and row["data_product_status"] == "BUILDING"
     assert len(row["runs"]) == 1 and lg.results.scheduler.sent == 1
+
+
+@pytest.mark.slow
+def test_a_process_manager_killed_mid_way_applies_each_effect_once(
+        automation_ledger: Ledger) -> None:
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    from commands.models import (
+        BulkRegisterRawDataFilesRequest,
+        DispatchObservationResultRequest,
+        MaterializeObservationResultsRequest,
+        StartExecutedObsUnitRequest,
+    )
+    from tests.conftest import ROOT, settings_env
+
+    lg = automation_ledger
+    unit = _submit(lg, "executed_obs_unit.start", StartExecutedObsUnitRequest(
+        obs_unit_id="OU-K", instrument="HARPS", start_time=T0))["ids"]["executed_obs_unit_id"]
+    rid = _submit(lg, "observation_result.materialize", MaterializeObservationResultsRequest(
+        observation_id=9, request_id=9))["ids"]["observation_result_ids"][0]
+    _submit(lg, "observation_result.dispatch",
+            DispatchObservationResultRequest(executed_obs_unit_id=unit), {"id": rid})
+    files = 1500
+    for chunk in range(0, files, 500):
+        _submit(lg, "raw_data_file.register_bulk", BulkRegisterRawDataFilesRequest.model_validate(
+            {"files": [{"name": f"K.{i}.fits", "relative_path": f"k/{i}.fits", "size": 1,
+                        "checksum": {"algorithm": "md5", "value": f"{i:032x}"},
+                        "instrument": "HARPS", "executed_obs_unit_id": unit,
+                        "file_type": "raw_science", "created_at": T0.isoformat()}
+                       for i in range(chunk, chunk + 500)]}))
+    _settle(lg)
+    assert lg.results is not None and lg.store is not None
+    head = lg.store.max_position()
+
+    def sent() -> int:  # commands the process manager journaled, whatever their status
+        with sqlite3.connect(lg.settings.journal_file) as db:
+            return int(db.execute("SELECT COUNT(*) FROM commands WHERE actor = ?",
+                                  ("obsledger:results",)).fetchone()[0])
+
+    env = settings_env(lg.settings)
+    worker = subprocess.Popen([sys.executable, "-m", "api.cli", "results"], env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while sent() < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    pm = lg.results.process_manager
+    assert sent() > 0 and pm.position() < head, "killed mid-way"
+    done = subprocess.run([sys.executable, "-m", "api.cli", "results", "--once"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert pm.position() >= head
+    _settle(lg)
+    assert sent() == files  # one command per file, the repeats answered from the journal
+    row = lg.queries.result(rid)
+    assert row is not None and row["assets_revision"] == files
