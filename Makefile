@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python bench/commands.py
 	$(BIN)/python bench/projection.py
 	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/results.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
