@@ -186,7 +186,8 @@ class ProcessingRunView(BaseModel):
 
 class ObservationResultView(PendingInfo):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": "2b6a1f0e-53c1-5a7e-8f0c-3f1b2c7d9e10", "observation_id": 7, "request_id": 42,
+        "id": "2b6a1f0e-53c1-5a7e-8f0c-3f1b2c7d9e10", "short_id": 1834, "observation_id": 7,
+        "request_id": 42,
         "epoch_index": 0, "sample_index": 1, "copy_index": 0, "instrument_id": "HARPS",
         "copies_mode": "single", "not_before": None, "spec_snapshot": {"exptime": 600},
         "fulfillment_status": "fulfilled", "fulfilled_on": "2026-11-22T03:10:00Z",
@@ -196,6 +197,9 @@ class ObservationResultView(PendingInfo):
         "pending": False, "last_position": 5123}]})
 
     id: UUID
+    short_id: int | None = Field(
+        None, description="A short integer id: the log position of the result's "
+        "materialization (stable across rebuilds; None while pending)")
     observation_id: int
     request_id: int
     epoch_index: int

@@ -165,7 +165,7 @@ def _materialize(o: Overlay, e: JournalEntry, p: dict[str, Any]) -> None:
     for rid, epoch, sample, copy, instrument in leaf_cells(
             p["observation_id"], p["request_id"], p["epochs"], p["samples"], copies):
         o._create("observation_result", str(rid), {
-            "id": str(rid), "observation_id": p["observation_id"],
+            "id": str(rid), "short_id": None, "observation_id": p["observation_id"],
             "request_id": p["request_id"], "epoch_index": epoch, "sample_index": sample,
             "copy_index": copy, "instrument_id": instrument, "copies_mode": p["copies_mode"],
             "not_before": p.get("not_before"), "spec_snapshot": p.get("spec_snapshot"),

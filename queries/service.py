@@ -357,6 +357,7 @@ def result_view(r: dict[str, Any]) -> dict[str, Any]:
             "dirty_from_revision", "next_eligible_run_at", "last_built_revision",
             "current_processing_run_id", "failed_runs", "last_position")
     view = {k: r[k] for k in keys}
+    view["short_id"] = r["created_position"]  # the Materialized event's log position
     view["dirty"] = r["dirty_from_revision"] is not None
     view["pending"] = False
     return view

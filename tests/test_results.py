@@ -87,6 +87,10 @@ def test_materializing_is_idempotent_and_ids_are_the_leaf_cells(rc: TestClient) 
     assert (1, 2, 1, "ESPRESSO") in copies and (0, 0, 0, "HARPS") in copies
     first = settled(rc, ids[0])
     assert first["spec_snapshot"] == SPEC["spec_snapshot"]
+    page = rc.get("/observation_results", params={
+        "request_id": 42, "limit": 100, "min_position": again["position"]}).json()
+    short_ids = {i["short_id"] for i in page["items"]}
+    assert len(short_ids) == 12 and all(isinstance(i, int) for i in short_ids)
     assert first["fulfillment_status"] == "pending_dispatch"
     assert first["data_product_status"] == "PENDING"
 
