@@ -15,6 +15,7 @@ from uuid import UUID
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.responses import PlainTextResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -40,7 +41,8 @@ from commands.models import (
 )
 from commands.service import outcome_body
 from infra.journal import ACCEPTED, APPLIED, REJECTED
-from infra.kafka_relay import broker_reachable, relay_lag
+from infra.kafka_relay import broker_reachable
+from infra.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from infra.settings import Settings
 from projections.kafka_projector import KafkaProjector
 from queries.models import (
@@ -242,6 +244,28 @@ class ObsLedgerAPI(FastAPI):
             and hasattr(route.endpoint, "plain_command")}}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._handle(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or (
+                scope["path"] if scope["path"] in self.plain_routes else "unmatched")
+            self.state.ledger.metrics.http_seconds.labels(
+                scope["method"], label, str(status)).observe(time.perf_counter() - started)
+
+    async def _handle(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             plain = self.plain_routes.get(scope["path"])
             if plain is not None and self._lane_open is None:
@@ -556,6 +580,29 @@ def _query_router() -> APIRouter:
         ledger: Ledger = request.app.state.ledger
         return await run_in_threadpool(health_report, ledger)
 
+    @r.get("/ready", tags=["operations"], responses={503: {"model": ErrorResponse}},
+           summary="Readiness: store reachable, journal depth and age, projector and relay "
+           "lag within the configured thresholds",
+           description="200 `{ready: true, checks}`; 503 in the error format, `errors` naming "
+           "each failing check, with the same `checks` (shape in docs/OPERATIONS.md).")
+    async def ready(request: Request) -> Any:
+        ledger: Ledger = request.app.state.ledger
+        failing, checks = await run_in_threadpool(readiness_report, ledger)
+        if not failing:
+            return {"ready": True, "checks": checks}
+        return _json({"detail": "not ready: " + "; ".join(m for _, m in failing),
+                      "status_code": 503,
+                      "errors": [{"field": f, "message": m} for f, m in failing],
+                      "ready": False, "checks": checks}, 503)
+
+    @r.get("/metrics", tags=["operations"], response_class=PlainTextResponse,
+           summary="Prometheus metrics: commands by type and outcome, journal depth, "
+           "dispatcher batches, append latency, projection and relay lag, HTTP latency")
+    async def metrics(request: Request) -> Response:
+        ledger: Ledger = request.app.state.ledger
+        body = await run_in_threadpool(ledger.metrics.exposition)
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
+
     return r
 
 
@@ -605,6 +652,36 @@ def _results_health(ledger: Ledger) -> dict[str, Any] | None:
         return {"last_error": f"unavailable: {e}"}
 
 
+def readiness_report(ledger: Ledger) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """The failing checks (field, message) and every figure checked."""
+    c = ledger.readiness()
+    s = ledger.settings
+    failing: list[tuple[str, str]] = []
+    if not c["store_reachable"]:
+        failing.append(("store_reachable", "the event store does not answer"))
+    if c["journal_depth"] > s.ready_max_journal_depth:
+        failing.append(("journal_depth", f"{c['journal_depth']} commands pending "
+                        f"(threshold {s.ready_max_journal_depth})"))
+    if c["oldest_pending_age_s"] > s.ready_max_oldest_pending_s:
+        failing.append(("oldest_pending_age_s", f"the oldest pending command is "
+                        f"{c['oldest_pending_age_s']:.0f}s old "
+                        f"(threshold {s.ready_max_oldest_pending_s:.0f}s)"))
+    if (c["projector_lag_events"] or 0) > s.ready_max_projector_lag_events:
+        failing.append(("projector_lag_events", f"the read models lag "
+                        f"{c['projector_lag_events']} events "
+                        f"(threshold {s.ready_max_projector_lag_events})"))
+    if (c["projector_lag_s"] or 0) > s.ready_max_projector_lag_s:
+        failing.append(("projector_lag_s", f"the read models lag {c['projector_lag_s']:.0f}s "
+                        f"(threshold {s.ready_max_projector_lag_s:.0f}s)"))
+    relay = c["relay"]
+    if relay is not None and not relay["broker_reachable"]:
+        failing.append(("relay.broker_reachable", "no Kafka bootstrap broker answers"))
+    if relay is not None and relay["lag_s"] > s.ready_max_relay_lag_s:
+        failing.append(("relay.lag_s", f"the relay lags {relay['lag_s']:.0f}s "
+                        f"(threshold {s.ready_max_relay_lag_s:.0f}s)"))
+    return failing, c
+
+
 def kafka_projector_health(ledger: Ledger) -> dict[str, Any]:
     """With OBSLEDGER_PROJECTION_SOURCE=kafka: the group, and this process's member if any."""
     projector = ledger.projector
@@ -636,7 +713,7 @@ def relay_health(ledger: Ledger) -> dict[str, Any] | None:
     try:  # the relay may run in its own process: its position is in the read-model database
         position = relay.read_position()
         report["published_position"] = position
-        report["lag"] = relay_lag(ledger.store, position)
+        report["lag"] = ledger.store.lag(position)
     except Exception as e:  # the store or read-model database is down: other sections say so
         report["last_error"] = report["last_error"] or f"lag unavailable: {e}"
     return report

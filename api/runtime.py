@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from commands.dispatcher import Dispatcher
 from commands.handlers import utcnow
@@ -13,11 +14,13 @@ from commands.result_automation import ResultsAutomation, ResultsProcessManager,
 from commands.service import CommandService
 from infra.event_store import EventStore, StoreUnavailable
 from infra.journal import Journal
-from infra.kafka_relay import EventRelay
+from infra.kafka_relay import EventRelay, broker_reachable
+from infra.metrics import Metrics, State, gauge
 from infra.read_model_db import create_read_model_engine
 from infra.settings import Settings
 from projections.kafka_projector import KafkaProjector
 from projections.projector import Projector
+from projections.tables import READ_MODELS
 from queries.service import QueryService
 
 log = logging.getLogger("obsledger")
@@ -41,7 +44,9 @@ class Ledger:
         self.projector: Projector | None = None
         self.relay: EventRelay | None = None
         self.results: ResultsAutomation | None = None
-        self.commands = CommandService(self.journal, None)
+        self.metrics = Metrics()
+        self.metrics.watch(self.metrics_state)
+        self.commands = CommandService(self.journal, None, self.metrics)
         self._stopping = threading.Event()
         self._connect_store()
 
@@ -69,7 +74,8 @@ class Ledger:
             return False
         self.commands.store = self.store
         self.dispatcher = Dispatcher(self.journal, self.store, self.settings,
-                                     on_applied=self._applied, clock=self.clock)
+                                     on_applied=self._applied, clock=self.clock,
+                                     metrics=self.metrics)
         self.journal.on_append(self.dispatcher.wake)
         self.results = ResultsAutomation(
             ResultsProcessManager(self.store, self.engine, self.queries, self.commands),
@@ -83,6 +89,58 @@ class Ledger:
             self.projector.wake(position)
         if self.relay is not None:
             self.relay.wake(position)
+
+    # -- operations ------------------------------------------------------------------------
+    def readiness(self) -> dict[str, Any]:
+        """What ``GET /ready`` checks and the metrics' gauges report (``docs/OPERATIONS.md``)."""
+        oldest = self.journal.oldest_pending_received_at()
+        checks: dict[str, Any] = {
+            "store_reachable": False,
+            "journal_depth": self.journal.depth(),
+            "oldest_pending_age_s": round((datetime.now(UTC) - oldest).total_seconds(), 3)
+            if oldest else 0.0,
+            "head_position": None, "projector_position": None,
+            "projector_lag_events": None, "projector_lag_s": None,
+            "relay": None,
+            "downloader": None,  # the MAST downloader is not built yet
+        }
+        store = self.store
+        if store is None or not store.ping():
+            return checks
+        checks["store_reachable"] = True
+        checks["head_position"] = store.max_position()
+        position = self.queries.read_model_position()
+        lag = store.lag(position)
+        checks.update(projector_position=position, projector_lag_events=lag["events"],
+                      projector_lag_s=lag["seconds"])
+        if self.relay is not None:
+            published = self.relay.read_position()
+            relay_lag = store.lag(published)
+            checks["relay"] = {
+                "published_position": published, "lag_events": relay_lag["events"],
+                "lag_s": relay_lag["seconds"],
+                "broker_reachable": broker_reachable(self.settings.kafka_bootstrap_servers)}
+        return checks
+
+    def metrics_state(self) -> State:
+        c = self.readiness()
+        state: State = {
+            "obsledger_journal_depth": gauge(c["journal_depth"]),
+            "obsledger_journal_oldest_pending_seconds": gauge(c["oldest_pending_age_s"]),
+            "obsledger_event_store_up": gauge(int(c["store_reachable"])),
+            "obsledger_event_store_head_position": gauge(c["head_position"]),
+        }
+        if c["projector_lag_events"] is not None:
+            # every read model is projected in the same transactions: one lag for all
+            state["obsledger_projection_lag_events"] = [
+                ((m,), float(c["projector_lag_events"])) for m in READ_MODELS]
+            state["obsledger_projection_lag_seconds"] = [
+                ((m,), float(c["projector_lag_s"])) for m in READ_MODELS]
+        if c["relay"] is not None:
+            state["obsledger_relay_lag_events"] = gauge(c["relay"]["lag_events"])
+            state["obsledger_relay_lag_seconds"] = gauge(c["relay"]["lag_s"])
+            state["obsledger_kafka_broker_up"] = gauge(int(c["relay"]["broker_reachable"]))
+        return state
 
     def start_workers(self) -> None:
         """Start the dispatcher and projector threads (now, or once the store answers)."""

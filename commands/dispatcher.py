@@ -25,6 +25,7 @@ from domain.provenance import Provenance
 from domain.receipts import CommandReceipt, receipt_id
 from infra.event_store import EventStore, IntegrityError, StoreUnavailable
 from infra.journal import ACCEPTED, APPLIED, REJECTED, Journal, JournalEntry, Outcome
+from infra.metrics import Metrics
 from infra.settings import Settings
 
 log = logging.getLogger("obsledger.dispatcher")
@@ -46,11 +47,13 @@ class Dispatcher:
         settings: Settings,
         on_applied: Callable[[int], None] | None = None,
         clock: Callable[[], datetime] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.journal = journal
         self.store = store
         self.settings = settings
         self.policy = Policy.from_settings(settings, clock)
+        self.metrics = metrics
         self.batch_size = settings.dispatch_batch_size
         self.on_applied = on_applied
         self.store_reachable = True
@@ -111,12 +114,24 @@ class Dispatcher:
         outcomes = self._apply(entries)
         self.store_reachable = True
         self.journal.record_outcomes(outcomes)
+        if self.metrics is not None:
+            self._count(entries, outcomes)
         applied = [o.position for o in outcomes if o.status == APPLIED and o.position]
         if applied:
             self.applied_position = max(self.applied_position, *applied)
             if self.on_applied is not None:
                 self.on_applied(self.applied_position)
         return len(outcomes)
+
+    def _count(self, entries: list[JournalEntry], outcomes: list[Outcome]) -> None:
+        assert self.metrics is not None
+        types = {e.seq: e.command_type for e in entries}
+        self.metrics.dispatch_batch.observe(len(entries))
+        for o in outcomes:
+            if o.status == APPLIED:
+                self.metrics.commands_applied.labels(types[o.seq]).inc()
+            elif o.status == REJECTED:
+                self.metrics.commands_rejected.labels(types[o.seq], o.reason_code or "").inc()
 
     def _apply(self, entries: list[JournalEntry]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -149,7 +164,10 @@ class Dispatcher:
                 parsed.remove(failure[0])
                 continue
             try:
+                started = time.perf_counter()
                 recordings = self.store.save(*events)
+                if self.metrics is not None:
+                    self.metrics.append_seconds.observe(time.perf_counter() - started)
             except IntegrityError:
                 if len(parsed) == 1:
                     outcomes.append(self._resolve_collision(parsed[0], events))

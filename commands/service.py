@@ -17,6 +17,7 @@ from commands.models import CommandModel, observed_at_of
 from domain.errors import DomainRejection, IllegalTransition, TargetNotFound
 from infra.event_store import EventStore, StoreUnavailable
 from infra.journal import APPLIED, REJECTED, Journal, JournalEntry, NewCommand
+from infra.metrics import Metrics
 
 #: Longest the quick check before acceptance waits for the event store.
 PRECHECK_STORE_TIMEOUT_S = 0.5
@@ -97,9 +98,11 @@ def response_ids(command_type: str, cmd: Any) -> dict[str, Any]:
 
 
 class CommandService:
-    def __init__(self, journal: Journal, store: EventStore | None) -> None:
+    def __init__(self, journal: Journal, store: EventStore | None,
+                 metrics: Metrics | None = None) -> None:
         self.journal = journal
         self.store = store
+        self.metrics = metrics
 
     async def submit(
         self,
@@ -148,6 +151,8 @@ class CommandService:
         ))
         if not result.created:  # the same key raced in concurrently
             return self._repeat(result.entry, digest)
+        if self.metrics is not None:
+            self.metrics.commands_accepted.labels(command_type).inc()
         return Submission(result.entry, replayed=False, body=body)
 
     def _repeat(self, previous: JournalEntry, digest: str) -> Submission:

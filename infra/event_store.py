@@ -7,9 +7,11 @@ global notification log (the "log position" of every event), which projectors fo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
 
+import orjson
 import psycopg
 import psycopg_pool
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -168,6 +170,20 @@ class EventStore:
                     found.update(UUID(str(row["originator_id"])) for row in curs.fetchall())
         return found
 
+    def lag(self, position: int) -> dict[str, Any]:
+        """Events the log holds beyond ``position`` (a projector's, the relay's), and how many
+        seconds ago the oldest of them was recorded."""
+        head = self.max_position()
+        events = max(0, head - position)
+        seconds = 0.0
+        if events:
+            first = self.select_notifications(position, 1)
+            if first:
+                recorded = _recorded_at(orjson.loads(bytes(first[0].state)).get("timestamp"))
+                if recorded is not None:
+                    seconds = max(0.0, (datetime.now(UTC) - recorded).total_seconds())
+        return {"events": events, "seconds": round(seconds, 3)}
+
     def max_position(self) -> int:
         return self.recorder.max_notification_id() or 0
 
@@ -198,3 +214,16 @@ class EventStore:
 
     def close(self) -> None:
         self.app.close()
+
+
+def _recorded_at(stamp: Any) -> datetime | None:
+    """The event's recorded timestamp from its stored state (eventsourcing's JSON encoding)."""
+    if isinstance(stamp, dict):
+        stamp = stamp.get("_data_")
+    if not isinstance(stamp, str):
+        return None
+    try:
+        value = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -419,30 +419,3 @@ class EventRelay:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-
-def relay_lag(store: EventStore, position: int) -> dict[str, Any]:
-    """Events the log holds beyond ``position``, and how long ago the oldest was recorded."""
-    head = store.max_position()
-    events = max(0, head - position)
-    seconds = 0.0
-    if events:
-        first = store.select_notifications(position, 1)
-        if first:
-            recorded = _recorded_at(orjson.loads(bytes(first[0].state)).get("timestamp"))
-            if recorded is not None:
-                seconds = max(0.0, (datetime.now(UTC) - recorded).total_seconds())
-    return {"events": events, "seconds": round(seconds, 3)}
-
-
-def _recorded_at(stamp: Any) -> datetime | None:
-    """The event's recorded timestamp from its stored state (eventsourcing's JSON encoding)."""
-    if isinstance(stamp, dict):
-        stamp = stamp.get("_data_")
-    if not isinstance(stamp, str):
-        return None
-    try:
-        value = datetime.fromisoformat(stamp)
-    except ValueError:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -69,6 +69,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_bulk_files: int = Field(100_000, ge=1)
 
+    ready_max_journal_depth: int = Field(
+        50_000, ge=0, description="GET /ready fails above this many pending commands.")
+    ready_max_oldest_pending_s: float = Field(
+        300.0, ge=0, description="… or when the oldest pending command is older than this.")
+    ready_max_projector_lag_events: int = Field(
+        100_000, ge=0, description="… or when the read models lag more events than this.")
+    ready_max_projector_lag_s: float = Field(
+        300.0, ge=0, description="… or when their oldest missing event is older than this.")
+    ready_max_relay_lag_s: float = Field(
+        600.0, ge=0, description="… or (with Kafka) when the relay lags longer than this.")
+
     kafka_bootstrap: str | None = Field(
         None, description="Kafka bootstrap servers (host:port, comma-separated). When set, the "
         "API process also runs the relay that publishes every stored event to Kafka.",

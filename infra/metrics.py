@@ -1,0 +1,98 @@
+"""Prometheus metrics (``prometheus-client``), one registry per ledger.
+
+Counters and histograms are updated where things happen (command acceptance, the dispatcher,
+the event store, HTTP); gauges that describe state (journal depth, lags) are read from the
+ledger when Prometheus scrapes ``GET /metrics``, so they are never stale.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("obsledger.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: name → (help, labels): the gauges a state snapshot may carry.
+STATE_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "obsledger_journal_depth": ("Commands accepted and not yet applied or rejected.", ()),
+    "obsledger_journal_oldest_pending_seconds": ("Age of the oldest accepted command.", ()),
+    "obsledger_event_store_up": ("1 when the event store answers.", ()),
+    "obsledger_event_store_head_position": ("The log's last position.", ()),
+    "obsledger_projection_lag_events": ("Events not yet in the read model.", ("read_model",)),
+    "obsledger_projection_lag_seconds": ("Age of the oldest event not yet in the read model.",
+                                         ("read_model",)),
+    "obsledger_relay_lag_events": ("Events not yet published to Kafka.", ()),
+    "obsledger_relay_lag_seconds": ("Age of the oldest event not yet published to Kafka.", ()),
+    "obsledger_kafka_broker_up": ("1 when a bootstrap broker accepts connections.", ()),
+}
+
+State = dict[str, list[tuple[tuple[str, ...], float]]]  # gauge → [(label values, value)]
+
+
+class _StateCollector(Collector):
+    def __init__(self, snapshot: Callable[[], State]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            state = self.snapshot()
+        except Exception as e:  # a scrape never fails: the gauges it could not read are absent
+            log.warning("metrics: state unavailable: %s", e)
+            return
+        for name, samples in state.items():
+            help_text, labels = STATE_GAUGES[name]
+            family = GaugeMetricFamily(name, help_text, labels=list(labels))
+            for values, value in samples:
+                family.add_metric(list(values), value)
+            yield family
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.commands_accepted = Counter(
+            "obsledger_commands_accepted", "Critical commands journaled and acknowledged.",
+            ["command_type"], registry=r)
+        self.commands_applied = Counter(
+            "obsledger_commands_applied", "Commands applied to the event store.",
+            ["command_type"], registry=r)
+        self.commands_rejected = Counter(
+            "obsledger_commands_rejected", "Commands the domain refused.",
+            ["command_type", "reason_code"], registry=r)
+        self.dispatch_batch = Histogram(
+            "obsledger_dispatch_batch_commands", "Commands per dispatcher batch.",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000), registry=r)
+        self.append_seconds = Histogram(
+            "obsledger_event_store_append_seconds", "One event-store transaction (a batch).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r)
+        self.http_seconds = Histogram(
+            "obsledger_http_request_duration_seconds", "HTTP requests by route and status.",
+            ["method", "route", "status"], registry=r)
+
+    def watch(self, snapshot: Callable[[], State]) -> None:
+        """Gauges read from ``snapshot()`` at every scrape."""
+        self.registry.register(_StateCollector(snapshot))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """One sample's value (tests, diagnostics)."""
+        return self.registry.get_sample_value(name, labels or {})
+
+
+def gauge(value: Any) -> list[tuple[tuple[str, ...], float]]:
+    """A state gauge without labels (None: absent)."""
+    return [] if value is None else [((), float(value))]

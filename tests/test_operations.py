@@ -1,0 +1,120 @@
+"""What operators run on: Prometheus metrics after a known workload, and readiness that
+follows the event store (through a TCP proxy that can cut PostgreSQL off)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.app import create_app
+from tests.conftest import PG_HOST, PG_PORT, make_settings
+from tests.tcp_proxy import TcpProxy
+from tests.test_api import T0, applied
+
+
+def scrape(c: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_a_scrape_after_a_known_workload(client: TestClient) -> None:
+    for i in range(3):
+        applied(client.post("/executed_obs_units/start?wait=true", json={
+            "obs_unit_id": f"OU-{i}", "instrument": "HARPS", "start_time": T0.isoformat()}))
+    rid = applied(client.post("/observation_results/materialize?wait=true", json={
+        "observation_id": 1, "request_id": 1}))["ids"]["observation_result_ids"][0]
+    applied(client.post(f"/observation_results/{rid}/dispatch?wait=true", json={}))
+    r = client.post(f"/observation_results/{rid}/dispatch?wait=true", json={})
+    assert r.status_code == 409  # journaled, then refused by the domain
+    assert client.get("/raw_data_files/not-a-uuid").status_code == 422
+
+    m = scrape(client)
+
+    def value(name: str, **labels: str) -> float:
+        return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    start = {"command_type": "executed_obs_unit.start"}
+    dispatch = {"command_type": "observation_result.dispatch"}
+    assert value("obsledger_commands_accepted_total", **start) == 3
+    assert value("obsledger_commands_applied_total", **start) == 3
+    assert value("obsledger_commands_accepted_total", **dispatch) == 2
+    assert value("obsledger_commands_applied_total", **dispatch) == 1
+    assert value("obsledger_commands_rejected_total", reason_code="conflict", **dispatch) == 1
+    assert value("obsledger_journal_depth") == 0
+    assert value("obsledger_event_store_up") == 1
+    assert value("obsledger_dispatch_batch_commands_count") >= 1
+    assert value("obsledger_event_store_append_seconds_count") >= 5
+    assert value("obsledger_http_request_duration_seconds_count", method="POST",
+                 route="/executed_obs_units/start", status="200") == 3
+    assert value("obsledger_http_request_duration_seconds_count", method="POST",
+                 route="/observation_results/{id}/dispatch", status="409") == 1
+    assert value("obsledger_http_request_duration_seconds_count", method="GET",
+                 route="/raw_data_files/{id}", status="422") == 1
+    lag = {k[1]: v for k, v in m.items() if k[0] == "obsledger_projection_lag_events"}
+    assert len(lag) == 7 and all(v >= 0 for v in lag.values())
+
+    ready = client.get("/ready")
+    assert ready.status_code == 200, ready.text
+    checks = ready.json()["checks"]
+    assert checks["store_reachable"] is True and checks["journal_depth"] == 0
+    assert checks["relay"] is None and checks["downloader"] is None
+
+
+def test_ready_fails_over_a_threshold(settings: Any) -> None:
+    s = settings.model_copy(update={"ready_max_journal_depth": 0, "embedded_workers": False})
+    with TestClient(create_app(s)) as c:
+        r = c.post("/executed_obs_units/start", json={"obs_unit_id": "OU", "instrument": "H"})
+        assert r.status_code == 202
+        ready = c.get("/ready")
+        assert ready.status_code == 503
+        body = ready.json()
+        assert body["status_code"] == 503 and body["ready"] is False
+        assert [e["field"] for e in body["errors"]] == ["journal_depth"]
+        assert body["checks"]["journal_depth"] == 1
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[TcpProxy]:
+    proxy = TcpProxy(PG_HOST, PG_PORT)
+    yield proxy
+    proxy.close()
+
+
+def test_ready_follows_the_event_store(tmp_path: Path, pg_database: Callable[[], str],
+                                       pg_proxy: TcpProxy) -> None:
+    s = make_settings(tmp_path, "postgres", pg_database(), postgres_host=pg_proxy.host,
+                      postgres_port=pg_proxy.port, postgres_connect_timeout=2,
+                      dispatch_retry_max_s=1.0)
+
+    def ready_status(c: TestClient, want: int) -> dict[str, Any]:
+        deadline = time.monotonic() + 30
+        while True:
+            r = c.get("/ready")
+            if r.status_code == want or time.monotonic() > deadline:
+                assert r.status_code == want, r.text
+                return r.json()  # type: ignore[no-any-return]
+            time.sleep(0.2)
+
+    with TestClient(create_app(s)) as c:
+        ready_status(c, 200)
+        pg_proxy.cut()
+        try:
+            body = ready_status(c, 503)
+            assert body["errors"][0]["field"] == "store_reachable"
+            assert scrape(c)[("obsledger_event_store_up", ())] == 0
+            # commands are still accepted while not ready
+            r = c.post("/executed_obs_units/start", json={"obs_unit_id": "OU-X",
+                                                          "instrument": "HARPS"})
+            assert r.status_code == 202
+        finally:
+            pg_proxy.restore()
+        body = ready_status(c, 200)
+        assert body["checks"]["store_reachable"] is True
