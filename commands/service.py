@@ -180,12 +180,13 @@ class CommandService:
         try:
             # Bounded: while the store is down a lookup blocks for its retries (~10 x the
             # connect timeout), and acknowledging must not wait for the store.
-            lookup = asyncio.get_running_loop().run_in_executor(
-                None, self.store.get, UUID(target_id))
+            # the aggregate only when its status matters; else one row says it exists
+            check = self.store.get if target.final_statuses else self.store.exists
+            lookup = asyncio.get_running_loop().run_in_executor(None, check, UUID(target_id))
             agg = await asyncio.wait_for(lookup, PRECHECK_STORE_TIMEOUT_S)
         except (StoreUnavailable, TimeoutError):
             return  # cannot tell now: accept, the dispatcher decides
-        if agg is None:
+        if not agg:
             raise TargetNotFound(f"{target.what} {target_id} not found", field="id")
         status = getattr(agg, "status", None)
         if status in target.final_statuses:

@@ -126,7 +126,10 @@ class EventStore:
             raise StoreUnavailable(f"event store unavailable: {e}") from e
 
     def exists(self, aggregate_id: UUID) -> bool:
-        return bool(self.recorder.select_events(aggregate_id, limit=1))
+        try:
+            return bool(self.recorder.select_events(aggregate_id, limit=1))
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"event store unavailable: {e}") from e
 
     def position_of(self, aggregate_id: UUID, version: int = 1) -> int | None:
         """The log position of one stored event (used to answer a replayed command)."""
