@@ -42,6 +42,7 @@ from commands.models import (
 from commands.service import outcome_body
 from infra.journal import ACCEPTED, APPLIED, REJECTED
 from infra.kafka_relay import broker_reachable
+from infra.logs import command_id_var, correlation_id_var
 from infra.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from infra.settings import Settings
 from projections.kafka_projector import KafkaProjector
@@ -179,9 +180,14 @@ def _ledger(request: Request) -> Ledger:
 
 async def _submit(ledger: Ledger, ctx: RequestContext, command_type: str,
                   body: CommandModel, path: dict[str, Any] | None = None) -> Response:
+    # this request's task: the log lines from here on carry the command's ids
+    command_id_var.set(ctx.idempotency_key)
+    correlation_id_var.set(ctx.correlation_id)
     sub = await ledger.commands.submit(
         command_type, body, path=path, actor=ctx.actor, correlation_id=ctx.correlation_id,
         idempotency_key=ctx.idempotency_key)
+    command_id_var.set(sub.entry.command_id)
+    correlation_id_var.set(sub.entry.correlation_id)
     headers = {"Location": f"/commands/{sub.entry.command_id}",
                "X-Correlation-ID": ctx.correlation_id or sub.entry.correlation_id}
     if sub.replayed:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from infra.logs import configure_logging
 from infra.settings import Settings
 
 
@@ -23,8 +24,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(settings)
     print(f"obsledger: {settings.store} event store, API on http://{args.host}:{args.port} "
           f"(docs at /docs)", flush=True)
+    # uvicorn's loggers reach the root handler: the same JSON lines as everything else
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=args.access_log)
+                access_log=args.access_log, log_config=None)
     return 0
 
 
@@ -142,10 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_rebuild)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # connection chatter at INFO
-    return int(args.func(args, Settings()))
+    settings = Settings()
+    configure_logging(settings.log_format, getattr(logging, settings.log_level))
+    return int(args.func(args, settings))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from domain.provenance import Provenance
 from domain.receipts import CommandReceipt, receipt_id
 from infra.event_store import EventStore, IntegrityError, StoreUnavailable
 from infra.journal import ACCEPTED, APPLIED, REJECTED, Journal, JournalEntry, Outcome
+from infra.logs import command_context
 from infra.metrics import Metrics
 from infra.settings import Settings
 
@@ -149,7 +150,9 @@ class Dispatcher:
             failure: tuple[_Parsed, Exception] | None = None
             for item in parsed:
                 try:
-                    ids = item.spec.handle(item.command, uow, item.provenance, self.policy)
+                    with command_context(item.entry.command_id, item.entry.correlation_id):
+                        ids = item.spec.handle(item.command, uow, item.provenance,
+                                               self.policy)
                     uow.add(CommandReceipt.record(
                         item.spec.name, [str(i) for i in ids], item.provenance), "command receipt")
                     events.extend(uow.collect())
@@ -160,7 +163,9 @@ class Dispatcher:
                     break
                 ends.append(len(events))
             if failure is not None:
-                outcomes.append(self._refusal(*failure))
+                with command_context(failure[0].entry.command_id,
+                                     failure[0].entry.correlation_id):
+                    outcomes.append(self._refusal(*failure))
                 parsed.remove(failure[0])
                 continue
             try:
@@ -211,6 +216,7 @@ class Dispatcher:
                                reason_code="waiting", reason_field=error.field,
                                not_before=now + delay, first_deferred_at=first)
         if isinstance(error, DomainRejection):
+            log.info("%s rejected (%s): %s", entry.command_type, error.code, error.message)
             return Outcome(entry.seq, REJECTED, reason=error.message, reason_code=error.code,
                            reason_field=error.field)
         log.error("command %s (%s) failed unexpectedly", entry.command_id, entry.command_type,

@@ -32,6 +32,7 @@ from commands.models import (
 from commands.service import CommandService
 from domain.errors import DomainRejection
 from infra.event_store import EventStore
+from infra.logs import command_context
 from projections.tables import build_positions, build_tables
 from queries.service import QueryService
 
@@ -86,11 +87,12 @@ class _Worker:
 
 async def _send(commands: CommandService, command_type: str, request: Any,
                 path: dict[str, Any], key: str, correlation_id: str) -> None:
-    try:
-        await commands.submit(command_type, request, path=path, actor=ACTOR,
-                              correlation_id=correlation_id, idempotency_key=key)
-    except DomainRejection as e:  # refused at once (unknown or final): nothing to do
-        log.info("%s %s not sent: %s", command_type, path, e)
+    with command_context(key, correlation_id):
+        try:
+            await commands.submit(command_type, request, path=path, actor=ACTOR,
+                                  correlation_id=correlation_id, idempotency_key=key)
+        except DomainRejection as e:  # refused at once (unknown or final): nothing to do
+            log.info("%s %s not sent: %s", command_type, path, e)
 
 
 class ResultsProcessManager(_Worker):

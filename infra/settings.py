@@ -16,6 +16,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OBSLEDGER_", extra="ignore")
 
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Logs: one JSON object per line (command and correlation ids on "
+        "every line), or plain text.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     store: Literal["sqlite", "postgres"] = Field(
         "sqlite", description="Event store: embedded SQLite (default) or PostgreSQL."
     )

@@ -3,6 +3,9 @@ follows the event store (through a TCP proxy that can cut PostgreSQL off)."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +16,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
+from infra.logs import CommandContextFilter, json_formatter
 from tests.conftest import PG_HOST, PG_PORT, make_settings
 from tests.tcp_proxy import TcpProxy
 from tests.test_api import T0, applied
@@ -118,3 +122,38 @@ def test_ready_follows_the_event_store(tmp_path: Path, pg_database: Callable[[],
             pg_proxy.restore()
         body = ready_status(c, 200)
         assert body["checks"]["store_reachable"] is True
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The root logger also writes JSON lines here (as `obsledger` processes do)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(CommandContextFilter())
+    handler.setFormatter(json_formatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def test_log_lines_are_json_with_the_command_and_correlation_ids(
+        client: TestClient, json_log: io.StringIO) -> None:
+    rid = applied(client.post("/observation_results/materialize?wait=true", json={
+        "observation_id": 3, "request_id": 3}))["ids"]["observation_result_ids"][0]
+    applied(client.post(f"/observation_results/{rid}/dispatch?wait=true", json={}))
+    r = client.post(f"/observation_results/{rid}/dispatch?wait=true", json={},
+                    headers={"Idempotency-Key": "dispatch-again-1",
+                             "X-Correlation-ID": "night-2026-11-21"})
+    assert r.status_code == 409
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message", "command_id",
+                          "correlation_id"} <= set(line) for line in lines)
+    rejected = [line for line in lines if "rejected" in line["message"]]
+    assert rejected, lines
+    assert rejected[-1]["command_id"] == "dispatch-again-1"
+    assert rejected[-1]["correlation_id"] == "night-2026-11-21"
+    assert rejected[-1]["logger"] == "obsledger.dispatcher"
