@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from infra.logs import configure_logging
 from infra.settings import Settings
 
@@ -85,6 +87,40 @@ def _results(args: argparse.Namespace, settings: Settings) -> int:
     return _run_worker(args, settings, "results", lambda results: results.catch_up())
 
 
+def _chain(args: argparse.Namespace, settings: Settings) -> int:
+    return _run_worker(args, settings, "chain", lambda chain: (
+        f"chained up to position {chain.catch_up()}, head anchored"))
+
+
+def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from api.runtime import Ledger
+    from infra.audit_chain import AnchorLog, verify
+
+    ledger = Ledger(settings, workers=False)
+    try:
+        if ledger.store is None:
+            print("event store unreachable", file=sys.stderr)
+            return 2
+
+        def progress(position: int) -> None:
+            if not args.quiet:
+                print(f"\rverifying: position {position}", end="", file=sys.stderr, flush=True)
+
+        result = verify(ledger.store, ledger.engine, AnchorLog(settings.anchors_file),
+                        progress=progress)
+        if not args.quiet:
+            print(file=sys.stderr)
+        print(orjson.dumps({
+            "ok": result.ok, "events": result.events, "chained_head": result.chained_head,
+            "anchors_checked": result.anchors_checked,
+            "finding": None if result.finding is None else {
+                "position": result.finding.position, "kind": result.finding.kind,
+                "detail": result.finding.detail}}).decode())
+        return 0 if result.ok else 1
+    finally:
+        ledger.stop()
+
+
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from api.runtime import Ledger
 
@@ -138,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--once", action="store_true",
                    help="handle what the read models show, start the runs due, then exit")
     p.set_defaults(func=_results)
+
+    p = sub.add_parser("chain", help="extend the audit hash chain over new events and anchor "
+                       "its head (anchors file, Kafka)")
+    p.add_argument("--once", action="store_true", help="chain up to the head, then exit")
+    p.set_defaults(func=_chain)
+
+    p = sub.add_parser("verify", help="recompute the audit chain from the event log; report the "
+                       "first modified, deleted or inserted event (exit 1)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("rebuild", help="rebuild every read model from the log, then switch")
     p.add_argument("--quiet", action="store_true")

@@ -12,9 +12,10 @@ from commands.dispatcher import Dispatcher
 from commands.handlers import utcnow
 from commands.result_automation import ResultsAutomation, ResultsProcessManager, ResultsScheduler
 from commands.service import CommandService
+from infra.audit_chain import AnchorLog, ChainKeeper
 from infra.event_store import EventStore, StoreUnavailable
 from infra.journal import Journal
-from infra.kafka_relay import EventRelay, broker_reachable
+from infra.kafka_relay import AnchorPublisher, EventRelay, broker_reachable
 from infra.metrics import Metrics, State, gauge
 from infra.read_model_db import create_read_model_engine
 from infra.settings import Settings
@@ -44,6 +45,8 @@ class Ledger:
         self.projector: Projector | None = None
         self.relay: EventRelay | None = None
         self.results: ResultsAutomation | None = None
+        self.chain: ChainKeeper | None = None
+        self._anchor_publisher: AnchorPublisher | None = None
         self.metrics = Metrics()
         self.metrics.watch(self.metrics_state)
         self.commands = CommandService(self.journal, None, self.metrics)
@@ -77,6 +80,11 @@ class Ledger:
                                      on_applied=self._applied, clock=self.clock,
                                      metrics=self.metrics)
         self.journal.on_append(self.dispatcher.wake)
+        if self.settings.kafka_bootstrap:
+            self._anchor_publisher = AnchorPublisher(self.settings)
+        self.chain = ChainKeeper(self.store, self.engine, AnchorLog(self.settings.anchors_file),
+                                 anchor_every=self.settings.audit_anchor_every,
+                                 publish=self._anchor_publisher)
         self.results = ResultsAutomation(
             ResultsProcessManager(self.store, self.engine, self.queries, self.commands),
             ResultsScheduler(self.queries, self.commands, self.clock or utcnow,
@@ -154,6 +162,8 @@ class Ledger:
                 self.relay.start()
             if self.results is not None and self.settings.embedded_results_automation:
                 self.results.start()
+            if self.chain is not None and self.settings.embedded_audit_chain:
+                self.chain.start()
             return
 
         def connect_later() -> None:
@@ -168,6 +178,10 @@ class Ledger:
         self._stopping.set()
         if self.results is not None:
             self.results.stop()
+        if self.chain is not None:
+            self.chain.stop()
+        if self._anchor_publisher is not None:
+            self._anchor_publisher.close()
         if self.dispatcher is not None:
             self.dispatcher.stop()
         if self.projector is not None:

@@ -419,3 +419,32 @@ class EventRelay:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+class AnchorPublisher:
+    """Publishes audit-chain anchors to ``<prefix>.audit_anchors`` (one partition, acks=all)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic = f"{settings.kafka_topic_prefix}.audit_anchors"
+        self._producer: KafkaProducer | None = None
+
+    def __call__(self, anchor: dict[str, Any]) -> None:
+        if self._producer is None:
+            admin = KafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers,
+                                     client_id="obsledger-admin", request_timeout_ms=10_000)
+            try:
+                if self.topic not in set(admin.list_topics()):
+                    with contextlib.suppress(TopicAlreadyExistsError):
+                        admin.create_topics([NewTopic(
+                            self.topic, num_partitions=1,
+                            replication_factor=self.settings.kafka_replication_factor)])
+            finally:
+                admin.close()
+            self._producer = KafkaProducer(**{**producer_config(self.settings),
+                                              "client_id": "obsledger-anchors"})
+        self._producer.send(self.topic, value=orjson.dumps(anchor)).get(timeout=10)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=5)

@@ -84,6 +84,14 @@ class Settings(BaseSettings):
     ready_max_relay_lag_s: float = Field(
         600.0, ge=0, description="… or (with Kafka) when the relay lags longer than this.")
 
+    audit_anchor_every: int = Field(
+        10_000, ge=1, description="Anchor the audit chain's head outside the database every "
+        "this many events (anchors file, and Kafka when configured).")
+    audit_anchors_path: Path | None = Field(
+        None, description="The append-only anchors file; default <data_dir>/audit-anchors.jsonl")
+    embedded_audit_chain: bool = Field(
+        True, description="With embedded workers, keep the audit chain in the API process.")
+
     kafka_bootstrap: str | None = Field(
         None, description="Kafka bootstrap servers (host:port, comma-separated). When set, the "
         "API process also runs the relay that publishes every stored event to Kafka.",
@@ -121,6 +129,10 @@ class Settings(BaseSettings):
     @property
     def kafka_bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in (self.kafka_bootstrap or "").split(",") if s.strip()]
+
+    @property
+    def anchors_file(self) -> Path:
+        return self.audit_anchors_path or self.data_dir / "audit-anchors.jsonl"
 
     @property
     def journal_file(self) -> Path:

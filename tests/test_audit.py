@@ -1,0 +1,154 @@
+"""Tamper evidence: the audit hash chain and its anchors against edits made behind obsledger's
+back, in SQL, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from typing import Any
+
+import orjson
+import pytest
+
+from api.runtime import Ledger
+from commands.models import StartExecutedObsUnitRequest
+from infra.audit_chain import AnchorLog, ChainKeeper, verify
+from tests.conftest import ROOT, settings_env
+from tests.test_api import T0
+
+
+@pytest.fixture
+def chained(ledger: Ledger) -> Ledger:
+    """A ledger with 40 events, all chained in pages of 7, the head anchored once 10 or more
+    events passed since the last anchor: at positions 14, 28 and 40."""
+    async def go() -> None:
+        for i in range(20):
+            await ledger.commands.submit("executed_obs_unit.start", StartExecutedObsUnitRequest(
+                obs_unit_id=f"OU-{i}", instrument="HARPS", start_time=T0), path=None,
+                actor="night", correlation_id=None, idempotency_key=None)
+    asyncio.run(go())
+    assert ledger.dispatcher is not None and ledger.store is not None
+    ledger.dispatcher.drain()
+    keeper = keeper_of(ledger)
+    assert keeper.catch_up() == ledger.store.max_position() == 40
+    return ledger
+
+
+def keeper_of(ledger: Ledger) -> ChainKeeper:
+    assert ledger.store is not None
+    return ChainKeeper(ledger.store, ledger.engine, AnchorLog(ledger.settings.anchors_file),
+                       anchor_every=10, page_size=7)
+
+
+def check(ledger: Ledger) -> Any:
+    assert ledger.store is not None
+    return verify(ledger.store, ledger.engine, AnchorLog(ledger.settings.anchors_file),
+                  page_size=6)
+
+
+def sql(ledger: Ledger, statement: str, *params: Any) -> list[Any]:
+    """Run SQL on the event store's own database, as an intruder with credentials would."""
+    assert ledger.store is not None
+    recorder = ledger.store.recorder
+    with recorder.datastore.transaction(commit=True) as curs:
+        curs.execute(statement, params)
+        try:
+            return list(curs.fetchall())
+        except Exception:
+            return []
+
+
+def events_table(ledger: Ledger) -> tuple[str, str, str]:
+    """(table, position column, placeholder) of the stored events."""
+    assert ledger.store is not None
+    recorder = ledger.store.recorder
+    if ledger.store.kind == "sqlite":
+        return recorder.events_table_name, "rowid", "?"
+    return (f'"{recorder.datastore.schema}"."{recorder.events_table_name}"',
+            "notification_id", "%s")
+
+
+def state_of(ledger: Ledger, position: int) -> bytes:
+    table, pos, mark = events_table(ledger)
+    rows = sql(ledger, f"SELECT state FROM {table} WHERE {pos} = {mark}", position)
+    row = rows[0]
+    return bytes(row["state"] if isinstance(row, dict) else row[0])
+
+
+def set_state(ledger: Ledger, position: int, state: bytes) -> None:
+    table, pos, mark = events_table(ledger)
+    sql(ledger, f"UPDATE {table} SET state = {mark} WHERE {pos} = {mark}", state, position)
+
+
+def test_an_untouched_store_verifies_clean(chained: Ledger) -> None:
+    result = check(chained)
+    assert result.ok and result.events == 40 and result.chained_head == 40
+    assert result.anchors_checked == 3
+    assert [a["position"] for a in AnchorLog(chained.settings.anchors_file).read()] == [
+        14, 28, 40]
+
+
+def test_one_changed_byte_is_found_at_its_position(chained: Ledger) -> None:
+    state = bytearray(state_of(chained, 17))
+    i = state.index(b"HARPS")
+    state[i + 4] = ord("Z")  # HARPS -> HARPZ
+    set_state(chained, 17, bytes(state))
+    result = check(chained)
+    assert result.finding is not None
+    assert (result.finding.position, result.finding.kind) == (17, "modified")
+
+
+def test_a_deleted_event_is_found(chained: Ledger) -> None:
+    table, pos, mark = events_table(chained)
+    sql(chained, f"DELETE FROM {table} WHERE {pos} = {mark}", 23)
+    result = check(chained)
+    assert result.finding is not None
+    assert (result.finding.position, result.finding.kind) == (23, "deleted")
+
+
+def test_two_swapped_events_are_found(chained: Ledger) -> None:
+    a, b = state_of(chained, 5), state_of(chained, 9)
+    set_state(chained, 5, b)
+    set_state(chained, 9, a)
+    result = check(chained)
+    assert result.finding is not None
+    assert (result.finding.position, result.finding.kind) == (5, "modified")
+
+
+def test_a_truncated_chain_table_is_found_by_the_anchors(chained: Ledger) -> None:
+    with chained.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM audit_chain")
+    result = check(chained)
+    assert result.finding is not None
+    assert (result.finding.position, result.finding.kind) == (40, "chain-missing")
+
+
+def test_rewriting_events_and_chain_together_is_found_by_the_anchors(chained: Ledger) -> None:
+    state = bytearray(state_of(chained, 11))
+    state[state.index(b"HARPS") + 4] = ord("Z")
+    set_state(chained, 11, bytes(state))
+    with chained.engine.begin() as conn:  # the intruder rebuilds the chain table too
+        conn.exec_driver_sql("DELETE FROM audit_chain")
+    anchors = chained.settings.anchors_file.read_bytes()
+    chained.settings.anchors_file.unlink()
+    keeper_of(chained).catch_up()  # a consistent chain over the altered log …
+    chained.settings.anchors_file.write_bytes(anchors)  # … but the anchors outside remain
+    result = check(chained)
+    assert result.finding is not None
+    assert (result.finding.position, result.finding.kind) == (14, "anchor-mismatch")
+
+
+def test_obsledger_verify_on_the_command_line(chained: Ledger) -> None:
+    env = settings_env(chained.settings)
+    ok = subprocess.run([sys.executable, "-m", "api.cli", "verify", "--quiet"], env=env,
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert orjson.loads(ok.stdout)["ok"] is True
+    set_state(chained, 3, state_of(chained, 3).replace(b"HARPS", b"HARPX"))
+    bad = subprocess.run([sys.executable, "-m", "api.cli", "verify", "--quiet"], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert orjson.loads(bad.stdout)["finding"] == {
+        "position": 3, "kind": "modified",
+        "detail": "the stored event (or the chain row) does not match its chained hash"}
