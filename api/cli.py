@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -121,6 +122,86 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
         ledger.stop()
 
 
+def _with_store(settings: Settings, work: Callable[[Any], int]) -> int:
+    from api.runtime import Ledger
+
+    ledger = Ledger(settings, workers=False)
+    try:
+        if ledger.store is None:
+            print("event store unreachable", file=sys.stderr)
+            return 2
+        return work(ledger.store)
+    finally:
+        ledger.stop()
+
+
+def _out(args: argparse.Namespace) -> Any:
+    return open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from queries.audit import EventFilter, replay
+
+    f = EventFilter(
+        aggregate_id=args.aggregate_id, aggregate_type=args.aggregate_type,
+        event_type=args.event_type, actor=args.actor, command_id=args.command_id,
+        correlation_id=args.correlation_id, from_position=args.from_position,
+        to_position=args.to_position, recorded_from=args.recorded_from,
+        recorded_to=args.recorded_to, observed_from=args.observed_from,
+        observed_to=args.observed_to)
+
+    def work(store: Any) -> int:
+        out = _out(args)
+        try:
+            if args.format == "table":
+                print(f"{'position':>9}  {'recorded at (UTC)':<26}  {'event':<34}  "
+                      f"{'actor':<16}  aggregate", file=out)
+            for e in replay(store, f):
+                if args.format == "jsonl":
+                    out.write(orjson.dumps(e.as_json()).decode() + "\n")
+                else:
+                    recorded = e.recorded_at.isoformat() if e.recorded_at else ""
+                    print(f"{e.position:>9}  {recorded[:26]:<26}  {e.event_type:<34}  "
+                          f"{(e.actor or '')[:16]:<16}  {e.aggregate_id}", file=out)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        return 0
+
+    return _with_store(settings, work)
+
+
+def _state(args: argparse.Namespace, settings: Settings) -> int:
+    from queries.audit import state_at
+
+    def work(store: Any) -> int:
+        state, events = state_at(store, args.aggregate_id, version=args.version,
+                                 recorded_at=args.recorded_at, observed_at=args.observed_at)
+        if state is None:
+            print(f"no events of {args.aggregate_id} by then", file=sys.stderr)
+            return 1
+        print(orjson.dumps({"state": state, "events": [e.as_json() for e in events]},
+                           option=orjson.OPT_INDENT_2).decode())
+        return 0
+
+    return _with_store(settings, work)
+
+
+def _trail(args: argparse.Namespace, settings: Settings) -> int:
+    from queries.audit import trail
+
+    def work(store: Any) -> int:
+        rows = trail(store, args.entity_id)
+        if not rows:
+            print(f"nothing touched {args.entity_id}", file=sys.stderr)
+            return 1
+        for row in rows:
+            print(orjson.dumps(row).decode())
+        return 0
+
+    return _with_store(settings, work)
+
+
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from api.runtime import Ledger
 
@@ -137,6 +218,11 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     print(f"\nread models rebuilt from the log and switched at position {pos}")
     ledger.stop()
     return 0
+
+
+def _utc_time(text: str) -> datetime:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +270,33 @@ def main(argv: list[str] | None = None) -> int:
                        "first modified, deleted or inserted event (exit 1)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("replay", help="stream the event log, filtered, as a table or JSON "
+                       "Lines (auditors)")
+    for flag in ("aggregate-id", "aggregate-type", "event-type", "actor", "command-id",
+                 "correlation-id"):
+        p.add_argument(f"--{flag}")
+    p.add_argument("--from-position", type=int, default=0, help="after this position")
+    p.add_argument("--to-position", type=int, help="up to this position")
+    for flag in ("recorded-from", "recorded-to", "observed-from", "observed-to"):
+        p.add_argument(f"--{flag}", type=_utc_time, help="ISO 8601 (UTC if no offset)")
+    p.add_argument("--format", choices=["table", "jsonl"], default="table")
+    p.add_argument("--output", help="a file instead of stdout")
+    p.set_defaults(func=_replay)
+
+    p = sub.add_parser("state", help="an aggregate as it was: --version N, --recorded-at T "
+                       "(what the system knew), --observed-at T (what had happened)")
+    p.add_argument("aggregate_id")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--version", type=int)
+    when.add_argument("--recorded-at", type=_utc_time)
+    when.add_argument("--observed-at", type=_utc_time)
+    p.set_defaults(func=_state)
+
+    p = sub.add_parser("trail", help="every command and event that touched an entity, with "
+                       "actor, command and changes, oldest first (JSON Lines)")
+    p.add_argument("entity_id")
+    p.set_defaults(func=_trail)
 
     p = sub.add_parser("rebuild", help="rebuild every read model from the log, then switch")
     p.add_argument("--quiet", action="store_true")

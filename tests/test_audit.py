@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 from typing import Any
+from uuid import UUID
 
 import orjson
 import pytest
@@ -152,3 +153,117 @@ def test_obsledger_verify_on_the_command_line(chained: Ledger) -> None:
     assert orjson.loads(bad.stdout)["finding"] == {
         "position": 3, "kind": "modified",
         "detail": "the stored event (or the chain row) does not match its chained hash"}
+
+
+# -- replay, state, trail ---------------------------------------------------------------------
+def _result_history(ledger: Ledger) -> tuple[str, str]:
+    """An executed obs unit, and a result with a task and assets (several events each)."""
+    from uuid import UUID
+
+    from commands.models import (
+        ContributeAssetRequest,
+        DispatchObservationResultRequest,
+        FinishExecutedObsUnitRequest,
+        MaterializeObservationResultsRequest,
+    )
+
+    async def submit(ctype: str, req: Any, path: dict[str, Any] | None = None,
+                     actor: str = "night") -> Any:
+        return (await ledger.commands.submit(ctype, req, path=path, actor=actor,
+                                             correlation_id="corr-9",
+                                             idempotency_key=None)).body
+
+    async def go() -> tuple[str, str]:
+        unit = (await submit("executed_obs_unit.start", StartExecutedObsUnitRequest(
+            obs_unit_id="OU-A", instrument="HARPS", start_time=T0)))["ids"][
+            "executed_obs_unit_id"]
+        rid = (await submit("observation_result.materialize",
+                            MaterializeObservationResultsRequest(observation_id=5,
+                                                                 request_id=5)))["ids"][
+            "observation_result_ids"][0]
+        await submit("observation_result.dispatch",
+                     DispatchObservationResultRequest(executed_obs_unit_id=UUID(unit)),
+                     {"id": rid}, actor="scheduler")
+        for i in range(3):
+            await submit("observation_result.contribute_asset",
+                         ContributeAssetRequest(asset_id=f"a{i}"), {"id": rid})
+        await submit("executed_obs_unit.finish", FinishExecutedObsUnitRequest.model_validate(
+            {"status": "success", "end_time": "2026-11-21T23:45:00Z"}), {"id": UUID(unit)})
+        return unit, rid
+
+    unit, rid = asyncio.run(go())
+    assert ledger.dispatcher is not None
+    ledger.dispatcher.drain()
+    return unit, rid
+
+
+def test_state_travels_in_versions_and_recorded_time(ledger: Ledger) -> None:
+    from queries.audit import aggregate_state, state_at
+
+    _, rid = _result_history(ledger)
+    assert ledger.store is not None
+    stored = ledger.store.recorder.select_events(UUID(rid))
+    assert len(stored) == 5  # materialized, dispatched, three assets
+    aggregate: Any = None
+    for n, s in enumerate(stored, start=1):
+        aggregate = ledger.store.mapper.to_domain_event(s).mutate(aggregate)
+        state, events = state_at(ledger.store, rid, version=n)
+        assert state == aggregate_state(aggregate) and len(events) == n
+        recorded = events[-1].recorded_at
+        by_time, known = state_at(ledger.store, rid, recorded_at=recorded)
+        assert by_time == state and [e.version for e in known] == list(range(1, n + 1))
+    assert state is not None and state["assets_revision"] == 3
+    assert state_at(ledger.store, rid, version=0) == (None, [])
+
+
+def test_state_as_observed_at_the_telescope(ledger: Ledger) -> None:
+    from datetime import timedelta
+
+    from queries.audit import state_at
+
+    unit, _ = _result_history(ledger)
+    assert ledger.store is not None
+    during, _ = state_at(ledger.store, unit, observed_at=T0 + timedelta(minutes=30))
+    after, events = state_at(ledger.store, unit, observed_at=T0 + timedelta(hours=1))
+    assert during is not None and during["status"] == "running"
+    assert after is not None and after["status"] == "success" and len(events) == 2
+
+
+def test_replay_filters_and_the_command_line(ledger: Ledger, tmp_path: Any) -> None:
+    from queries.audit import EventFilter, replay
+
+    unit, rid = _result_history(ledger)
+    assert ledger.store is not None
+    everything = list(replay(ledger.store, EventFilter()))
+    assert [e.position for e in everything] == list(range(1, len(everything) + 1))
+    assets = list(replay(ledger.store, EventFilter(event_type="AssetContributed")))
+    assert len(assets) == 3 and {e.aggregate_id for e in assets} == {rid}
+    assert [e.data["revision"] for e in assets] == [1, 2, 3]
+    by_actor = list(replay(ledger.store, EventFilter(actor="scheduler")))
+    assert {e.event_type for e in by_actor} == {"ObservationResult.Dispatched",
+                                                "CommandReceipt.Recorded"}
+    one = list(replay(ledger.store, EventFilter(aggregate_id=unit)))
+    assert [e.event_type for e in one] == ["ExecutedObsUnit.Started",
+                                           "ExecutedObsUnit.Finished"]
+    out = tmp_path / "replay.jsonl"
+    done = subprocess.run([sys.executable, "-m", "api.cli", "replay", "--format", "jsonl",
+                           "--aggregate-type", "ObservationResult", "--output", str(out)],
+                          env=settings_env(ledger.settings), cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [orjson.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 5 and lines[0]["event_type"] == "ObservationResult.Materialized"
+    assert lines[0]["correlation_id"] == "corr-9" and lines[0]["data"]["observation_id"] == 5
+
+
+def test_trail_names_the_commands_that_touched_an_entity(ledger: Ledger) -> None:
+    from queries.audit import trail
+
+    _, rid = _result_history(ledger)
+    assert ledger.store is not None
+    rows = trail(ledger.store, rid)
+    assert [(r["event_type"], r["command_type"], r["actor"]) for r in rows] == [
+        ("ObservationResult.Materialized", "observation_result.materialize", "night"),
+        ("ObservationResult.Dispatched", "observation_result.dispatch", "scheduler"),
+        *[("ObservationResult.AssetContributed", "observation_result.contribute_asset",
+           "night")] * 3]
