@@ -202,6 +202,25 @@ def _trail(args: argparse.Namespace, settings: Settings) -> int:
     return _with_store(settings, work)
 
 
+def _check_projections(args: argparse.Namespace, settings: Settings) -> int:
+    from api.runtime import Ledger
+
+    ledger = Ledger(settings, workers=False)
+    try:
+        if ledger.projector is None:
+            print("event store unreachable", file=sys.stderr)
+            return 2
+        position, report = ledger.projector.check()
+        bad = {m: r for m, r in report.items() if r["missing"] or r["extra"] or r["different"]}
+        print(orjson.dumps({"ok": not bad, "position": position, "read_models": {
+            m: {"rows": r["rows"], **{k: len(r[k]) for k in ("missing", "extra", "different")},
+                "examples": (r["missing"] + r["extra"] + r["different"])[:10]}
+            for m, r in report.items()}}, option=orjson.OPT_INDENT_2).decode())
+        return 1 if bad else 0
+    finally:
+        ledger.stop()
+
+
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from api.runtime import Ledger
 
@@ -297,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
                        "actor, command and changes, oldest first (JSON Lines)")
     p.add_argument("entity_id")
     p.set_defaults(func=_trail)
+
+    p = sub.add_parser("check-projections", help="compare every live read model with a "
+                       "fresh build from the log (exit 1 on a difference)")
+    p.set_defaults(func=_check_projections)
 
     p = sub.add_parser("rebuild", help="rebuild every read model from the log, then switch")
     p.add_argument("--quiet", action="store_true")

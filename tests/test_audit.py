@@ -267,3 +267,26 @@ def test_trail_names_the_commands_that_touched_an_entity(ledger: Ledger) -> None
         ("ObservationResult.Dispatched", "observation_result.dispatch", "scheduler"),
         *[("ObservationResult.AssetContributed", "observation_result.contribute_asset",
            "night")] * 3]
+
+
+def test_check_projections_finds_a_read_model_edited_behind_its_back(ledger: Ledger) -> None:
+    _, rid = _result_history(ledger)
+    assert ledger.projector is not None
+    ledger.projector.catch_up()
+    position, report = ledger.projector.check()
+    assert position == ledger.projector.position
+    assert all(not (r["missing"] or r["extra"] or r["different"]) for r in report.values())
+    assert report["observation_results"]["rows"] == 1
+    with ledger.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE observation_results SET assets_revision = 99 WHERE id = "
+            + ("?" if ledger.store and ledger.store.kind == "sqlite" else "%s"), (rid,))
+        conn.exec_driver_sql("DELETE FROM executed_obs_units")
+    env = settings_env(ledger.settings)
+    done = subprocess.run([sys.executable, "-m", "api.cli", "check-projections"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    body = orjson.loads(done.stdout)
+    assert body["read_models"]["observation_results"]["different"] == 1
+    assert body["read_models"]["observation_results"]["examples"] == [rid]
+    assert body["read_models"]["executed_obs_units"]["missing"] == 1
