@@ -94,19 +94,13 @@ def _chain(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
-    from api.runtime import Ledger
     from infra.audit_chain import AnchorLog, verify
 
-    ledger = Ledger(settings, workers=False)
-    try:
-        if ledger.store is None:
-            print("event store unreachable", file=sys.stderr)
-            return 2
+    def progress(position: int) -> None:
+        if not args.quiet:
+            print(f"\rverifying: position {position}", end="", file=sys.stderr, flush=True)
 
-        def progress(position: int) -> None:
-            if not args.quiet:
-                print(f"\rverifying: position {position}", end="", file=sys.stderr, flush=True)
-
+    def work(ledger: Any) -> int:
         result = verify(ledger.store, ledger.engine, AnchorLog(settings.anchors_file),
                         progress=progress)
         if not args.quiet:
@@ -118,19 +112,20 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
                 "position": result.finding.position, "kind": result.finding.kind,
                 "detail": result.finding.detail}}).decode())
         return 0 if result.ok else 1
-    finally:
-        ledger.stop()
+
+    return _with_ledger(settings, work)
 
 
-def _with_store(settings: Settings, work: Callable[[Any], int]) -> int:
+def _with_ledger(settings: Settings, work: Callable[[Any], int]) -> int:
+    """Run ``work(ledger)`` on a ledger without workers whose event store answers."""
     from api.runtime import Ledger
 
     ledger = Ledger(settings, workers=False)
     try:
-        if ledger.store is None:
+        if ledger.store is None or ledger.projector is None:
             print("event store unreachable", file=sys.stderr)
             return 2
-        return work(ledger.store)
+        return work(ledger)
     finally:
         ledger.stop()
 
@@ -150,7 +145,8 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
         recorded_to=args.recorded_to, observed_from=args.observed_from,
         observed_to=args.observed_to)
 
-    def work(store: Any) -> int:
+    def work(ledger: Any) -> int:
+        store = ledger.store
         out = _out(args)
         try:
             if args.format == "table":
@@ -168,14 +164,14 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
                 out.close()
         return 0
 
-    return _with_store(settings, work)
+    return _with_ledger(settings, work)
 
 
 def _state(args: argparse.Namespace, settings: Settings) -> int:
     from queries.audit import state_at
 
-    def work(store: Any) -> int:
-        state, events = state_at(store, args.aggregate_id, version=args.version,
+    def work(ledger: Any) -> int:
+        state, events = state_at(ledger.store, args.aggregate_id, version=args.version,
                                  recorded_at=args.recorded_at, observed_at=args.observed_at)
         if state is None:
             print(f"no events of {args.aggregate_id} by then", file=sys.stderr)
@@ -184,14 +180,14 @@ def _state(args: argparse.Namespace, settings: Settings) -> int:
                            option=orjson.OPT_INDENT_2).decode())
         return 0
 
-    return _with_store(settings, work)
+    return _with_ledger(settings, work)
 
 
 def _trail(args: argparse.Namespace, settings: Settings) -> int:
     from queries.audit import trail
 
-    def work(store: Any) -> int:
-        rows = trail(store, args.entity_id)
+    def work(ledger: Any) -> int:
+        rows = trail(ledger.store, args.entity_id)
         if not rows:
             print(f"nothing touched {args.entity_id}", file=sys.stderr)
             return 1
@@ -199,17 +195,11 @@ def _trail(args: argparse.Namespace, settings: Settings) -> int:
             print(orjson.dumps(row).decode())
         return 0
 
-    return _with_store(settings, work)
+    return _with_ledger(settings, work)
 
 
 def _check_projections(args: argparse.Namespace, settings: Settings) -> int:
-    from api.runtime import Ledger
-
-    ledger = Ledger(settings, workers=False)
-    try:
-        if ledger.projector is None:
-            print("event store unreachable", file=sys.stderr)
-            return 2
+    def work(ledger: Any) -> int:
         position, report = ledger.projector.check()
         bad = {m: r for m, r in report.items() if r["missing"] or r["extra"] or r["different"]}
         print(orjson.dumps({"ok": not bad, "position": position, "read_models": {
@@ -217,26 +207,21 @@ def _check_projections(args: argparse.Namespace, settings: Settings) -> int:
                 "examples": (r["missing"] + r["extra"] + r["different"])[:10]}
             for m, r in report.items()}}, option=orjson.OPT_INDENT_2).decode())
         return 1 if bad else 0
-    finally:
-        ledger.stop()
+
+    return _with_ledger(settings, work)
 
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    from api.runtime import Ledger
-
-    ledger = Ledger(settings, workers=False)
-    if ledger.projector is None or ledger.store is None:
-        print("event store unreachable", file=sys.stderr)
-        return 2
-
     def progress(pos: int, head: int) -> None:
         if not args.quiet:
             print(f"\rrebuilding read models: {pos}/{head} events", end="", flush=True)
 
-    pos = ledger.projector.rebuild(progress)
-    print(f"\nread models rebuilt from the log and switched at position {pos}")
-    ledger.stop()
-    return 0
+    def work(ledger: Any) -> int:
+        pos = ledger.projector.rebuild(progress)
+        print(f"\nread models rebuilt from the log and switched at position {pos}")
+        return 0
+
+    return _with_ledger(settings, work)
 
 
 def _utc_time(text: str) -> datetime:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +32,7 @@ from commands.service import CommandService
 from domain.errors import DomainRejection
 from infra.event_store import EventStore
 from infra.logs import command_context
+from infra.worker import PollingWorker
 from projections.tables import build_positions, build_tables
 from queries.service import QueryService
 
@@ -41,48 +41,6 @@ log = logging.getLogger("obsledger.results")
 ACTOR = "obsledger:results"
 #: How an executed obs unit's final status ends the task it carries out.
 TASK_OUTCOME_OF_EXECUTION = {"success": "succeeded", "failed": "failed", "aborted": "canceled"}
-
-
-class _Worker:
-    """A thread that calls ``once`` until stopped, sleeping ``interval`` when idle."""
-
-    name = "worker"
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.last_error: str | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def once(self) -> int:
-        raise NotImplementedError
-
-    def wake(self, _position: int | None = None) -> None:
-        self._wake.set()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                done = self.once()
-                self.last_error = None
-            except Exception as e:  # store or read models down: try again later
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("%s failed, retrying: %s", self.name, self.last_error)
-                done = 0
-            if not done:
-                self._wake.wait(self.interval)
-                self._wake.clear()
 
 
 async def _send(commands: CommandService, command_type: str, request: Any,
@@ -95,7 +53,7 @@ async def _send(commands: CommandService, command_type: str, request: Any,
             log.info("%s %s not sent: %s", command_type, path, e)
 
 
-class ResultsProcessManager(_Worker):
+class ResultsProcessManager(PollingWorker):
     """Raw data files → assets of results; finished executions → task outcomes."""
 
     name = "results-process-manager"
@@ -185,7 +143,7 @@ class ResultsProcessManager(_Worker):
                 for task in self._tasks_of(str(e.originator_id), open_only=True)]
 
 
-class ResultsScheduler(_Worker):
+class ResultsScheduler(PollingWorker):
     """Starts a processing run for each due result (debounce passed, nothing in progress)."""
 
     name = "results-scheduler"

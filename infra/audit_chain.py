@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ import orjson
 from sqlalchemy import BigInteger, Column, DateTime, Engine, MetaData, String, Table, select
 
 from infra.event_store import EventStore
+from infra.worker import PollingWorker
 
 log = logging.getLogger("obsledger.audit")
 
@@ -105,24 +105,23 @@ class AnchorLog:
         return out
 
 
-class ChainKeeper:
+class ChainKeeper(PollingWorker):
     """Extends the chain over new events; anchors its head now and then."""
+
+    name = "audit-chain"
 
     def __init__(self, store: EventStore, engine: Engine, anchors: AnchorLog,
                  anchor_every: int = 10_000, page_size: int = 5000,
                  publish: Callable[[dict[str, Any]], None] | None = None,
                  interval: float = 1.0) -> None:
+        super().__init__(interval)
         self.store = store
         self.engine = engine
         self.anchors = anchors
         self.anchor_every = anchor_every
         self.page_size = page_size
         self.publish = publish
-        self.interval = interval
         self.table = build_chain_table()
-        self.last_error: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         with engine.begin() as conn:
             self.table.create(conn, checkfirst=True)
         self.position, self.link = self._head()
@@ -175,26 +174,8 @@ class ChainKeeper:
         self.anchor()
         return self.position
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="audit-chain", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                n = self.extend_once()
-                self.last_error = None
-            except Exception as e:
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("audit chain: %s", self.last_error)
-                n = 0
-            if not n:
-                self._stop.wait(self.interval)
+    def once(self) -> int:
+        return self.extend_once()
 
 
 def verify(store: EventStore, engine: Engine, anchors: AnchorLog, page_size: int = 5000,
