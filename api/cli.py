@@ -33,6 +33,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+#: How long a command-line worker keeps trying to reach the event store before giving up.
+CONNECT_TIMEOUT_S = 30.0
+
+
 def _run_until_signal(worker: Any) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,7 +54,7 @@ def _run_worker(args: argparse.Namespace, settings: Settings, role: str,
 
     ledger = Ledger(settings, workers=False)
     try:
-        worker = getattr(ledger, role)
+        worker = getattr(ledger, role) if ledger.connect(CONNECT_TIMEOUT_S) else None
         if worker is None:
             print("event store unreachable", file=sys.stderr)
             return 2
@@ -122,7 +126,7 @@ def _with_ledger(settings: Settings, work: Callable[[Any], int]) -> int:
 
     ledger = Ledger(settings, workers=False)
     try:
-        if ledger.store is None or ledger.projector is None:
+        if not ledger.connect(CONNECT_TIMEOUT_S) or ledger.projector is None:
             print("event store unreachable", file=sys.stderr)
             return 2
         return work(ledger)

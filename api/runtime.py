@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -53,6 +54,19 @@ class Ledger:
         self._stopping = threading.Event()
         self._connect_store()
 
+    def connect(self, timeout: float) -> bool:
+        """Retry connecting the event store (and wiring the workers) for up to ``timeout``
+        seconds: a database that is starting, or two processes creating the same tables at
+        once ("tuple concurrently updated"), is a moment's wait, not a failure."""
+        deadline = time.monotonic() + timeout
+        delay = 0.2
+        while not self._connect_store():
+            if time.monotonic() + delay > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        return True
+
     def _connect_store(self) -> bool:
         if self.store is not None:
             return True
@@ -70,25 +84,27 @@ class Ledger:
                                            self.settings.projection_poll_s)
             if self.settings.kafka_bootstrap:
                 self.relay = EventRelay(self.store, self.engine, self.settings)
+            if self.settings.kafka_bootstrap:
+                self._anchor_publisher = AnchorPublisher(self.settings)
+            self.chain = ChainKeeper(self.store, self.engine,
+                                     AnchorLog(self.settings.anchors_file),
+                                     anchor_every=self.settings.audit_anchor_every,
+                                     publish=self._anchor_publisher)
+            self.results = ResultsAutomation(
+                ResultsProcessManager(self.store, self.engine, self.queries, self.commands),
+                ResultsScheduler(self.queries, self.commands, self.clock or utcnow,
+                                 interval=self.settings.results_scheduler_interval_s))
         except Exception as e:  # the database went away again: retry later, not half-wired
             log.warning("read-model database unavailable at start: %s", e)
             self.store.close()
             self.store = None
+            self.projector = self.relay = self.chain = self.results = None
             return False
         self.commands.store = self.store
         self.dispatcher = Dispatcher(self.journal, self.store, self.settings,
                                      on_applied=self._applied, clock=self.clock,
                                      metrics=self.metrics)
         self.journal.on_append(self.dispatcher.wake)
-        if self.settings.kafka_bootstrap:
-            self._anchor_publisher = AnchorPublisher(self.settings)
-        self.chain = ChainKeeper(self.store, self.engine, AnchorLog(self.settings.anchors_file),
-                                 anchor_every=self.settings.audit_anchor_every,
-                                 publish=self._anchor_publisher)
-        self.results = ResultsAutomation(
-            ResultsProcessManager(self.store, self.engine, self.queries, self.commands),
-            ResultsScheduler(self.queries, self.commands, self.clock or utcnow,
-                             interval=self.settings.results_scheduler_interval_s))
         return True
 
     def _applied(self, position: int) -> None:

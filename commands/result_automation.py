@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, select, update
 
 from commands.models import (
     ContributeAssetRequest,
@@ -32,6 +32,7 @@ from commands.service import CommandService
 from domain.errors import DomainRejection
 from infra.event_store import EventStore
 from infra.logs import command_context
+from infra.read_model_db import insert_missing
 from infra.worker import PollingWorker
 from projections.tables import build_positions, build_tables
 from queries.service import QueryService
@@ -72,11 +73,9 @@ class ResultsProcessManager(PollingWorker):
         self.tasks = build_tables().observation_result_tasks
         with engine.begin() as conn:
             self.positions.create(conn, checkfirst=True)
-            if conn.execute(select(self.positions.c.position).where(
-                    self.positions.c.name == self.POSITION)).first() is None:
-                conn.execute(insert(self.positions).values(
-                    name=self.POSITION, position=0, generation="-",
-                    updated_at=datetime.now(UTC)))
+            insert_missing(conn, self.positions, {
+                "name": self.POSITION, "position": 0, "generation": "-",
+                "updated_at": datetime.now(UTC)})
 
     def position(self) -> int:
         with self.engine.connect() as conn:

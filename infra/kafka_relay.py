@@ -49,6 +49,7 @@ from sqlalchemy import (
 )
 
 from infra.event_store import EventStore
+from infra.read_model_db import insert_missing
 from infra.settings import Settings
 
 log = logging.getLogger("obsledger.relay")
@@ -275,8 +276,8 @@ class EventRelay:
             row = conn.execute(select(self.positions.c.position)
                                .where(self.positions.c.name == self.name)).first()
             if row is None:
-                conn.execute(insert(self.positions).values(
-                    name=self.name, position=0, updated_at=datetime.now(UTC)))
+                insert_missing(conn, self.positions, {
+                    "name": self.name, "position": 0, "updated_at": datetime.now(UTC)})
             self.position = int(row[0]) if row else 0
             last = conn.execute(
                 select(self.watermarks.c.partition_ends)

@@ -29,12 +29,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import orjson
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, delete, select, update
 
 from infra.event_store import EventStore
 from infra.kafka_consumer import EventConsumer, EventRecord, Partition
 from infra.kafka_relay import build_relay_positions, build_relay_watermarks, kafka_topic
-from infra.read_model_db import write_transaction
+from infra.read_model_db import insert_missing, write_transaction
 from infra.settings import Settings
 from projections.projector import MAIN, Op, Projector, execute_ops
 from projections.tables import build_consumer_offsets
@@ -153,10 +153,10 @@ class KafkaProjector(Projector):
             where = (o.c.group_id == self.group, o.c.topic == topic, o.c.partition == partition)
             moved = conn.execute(update(o).where(*where, o.c.next_offset < next_offset).values(
                 next_offset=next_offset, member=self.member, updated_at=now)).rowcount
-            if not moved and conn.execute(select(o.c.next_offset).where(*where)).first() is None:
-                conn.execute(insert(o).values(group_id=self.group, topic=topic,
-                                              partition=partition, next_offset=next_offset,
-                                              member=self.member, updated_at=now))
+            if not moved:  # no row yet, or another member is already further
+                insert_missing(conn, o, {
+                    "group_id": self.group, "topic": topic, "partition": partition,
+                    "next_offset": next_offset, "member": self.member, "updated_at": now})
 
     def _stored_offsets(self, partitions: list[Partition]) -> dict[Partition, int]:
         """Called on assignment: where each partition resumes; the rows record the owner."""
@@ -174,9 +174,9 @@ class KafkaProjector(Projector):
                             o.c.partition == partition).values(member=self.member,
                                                                updated_at=now))
                     else:
-                        conn.execute(insert(o).values(
-                            group_id=self.group, topic=topic, partition=partition,
-                            next_offset=0, member=self.member, updated_at=now))
+                        insert_missing(conn, o, {
+                            "group_id": self.group, "topic": topic, "partition": partition,
+                            "next_offset": 0, "member": self.member, "updated_at": now})
             return {p: stored.get(p, 0) for p in partitions}
         except Exception as e:  # raised from project_once: the consumer is rebuilt
             self._assign_error = e

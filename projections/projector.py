@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from infra.event_store import EventStore
-from infra.read_model_db import is_postgres, write_transaction
+from infra.read_model_db import insert_missing, is_postgres, write_transaction
 from projections.tables import READ_MODELS, ReadModelTables, build_positions, build_tables
 
 log = logging.getLogger("obsledger.projector")
@@ -240,8 +240,9 @@ class Projector:
             row = conn.execute(select(self.positions.c.position)
                                .where(self.positions.c.name == MAIN)).first()
             if row is None:
-                conn.execute(insert(self.positions).values(
-                    name=MAIN, position=0, generation="live", updated_at=datetime.now(UTC)))
+                insert_missing(conn, self.positions, {
+                    "name": MAIN, "position": 0, "generation": "live",
+                    "updated_at": datetime.now(UTC)})
                 self.position = 0
             else:
                 self.position = int(row[0])

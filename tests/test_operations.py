@@ -157,3 +157,22 @@ def test_log_lines_are_json_with_the_command_and_correlation_ids(
     assert rejected[-1]["command_id"] == "dispatch-again-1"
     assert rejected[-1]["correlation_id"] == "night-2026-11-21"
     assert rejected[-1]["logger"] == "obsledger.dispatcher"
+
+
+def test_workers_starting_together_on_a_fresh_database(tmp_path: Path,
+                                                       pg_database: Callable[[], str]) -> None:
+    """Several processes creating the same tables at once ('tuple concurrently updated')
+    wait a moment and connect, instead of exiting."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, settings_env
+
+    env = settings_env(make_settings(tmp_path, "postgres", pg_database()))
+    procs = [subprocess.Popen([sys.executable, "-m", "api.cli", "project", "--once"], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert "read models at position 0" in out
