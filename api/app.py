@@ -268,8 +268,8 @@ class ObsLedgerAPI(FastAPI):
             route = scope.get("route")
             label = getattr(route, "path", None) or (
                 scope["path"] if scope["path"] in self.plain_routes else "unmatched")
-            self.state.ledger.metrics.http_seconds.labels(
-                scope["method"], label, str(status)).observe(time.perf_counter() - started)
+            self.state.ledger.metrics.http_request(scope["method"], label, status,
+                                                   time.perf_counter() - started)
 
     async def _handle(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":

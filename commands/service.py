@@ -152,7 +152,7 @@ class CommandService:
         if not result.created:  # the same key raced in concurrently
             return self._repeat(result.entry, digest)
         if self.metrics is not None:
-            self.metrics.commands_accepted.labels(command_type).inc()
+            self.metrics.accepted(command_type)
         return Submission(result.entry, replayed=False, body=body)
 
     def _repeat(self, previous: JournalEntry, digest: str) -> Submission:

@@ -81,6 +81,22 @@ class Metrics:
             "obsledger_http_request_duration_seconds", "HTTP requests by route and status.",
             ["method", "route", "status"], registry=r)
 
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the hot paths skip the registry's lock."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self._child(self.http_seconds, method, route, str(status)).observe(seconds)
+
+    def accepted(self, command_type: str) -> None:
+        self._child(self.commands_accepted, command_type).inc()
+
     def watch(self, snapshot: Callable[[], State]) -> None:
         """Gauges read from ``snapshot()`` at every scrape."""
         self.registry.register(_StateCollector(snapshot))
