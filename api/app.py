@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -14,17 +15,27 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response, params
 from fastapi.responses import PlainTextResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
+from api.accounts import (
+    AUTH_ERRORS,
+    AuthRateLimits,
+    accounts_router,
+    allow,
+    principal_of,
+)
 from api.errors import (
     STATUS_OF_CODE,
     ApiError,
     BodySizeLimit,
     ErrorResponse,
+    QueryTime,
+    as_utc,
     install_error_handlers,
 )
 from api.runtime import Ledger
@@ -40,6 +51,8 @@ from commands.models import (
     StartExecutedObsUnitRequest,
 )
 from commands.service import outcome_body
+from domain.accounts import CRITICAL_WRITERS, OPERATORS, READERS, Principal
+from infra.accounts import AuthError
 from infra.journal import ACCEPTED, APPLIED, REJECTED
 from infra.kafka_relay import broker_reachable
 from infra.logs import command_id_var, correlation_id_var
@@ -57,7 +70,10 @@ from queries.models import (
     StagingRequestView,
 )
 
+log = logging.getLogger("obsledger.api")
 _HEADER_VALUE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
+# documented for clients (checked by _check_header, which answers in the error format)
+_HEADER_SCHEMA: dict[str, Any] = {"pattern": _HEADER_VALUE.pattern}
 
 
 class CommandAccepted(BaseModel):
@@ -79,6 +95,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Body too large"},
     422: {"model": ErrorResponse, "description": "Validation failed"},
     503: {"model": ErrorResponse, "description": "Store unavailable (queries only)"},
+    **AUTH_ERRORS,
 }
 COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
     202: {"model": CommandAccepted, "description": "Durably journaled; applied shortly."},
@@ -91,6 +108,9 @@ COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     ledger: Ledger = app.state.ledger
     ledger.start_workers()
+    ledger.request_audit.start()
+    await run_in_threadpool(_ensure_admin, ledger)
+    await run_in_threadpool(ledger.auth.refresh)  # the first requests find the accounts read
     # What exists now lives as long as the app: keep it out of the cyclic GC's full
     # collections, which would otherwise rescan it every second under load.
     gc.collect()
@@ -100,6 +120,24 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         gc.unfreeze()
         await run_in_threadpool(ledger.stop)
+
+
+def _ensure_admin(ledger: Ledger) -> None:
+    """The one-command start: a local ``admin`` account when there is no administrator."""
+    s = ledger.settings
+    password = s.admin_password.get_secret_value() if s.admin_password else None
+    try:
+        where = ledger.auth.ensure_admin(password, s.data_dir)
+    except SQLAlchemyError as e:
+        log.warning("could not check for an admin account (database unreachable): %s", e)
+        return
+    if where is not None:
+        log.warning(
+            "created the local admin account 'admin' (roles admin, operator, auditor); its "
+            "password is in %s. Get a token: curl -d username=admin -d password=... "
+            "http://HOST:PORT/auth/token — then create service accounts for automation "
+            "(POST /auth/service-accounts) and users for dashboards (POST /auth/register).",
+            where)
 
 
 def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -> ObsLedgerAPI:
@@ -119,8 +157,11 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     )
     app.state.ledger = ledger
     app.state.settings = settings
+    app.state.auth_limits = AuthRateLimits(settings.auth_rate_limit,
+                                           settings.auth_rate_limit_per_client)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(accounts_router())
     app.include_command_router(_command_router())
     app.include_router(_query_router())
     from api.results import results_command_router, results_query_router  # uses this module
@@ -147,20 +188,21 @@ def _check_header(name: str, value: str | None) -> str | None:
 
 
 async def request_context(  # async: FastAPI would run a sync dependency in a worker thread
+    request: Request,
     idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key", description="Makes a retry return the first answer.")] = None,
-    actor: Annotated[str | None, Header(
-        alias="X-Obsledger-Actor",
-        description="Who is acting (until authentication records the principal).")] = None,
-    correlation_id: Annotated[str | None, Header(alias="X-Correlation-ID")] = None,
+        alias="Idempotency-Key", description="Makes a retry return the first answer.",
+        json_schema_extra=_HEADER_SCHEMA)] = None,
+    correlation_id: Annotated[str | None, Header(
+        alias="X-Correlation-ID", description="Correlates related commands (default: the "
+        "command id).", json_schema_extra=_HEADER_SCHEMA)] = None,
     wait: Annotated[bool, Query(
         description="Wait until the command is applied (or rejected) and answer with its "
         "outcome and log position.")] = False,
 ) -> RequestContext:
+    """The command's context; the actor is the principal the endpoint's ``allow`` checked."""
     _check_header("Idempotency-Key", idempotency_key)
-    _check_header("X-Obsledger-Actor", actor)
     _check_header("X-Correlation-ID", correlation_id)
-    return RequestContext(actor=actor or "anonymous", correlation_id=correlation_id,
+    return RequestContext(actor=principal_of(request).actor, correlation_id=correlation_id,
                           idempotency_key=idempotency_key, wait=wait)
 
 
@@ -211,7 +253,7 @@ async def _submit(ledger: Ledger, ctx: RequestContext, command_type: str,
 # -- the hot path: plain command requests straight to the command service -------------------
 _WAIT_QUERY = {b"": False, b"wait=true": True, b"wait=false": False}
 _LANE_MAX_BODY = 1024 * 1024
-_CONTEXT_HEADERS = {b"idempotency-key": 0, b"x-obsledger-actor": 1, b"x-correlation-id": 2}
+_CONTEXT_HEADERS = {b"idempotency-key": 0, b"authorization": 1, b"x-correlation-id": 2}
 
 
 def _plain_command(command_type: str, model: type[CommandModel]) -> Any:
@@ -238,14 +280,14 @@ class ObsLedgerAPI(FastAPI):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.plain_routes: dict[str, tuple[str, type[CommandModel]]] = {}
+        self.plain_routes: dict[str, tuple[str, type[CommandModel], frozenset[str]]] = {}
         self._lane_open: bool | None = None
 
     def include_command_router(self, router: APIRouter) -> None:
         """Include ``router``, and let the lane answer its marked routes."""
         self.include_router(router)
         self.plain_routes = {**self.plain_routes, **{
-            route.path: route.endpoint.plain_command for route in router.routes
+            route.path: (*route.endpoint.plain_command, _roles(route)) for route in router.routes
             if isinstance(route, APIRoute) and route.methods == {"POST"}
             and hasattr(route.endpoint, "plain_command")}}
 
@@ -255,21 +297,33 @@ class ObsLedgerAPI(FastAPI):
             return
         started = time.perf_counter()
         status = 500
+        command_id: str | None = None
 
         async def send_status(message: Any) -> None:
-            nonlocal status
+            nonlocal status, command_id
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == b"location" and value.startswith(b"/commands/"):
+                        command_id = value[10:].decode("latin-1")
             await send(message)
 
         try:
             await self._handle(scope, receive, send_status)
         finally:
+            seconds = time.perf_counter() - started
             route = scope.get("route")
             label = getattr(route, "path", None) or (
                 scope["path"] if scope["path"] in self.plain_routes else "unmatched")
-            self.state.ledger.metrics.http_request(scope["method"], label, status,
-                                                   time.perf_counter() - started)
+            ledger = self.state.ledger
+            ledger.metrics.http_request(scope["method"], label, status, seconds)
+            principal = scope.get("state", {}).get("principal")
+            params_ = scope.get("path_params")
+            client = scope.get("client")
+            ledger.request_audit.record(
+                datetime.now(UTC), principal.actor if principal else None, scope["method"],
+                label, scope["path"], str(next(iter(params_.values()))) if params_ else None,
+                client[0] if client else None, status, seconds * 1000, command_id)
 
     async def _handle(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -282,8 +336,24 @@ class ObsLedgerAPI(FastAPI):
                     return
         await super().__call__(scope, receive, send)
 
+    def _lane_principal(self, authorization: str | None,
+                        roles: frozenset[str]) -> Principal | None:
+        """The principal of a bearer token the accounts snapshot knows and that holds one of
+        ``roles``; None sends the request to the regular stack (which refreshes a stale
+        snapshot, or answers 401/403)."""
+        if authorization is None or authorization[:7].lower() != "bearer ":
+            return None
+        auth = self.state.ledger.auth
+        if auth.stale():
+            auth.refresh_soon()
+        try:
+            principal = auth.authenticate(authorization[7:].strip())
+        except AuthError:
+            return None
+        return principal if principal is not None and principal.may(roles) else None
+
     async def _plain_lane(self, scope: Any, receive: Any, send: Any, command_type: str,
-                          model: type[CommandModel]) -> Any:
+                          model: type[CommandModel], roles: frozenset[str]) -> Any:
         """Answer a plain request and return None, or return the ``receive`` with which the
         regular stack gets the request (the body read here replayed first)."""
         wait = _WAIT_QUERY.get(scope.get("query_string", b""))
@@ -294,7 +364,7 @@ class ObsLedgerAPI(FastAPI):
             slot = _CONTEXT_HEADERS.get(name)
             if slot is not None:
                 text = value.decode("latin-1")
-                if context[slot] is not None or not _HEADER_VALUE.match(text):
+                if context[slot] is not None or (slot != 1 and not _HEADER_VALUE.match(text)):
                     wait = None
                 context[slot] = text
             elif name == b"content-length":
@@ -318,8 +388,12 @@ class ObsLedgerAPI(FastAPI):
             command = model.model_validate_json(body)
         except ValueError:
             return _replaying(chunks, receive)
-        key, actor, cid = context
-        ctx = RequestContext(actor=actor or "anonymous", correlation_id=cid,
+        key, authorization, cid = context
+        principal = self._lane_principal(authorization, roles)
+        if principal is None:  # the regular stack refreshes the accounts or answers 401/403
+            return _replaying(chunks, receive)
+        scope.setdefault("state", {})["principal"] = principal
+        ctx = RequestContext(actor=principal.actor, correlation_id=cid,
                              idempotency_key=key, wait=wait)
         try:
             response = await _submit(self.state.ledger, ctx, command_type, command)
@@ -327,6 +401,12 @@ class ObsLedgerAPI(FastAPI):
             return _replaying(chunks, receive)
         await response(scope, receive, send)
         return None
+
+
+def _roles(route: APIRoute) -> frozenset[str]:
+    """The roles a route's ``allow`` accepts."""
+    return frozenset(scope for d in route.dependencies if isinstance(d, params.Security)
+                     for scope in d.scopes or ())
 
 
 def _replaying(chunks: list[bytes], receive: Any, last: Any = None) -> Any:
@@ -345,7 +425,8 @@ def _replaying(chunks: list[bytes], receive: Any, last: Any = None) -> Any:
 def _command_router() -> APIRouter:
     r = APIRouter()
 
-    @r.post("/executed_obs_units/start", tags=["executed obs units"], status_code=202,
+    @r.post("/executed_obs_units/start", dependencies=[allow(CRITICAL_WRITERS)],
+            tags=["executed obs units"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Start an executed obs unit (critical)")
     @_plain_command("executed_obs_unit.start", StartExecutedObsUnitRequest)
@@ -353,14 +434,16 @@ def _command_router() -> APIRouter:
                          ctx: Ctx) -> Response:
         return await _submit(_ledger(request), ctx, "executed_obs_unit.start", body)
 
-    @r.put("/executed_obs_units/{id}/finish", tags=["executed obs units"], status_code=202,
+    @r.put("/executed_obs_units/{id}/finish", dependencies=[allow(CRITICAL_WRITERS)],
+           tags=["executed obs units"], status_code=202,
            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
            summary="Finish an executed obs unit: success, failed or aborted (critical)")
     async def finish_unit(request: Request, id: IdPath, body: FinishExecutedObsUnitRequest,
                           ctx: Ctx) -> Response:
         return await _submit(_ledger(request), ctx, "executed_obs_unit.finish", body, {"id": id})
 
-    @r.post("/raw_data_files", tags=["raw data files"], status_code=202,
+    @r.post("/raw_data_files", dependencies=[allow(CRITICAL_WRITERS)],
+            tags=["raw data files"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Register one raw data file (critical)",
             description="A file's id is derived from (instrument, name): uuid5 of the "
@@ -370,7 +453,8 @@ def _command_router() -> APIRouter:
                             ctx: Ctx) -> Response:
         return await _submit(_ledger(request), ctx, "raw_data_file.register", body)
 
-    @r.post("/raw_data_files/bulk", tags=["raw data files"], status_code=202,
+    @r.post("/raw_data_files/bulk", dependencies=[allow(CRITICAL_WRITERS)],
+            tags=["raw data files"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Register many raw data files in one command: all or none (critical)")
     async def register_files(request: Request, body: BulkRegisterRawDataFilesRequest,
@@ -381,7 +465,8 @@ def _command_router() -> APIRouter:
                 "field": "files", "message": f"at most {limit} files per command"}])
         return await _submit(_ledger(request), ctx, "raw_data_file.register_bulk", body)
 
-    @r.post("/raw_data_package", tags=["raw data packages"], status_code=202,
+    @r.post("/raw_data_package", dependencies=[allow(CRITICAL_WRITERS)],
+            tags=["raw data packages"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Create a raw data package, optionally registering its files (critical)")
     @_plain_command("raw_data_package.create", CreateRawDataPackageRequest)
@@ -389,35 +474,39 @@ def _command_router() -> APIRouter:
                              ctx: Ctx) -> Response:
         return await _submit(_ledger(request), ctx, "raw_data_package.create", body)
 
-    @r.post("/raw_data_package/{id}/files", tags=["raw data packages"], status_code=202,
+    @r.post("/raw_data_package/{id}/files", dependencies=[allow(CRITICAL_WRITERS)],
+            tags=["raw data packages"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Add registered files to a building package (critical)")
     async def add_files(request: Request, id: IdPath, body: AddFilesToPackageRequest,
                         ctx: Ctx) -> Response:
         return await _submit(_ledger(request), ctx, "raw_data_package.add_files", body, {"id": id})
 
-    @r.put("/raw_data_package/{id}/finalize", tags=["raw data packages"], status_code=202,
+    @r.put("/raw_data_package/{id}/finalize", dependencies=[allow(CRITICAL_WRITERS)],
+           tags=["raw data packages"], status_code=202,
            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
            summary="Finalize a package: building -> complete, within the size limit")
     async def finalize_package(request: Request, id: IdPath, ctx: Ctx) -> Response:
         return await _submit(_ledger(request), ctx, "raw_data_package.finalize", _Empty(),
                              {"id": id})
 
-    @r.post("/staging/stage", tags=["staging"], status_code=202,
+    @r.post("/staging/stage", dependencies=[allow(CRITICAL_WRITERS)],
+            tags=["staging"], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Request that complete packages be staged to a destination (critical)")
     @_plain_command("staging.stage", StageRequest)
     async def stage(request: Request, body: StageRequest, ctx: Ctx) -> Response:
         return await _submit(_ledger(request), ctx, "staging.stage", body)
 
-    @r.put("/staging/{id}/progress", tags=["staging"], status_code=202,
+    @r.put("/staging/{id}/progress", dependencies=[allow(CRITICAL_WRITERS)],
+           tags=["staging"], status_code=202,
            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
            summary="Report transfer progress or the outcome (transfer agent)")
     async def progress(request: Request, id: IdPath, body: StagingProgressRequest,
                        ctx: Ctx) -> Response:
         return await _submit(_ledger(request), ctx, "staging.report_progress", body, {"id": id})
 
-    @r.delete("/staging/{id}", tags=["staging"], status_code=202,
+    @r.delete("/staging/{id}", dependencies=[allow(OPERATORS)], tags=["staging"], status_code=202,
               response_model=CommandAccepted, responses=COMMAND_RESPONSES,
               summary="Cancel a staging request (not once completed)")
     async def cancel(request: Request, id: IdPath, ctx: Ctx,
@@ -469,7 +558,8 @@ def _not_found(what: str, entity_id: Any) -> ApiError:
 def _query_router() -> APIRouter:
     r = APIRouter()
 
-    @r.get("/executed_obs_units", tags=["executed obs units"], response_model=ExecutedObsUnitPage,
+    @r.get("/executed_obs_units", dependencies=[allow(READERS)],
+           tags=["executed obs units"], response_model=ExecutedObsUnitPage,
            responses=ERRORS, summary="Executed obs units for dashboards (filters, pages)")
     async def list_units(
         request: Request,
@@ -477,9 +567,9 @@ def _query_router() -> APIRouter:
                           Query()] = None,
         instrument: Annotated[str | None, Query(max_length=100)] = None,
         obs_unit_id: Annotated[str | None, Query(max_length=100)] = None,
-        start_from: Annotated[datetime | None, Query(
+        start_from: Annotated[QueryTime | None, Query(
             description="Started at or after (UTC)")] = None,
-        start_to: Annotated[datetime | None, Query(description="Started before (UTC)")] = None,
+        start_to: Annotated[QueryTime | None, Query(description="Started before (UTC)")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
         min_position: MinPosition = None,
@@ -488,12 +578,13 @@ def _query_router() -> APIRouter:
         ledger: Ledger = request.app.state.ledger
         pos, total, items, pending = await run_in_threadpool(
             ledger.queries.list_executions, status=status, instrument=instrument,
-            start_from=_utc(start_from), start_to=_utc(start_to), obs_unit_id=obs_unit_id,
+            start_from=as_utc(start_from), start_to=as_utc(start_to), obs_unit_id=obs_unit_id,
             limit=limit, offset=offset)
         return ExecutedObsUnitPage(items=items, total=total, limit=limit, offset=offset,
                                    pending_count=pending, read_model_position=pos)
 
-    @r.get("/executed_obs_units/execution/{id}", tags=["executed obs units"],
+    @r.get("/executed_obs_units/execution/{id}", dependencies=[allow(READERS)],
+           tags=["executed obs units"],
            response_model=ExecutedObsUnitView, responses=ERRORS,
            summary="One execution by its id (smart query)")
     async def get_execution(request: Request, id: UUID,
@@ -504,7 +595,8 @@ def _query_router() -> APIRouter:
             raise _not_found("executed obs unit", id)
         return row
 
-    @r.get("/executed_obs_units/{obs_unit_id}", tags=["executed obs units"],
+    @r.get("/executed_obs_units/{obs_unit_id}", dependencies=[allow(READERS)],
+           tags=["executed obs units"],
            response_model=ExecutionsOfObsUnit, responses=ERRORS,
            summary="Every execution of a planned obs unit, merged with pending ones")
     async def executions_of(request: Request,
@@ -516,7 +608,8 @@ def _query_router() -> APIRouter:
         return ExecutionsOfObsUnit(obs_unit_id=obs_unit_id, read_model_position=pos,
                                    executions=rows)
 
-    @r.get("/raw_data_files", tags=["raw data files"], response_model=RawDataFilePage,
+    @r.get("/raw_data_files", dependencies=[allow(READERS)],
+           tags=["raw data files"], response_model=RawDataFilePage,
            responses=ERRORS, summary="Raw data files, filtered and paged")
     async def list_files(
         request: Request,
@@ -537,7 +630,8 @@ def _query_router() -> APIRouter:
         return RawDataFilePage(items=items, total=total, limit=limit, offset=offset,
                                pending_count=pending, read_model_position=pos)
 
-    @r.get("/raw_data_files/{id}", tags=["raw data files"], response_model=RawDataFileView,
+    @r.get("/raw_data_files/{id}", dependencies=[allow(READERS)],
+           tags=["raw data files"], response_model=RawDataFileView,
            responses=ERRORS, summary="One raw data file (smart query)")
     async def get_file(request: Request, id: UUID, min_position: MinPosition = None) -> Any:
         await _caught_up(request, min_position)
@@ -546,7 +640,7 @@ def _query_router() -> APIRouter:
             raise _not_found("raw data file", id)
         return row
 
-    @r.get("/raw_data_package/{id}", tags=["raw data packages"],
+    @r.get("/raw_data_package/{id}", dependencies=[allow(READERS)], tags=["raw data packages"],
            response_model=RawDataPackageView, responses=ERRORS,
            summary="A raw data package with its files (smart query)")
     async def get_package(request: Request, id: UUID, min_position: MinPosition = None) -> Any:
@@ -556,7 +650,8 @@ def _query_router() -> APIRouter:
             raise _not_found("raw data package", id)
         return row
 
-    @r.get("/staging/status/{id}", tags=["staging"], response_model=StagingRequestView,
+    @r.get("/staging/status/{id}", dependencies=[allow(READERS)],
+           tags=["staging"], response_model=StagingRequestView,
            responses=ERRORS, summary="Where a staging request stands (smart query)")
     async def staging_status(request: Request, id: UUID,
                              min_position: MinPosition = None) -> Any:
@@ -566,7 +661,8 @@ def _query_router() -> APIRouter:
             raise _not_found("staging request", id)
         return row
 
-    @r.get("/commands/{command_id}", tags=["commands"], response_model=CommandStatusView,
+    @r.get("/commands/{command_id}", dependencies=[allow(READERS)],
+           tags=["commands"], response_model=CommandStatusView,
            responses=ERRORS, summary="Where a critical command stands")
     async def command_status(request: Request,
                              command_id: Annotated[str, Path(max_length=200)]) -> Any:
@@ -723,17 +819,6 @@ def relay_health(ledger: Ledger) -> dict[str, Any] | None:
     except Exception as e:  # the store or read-model database is down: other sections say so
         report["last_error"] = report["last_error"] or f"lag unavailable: {e}"
     return report
-
-
-def _utc(v: datetime | None) -> datetime | None:
-    if v is None:
-        return None
-    try:
-        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
-        raise ApiError(422, "Validation failed", [{
-            "field": "query", "message": f"{v.isoformat()} is not representable in UTC"}],
-        ) from None
 
 
 def _s(v: Any) -> str | None:

@@ -233,6 +233,27 @@ def _utc_time(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _service_token(args: argparse.Namespace, settings: Settings) -> int:
+    """Issue an API token for a service account straight in the accounts database (for
+    provisioning telescope automation without an admin token)."""
+    from infra.accounts import AccountExists, AccountStore, TokenSigner, provision_service_token
+    from infra.read_model_db import create_read_model_engine
+
+    settings.prepare_dirs()
+    engine = create_read_model_engine(settings.read_model_database_url)
+    try:
+        token = provision_service_token(
+            AccountStore(engine), TokenSigner(settings.signing_secret(), settings.token_ttl_s),
+            args.name, args.role, token_name=args.token_name, created_by="obsledger-cli")
+    except AccountExists as e:
+        print(e, file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    print(token)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="obsledger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -313,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("rebuild", help="rebuild every read model from the log, then switch")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_rebuild)
+
+    p = sub.add_parser("service-token", help="issue an API token for a service account "
+                       "(created with the --role roles if missing) and print it")
+    p.add_argument("name", help="service account name, e.g. telescope-automation")
+    p.add_argument("--role", action="append", required=True,
+                   choices=["automation", "operator", "viewer", "auditor", "admin"])
+    p.add_argument("--token-name", default="cli", help="what the token is for")
+    p.set_defaults(func=_service_token)
 
     args = parser.parse_args(argv)
     settings = Settings()

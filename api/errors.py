@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Mapping
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -66,11 +68,38 @@ def error_response(status: int, detail: str, errors: list[dict[str, str]] | None
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, detail: str, errors: list[dict[str, str]] | None = None):
+    def __init__(self, status: int, detail: str, errors: list[dict[str, str]] | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.errors = errors or []
+        self.headers = headers
+
+
+_NUMBER = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*$")
+
+
+def _iso_time(v: Any) -> Any:
+    if isinstance(v, str) and _NUMBER.match(v):  # pydantic would read it as a Unix time
+        raise ValueError("an ISO 8601 date-time, e.g. 2026-11-21T23:00:00Z")
+    return v
+
+
+QueryTime = Annotated[datetime, BeforeValidator(_iso_time)]
+"""A date-time query parameter: ISO 8601 only (as documented), naive means UTC."""
+
+
+def as_utc(v: datetime | None) -> datetime | None:
+    """A query parameter's time in UTC (naive means UTC); 422 when it cannot be."""
+    if v is None:
+        return None
+    try:
+        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
+        raise ApiError(422, "Validation failed", [{
+            "field": "query", "message": f"{v.isoformat()} is not representable in UTC"}],
+        ) from None
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -104,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> ORJSONResponse:
-        return error_response(exc.status, exc.detail, exc.errors)
+        return error_response(exc.status, exc.detail, exc.errors, headers=exc.headers)
 
     @app.exception_handler(StoreUnavailable)
     async def _unavailable(_: Request, exc: StoreUnavailable) -> ORJSONResponse:

@@ -10,6 +10,7 @@ from uuid import UUID
 from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from api.accounts import allow
 from api.app import (
     COMMAND_RESPONSES,
     ERRORS,
@@ -32,6 +33,7 @@ from commands.models import (
     StartProcessingRunRequest,
     TaskOutcomeRequest,
 )
+from domain.accounts import CRITICAL_WRITERS, OPERATORS, READERS
 from queries.models import DueResults, ObservationResultDetail, ObservationResultPage, ResultCounts
 
 TAG = "observation results"
@@ -42,7 +44,8 @@ RunPath = Annotated[UUID, Path(description="Processing run id")]
 def results_command_router() -> APIRouter:
     r = APIRouter()
 
-    @r.post("/observation_results/materialize", tags=[TAG], status_code=202,
+    @r.post("/observation_results/materialize", dependencies=[allow(CRITICAL_WRITERS)],
+            tags=[TAG], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Materialize the leaf cells of a request spec (critical, idempotent)",
             description="Every (epoch, sample, copy) cell becomes an observation result with "
@@ -52,7 +55,8 @@ def results_command_router() -> APIRouter:
                           ctx: Ctx) -> Response:
         return await _submit(_ledger(request), ctx, "observation_result.materialize", body)
 
-    @r.post("/observation_results/{id}/dispatch", tags=[TAG], status_code=202,
+    @r.post("/observation_results/{id}/dispatch", dependencies=[allow(CRITICAL_WRITERS)],
+            tags=[TAG], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Dispatch: a new task (execution attempt) for the result (critical)")
     async def dispatch(request: Request, id: IdPath, body: DispatchObservationResultRequest,
@@ -60,7 +64,8 @@ def results_command_router() -> APIRouter:
         return await _submit(_ledger(request), ctx, "observation_result.dispatch", body,
                              {"id": id})
 
-    @r.put("/observation_results/{id}/tasks/{task_id}", tags=[TAG], status_code=202,
+    @r.put("/observation_results/{id}/tasks/{task_id}", dependencies=[allow(CRITICAL_WRITERS)],
+           tags=[TAG], status_code=202,
            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
            summary="A task's outcome: succeeded, partial, failed or canceled (critical)")
     async def report_task(request: Request, id: IdPath, task_id: TaskPath,
@@ -68,7 +73,8 @@ def results_command_router() -> APIRouter:
         return await _submit(_ledger(request), ctx, "observation_result.report_task", body,
                              {"id": id, "task_id": task_id})
 
-    @r.post("/observation_results/{id}/cancel", tags=[TAG], status_code=202,
+    @r.post("/observation_results/{id}/cancel", dependencies=[allow(OPERATORS)],
+            tags=[TAG], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Cancel the result (from any non-final state) and its open task")
     async def cancel(request: Request, id: IdPath, body: CancelObservationResultRequest,
@@ -76,7 +82,8 @@ def results_command_router() -> APIRouter:
         return await _submit(_ledger(request), ctx, "observation_result.cancel", body,
                              {"id": id})
 
-    @r.post("/observation_results/{id}/assets", tags=[TAG], status_code=202,
+    @r.post("/observation_results/{id}/assets", dependencies=[allow(CRITICAL_WRITERS)],
+            tags=[TAG], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="A contributing asset: bumps assets_revision, debounces the rebuild")
     async def contribute(request: Request, id: IdPath, body: ContributeAssetRequest,
@@ -84,7 +91,8 @@ def results_command_router() -> APIRouter:
         return await _submit(_ledger(request), ctx, "observation_result.contribute_asset",
                              body, {"id": id})
 
-    @r.post("/observation_results/{id}/runs", tags=[TAG], status_code=202,
+    @r.post("/observation_results/{id}/runs", dependencies=[allow(CRITICAL_WRITERS)],
+            tags=[TAG], status_code=202,
             response_model=CommandAccepted, responses=COMMAND_RESPONSES,
             summary="Start a processing run of the current assets_revision")
     async def start_run(request: Request, id: IdPath, body: StartProcessingRunRequest,
@@ -92,7 +100,8 @@ def results_command_router() -> APIRouter:
         return await _submit(_ledger(request), ctx, "observation_result.start_run", body,
                              {"id": id})
 
-    @r.put("/observation_results/{id}/runs/{run_id}", tags=[TAG], status_code=202,
+    @r.put("/observation_results/{id}/runs/{run_id}", dependencies=[allow(CRITICAL_WRITERS)],
+           tags=[TAG], status_code=202,
            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
            summary="End the run in progress: completed (with outputs), failed, blocked or "
            "skipped")
@@ -107,7 +116,8 @@ def results_command_router() -> APIRouter:
 def results_query_router() -> APIRouter:
     r = APIRouter()
 
-    @r.get("/observation_results", tags=[TAG], response_model=ObservationResultPage,
+    @r.get("/observation_results", dependencies=[allow(READERS)],
+           tags=[TAG], response_model=ObservationResultPage,
            responses=ERRORS, summary="Observation results for dashboards (filters, pages)")
     async def list_results(
         request: Request,
@@ -134,7 +144,8 @@ def results_query_router() -> APIRouter:
         return ObservationResultPage(items=items, total=total, limit=limit, offset=offset,
                                      pending_count=pending, read_model_position=pos)
 
-    @r.get("/observation_results/due", tags=[TAG], response_model=DueResults,
+    @r.get("/observation_results/due", dependencies=[allow(READERS)],
+           tags=[TAG], response_model=DueResults,
            responses=ERRORS, summary="What the scheduler builds next, and when")
     async def due(request: Request,
                   limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
@@ -144,12 +155,14 @@ def results_query_router() -> APIRouter:
         items = await run_in_threadpool(ledger.queries.due_results, now, limit)
         return DueResults(now=now, items=items)
 
-    @r.get("/observation_results/counts", tags=[TAG], response_model=ResultCounts,
+    @r.get("/observation_results/counts", dependencies=[allow(READERS)],
+           tags=[TAG], response_model=ResultCounts,
            responses=ERRORS, summary="Results by fulfillment and data-product status")
     async def counts(request: Request) -> Any:
         return await run_in_threadpool(_ledger(request).queries.result_counts)
 
-    @r.get("/observation_results/{id}", tags=[TAG], response_model=ObservationResultDetail,
+    @r.get("/observation_results/{id}", dependencies=[allow(READERS)],
+           tags=[TAG], response_model=ObservationResultDetail,
            responses=ERRORS, summary="One result with its tasks, runs and outputs "
            "(smart query)")
     async def get_result(request: Request, id: IdPath, min_position: MinPosition = None) -> Any:

@@ -13,12 +13,14 @@ from commands.dispatcher import Dispatcher
 from commands.handlers import utcnow
 from commands.result_automation import ResultsAutomation, ResultsProcessManager, ResultsScheduler
 from commands.service import CommandService
+from infra.accounts import AccountStore, Authenticator, TokenSigner
 from infra.audit_chain import AnchorLog, ChainKeeper
 from infra.event_store import EventStore, StoreUnavailable
 from infra.journal import Journal
 from infra.kafka_relay import AnchorPublisher, EventRelay, broker_reachable
 from infra.metrics import Metrics, State, gauge
 from infra.read_model_db import create_read_model_engine
+from infra.request_audit import RequestAuditLog
 from infra.settings import Settings
 from projections.kafka_projector import KafkaProjector
 from projections.projector import Projector
@@ -40,6 +42,11 @@ class Ledger:
         self.journal = Journal(settings.journal_file)
         self.engine = create_read_model_engine(settings.read_model_database_url)
         self.queries = QueryService(self.engine, self.journal)
+        self.auth = Authenticator(AccountStore(self.engine),
+                                  TokenSigner(settings.signing_secret(), settings.token_ttl_s),
+                                  refresh_s=settings.auth_refresh_s)
+        self.request_audit = RequestAuditLog(self.engine, settings.request_audit_flush_s,
+                                             settings.request_audit_buffer)
         self.workers = settings.embedded_workers if workers is None else workers
         self.store: EventStore | None = None
         self.dispatcher: Dispatcher | None = None
@@ -153,6 +160,8 @@ class Ledger:
             "obsledger_journal_oldest_pending_seconds": gauge(c["oldest_pending_age_s"]),
             "obsledger_event_store_up": gauge(int(c["store_reachable"])),
             "obsledger_event_store_head_position": gauge(c["head_position"]),
+            "obsledger_request_audit_pending": gauge(self.request_audit.pending),
+            "obsledger_request_audit_dropped": gauge(self.request_audit.dropped),
         }
         if c["projector_lag_events"] is not None:
             # every read model is projected in the same transactions: one lag for all
@@ -204,6 +213,7 @@ class Ledger:
             self.projector.stop()
         if self.relay is not None:
             self.relay.stop()
+        self.request_audit.stop()
         self.journal.close()
         if self.store is not None:
             self.store.close()

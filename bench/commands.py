@@ -43,6 +43,7 @@ from bench.common import (
     make_settings,
     note,
     pg_from_args,
+    service_token,
     temp_database,
     temp_dir,
 )
@@ -57,6 +58,7 @@ def measure_ack(args: argparse.Namespace, settings: Any) -> None:
          "commands stay journaled), journal synchronous=FULL")
     noops: list[float] = []
     acks: list[float] = []
+    token = service_token(settings)  # every acknowledged request carries a verified JWT
     for rnd in range(args.rounds):
         with Server.noop() as noop:
             url = noop.url + "/noop"
@@ -67,8 +69,9 @@ def measure_ack(args: argparse.Namespace, settings: Any) -> None:
 
         with Server.obsledger(settings, "--no-workers") as api:
             url = api.url + "/executed_obs_units/start"
-            http_load(url, START_BODY, args.warmup, args.connections, args.client)
-            a = http_load(url, START_BODY, args.duration, args.connections, args.client)
+            http_load(url, START_BODY, args.warmup, args.connections, args.client, token)
+            a = http_load(url, START_BODY, args.duration, args.connections, args.client,
+                          token)
         _check(a, "ack")
         acks.append(a.per_s)
         note(f"round {rnd + 1}: noop {r.per_s:.0f}/s, ack {a.per_s:.0f}/s, ratio "
@@ -97,7 +100,9 @@ def measure_ryw(args: argparse.Namespace, settings: Any) -> None:
 
     samples: list[float] = []
     retries = 0
-    with Server.obsledger(settings) as api, httpx.Client(base_url=api.url, timeout=30) as c:
+    auth = {"Authorization": f"Bearer {service_token(settings)}"}
+    with Server.obsledger(settings) as api, httpx.Client(base_url=api.url, timeout=30,
+                                                          headers=auth) as c:
         for i in range(args.ryw_samples + 20):
             r = c.post("/executed_obs_units/start?wait=true",
                        json={"obs_unit_id": f"OU-RYW-{i}", "instrument": "HARPS"})

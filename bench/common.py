@@ -232,6 +232,7 @@ def drain_journal(ledger: Any, expected: int, what: str) -> float:
 _WRK_LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = %s
 wrk.body = %s
 local non2xx = 0
 response = function(status, headers, body)
@@ -252,9 +253,10 @@ class LoadResult:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
-def _run_wrk(url: str, body: bytes, seconds: float, connections: int) -> LoadResult:
+def _run_wrk(url: str, body: bytes, seconds: float, connections: int,
+             authorization: str) -> LoadResult:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(_WRK_LUA % json.dumps(body.decode()))
+        f.write(_WRK_LUA % (json.dumps(authorization), json.dumps(body.decode())))
         script = f.name
     try:
         out = subprocess.run(
@@ -283,12 +285,13 @@ def _wrk_seconds(text: str) -> float:
     return float(text)
 
 
-async def _aiohttp_load(url: str, body: bytes, seconds: float, connections: int) -> list[int]:
+async def _aiohttp_load(url: str, body: bytes, seconds: float, connections: int,
+                        authorization: str) -> list[int]:
     import aiohttp
 
     counts = [0, 0]
     stop_at = time.perf_counter() + seconds
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", "Authorization": authorization}
     conn = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=conn) as session:
         async def worker() -> None:
@@ -301,9 +304,10 @@ async def _aiohttp_load(url: str, body: bytes, seconds: float, connections: int)
     return counts
 
 
-def _run_aiohttp(url: str, body: bytes, seconds: float, connections: int) -> LoadResult:
+def _run_aiohttp(url: str, body: bytes, seconds: float, connections: int,
+                 authorization: str) -> LoadResult:
     """The fallback client, in its own process so it never shares the server's GIL."""
-    args = ", ".join(repr(a) for a in (url, body, seconds, connections))
+    args = ", ".join(repr(a) for a in (url, body, seconds, connections, authorization))
     code = (
         f"import sys, json, asyncio, time; sys.path.insert(0, {str(ROOT)!r});"
         f"from bench import common; t=time.perf_counter();"
@@ -317,11 +321,28 @@ def _run_aiohttp(url: str, body: bytes, seconds: float, connections: int) -> Loa
 
 
 def http_load(url: str, body: bytes, seconds: float, connections: int,
-              client: str = "auto") -> LoadResult:
-    """Requests per second sustained against ``url`` by POSTing ``body``."""
+              client: str = "auto", token: str = "") -> LoadResult:
+    """Requests per second sustained against ``url`` by POSTing ``body`` (with ``token`` as
+    the bearer token; the no-op baseline ignores it)."""
+    authorization = f"Bearer {token}"
     if client == "wrk" or (client == "auto" and shutil.which("wrk")):
-        return _run_wrk(url, body, seconds, connections)
-    return _run_aiohttp(url, body, seconds, connections)
+        return _run_wrk(url, body, seconds, connections, authorization)
+    return _run_aiohttp(url, body, seconds, connections, authorization)
+
+
+def service_token(settings: Any, name: str = "bench-automation") -> str:
+    """An API token of a service account with the automation role, in ``settings``' store."""
+    from infra.accounts import AccountStore, TokenSigner, provision_service_token
+    from infra.read_model_db import create_read_model_engine
+
+    settings.prepare_dirs()
+    engine = create_read_model_engine(settings.read_model_database_url)
+    try:
+        return provision_service_token(
+            AccountStore(engine), TokenSigner(settings.signing_secret(), settings.token_ttl_s),
+            name, ["automation", "viewer"], token_name="bench", created_by="bench")
+    finally:
+        engine.dispose()
 
 
 def add_load_args(parser: argparse.ArgumentParser) -> None:

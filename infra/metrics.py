@@ -31,6 +31,9 @@ STATE_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "obsledger_relay_lag_events": ("Events not yet published to Kafka.", ()),
     "obsledger_relay_lag_seconds": ("Age of the oldest event not yet published to Kafka.", ()),
     "obsledger_kafka_broker_up": ("1 when a bootstrap broker accepts connections.", ()),
+    "obsledger_request_audit_pending": ("Request audit records not yet written.", ()),
+    "obsledger_request_audit_dropped": ("Request audit records dropped (buffer full while the "
+                                        "database was unreachable).", ()),
 }
 
 State = dict[str, list[tuple[tuple[str, ...], float]]]  # gauge → [(label values, value)]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.raw_data import DEFAULT_PACKAGE_SIZE_LIMIT
+from infra.accounts import development_secret
 
 
 class Settings(BaseSettings):
@@ -20,6 +21,28 @@ class Settings(BaseSettings):
         "json", description="Logs: one JSON object per line (command and correlation ids on "
         "every line), or plain text.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    mode: Literal["development", "production"] = Field(
+        "development", description="production refuses to start without OBSLEDGER_JWT_SECRET.")
+    jwt_secret: SecretStr | None = Field(
+        None, description="Signs every token (HS256, at least 32 characters). Development "
+        "default: a random secret kept in <data_dir>/jwt-secret.")
+    token_ttl_s: float = Field(1800.0, gt=0, le=86_400, description="User tokens' lifetime.")
+    admin_password: SecretStr | None = Field(
+        None, description="Password of the local `admin` account created when no admin "
+        "exists; default: a random one written to <data_dir>/admin-password.")
+    auth_refresh_s: float = Field(
+        1.0, gt=0, description="How stale the in-memory view of accounts and revoked service "
+        "tokens may be (other processes' changes show within this).")
+    auth_rate_limit: str = Field(
+        "10/minute", description="Failed logins (POST /auth/token) allowed per username; "
+        "beyond, every attempt gets 429 until the window moves on.")
+    auth_rate_limit_per_client: str = Field(
+        "60/minute", description="Failed logins allowed per client address.")
+    request_audit_flush_s: float = Field(
+        0.5, gt=0, description="The request audit log is written in batches this often.")
+    request_audit_buffer: int = Field(
+        100_000, ge=100, description="Audit records held while the database is unreachable "
+        "(older ones are dropped beyond this, and counted).")
     store: Literal["sqlite", "postgres"] = Field(
         "sqlite", description="Event store: embedded SQLite (default) or PostgreSQL."
     )
@@ -121,6 +144,15 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
+    def _production_needs_a_secret(self) -> Settings:
+        if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value()) < 32:
+            raise ValueError("OBSLEDGER_JWT_SECRET must be at least 32 characters")
+        if self.mode == "production" and self.jwt_secret is None:
+            raise ValueError("OBSLEDGER_MODE=production refuses to start without "
+                             "OBSLEDGER_JWT_SECRET (the development secret is not for production)")
+        return self
+
+    @model_validator(mode="after")
     def _kafka_projection_needs_a_broker(self) -> Settings:
         if self.projection_source == "kafka" and not self.kafka_bootstrap:
             raise ValueError("OBSLEDGER_PROJECTION_SOURCE=kafka needs OBSLEDGER_KAFKA_BOOTSTRAP")
@@ -180,10 +212,17 @@ class Settings(BaseSettings):
         """These settings as ``OBSLEDGER_*`` variables (to start another obsledger process)."""
         env: dict[str, str] = {}
         for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             if value is not None:
                 env[f"OBSLEDGER_{name.upper()}"] = (str(value).lower() if isinstance(value, bool)
                                                     else str(value))
         return env
+
+    def signing_secret(self) -> str:
+        if self.jwt_secret is not None:
+            return self.jwt_secret.get_secret_value()
+        return development_secret(self.data_dir)
 
     def prepare_dirs(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,8 @@ from sqlalchemy import Engine, select
 
 from api.app import create_app
 from api.runtime import Ledger
+from infra.accounts import AccountStore, TokenSigner, provision_service_token
+from infra.read_model_db import create_read_model_engine
 from infra.settings import Settings
 from projections.tables import READ_MODELS, ReadModelTables, build_tables
 
@@ -111,11 +113,37 @@ def ledger(settings: Settings) -> Iterator[Ledger]:
     lg.stop()
 
 
+AUTOMATION_ROLES = ("automation", "operator", "viewer", "auditor")
+
+
+def grant(settings: Settings, name: str = "test-automation",
+          roles: tuple[str, ...] = AUTOMATION_ROLES, kind: str = "service") -> dict[str, str]:
+    """``Authorization`` headers of an account (created if missing) of the store under
+    test: a service account's API token, or a user's 30-minute token."""
+    settings.prepare_dirs()
+    engine = create_read_model_engine(settings.read_model_database_url)
+    try:
+        store = AccountStore(engine)
+        signer = TokenSigner(settings.signing_secret(), settings.token_ttl_s)
+        if kind == "service":
+            token = provision_service_token(store, signer, name, roles, token_name="tests",
+                                            created_by="tests")
+        else:
+            account = store.find(username=name)
+            if account is None:
+                account = store.create(name, "user", roles, None, created_by="tests")
+            token, _ = signer.user_token(account)
+    finally:
+        engine.dispose()
+    return {"Authorization": f"Bearer {token}"}
+
+
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    """The API in-process, with the embedded dispatcher and projector running."""
+    """The API in-process, with the embedded dispatcher and projector running, as a service
+    account holding every role but admin."""
     app = create_app(settings)
-    with TestClient(app) as c:
+    with TestClient(app, headers=grant(settings)) as c:
         yield c
 
 

@@ -36,7 +36,8 @@ from commands.models import (
     TaskOutcomeRequest,
 )
 from domain.raw_data import raw_data_file_id
-from tests.conftest import make_settings
+from infra.settings import Settings
+from tests.conftest import grant, make_settings
 
 T0 = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
 ERROR_KEYS = {"detail", "status_code", "errors"}
@@ -121,19 +122,20 @@ def make_client(tmp_path: Path, store_kind: str,
         s = make_settings(tmp_path / uuid.uuid4().hex[:8], store_kind,
                           new_db() if new_db else None, missing_target_deadline_s=0.5,
                           **overrides)
-        return stack.enter_context(TestClient(create_app(s)))
+        return stack.enter_context(TestClient(create_app(s), headers=grant(s)))
 
     yield make
     stack.close()
 
 
 # -- happy paths -----------------------------------------------------------------------------
-def test_every_endpoint_happy_path(client: TestClient) -> None:
+def test_every_endpoint_happy_path(client: TestClient, settings: Settings) -> None:
     c = client
     r = c.post("/executed_obs_units/start?wait=true",
                json={"obs_unit_id": "OU-H", "instrument": "HARPS",
                      "start_time": "2026-11-21T23:14:05Z", "metadata": {"airmass": 1.1}},
-               headers={"X-Obsledger-Actor": "night-script", "X-Correlation-ID": "corr-1"})
+               headers={**grant(settings, "night-script", kind="user"),
+                        "X-Correlation-ID": "corr-1"})
     body = applied(r)
     unit = body["ids"]["executed_obs_unit_id"]
     assert r.headers["Location"] == f"/commands/{body['command_id']}"
@@ -209,7 +211,7 @@ def test_every_endpoint_happy_path(client: TestClient) -> None:
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
 
-def test_command_status_endpoint(client: TestClient) -> None:
+def test_command_status_endpoint(client: TestClient, settings: Settings) -> None:
     r = client.put(f"/executed_obs_units/{UNKNOWN}/finish", json={"status": "success"},
                    headers={"Idempotency-Key": "stat-1"})
     assert_error(r, 404)  # refused at once: nothing journaled
@@ -218,7 +220,7 @@ def test_command_status_endpoint(client: TestClient) -> None:
     unit, _ = start(client, "OU-C")
     r = client.put(f"/executed_obs_units/{unit}/finish?wait=true", json={
         "status": "success", "end_time": (T0 - timedelta(hours=1)).isoformat()},
-        headers={"Idempotency-Key": "stat-2", "X-Obsledger-Actor": "closer"})
+        headers={"Idempotency-Key": "stat-2", **grant(settings, "closer", kind="user")})
     body = assert_error(r, 422, field="end_time", message="before start_time")
     assert body["command_id"] == "stat-2"
     r = client.get("/commands/stat-2")
@@ -452,7 +454,6 @@ BAD_HEADERS = [
     ("Idempotency-Key", "semi;colon"),
     ("Idempotency-Key", "x" * 201),
     ("Idempotency-Key", "quote\"d"),
-    ("X-Obsledger-Actor", "bad actor!"),
     ("X-Correlation-ID", "a,b"),
 ]
 
@@ -673,7 +674,7 @@ def test_openapi_schema_and_docs(client: TestClient) -> None:
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             assert op.get("summary"), (method, path)
-            if "requestBody" not in op:
+            if "requestBody" not in op or path.startswith("/auth/"):  # commands only here
                 continue
             media = op["requestBody"]["content"]["application/json"]
             name = media["schema"]["$ref"].rsplit("/", 1)[-1]
@@ -871,7 +872,7 @@ def test_plain_lane_replays_what_it_does_not_answer(client: TestClient,
                  422, "query.wait")
     assert_error(client.post("/executed_obs_units/start",
                              json={"obs_unit_id": "OU-1", "instrument": "HARPS"},
-                             headers={"X-Obsledger-Actor": "a b"}), 422, "X-Obsledger-Actor")
+                             headers={"X-Correlation-ID": "a b"}), 422, "X-Correlation-ID")
     assert lane_calls == [False, False, False, False]
 
     # idempotent repeat: answered by the lane; reuse with another body: refused (409) by the

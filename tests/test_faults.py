@@ -40,6 +40,7 @@ from tests.conftest import (
     PG_USER,
     ROOT,
     ServerProcess,
+    grant,
     make_settings,
     settings_env,
 )
@@ -47,7 +48,6 @@ from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-ACTOR = {"X-Obsledger-Actor": "fault-test"}
 RECEIPT = "%CommandReceipt%"
 STARTED = "%ExecutedObsUnit.Started"
 REGISTERED = "%RawDataFile.Registered"
@@ -241,9 +241,10 @@ class CommandStream(threading.Thread):
     """Keeps sending critical commands (starts, and bulk registrations linked to started
     units), each with its own Idempotency-Key, until stopped."""
 
-    def __init__(self, url: str, tag: str) -> None:
+    def __init__(self, url: str, tag: str, auth: dict[str, str]) -> None:
         super().__init__(name="command-stream", daemon=True)
         self.url = url
+        self.auth = auth
         self.tag = tag
         self.phase = "before"
         self.sent: list[Sent] = []
@@ -259,7 +260,7 @@ class CommandStream(threading.Thread):
         last_unit: str | None = None
         running: deque[str] = deque()  # started units, oldest first
         i = 0
-        with httpx.Client(base_url=self.url, timeout=15) as c:
+        with httpx.Client(base_url=self.url, timeout=15, headers=self.auth) as c:
             while not self._halt.is_set():
                 if i % 4 == 3 and len(running) > 5:
                     unit = running.popleft()
@@ -278,7 +279,7 @@ class CommandStream(threading.Thread):
                 t0 = time.monotonic()
                 try:
                     r = c.request(method, path, json=body,
-                                  headers={"Idempotency-Key": key, **ACTOR})
+                                  headers={"Idempotency-Key": key})
                 except httpx.HTTPError as e:
                     self.errors.append(f"{key}: {e!r}")
                     time.sleep(0.05)
@@ -348,9 +349,10 @@ def test_store_outage_while_commands_keep_arriving(
 ) -> None:
     dbname = pg_database()
     settings = _proxied_settings(tmp_path, dbname, pg_proxy)
+    auth = grant(settings)
     server = _start_server(children, settings)
-    stream = CommandStream(server.url, "outage")
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+    stream = CommandStream(server.url, "outage", auth)
+    with httpx.Client(base_url=server.url, timeout=30, headers=auth) as c:
         _until("the store to be reachable", lambda: _health(c)["store"]["reachable"], 20)
         stream.start()
         try:
@@ -432,7 +434,7 @@ def test_store_outage_while_commands_keep_arriving(
         retried = [s for s in sent if s.phase == "cut"][:10] + sent[:5] + sent[-5:]
         for s in retried:
             r = c.request("PUT" if s.path.endswith("/finish") else "POST", s.path,
-                          json=s.body, headers={"Idempotency-Key": s.key, **ACTOR})
+                          json=s.body, headers={"Idempotency-Key": s.key})
             assert r.status_code == 202, r.text
             assert r.json() == s.answer
             assert r.headers.get("Idempotent-Replayed") == "true"
@@ -451,11 +453,12 @@ def test_accepts_commands_when_store_unreachable_at_startup(
 ) -> None:
     dbname = pg_database()
     settings = _proxied_settings(tmp_path, dbname, pg_proxy)
+    auth = grant(settings)  # while the database answers: then tokens are trusted as signed
     pg_proxy.cut()
     started_at = time.monotonic()
     server = _start_server(children, settings)
     sent: list[Sent] = []
-    with httpx.Client(base_url=server.url, timeout=20) as c:
+    with httpx.Client(base_url=server.url, timeout=20, headers=auth) as c:
         h = _health(c)
         assert not h["store"]["reachable"] and h["status"] == "degraded"
         unit: str | None = None
@@ -467,7 +470,7 @@ def test_accepts_commands_when_store_unreachable_at_startup(
                 key, path, body = f"start-down-{i}", "/executed_obs_units/start", _start_body(
                     i, "down")
             t0 = time.monotonic()
-            r = c.post(path, json=body, headers={"Idempotency-Key": key, **ACTOR})
+            r = c.post(path, json=body, headers={"Idempotency-Key": key})
             latency = time.monotonic() - t0
             assert r.status_code == 202, r.text
             assert latency < 1.0, f"{key} took {latency:.3f}s to acknowledge"
@@ -484,7 +487,7 @@ def test_accepts_commands_when_store_unreachable_at_startup(
             assert _count_receipts(conn) == 0
         # a queued repeat is answered from the journal, even now
         r = c.post(sent[1].path, json=sent[1].body,
-                   headers={"Idempotency-Key": sent[1].key, **ACTOR})
+                   headers={"Idempotency-Key": sent[1].key})
         assert r.status_code == 202 and r.json() == sent[1].answer
 
         # several background reconnection attempts fail before the store comes back

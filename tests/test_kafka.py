@@ -58,7 +58,7 @@ from infra.kafka_relay import (
 from infra.settings import Settings
 from projections.kafka_projector import KafkaProjector
 from projections.tables import build_consumer_offsets
-from tests.conftest import REQUIRE_SERVICES, ROOT, read_model_rows, settings_env
+from tests.conftest import REQUIRE_SERVICES, ROOT, grant, read_model_rows, settings_env
 from tests.kafka_broker import KafkaBroker, kcat_binary
 
 T0 = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
@@ -296,7 +296,7 @@ def test_a_broker_outage_never_blocks_commands_and_the_relay_catches_up(
     if not broker.can_fail:
         pytest.skip("outages are simulated only on the brokers the tests start")
     app = create_app(kafka_settings)
-    with TestClient(app) as client:
+    with TestClient(app, headers=grant(kafka_settings)) as client:
         night(app.state.ledger, units=2)
         ledger: Ledger = app.state.ledger
         relay = ledger.relay
@@ -499,7 +499,7 @@ def test_a_kafka_projector_killed_mid_batch_resumes_without_applying_twice(
 def test_smart_queries_read_their_writes_with_a_kafka_projector(
         kafka_projection_settings: Settings) -> None:
     settings = kafka_projection_settings.model_copy(update={"embedded_projector": True})
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=grant(settings)) as client:
         ids = []
         for _ in range(5):
             r = client.post("/executed_obs_units/start", json={

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
 from infra.logs import CommandContextFilter, json_formatter
-from tests.conftest import PG_HOST, PG_PORT, make_settings
+from tests.conftest import PG_HOST, PG_PORT, grant, make_settings
 from tests.tcp_proxy import TcpProxy
 from tests.test_api import T0, applied
 
@@ -74,7 +74,7 @@ def test_a_scrape_after_a_known_workload(client: TestClient) -> None:
 
 def test_ready_fails_over_a_threshold(settings: Any) -> None:
     s = settings.model_copy(update={"ready_max_journal_depth": 0, "embedded_workers": False})
-    with TestClient(create_app(s)) as c:
+    with TestClient(create_app(s), headers=grant(s)) as c:
         r = c.post("/executed_obs_units/start", json={"obs_unit_id": "OU", "instrument": "H"})
         assert r.status_code == 202
         ready = c.get("/ready")
@@ -107,7 +107,7 @@ def test_ready_follows_the_event_store(tmp_path: Path, pg_database: Callable[[],
                 return r.json()  # type: ignore[no-any-return]
             time.sleep(0.2)
 
-    with TestClient(create_app(s)) as c:
+    with TestClient(create_app(s), headers=grant(s)) as c:
         ready_status(c, 200)
         pg_proxy.cut()
         try:

@@ -17,6 +17,7 @@ from api.app import create_app
 from api.runtime import Ledger
 from domain.results import observation_result_id
 from infra.settings import Settings
+from tests.conftest import grant
 from tests.test_api import applied
 
 T0 = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
@@ -44,7 +45,7 @@ def clock() -> Clock:
 def rc(settings: Settings, clock: Clock) -> Iterator[TestClient]:
     s = settings.model_copy(update={"result_debounce_s": 30.0, "processing_retry_base_s": 10.0,
                                     "processing_retry_limit": 2})
-    with TestClient(create_app(s, Ledger(s, clock=clock))) as c:
+    with TestClient(create_app(s, Ledger(s, clock=clock)), headers=grant(s)) as c:
         yield c
 
 
@@ -97,7 +98,7 @@ def test_materializing_is_idempotent_and_ids_are_the_leaf_cells(rc: TestClient) 
 
 def test_a_pending_materialization_is_read_at_once(settings: Settings, clock: Clock) -> None:
     s = settings.model_copy(update={"embedded_projector": False})
-    with TestClient(create_app(s, Ledger(s, clock=clock))) as c:
+    with TestClient(create_app(s, Ledger(s, clock=clock)), headers=grant(s)) as c:
         body = applied(c.post("/observation_results/materialize?wait=true", json={
             "observation_id": 1, "request_id": 2, "epochs": 2}))
         rid = body["ids"]["observation_result_ids"][1]

@@ -1,0 +1,195 @@
+"""The request audit log: every HTTP request — time, principal, method and route, resource id,
+client address, status, duration, command id — in the append-only ``request_audit`` table of
+the read-model database.
+
+Recording a request appends a tuple to a buffer; a writer thread inserts the buffer in one
+statement every ``flush_s``. A request never waits for the database. While the database is
+unreachable the buffer keeps up to ``capacity`` records (the oldest beyond that are dropped
+and counted in ``dropped``). Triggers refuse UPDATE and DELETE on the table (SQLite and
+PostgreSQL), so rows cannot be edited through SQL without dropping the triggers first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from infra.read_model_db import is_postgres
+
+log = logging.getLogger("obsledger.request_audit")
+
+metadata = MetaData()
+request_audit = Table(
+    "request_audit", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("principal", String(120)),
+    Column("method", String(10), nullable=False),
+    Column("route", String(300), nullable=False),
+    Column("path", String(1000), nullable=False),
+    Column("resource_id", String(200)),
+    Column("client", String(100)),
+    Column("status", Integer, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Column("command_id", String(200)),
+    Index("ix_request_audit_at", "at"),
+    Index("ix_request_audit_principal", "principal", "at"),
+    Index("ix_request_audit_command", "command_id"),
+)
+COLUMNS = ("at", "principal", "method", "route", "path", "resource_id", "client", "status",
+           "duration_ms", "command_id")
+
+_PG_APPEND_ONLY = """
+CREATE OR REPLACE FUNCTION obsledger_request_audit_append_only() RETURNS trigger AS $$
+BEGIN RAISE EXCEPTION 'request_audit is append-only'; END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS request_audit_append_only ON request_audit;
+CREATE TRIGGER request_audit_append_only BEFORE UPDATE OR DELETE ON request_audit
+FOR EACH ROW EXECUTE FUNCTION obsledger_request_audit_append_only();
+"""
+_SQLITE_APPEND_ONLY = [
+    "CREATE TRIGGER IF NOT EXISTS request_audit_no_update BEFORE UPDATE ON request_audit "
+    "BEGIN SELECT RAISE(ABORT, 'request_audit is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS request_audit_no_delete BEFORE DELETE ON request_audit "
+    "BEGIN SELECT RAISE(ABORT, 'request_audit is append-only'); END",
+]
+
+
+class RequestAuditLog:
+    def __init__(self, engine: Engine, flush_s: float = 0.5, capacity: int = 100_000) -> None:
+        self.engine = engine
+        self.flush_s = flush_s
+        self._buffer: deque[tuple[Any, ...]] = deque()
+        self.capacity = capacity
+        self.dropped = 0
+        self.failing = False  # the last write failed (logged once per outage)
+        self.written = 0
+        self._ready = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._flush_lock = threading.Lock()
+        self._create_lock = threading.Lock()
+
+    def record(self, at: datetime, principal: str | None, method: str, route: str, path: str,
+               resource_id: str | None, client: str | None, status: int, duration_ms: float,
+               command_id: str | None) -> None:
+        """Hold one request for the next batch (never blocks)."""
+        if len(self._buffer) >= self.capacity:
+            self._buffer.popleft()
+            self.dropped += 1
+        self._buffer.append((at, principal, method, route, path, resource_id, client, status,
+                             duration_ms, command_id))
+
+    # -- the writer ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="request-audit",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            self.flush()
+
+    def create_table(self) -> None:
+        if self._ready:
+            return
+        with self._create_lock:
+            if not self._ready:
+                self._create_table()
+
+    def _create_table(self) -> None:
+        try:
+            metadata.create_all(self.engine, checkfirst=True)
+        except SQLAlchemyError:  # another process created it at the same moment
+            metadata.create_all(self.engine, checkfirst=True)
+        with self.engine.begin() as conn:
+            if is_postgres(self.engine):
+                conn.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
+                conn.exec_driver_sql(_PG_APPEND_ONLY)
+            else:
+                for statement in _SQLITE_APPEND_ONLY:
+                    conn.exec_driver_sql(statement)
+        self._ready = True
+
+    def flush(self) -> int:
+        """Write what is buffered; returns the number of rows written (0 if the database is
+        unreachable: the rows stay buffered)."""
+        with self._flush_lock:
+            if not self._buffer:
+                return 0
+            batch = list(self._buffer)
+            try:
+                self.create_table()
+                with self.engine.begin() as conn:
+                    conn.execute(request_audit.insert(),
+                                 [dict(zip(COLUMNS, row, strict=True)) for row in batch])
+            except SQLAlchemyError as e:
+                if not self.failing:
+                    log.warning("request audit log not written (%d held): %s", len(batch), e)
+                self.failing = True
+                return 0
+            self.failing = False
+            for _ in batch:  # record() only appends on the right: these are the oldest
+                self._buffer.popleft()
+            self.written += len(batch)
+            return len(batch)
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    # -- the auditors' query ---------------------------------------------------------------
+    def query(self, *, principal: str | None = None, method: str | None = None,
+              route: str | None = None, status: int | None = None,
+              resource_id: str | None = None, command_id: str | None = None,
+              since: datetime | None = None, until: datetime | None = None,
+              skip: int = 0, limit: int = 100) -> tuple[list[dict[str, Any]], int]:
+        """Matching records, newest first, and how many match."""
+        self.create_table()
+        t = request_audit
+        conditions = [c for c in (
+            t.c.principal == principal if principal is not None else None,
+            t.c.method == method.upper() if method is not None else None,
+            t.c.route == route if route is not None else None,
+            t.c.status == status if status is not None else None,
+            t.c.resource_id == resource_id if resource_id is not None else None,
+            t.c.command_id == command_id if command_id is not None else None,
+            t.c.at >= since if since is not None else None,
+            t.c.at < until if until is not None else None,
+        ) if c is not None]
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(t).where(*conditions)
+                                 ).scalar_one()
+            rows = conn.execute(select(t).where(*conditions).order_by(t.c.id.desc())
+                                .offset(skip).limit(limit)).mappings().all()
+        return [{k: v.replace(tzinfo=UTC) if isinstance(v, datetime) and v.tzinfo is None
+                 else v for k, v in r.items()} for r in rows], int(total)
