@@ -16,7 +16,7 @@ from infra.event_store import EventStore
 
 #: Fields every event carries; the rest of the stored state is the event's data.
 PROVENANCE = ("timestamp", "actor", "command_id", "correlation_id", "observed_at",
-              "originator_id", "originator_version")
+              "originator_id", "originator_version", "class_version")
 
 
 def untag(value: Any) -> Any:
@@ -51,6 +51,9 @@ class AuditEvent:
     command_id: str | None
     correlation_id: str | None
     data: dict[str, Any]
+    #: The event class's schema version the event was stored in (``class_version``; 1 when
+    #: absent). ``data`` is as stored; ``state_at`` upcasts (``docs/EVENT_SCHEMA.md``).
+    schema_version: int = 1
 
     @classmethod
     def of(cls, n: Notification) -> AuditEvent:
@@ -62,7 +65,8 @@ class AuditEvent:
             event_type=qualname, recorded_at=_time(state.get("timestamp")),
             observed_at=_time(state.get("observed_at")), actor=state.get("actor"),
             command_id=state.get("command_id"), correlation_id=state.get("correlation_id"),
-            data={k: v for k, v in state.items() if k not in PROVENANCE})
+            data={k: v for k, v in state.items() if k not in PROVENANCE},
+            schema_version=int(state.get("class_version", 1)))
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
