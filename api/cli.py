@@ -217,13 +217,25 @@ def _check_projections(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    def progress(pos: int, head: int) -> None:
-        if not args.quiet:
-            print(f"\rrebuilding read models: {pos}/{head} events", end="", flush=True)
+    from infra.progress import position_bar
+    from projections.tables import READ_MODELS
+
+    if bool(args.models) == bool(args.all):
+        print(f"name the read models to rebuild, or --all (known: {', '.join(READ_MODELS)})",
+              file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.models) - set(READ_MODELS))
+    if unknown:
+        print(f"unknown read model(s): {', '.join(unknown)} (known: {', '.join(READ_MODELS)})",
+              file=sys.stderr)
+        return 2
 
     def work(ledger: Any) -> int:
-        pos = ledger.projector.rebuild(progress)
-        print(f"\nread models rebuilt from the log and switched at position {pos}")
+        models = None if args.all else args.models
+        with position_bar("rebuilding", ledger.store.max_position(), args.quiet) as advance:
+            pos = ledger.projector.rebuild(advance, models=models)
+        names = "every read model" if args.all else ", ".join(args.models)
+        print(f"rebuilt {names} from the log and switched at position {pos}")
         return 0
 
     return _with_ledger(settings, work)
@@ -366,7 +378,13 @@ def main(argv: list[str] | None = None) -> int:
                        "fresh build from the log (exit 1 on a difference)")
     p.set_defaults(func=_check_projections)
 
-    p = sub.add_parser("rebuild", help="rebuild every read model from the log, then switch")
+    p = sub.add_parser("rebuild", help="rebuild read models from the log into fresh tables "
+                       "while the live ones serve, then switch atomically")
+    p.add_argument("models", nargs="*", metavar="read-model",
+                   help="executed_obs_units, raw_data_files, raw_data_packages, "
+                   "staging_requests, observation_results, observation_result_tasks, "
+                   "processing_runs")
+    p.add_argument("--all", action="store_true", help="every read model")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_rebuild)
 

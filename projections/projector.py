@@ -16,12 +16,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, bindparam, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 
 from infra.event_store import EventStore
 from infra.read_model_db import insert_missing, is_postgres, write_transaction
@@ -317,12 +318,17 @@ class Projector:
         self._advance(new_pos)
         return len(notifications)
 
-    def _apply(self, conn: Connection, ops: _Ops, notifications: Any) -> None:
+    def _apply(self, conn: Connection, ops: _Ops, notifications: Any,
+               only: frozenset[str] | None = None) -> None:
+        """Apply ``notifications`` through ``ops``; with ``only``, just the statements on
+        those tables (a rebuild of some read models)."""
         decode = self.store.decode
 
         def gen() -> Iterator[Op]:
             for n in notifications:
-                yield from ops.ops(decode(n), n.id)
+                for op in ops.ops(decode(n), n.id):
+                    if only is None or (op[0] if isinstance(op[0], str) else op[0][0]) in only:
+                        yield op
 
         execute_ops(conn, gen())
 
@@ -354,25 +360,34 @@ class Projector:
 
     # -- rebuild -------------------------------------------------------------------------
     def build_fresh(self, progress: Callable[[int, int], None] | None = None,
-                    ) -> tuple[ReadModelTables, int]:
+                    models: Sequence[str] | None = None) -> tuple[ReadModelTables, int]:
         """A new set of read-model tables (``<model>_r<hex>``) built from position 0 up to the
-        log's head as it was when this started; return them and the position they reached."""
+        log's head as it was when this started; return them and the position they reached.
+        With ``models``, only those tables are created and filled."""
+        chosen = _chosen(models)
         generation = "r" + uuid.uuid4().hex[:12]
         shadow = build_tables(generation=generation, table_suffix="_" + generation)
         ops = _Ops(shadow, self.engine.dialect.name)
+        only = None if models is None else _shadow_names(chosen, generation)
         with self.engine.begin() as conn:
-            shadow.metadata.create_all(conn)
+            for model, table in zip(READ_MODELS, shadow.all(), strict=True):
+                if model in chosen:
+                    table.create(conn)
         pos = 0
         head = self.store.max_position()
-        while pos < head:
-            notifications = self.store.select_notifications(pos, self.page_size)
-            if not notifications:
-                break
-            with self.engine.begin() as conn:
-                self._apply(conn, ops, notifications)
-            pos = notifications[-1].id
-            if progress:
-                progress(pos, max(head, pos))
+        try:
+            while pos < head:
+                notifications = self.store.select_notifications(pos, self.page_size)
+                if not notifications:
+                    break
+                with self.engine.begin() as conn:
+                    self._apply(conn, ops, notifications, only)
+                pos = notifications[-1].id
+                if progress:
+                    progress(pos, max(head, pos))
+        except BaseException:
+            self.drop(shadow)
+            raise
         return shadow, pos
 
     def check(self, progress: Callable[[int, int], None] | None = None,
@@ -408,32 +423,83 @@ class Projector:
         with self.engine.begin() as conn:
             tables.metadata.drop_all(conn)
 
-    def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Build a fresh set of tables from position 0, then switch to it atomically.
+    def rebuild(self, progress: Callable[[int, int], None] | None = None,
+                models: Sequence[str] | None = None, switch_attempts: int = 50) -> int:
+        """Build fresh tables from position 0 (every read model, or ``models``), then switch
+        to them atomically; return the position the switched tables reflect.
 
-        The live tables keep serving queries (and the live projector keeps running) until the
-        switch, which happens in one transaction that also catches up the last events.
+        The live tables keep serving queries and the live projector keeps running while the
+        fresh ones are built and brought close to the log's head. The switch is one short
+        transaction: lock the projector's position row (the live projector waits), apply the
+        last events to the fresh tables, drop the live tables and rename the fresh ones.
+        Rebuilding every model moves the position to the log's head; rebuilding some brings
+        them to the live position (the others' position), and events they already reflect
+        beyond it are no-ops when the projector re-applies them (guarded statements).
+        On PostgreSQL the switch waits at most 500 ms for locks (a query holding a read
+        model); it is then rolled back and retried, so queries wait briefly but never fail.
         """
-        shadow, pos = self.build_fresh(progress)
+        chosen = _chosen(models)
+        every = set(chosen) == set(READ_MODELS)
+        shadow, pos = self.build_fresh(progress, None if every else chosen)
         ops = _Ops(shadow, self.engine.dialect.name)
         generation = shadow.generation
+        only = None if every else _shadow_names(chosen, generation)
+        try:
+            while True:  # close the gap outside the switch
+                notifications = self.store.select_notifications(pos, self.page_size)
+                if notifications:
+                    with self.engine.begin() as conn:
+                        self._apply(conn, ops, notifications, only)
+                    pos = notifications[-1].id
+                    if progress:
+                        progress(pos, max(pos, self.store.max_position()))
+                if len(notifications) < self.page_size:
+                    break
+            for attempt in range(switch_attempts):
+                try:
+                    pos = self._switch(ops, only, chosen, generation, pos, every)
+                    break
+                except OperationalError as e:
+                    if not _lock_timeout(e) or attempt == switch_attempts - 1:
+                        raise
+                    log.info("rebuild switch waited too long for a lock; retrying")
+                    time.sleep(0.05 * (1 + attempt % 5))
+        except BaseException:
+            self.drop(shadow)
+            raise
+        if every:
+            self._advance(pos)
+        return pos
+
+    def _switch(self, ops: _Ops, only: frozenset[str] | None, chosen: tuple[str, ...],
+                generation: str, pos: int, every: bool) -> int:
         with write_transaction(self.engine) as conn:
-            self._lock_position(conn, MAIN)
+            postgres = is_postgres(self.engine)
+            if postgres:
+                conn.exec_driver_sql("SET LOCAL lock_timeout = '500ms'")
+            live = self._lock_position(conn, MAIN)
             while True:  # the last events, inside the switching transaction
                 notifications = self.store.select_notifications(pos, self.page_size)
+                if not every:  # up to the live position only
+                    notifications = [n for n in notifications if n.id <= live]
                 if not notifications:
                     break
-                self._apply(conn, ops, notifications)
+                self._apply(conn, ops, notifications, only)
                 pos = notifications[-1].id
+            if postgres:  # every lock at once, in one order: no deadlock with a query
+                names = ", ".join(f'"{m}"' for m in chosen)
+                conn.exec_driver_sql(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE")
             existing = set(inspect(conn).get_table_names())
-            for name in READ_MODELS:
+            for name in chosen:
                 if name in existing:
                     conn.exec_driver_sql(f'DROP TABLE "{name}"')
                 conn.exec_driver_sql(f'ALTER TABLE "{name}_{generation}" RENAME TO "{name}"')
-            conn.execute(update(self.positions).where(self.positions.c.name == MAIN)
-                         .values(position=pos, generation=generation,
-                                 updated_at=datetime.now(UTC)))
-        self._advance(pos)
+            if every:
+                conn.execute(update(self.positions).where(self.positions.c.name == MAIN)
+                             .values(position=pos, generation=generation,
+                                     updated_at=datetime.now(UTC)))
+            else:
+                pos = max(pos, live)
         return pos
 
     # -- waiting -------------------------------------------------------------------------
@@ -447,3 +513,24 @@ class Projector:
                     return False
                 self._advanced.wait(remaining)
         return True
+
+
+def _chosen(models: Sequence[str] | None) -> tuple[str, ...]:
+    """The read models named (all of them by default), in ``READ_MODELS`` order."""
+    if models is None:
+        return READ_MODELS
+    unknown = sorted(set(models) - set(READ_MODELS))
+    if unknown or not models:
+        raise ValueError(f"unknown read model(s) {', '.join(unknown) or '(none given)'}; "
+                         f"known: {', '.join(READ_MODELS)}")
+    return tuple(m for m in READ_MODELS if m in set(models))
+
+
+def _shadow_names(models: tuple[str, ...], generation: str) -> frozenset[str]:
+    return frozenset(f"{m}_{generation}" for m in models)
+
+
+def _lock_timeout(e: OperationalError) -> bool:
+    import psycopg
+
+    return isinstance(e.orig, psycopg.errors.LockNotAvailable)
