@@ -100,22 +100,13 @@ def _chain(args: argparse.Namespace, settings: Settings) -> int:
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from infra.audit_chain import AnchorLog, verify
-
-    def progress(position: int) -> None:
-        if not args.quiet:
-            print(f"\rverifying: position {position}", end="", file=sys.stderr, flush=True)
+    from infra.progress import position_bar
 
     def work(ledger: Any) -> int:
-        result = verify(ledger.store, ledger.engine, AnchorLog(settings.anchors_file),
-                        progress=progress)
-        if not args.quiet:
-            print(file=sys.stderr)
-        print(orjson.dumps({
-            "ok": result.ok, "events": result.events, "chained_head": result.chained_head,
-            "anchors_checked": result.anchors_checked,
-            "finding": None if result.finding is None else {
-                "position": result.finding.position, "kind": result.finding.kind,
-                "detail": result.finding.detail}}).decode())
+        with position_bar("verifying", ledger.store.max_position(), args.quiet) as advance:
+            result = verify(ledger.store, ledger.engine, AnchorLog(settings.anchors_file),
+                            progress=advance)
+        print(orjson.dumps(result.as_json()).decode())
         return 0 if result.ok else 1
 
     return _with_ledger(settings, work)

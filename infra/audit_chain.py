@@ -76,6 +76,14 @@ class Verification:
     def ok(self) -> bool:
         return self.finding is None
 
+    def as_json(self) -> dict[str, Any]:
+        """The report ``obsledger verify`` prints and ``GET /audit/verify`` returns."""
+        return {"ok": self.ok, "events": self.events, "chained_head": self.chained_head,
+                "anchors_checked": self.anchors_checked,
+                "finding": None if self.finding is None else {
+                    "position": self.finding.position, "kind": self.finding.kind,
+                    "detail": self.finding.detail}}
+
 
 class AnchorLog:
     """The append-only anchors file: one JSON line per anchor, fsynced."""
