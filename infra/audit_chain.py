@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import BigInteger, Column, DateTime, Engine, MetaData, String, Table, select
@@ -31,6 +33,8 @@ from infra.worker import PollingWorker
 log = logging.getLogger("obsledger.audit")
 
 GENESIS = "0" * 64
+
+T = TypeVar("T")
 
 
 def build_chain_table(md: MetaData | None = None) -> Table:
@@ -197,31 +201,87 @@ def verify(store: EventStore, engine: Engine, anchors: AnchorLog, page_size: int
                             .limit(1)).scalar()
     result.chained_head = int(head or 0)
 
-    def chain_rows() -> Iterator[tuple[int, str, str]]:
+    def chain_pages() -> Iterator[list[tuple[int, str, str]]]:
         after = 0
-        while True:
-            with engine.connect() as conn:
-                rows = conn.execute(select(table.c.position, table.c.event_hash, table.c.link)
-                                    .where(table.c.position > after)
-                                    .order_by(table.c.position).limit(page_size)).all()
-            if not rows:
-                return
-            for r in rows:
-                yield int(r[0]), str(r[1]), str(r[2])
-            after = int(rows[-1][0])
+        mark = "?" if engine.dialect.name == "sqlite" else "%s"
+        sql = (f"SELECT position, event_hash, link FROM {table.name} WHERE position > {mark} "
+               f"ORDER BY position LIMIT {int(page_size)}")
+        raw = engine.raw_connection()  # plain tuples: no SQLAlchemy row processing
+        try:
+            while True:
+                cur = raw.cursor()
+                cur.execute(sql, (after,))
+                rows = [(int(r[0]), str(r[1]), str(r[2])) for r in cur.fetchall()]
+                cur.close()
+                raw.commit()
+                if not rows:
+                    return
+                yield rows
+                after = rows[-1][0]
+        finally:
+            raw.close()
 
-    def events() -> Iterator[Any]:
+    def event_pages() -> Iterator[Sequence[Any]]:
         after = 0
         while True:
             page = store.select_notifications(after, page_size)
             if not page:
                 return
-            yield from page
+            yield page
             after = page[-1].id
-            if progress:
-                progress(after)
 
-    chained = chain_rows()
+    def chain_rows() -> Iterator[tuple[int, str, str]]:
+        for rows in prefetched(chain_pages(), stop):
+            yield from rows
+
+    def events() -> Iterator[Any]:
+        for page in prefetched(event_pages(), stop):
+            yield from page
+            if progress:
+                progress(page[-1].id)
+
+    stop = threading.Event()
+    try:
+        return _verify(result, chain_rows(), events(), anchor_at)
+    finally:
+        stop.set()
+
+
+def prefetched(pages: Iterator[T], stop: threading.Event, depth: int = 2) -> Iterator[T]:
+    """``pages``, each fetched in a background thread while the previous one is processed
+    (database waits overlap with hashing); ``stop`` ends the thread early."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for page in pages:
+                if not put(("page", page)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the consumer
+            put(("error", e))
+
+    threading.Thread(target=run, name="verify-prefetch", daemon=True).start()
+    while True:
+        kind, value = q.get()
+        if kind == "end":
+            return
+        if kind == "error":
+            raise value
+        yield value
+
+
+def _verify(result: Verification, chained: Iterator[tuple[int, str, str]],
+            events: Iterator[Any], anchor_at: dict[int, str]) -> Verification:
     expected = next(chained, None)
     checked: set[int] = set()
     link = GENESIS
@@ -231,7 +291,7 @@ def verify(store: EventStore, engine: Engine, anchors: AnchorLog, page_size: int
                                  f"an anchor names position {last_anchor} but the chain table "
                                  f"ends at {result.chained_head}")
         return result
-    for n in events():
+    for n in events:
         result.events += 1
         if expected is None:  # beyond the chain head: not chained yet (the keeper lags)
             if n.id <= result.chained_head:
