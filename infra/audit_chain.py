@@ -16,25 +16,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from sqlalchemy import BigInteger, Column, DateTime, Engine, MetaData, String, Table, select
 
 from infra.event_store import EventStore
+from infra.prefetch import prefetched
 from infra.worker import PollingWorker
 
 log = logging.getLogger("obsledger.audit")
 
 GENESIS = "0" * 64
-
-T = TypeVar("T")
 
 
 def build_chain_table(md: MetaData | None = None) -> Table:
@@ -245,39 +243,6 @@ def verify(store: EventStore, engine: Engine, anchors: AnchorLog, page_size: int
         return _verify(result, chain_rows(), events(), anchor_at)
     finally:
         stop.set()
-
-
-def prefetched(pages: Iterator[T], stop: threading.Event, depth: int = 2) -> Iterator[T]:
-    """``pages``, each fetched in a background thread while the previous one is processed
-    (database waits overlap with hashing); ``stop`` ends the thread early."""
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
-
-    def put(item: tuple[str, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for page in pages:
-                if not put(("page", page)):
-                    return
-            put(("end", None))
-        except BaseException as e:  # handed to the consumer
-            put(("error", e))
-
-    threading.Thread(target=run, name="verify-prefetch", daemon=True).start()
-    while True:
-        kind, value = q.get()
-        if kind == "end":
-            return
-        if kind == "error":
-            raise value
-        yield value
 
 
 def _verify(result: Verification, chained: Iterator[tuple[int, str, str]],

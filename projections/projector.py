@@ -13,6 +13,7 @@ drop the duplicates that at-least-once delivery brings.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -23,14 +24,19 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, bindparam, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.schema import CreateTable
 
 from infra.event_store import EventStore
+from infra.prefetch import prefetched
 from infra.read_model_db import insert_missing, is_postgres, write_transaction
 from projections.tables import READ_MODELS, ReadModelTables, build_positions, build_tables
 
 log = logging.getLogger("obsledger.projector")
 
 MAIN = "read_models"
+
+#: Notifications per transaction while a rebuild fills fresh tables (at least).
+REBUILD_PAGE = 5000
 
 Op = tuple[Any, Any, dict[str, Any]]  # (statement key, statement, parameters)
 
@@ -170,6 +176,8 @@ class _Ops:
                 key: Callable[[Any], Any] = _originator) -> Callable[[Any, int], list[Op]]:
         """Update the row ``key(event)``; an event the row already reflects changes nothing,
         and an event without a key (``None``) changes no row of this table."""
+        statements: dict[tuple[str, ...], Any] = {}  # one statement per set of columns
+
         def op(e: Any, position: int) -> list[Op]:
             row_id = key(e)
             if row_id is None:
@@ -182,12 +190,15 @@ class _Ops:
                                             table.c.last_position < position).values(**vals))
                 return [((table.name, "expr", id(stmt)), stmt, {})]
             cols = tuple(sorted(vals))
-            stmt = (update(table).where(table.c.id == bindparam("_id"),
+            cached = statements.get(cols)
+            if cached is None:
+                cached = statements[cols] = (
+                    update(table).where(table.c.id == bindparam("_id"),
                                         table.c.last_position < bindparam("_position"))
                     .values({c: bindparam(c) for c in cols}))
             vals["_id"] = str(row_id)
             vals["_position"] = position
-            return [((table.name, "upd", cols), stmt, vals)]
+            return [((table.name, "upd", cols), cached, vals)]
 
         return op
 
@@ -210,6 +221,92 @@ def execute_ops(conn: Connection, ops: Iterator[Op]) -> None:
             run.append(params)
     if run_stmt is not None:
         conn.execute(run_stmt, run) if run else conn.execute(run_stmt)
+
+
+def execute_grouped(conn: Connection, ops: Iterator[Op]) -> None:
+    """Execute a page's operations as few statements as possible (rebuilds): operations on
+    one row keep their order, rows are independent of each other, so the page is split into
+    levels (a row's n-th operation is on level n) and each level's runs of one statement
+    become one ``executemany``. An expression update (values inline, no parameters) is a
+    barrier: its table's later operations come after it."""
+    groups: dict[tuple[int, Any], tuple[Any, list[dict[str, Any]]]] = {}
+    row_level: dict[tuple[str, Any], int] = {}
+    floor: dict[str, int] = {}
+    top: dict[str, int] = {}
+    for key, stmt, params in ops:
+        table = key if isinstance(key, str) else key[0]
+        if params:
+            row = (table, params.get("_id", params.get("id")))
+            level = max(row_level.get(row, 0), floor.get(table, 0)) + 1
+            row_level[row] = level
+        else:
+            level = max(top.get(table, 0), floor.get(table, 0)) + 1
+            floor[table] = level
+        top[table] = max(top.get(table, 0), level)
+        group = groups.get((level, key))
+        if group is None:
+            groups[(level, key)] = (stmt, [params] if params else [])
+        else:
+            group[1].append(params)
+    for (_, _), (stmt, rows) in sorted(groups.items(), key=lambda g: g[0][0]):
+        conn.execute(stmt, rows) if rows else conn.execute(stmt)
+
+
+class _Writer:
+    """Executes pages of operations (``execute_grouped``, a transaction each) in its own
+    thread, in order, while the caller reads and decodes the next page."""
+
+    def __init__(self, engine: Engine, progress: Callable[[int, int], None] | None,
+                 head: int) -> None:
+        self.engine = engine
+        self.progress = progress
+        self.head = head
+        self.queue: queue.Queue[tuple[list[Op], int] | None] = queue.Queue(2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="rebuild-writer", daemon=True)
+
+    def __enter__(self) -> _Writer:
+        self.thread.start()
+        return self
+
+    def put(self, ops: list[Op], position: int) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put((ops, position), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is None:
+            self.queue.put(None)
+        else:  # the caller failed: the writer stops after its current page
+            self.error = self.error or RuntimeError("rebuild stopped")
+            while True:
+                try:
+                    self.queue.put_nowait(None)
+                    break
+                except queue.Full:
+                    self.queue.get_nowait()
+        self.thread.join()
+        if kind is None and self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            ops, position = item
+            try:
+                with self.engine.begin() as conn:
+                    execute_grouped(conn, iter(ops))
+            except BaseException as e:
+                self.error = e
+                continue
+            if self.progress:
+                self.progress(position, max(self.head, position))
 
 
 class Projector:
@@ -319,18 +416,38 @@ class Projector:
         return len(notifications)
 
     def _apply(self, conn: Connection, ops: _Ops, notifications: Any,
-               only: frozenset[str] | None = None) -> None:
+               only: frozenset[str] | None = None, grouped: bool = False) -> None:
         """Apply ``notifications`` through ``ops``; with ``only``, just the statements on
-        those tables (a rebuild of some read models)."""
+        those tables (a rebuild of some read models); ``grouped``: ``execute_grouped``."""
+        (execute_grouped if grouped else execute_ops)(
+            conn, self._page_ops(ops, notifications, only))
+
+    def _page_ops(self, ops: _Ops, notifications: Any,
+                  only: frozenset[str] | None = None) -> Iterator[Op]:
         decode = self.store.decode
+        handled = ops.handlers
+        for n in notifications:
+            if n.topic.rpartition(":")[2] not in handled:
+                continue  # no read model changes (receipts): not even decoded
+            for op in ops.ops(decode(n), n.id):
+                if only is None or (op[0] if isinstance(op[0], str) else op[0][0]) in only:
+                    yield op
 
-        def gen() -> Iterator[Op]:
-            for n in notifications:
-                for op in ops.ops(decode(n), n.id):
-                    if only is None or (op[0] if isinstance(op[0], str) else op[0][0]) in only:
-                        yield op
+    def _pages(self, after: int, stop: threading.Event, head: int | None = None,
+               ) -> Iterator[Any]:
+        """Pages of notifications after ``after`` (up to ``head`` if given), read ahead."""
+        size = max(self.page_size, REBUILD_PAGE)
 
-        execute_ops(conn, gen())
+        def pages() -> Iterator[Any]:
+            pos = after
+            while head is None or pos < head:
+                page = self.store.select_notifications(pos, size)
+                if not page:
+                    return
+                yield page
+                pos = page[-1].id
+
+        return prefetched(pages(), stop)
 
     def _lock_position(self, conn: Connection, name: str) -> int:
         q = select(self.positions.c.position).where(self.positions.c.name == name)
@@ -369,25 +486,28 @@ class Projector:
         shadow = build_tables(generation=generation, table_suffix="_" + generation)
         ops = _Ops(shadow, self.engine.dialect.name)
         only = None if models is None else _shadow_names(chosen, generation)
-        with self.engine.begin() as conn:
-            for model, table in zip(READ_MODELS, shadow.all(), strict=True):
-                if model in chosen:
-                    table.create(conn)
+        tables = [t for m, t in zip(READ_MODELS, shadow.all(), strict=True) if m in chosen]
+        with self.engine.begin() as conn:  # indexes after the fill (keys and unique now)
+            for table in tables:
+                conn.execute(CreateTable(table))
         pos = 0
         head = self.store.max_position()
+        stop = threading.Event()
         try:
-            while pos < head:
-                notifications = self.store.select_notifications(pos, self.page_size)
-                if not notifications:
-                    break
-                with self.engine.begin() as conn:
-                    self._apply(conn, ops, notifications, only)
-                pos = notifications[-1].id
-                if progress:
-                    progress(pos, max(head, pos))
+            with _Writer(self.engine, progress, head) as writer:
+                for notifications in self._pages(0, stop, head):
+                    writer.put(list(self._page_ops(ops, notifications, only)),
+                               notifications[-1].id)
+                    pos = notifications[-1].id
+            with self.engine.begin() as conn:
+                for table in tables:
+                    for index in table.indexes:
+                        index.create(conn)
         except BaseException:
             self.drop(shadow)
             raise
+        finally:
+            stop.set()
         return shadow, pos
 
     def check(self, progress: Callable[[int, int], None] | None = None,
@@ -446,10 +566,10 @@ class Projector:
         only = None if every else _shadow_names(chosen, generation)
         try:
             while True:  # close the gap outside the switch
-                notifications = self.store.select_notifications(pos, self.page_size)
+                notifications = self.store.select_notifications(pos, REBUILD_PAGE)
                 if notifications:
                     with self.engine.begin() as conn:
-                        self._apply(conn, ops, notifications, only)
+                        self._apply(conn, ops, notifications, only, grouped=True)
                     pos = notifications[-1].id
                     if progress:
                         progress(pos, max(pos, self.store.max_position()))
@@ -484,7 +604,7 @@ class Projector:
                     notifications = [n for n in notifications if n.id <= live]
                 if not notifications:
                     break
-                self._apply(conn, ops, notifications, only)
+                self._apply(conn, ops, notifications, only, grouped=True)
                 pos = notifications[-1].id
             if postgres:  # every lock at once, in one order: no deadlock with a query
                 names = ", ".join(f'"{m}"' for m in chosen)
