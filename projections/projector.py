@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, inspect, select, update
+from sqlalchemy import JSON, Connection, Engine, Table, bindparam, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.schema import CreateTable
 
 from infra.event_store import EventStore
@@ -223,12 +223,13 @@ def execute_ops(conn: Connection, ops: Iterator[Op]) -> None:
         conn.execute(run_stmt, run) if run else conn.execute(run_stmt)
 
 
-def execute_grouped(conn: Connection, ops: Iterator[Op]) -> None:
+def execute_grouped(conn: Connection, ops: Iterator[Op], fresh: bool = False) -> None:
     """Execute a page's operations as few statements as possible (rebuilds): operations on
     one row keep their order, rows are independent of each other, so the page is split into
     levels (a row's n-th operation is on level n) and each level's runs of one statement
     become one ``executemany``. An expression update (values inline, no parameters) is a
-    barrier: its table's later operations come after it."""
+    barrier: its table's later operations come after it. ``fresh`` (tables a rebuild fills,
+    on PostgreSQL): runs of inserts are sent by COPY."""
     groups: dict[tuple[int, Any], tuple[Any, list[dict[str, Any]]]] = {}
     row_level: dict[tuple[str, Any], int] = {}
     floor: dict[str, int] = {}
@@ -248,8 +249,38 @@ def execute_grouped(conn: Connection, ops: Iterator[Op]) -> None:
             groups[(level, key)] = (stmt, [params] if params else [])
         else:
             group[1].append(params)
-    for (_, _), (stmt, rows) in sorted(groups.items(), key=lambda g: g[0][0]):
-        conn.execute(stmt, rows) if rows else conn.execute(stmt)
+    copy = fresh and is_postgres_conn(conn)
+    for (_, key), (stmt, rows) in sorted(groups.items(), key=lambda g: g[0][0]):
+        if copy and isinstance(key, str) and len(rows) > 10:
+            _copy_rows(conn, stmt, rows)
+        elif rows:
+            conn.execute(stmt, rows)
+        else:
+            conn.execute(stmt)
+
+
+def is_postgres_conn(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def _copy_rows(conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> None:
+    """Inserts into a fresh table by COPY (PostgreSQL); a row that exists already (which a
+    rebuild from the log never sends) makes it fall back to the statement, which skips it."""
+    from psycopg.types.json import Jsonb
+
+    table = stmt.table
+    cols = list(rows[0])
+    wrap = [isinstance(table.c[c].type, JSON) for c in cols]
+    names = ", ".join(f'"{c}"' for c in cols)
+    try:
+        with conn.begin_nested():
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+                for row in rows:
+                    copy.write_row([Jsonb(v) if w and v is not None else v
+                                    for v, w in zip(row.values(), wrap, strict=True)])
+    except IntegrityError:
+        conn.execute(stmt, rows)
 
 
 class _Writer:
@@ -301,7 +332,7 @@ class _Writer:
             ops, position = item
             try:
                 with self.engine.begin() as conn:
-                    execute_grouped(conn, iter(ops))
+                    execute_grouped(conn, iter(ops), fresh=True)
             except BaseException as e:
                 self.error = e
                 continue
