@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -228,21 +228,20 @@ def verify(store: EventStore, engine: Engine, anchors: AnchorLog, page_size: int
             yield page
             after = page[-1].id
 
-    def chain_rows() -> Iterator[tuple[int, str, str]]:
-        for rows in prefetched(chain_pages(), stop):
-            yield from rows
+    def chain_rows() -> Generator[tuple[int, str, str], None, None]:
+        with closing(prefetched(chain_pages())) as pages:
+            for rows in pages:
+                yield from rows
 
-    def events() -> Iterator[Any]:
-        for page in prefetched(event_pages(), stop):
-            yield from page
-            if progress:
-                progress(page[-1].id)
+    def events() -> Generator[Any, None, None]:
+        with closing(prefetched(event_pages())) as pages:
+            for page in pages:
+                yield from page
+                if progress:
+                    progress(page[-1].id)
 
-    stop = threading.Event()
-    try:
-        return _verify(result, chain_rows(), events(), anchor_at)
-    finally:
-        stop.set()
+    with closing(chain_rows()) as chained, closing(events()) as logged:
+        return _verify(result, chained, logged, anchor_at)
 
 
 def _verify(result: Verification, chained: Iterator[tuple[int, str, str]],

@@ -17,7 +17,8 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -464,8 +465,7 @@ class Projector:
                 if only is None or (op[0] if isinstance(op[0], str) else op[0][0]) in only:
                     yield op
 
-    def _pages(self, after: int, stop: threading.Event, head: int | None = None,
-               ) -> Iterator[Any]:
+    def _pages(self, after: int, head: int | None = None) -> Generator[Any, None, None]:
         """Pages of notifications after ``after`` (up to ``head`` if given), read ahead."""
         size = max(self.page_size, REBUILD_PAGE)
 
@@ -478,7 +478,7 @@ class Projector:
                 yield page
                 pos = page[-1].id
 
-        return prefetched(pages(), stop)
+        return prefetched(pages())
 
     def _lock_position(self, conn: Connection, name: str) -> int:
         q = select(self.positions.c.position).where(self.positions.c.name == name)
@@ -523,10 +523,10 @@ class Projector:
                 conn.execute(CreateTable(table))
         pos = 0
         head = self.store.max_position()
-        stop = threading.Event()
         try:
-            with _Writer(self.engine, progress, head) as writer:
-                for notifications in self._pages(0, stop, head):
+            with _Writer(self.engine, progress, head) as writer, \
+                    closing(self._pages(0, head)) as pages:
+                for notifications in pages:
                     writer.put(list(self._page_ops(ops, notifications, only)),
                                notifications[-1].id)
                     pos = notifications[-1].id
@@ -537,8 +537,6 @@ class Projector:
         except BaseException:
             self.drop(shadow)
             raise
-        finally:
-            stop.set()
         return shadow, pos
 
     def check(self, progress: Callable[[int, int], None] | None = None,
