@@ -131,6 +131,7 @@ def _out(args: argparse.Namespace) -> Any:
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from infra.progress import position_bar
     from queries.audit import EventFilter, replay
 
     f = EventFilter(
@@ -144,23 +145,31 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     def work(ledger: Any) -> int:
         store = ledger.store
         out = _out(args)
+        quiet = args.quiet or not args.output  # the bar only beside a file
         try:
-            if args.format == "table":
-                print(f"{'position':>9}  {'recorded at (UTC)':<26}  {'event':<34}  "
-                      f"{'actor':<16}  aggregate", file=out)
-            for e in replay(store, f):
-                if args.format == "jsonl":
-                    out.write(orjson.dumps(e.as_json()).decode() + "\n")
-                else:
-                    recorded = e.recorded_at.isoformat() if e.recorded_at else ""
-                    print(f"{e.position:>9}  {recorded[:26]:<26}  {e.event_type:<34}  "
-                          f"{(e.actor or '')[:16]:<16}  {e.aggregate_id}", file=out)
+            with position_bar("replaying", store.max_position(), quiet) as advance:
+                _write_replay(args, replay(store, f), out, advance)
         finally:
             if out is not sys.stdout:
                 out.close()
         return 0
 
     return _with_ledger(settings, work)
+
+
+def _write_replay(args: argparse.Namespace, events: Any, out: Any,
+                  advance: Callable[..., None]) -> None:
+    if args.format == "table":
+        print(f"{'position':>9}  {'recorded at (UTC)':<26}  {'event':<34}  "
+              f"{'actor':<16}  aggregate", file=out)
+    for e in events:
+        if args.format == "jsonl":
+            out.write(orjson.dumps(e.as_json()).decode() + "\n")
+        else:
+            recorded = e.recorded_at.isoformat() if e.recorded_at else ""
+            print(f"{e.position:>9}  {recorded[:26]:<26}  {e.event_type:<34}  "
+                  f"{(e.actor or '')[:16]:<16}  {e.aggregate_id}", file=out)
+        advance(e.position)
 
 
 def _state(args: argparse.Namespace, settings: Settings) -> int:
@@ -195,8 +204,11 @@ def _trail(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _check_projections(args: argparse.Namespace, settings: Settings) -> int:
+    from infra.progress import position_bar
+
     def work(ledger: Any) -> int:
-        position, report = ledger.projector.check()
+        with position_bar("building", ledger.store.max_position(), args.quiet) as advance:
+            position, report = ledger.projector.check(advance)
         bad = {m: r for m, r in report.items() if r["missing"] or r["extra"] or r["different"]}
         print(orjson.dumps({"ok": not bad, "position": position, "read_models": {
             m: {"rows": r["rows"], **{k: len(r[k]) for k in ("missing", "extra", "different")},
@@ -349,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{flag}", type=_utc_time, help="ISO 8601 (UTC if no offset)")
     p.add_argument("--format", choices=["table", "jsonl"], default="table")
     p.add_argument("--output", help="a file instead of stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (shown only with "
+                   "--output, on a terminal)")
     p.set_defaults(func=_replay)
 
     p = sub.add_parser("state", help="an aggregate as it was: --version N, --recorded-at T "
@@ -367,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("check-projections", help="compare every live read model with a "
                        "fresh build from the log (exit 1 on a difference)")
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_check_projections)
 
     p = sub.add_parser("rebuild", help="rebuild read models from the log into fresh tables "
