@@ -4,7 +4,7 @@ system knew at a given time — from the log alone, never from the read models."
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -69,10 +69,16 @@ class AuditEvent:
             schema_version=int(state.get("class_version", 1)))
 
     def as_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        for k in ("recorded_at", "observed_at"):
-            out[k] = out[k].isoformat() if out[k] else None
-        return out
+        """Plain JSON values (``data`` is shared, not copied: it is freshly parsed per event)."""
+        return {
+            "position": self.position, "aggregate_type": self.aggregate_type,
+            "aggregate_id": self.aggregate_id, "version": self.version,
+            "event_type": self.event_type,
+            "recorded_at": self.recorded_at.isoformat() if self.recorded_at else None,
+            "observed_at": self.observed_at.isoformat() if self.observed_at else None,
+            "actor": self.actor, "command_id": self.command_id,
+            "correlation_id": self.correlation_id, "data": self.data,
+            "schema_version": self.schema_version}
 
 
 @dataclass
