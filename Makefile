@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python bench/commands.py
 	$(BIN)/python bench/projection.py
 	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/replay.py
 	$(BIN)/python bench/results.py
 
 clean:

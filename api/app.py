@@ -168,6 +168,9 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
 
     app.include_command_router(results_command_router())
     app.include_router(results_query_router())
+    from api.audit import audit_router  # read-only audit tools (auditor role)
+
+    app.include_router(audit_router())
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -99,22 +100,13 @@ def _chain(args: argparse.Namespace, settings: Settings) -> int:
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from infra.audit_chain import AnchorLog, verify
-
-    def progress(position: int) -> None:
-        if not args.quiet:
-            print(f"\rverifying: position {position}", end="", file=sys.stderr, flush=True)
+    from infra.progress import position_bar
 
     def work(ledger: Any) -> int:
-        result = verify(ledger.store, ledger.engine, AnchorLog(settings.anchors_file),
-                        progress=progress)
-        if not args.quiet:
-            print(file=sys.stderr)
-        print(orjson.dumps({
-            "ok": result.ok, "events": result.events, "chained_head": result.chained_head,
-            "anchors_checked": result.anchors_checked,
-            "finding": None if result.finding is None else {
-                "position": result.finding.position, "kind": result.finding.kind,
-                "detail": result.finding.detail}}).decode())
+        with position_bar("verifying", ledger.store.max_position(), args.quiet) as advance:
+            result = verify(ledger.store, ledger.engine, AnchorLog(settings.anchors_file),
+                            progress=advance)
+        print(orjson.dumps(result.as_json()).decode())
         return 0 if result.ok else 1
 
     return _with_ledger(settings, work)
@@ -139,6 +131,7 @@ def _out(args: argparse.Namespace) -> Any:
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from infra.progress import position_bar
     from queries.audit import EventFilter, replay
 
     f = EventFilter(
@@ -152,23 +145,31 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     def work(ledger: Any) -> int:
         store = ledger.store
         out = _out(args)
+        quiet = args.quiet or not args.output  # the bar only beside a file
         try:
-            if args.format == "table":
-                print(f"{'position':>9}  {'recorded at (UTC)':<26}  {'event':<34}  "
-                      f"{'actor':<16}  aggregate", file=out)
-            for e in replay(store, f):
-                if args.format == "jsonl":
-                    out.write(orjson.dumps(e.as_json()).decode() + "\n")
-                else:
-                    recorded = e.recorded_at.isoformat() if e.recorded_at else ""
-                    print(f"{e.position:>9}  {recorded[:26]:<26}  {e.event_type:<34}  "
-                          f"{(e.actor or '')[:16]:<16}  {e.aggregate_id}", file=out)
+            with position_bar("replaying", store.max_position(), quiet) as advance:
+                _write_replay(args, replay(store, f), out, advance)
         finally:
             if out is not sys.stdout:
                 out.close()
         return 0
 
     return _with_ledger(settings, work)
+
+
+def _write_replay(args: argparse.Namespace, events: Any, out: Any,
+                  advance: Callable[..., None]) -> None:
+    if args.format == "table":
+        print(f"{'position':>9}  {'recorded at (UTC)':<26}  {'event':<34}  "
+              f"{'actor':<16}  aggregate", file=out)
+    for e in events:
+        if args.format == "jsonl":
+            out.write(orjson.dumps(e.as_json()).decode() + "\n")
+        else:
+            recorded = e.recorded_at.isoformat() if e.recorded_at else ""
+            print(f"{e.position:>9}  {recorded[:26]:<26}  {e.event_type:<34}  "
+                  f"{(e.actor or '')[:16]:<16}  {e.aggregate_id}", file=out)
+        advance(e.position)
 
 
 def _state(args: argparse.Namespace, settings: Settings) -> int:
@@ -203,8 +204,11 @@ def _trail(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _check_projections(args: argparse.Namespace, settings: Settings) -> int:
+    from infra.progress import position_bar
+
     def work(ledger: Any) -> int:
-        position, report = ledger.projector.check()
+        with position_bar("building", ledger.store.max_position(), args.quiet) as advance:
+            position, report = ledger.projector.check(advance)
         bad = {m: r for m, r in report.items() if r["missing"] or r["extra"] or r["different"]}
         print(orjson.dumps({"ok": not bad, "position": position, "read_models": {
             m: {"rows": r["rows"], **{k: len(r[k]) for k in ("missing", "extra", "different")},
@@ -216,13 +220,80 @@ def _check_projections(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    def progress(pos: int, head: int) -> None:
-        if not args.quiet:
-            print(f"\rrebuilding read models: {pos}/{head} events", end="", flush=True)
+    from infra.progress import position_bar
+    from projections.tables import READ_MODELS
+
+    if bool(args.models) == bool(args.all):
+        print(f"name the read models to rebuild, or --all (known: {', '.join(READ_MODELS)})",
+              file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.models) - set(READ_MODELS))
+    if unknown:
+        print(f"unknown read model(s): {', '.join(unknown)} (known: {', '.join(READ_MODELS)})",
+              file=sys.stderr)
+        return 2
 
     def work(ledger: Any) -> int:
-        pos = ledger.projector.rebuild(progress)
-        print(f"\nread models rebuilt from the log and switched at position {pos}")
+        models = None if args.all else args.models
+        with position_bar("rebuilding", ledger.store.max_position(), args.quiet) as advance:
+            pos = ledger.projector.rebuild(advance, models=models)
+        names = "every read model" if args.all else ", ".join(args.models)
+        print(f"rebuilt {names} from the log and switched at position {pos}")
+        return 0
+
+    return _with_ledger(settings, work)
+
+
+def _export(args: argparse.Namespace, settings: Settings) -> int:
+    from infra.backup import export_log
+    from infra.progress import position_bar
+
+    def work(ledger: Any) -> int:
+        store = ledger.store
+        target: Any = (open(args.out, "wb") if args.out  # noqa: SIM115
+                       else contextlib.nullcontext(sys.stdout.buffer))
+        with target as out, position_bar("exporting", store.max_position(),
+                                         args.quiet) as advance:
+            summary = export_log(store, out, progress=advance)
+            out.flush()
+        if args.out:
+            print(f"exported {summary.count} events up to position {summary.last_position}, "
+                  f"chain head {summary.head}", file=sys.stderr)
+        return 0
+
+    return _with_ledger(settings, work)
+
+
+def _import(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
+    from infra.audit_chain import AnchorLog
+    from infra.backup import BadExport, ImportRefused, import_log
+    from infra.progress import position_bar
+
+    def work(ledger: Any) -> int:
+        total = None
+        try:
+            with open(args.file, "rb") as f:  # the trailer names the last position
+                f.seek(max(0, os.path.getsize(args.file) - 4096))
+                total = int(orjson.loads(f.read().splitlines()[-1]).get("last_position"))
+        except (OSError, ValueError, TypeError, IndexError, orjson.JSONDecodeError):
+            pass
+        try:
+            with open(args.file, "rb") as f, \
+                    position_bar("importing", total, args.quiet) as advance:
+                summary = import_log(ledger.store, ledger.engine,
+                                     AnchorLog(settings.anchors_file), f, progress=advance)
+        except ImportRefused as e:
+            print(f"import refused: {e}", file=sys.stderr)
+            return 2
+        except BadExport as e:
+            print(f"import failed, nothing imported: {e}", file=sys.stderr)
+            print(orjson.dumps({"ok": False, "line": e.line, "error": e.message}).decode())
+            return 1
+        print(orjson.dumps({"ok": True, "events": summary.count,
+                            "last_position": summary.last_position,
+                            "head": summary.head}).decode())
         return 0
 
     return _with_ledger(settings, work)
@@ -311,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{flag}", type=_utc_time, help="ISO 8601 (UTC if no offset)")
     p.add_argument("--format", choices=["table", "jsonl"], default="table")
     p.add_argument("--output", help="a file instead of stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (shown only with "
+                   "--output, on a terminal)")
     p.set_defaults(func=_replay)
 
     p = sub.add_parser("state", help="an aggregate as it was: --version N, --recorded-at T "
@@ -329,9 +402,16 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("check-projections", help="compare every live read model with a "
                        "fresh build from the log (exit 1 on a difference)")
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_check_projections)
 
-    p = sub.add_parser("rebuild", help="rebuild every read model from the log, then switch")
+    p = sub.add_parser("rebuild", help="rebuild read models from the log into fresh tables "
+                       "while the live ones serve, then switch atomically")
+    p.add_argument("models", nargs="*", metavar="read-model",
+                   help="executed_obs_units, raw_data_files, raw_data_packages, "
+                   "staging_requests, observation_results, observation_result_tasks, "
+                   "processing_runs")
+    p.add_argument("--all", action="store_true", help="every read model")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_rebuild)
 
@@ -342,6 +422,18 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["automation", "operator", "viewer", "auditor", "admin"])
     p.add_argument("--token-name", default="cli", help="what the token is for")
     p.set_defaults(func=_service_token)
+
+    p = sub.add_parser("export", help="write the whole event log with its audit chain links "
+                       "as JSON Lines (obsledger.export.v1)")
+    p.add_argument("--out", help="a file instead of stdout")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("import", help="load an export into an EMPTY store, verifying its "
+                       "chain (exit 1 naming the first bad line; nothing imported)")
+    p.add_argument("file")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_import)
 
     args = parser.parse_args(argv)
     settings = Settings()

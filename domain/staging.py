@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
@@ -61,6 +62,7 @@ class StagingRequest(Aggregate):
         self.bytes_transferred = 0
         self.files_transferred = 0
         self.message: str | None = None
+        self.cancelled_from: str | None = None
 
     @classmethod
     def request(
@@ -139,12 +141,33 @@ class StagingRequest(Aggregate):
 
     def cancel(self, reason: str | None, provenance: Provenance) -> None:
         self._require_transition(StagingStatus.CANCELLED)
-        self._cancelled(reason=reason, **provenance.event_fields())
+        self._cancelled(reason=reason, previous_status=self.status,
+                        **provenance.event_fields())
 
-    @event("Cancelled")
+    class Cancelled(Aggregate.Event):
+        """Schema evolution example (``docs/EVENT_SCHEMA.md``): version 2 added
+        ``previous_status``, the status the request was cancelled from. Events stored as
+        version 1 (no ``class_version`` in their state) are upcast when read: they did not
+        record it, so it is ``None``."""
+
+        class_version = 2
+
+        reason: str | None
+        previous_status: str | None
+        actor: str
+        command_id: str
+        correlation_id: str
+        observed_at: datetime | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["previous_status"] = None
+
+    @event(Cancelled)
     def _cancelled(
         self,
         reason: str | None,
+        previous_status: str | None,
         actor: str,
         command_id: str,
         correlation_id: str,
@@ -152,6 +175,7 @@ class StagingRequest(Aggregate):
     ) -> None:
         self.status = StagingStatus.CANCELLED.value
         self.message = reason
+        self.cancelled_from = previous_status
 
     def _require_transition(self, target: StagingStatus) -> None:
         current = StagingStatus(self.status)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ import orjson
 from sqlalchemy import BigInteger, Column, DateTime, Engine, MetaData, String, Table, select
 
 from infra.event_store import EventStore
+from infra.prefetch import prefetched
 from infra.worker import PollingWorker
 
 log = logging.getLogger("obsledger.audit")
@@ -75,6 +77,14 @@ class Verification:
     @property
     def ok(self) -> bool:
         return self.finding is None
+
+    def as_json(self) -> dict[str, Any]:
+        """The report ``obsledger verify`` prints and ``GET /audit/verify`` returns."""
+        return {"ok": self.ok, "events": self.events, "chained_head": self.chained_head,
+                "anchors_checked": self.anchors_checked,
+                "finding": None if self.finding is None else {
+                    "position": self.finding.position, "kind": self.finding.kind,
+                    "detail": self.finding.detail}}
 
 
 class AnchorLog:
@@ -189,31 +199,53 @@ def verify(store: EventStore, engine: Engine, anchors: AnchorLog, page_size: int
                             .limit(1)).scalar()
     result.chained_head = int(head or 0)
 
-    def chain_rows() -> Iterator[tuple[int, str, str]]:
+    def chain_pages() -> Iterator[list[tuple[int, str, str]]]:
         after = 0
-        while True:
-            with engine.connect() as conn:
-                rows = conn.execute(select(table.c.position, table.c.event_hash, table.c.link)
-                                    .where(table.c.position > after)
-                                    .order_by(table.c.position).limit(page_size)).all()
-            if not rows:
-                return
-            for r in rows:
-                yield int(r[0]), str(r[1]), str(r[2])
-            after = int(rows[-1][0])
+        mark = "?" if engine.dialect.name == "sqlite" else "%s"
+        sql = (f"SELECT position, event_hash, link FROM {table.name} WHERE position > {mark} "
+               f"ORDER BY position LIMIT {int(page_size)}")
+        raw = engine.raw_connection()  # plain tuples: no SQLAlchemy row processing
+        try:
+            while True:
+                cur = raw.cursor()
+                cur.execute(sql, (after,))
+                rows = [(int(r[0]), str(r[1]), str(r[2])) for r in cur.fetchall()]
+                cur.close()
+                raw.commit()
+                if not rows:
+                    return
+                yield rows
+                after = rows[-1][0]
+        finally:
+            raw.close()
 
-    def events() -> Iterator[Any]:
+    def event_pages() -> Iterator[Sequence[Any]]:
         after = 0
         while True:
             page = store.select_notifications(after, page_size)
             if not page:
                 return
-            yield from page
+            yield page
             after = page[-1].id
-            if progress:
-                progress(after)
 
-    chained = chain_rows()
+    def chain_rows() -> Generator[tuple[int, str, str], None, None]:
+        with closing(prefetched(chain_pages())) as pages:
+            for rows in pages:
+                yield from rows
+
+    def events() -> Generator[Any, None, None]:
+        with closing(prefetched(event_pages())) as pages:
+            for page in pages:
+                yield from page
+                if progress:
+                    progress(page[-1].id)
+
+    with closing(chain_rows()) as chained, closing(events()) as logged:
+        return _verify(result, chained, logged, anchor_at)
+
+
+def _verify(result: Verification, chained: Iterator[tuple[int, str, str]],
+            events: Iterator[Any], anchor_at: dict[int, str]) -> Verification:
     expected = next(chained, None)
     checked: set[int] = set()
     link = GENESIS
@@ -223,7 +255,7 @@ def verify(store: EventStore, engine: Engine, anchors: AnchorLog, page_size: int
                                  f"an anchor names position {last_anchor} but the chain table "
                                  f"ends at {result.chained_head}")
         return result
-    for n in events():
+    for n in events:
         result.events += 1
         if expected is None:  # beyond the chain head: not chained yet (the keeper lags)
             if n.id <= result.chained_head:

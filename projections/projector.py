@@ -13,23 +13,31 @@ drop the duplicates that at-least-once delivery brings.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, inspect, select, update
+from sqlalchemy import JSON, Connection, Engine, Table, bindparam, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.schema import CreateTable
 
 from infra.event_store import EventStore
+from infra.prefetch import prefetched
 from infra.read_model_db import insert_missing, is_postgres, write_transaction
 from projections.tables import READ_MODELS, ReadModelTables, build_positions, build_tables
 
 log = logging.getLogger("obsledger.projector")
 
 MAIN = "read_models"
+
+#: Notifications per transaction while a rebuild fills fresh tables (at least).
+REBUILD_PAGE = 5000
 
 Op = tuple[Any, Any, dict[str, Any]]  # (statement key, statement, parameters)
 
@@ -169,6 +177,8 @@ class _Ops:
                 key: Callable[[Any], Any] = _originator) -> Callable[[Any, int], list[Op]]:
         """Update the row ``key(event)``; an event the row already reflects changes nothing,
         and an event without a key (``None``) changes no row of this table."""
+        statements: dict[tuple[str, ...], Any] = {}  # one statement per set of columns
+
         def op(e: Any, position: int) -> list[Op]:
             row_id = key(e)
             if row_id is None:
@@ -181,12 +191,15 @@ class _Ops:
                                             table.c.last_position < position).values(**vals))
                 return [((table.name, "expr", id(stmt)), stmt, {})]
             cols = tuple(sorted(vals))
-            stmt = (update(table).where(table.c.id == bindparam("_id"),
+            cached = statements.get(cols)
+            if cached is None:
+                cached = statements[cols] = (
+                    update(table).where(table.c.id == bindparam("_id"),
                                         table.c.last_position < bindparam("_position"))
                     .values({c: bindparam(c) for c in cols}))
             vals["_id"] = str(row_id)
             vals["_position"] = position
-            return [((table.name, "upd", cols), stmt, vals)]
+            return [((table.name, "upd", cols), cached, vals)]
 
         return op
 
@@ -209,6 +222,123 @@ def execute_ops(conn: Connection, ops: Iterator[Op]) -> None:
             run.append(params)
     if run_stmt is not None:
         conn.execute(run_stmt, run) if run else conn.execute(run_stmt)
+
+
+def execute_grouped(conn: Connection, ops: Iterator[Op], fresh: bool = False) -> None:
+    """Execute a page's operations as few statements as possible (rebuilds): operations on
+    one row keep their order, rows are independent of each other, so the page is split into
+    levels (a row's n-th operation is on level n) and each level's runs of one statement
+    become one ``executemany``. An expression update (values inline, no parameters) is a
+    barrier: its table's later operations come after it. ``fresh`` (tables a rebuild fills,
+    on PostgreSQL): runs of inserts are sent by COPY."""
+    groups: dict[tuple[int, Any], tuple[Any, list[dict[str, Any]]]] = {}
+    row_level: dict[tuple[str, Any], int] = {}
+    floor: dict[str, int] = {}
+    top: dict[str, int] = {}
+    for key, stmt, params in ops:
+        table = key if isinstance(key, str) else key[0]
+        if params:
+            row = (table, params.get("_id", params.get("id")))
+            level = max(row_level.get(row, 0), floor.get(table, 0)) + 1
+            row_level[row] = level
+        else:
+            level = max(top.get(table, 0), floor.get(table, 0)) + 1
+            floor[table] = level
+        top[table] = max(top.get(table, 0), level)
+        group = groups.get((level, key))
+        if group is None:
+            groups[(level, key)] = (stmt, [params] if params else [])
+        else:
+            group[1].append(params)
+    copy = fresh and is_postgres_conn(conn)
+    for (_, key), (stmt, rows) in sorted(groups.items(), key=lambda g: g[0][0]):
+        if copy and isinstance(key, str) and len(rows) > 10:
+            _copy_rows(conn, stmt, rows)
+        elif rows:
+            conn.execute(stmt, rows)
+        else:
+            conn.execute(stmt)
+
+
+def is_postgres_conn(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def _copy_rows(conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> None:
+    """Inserts into a fresh table by COPY (PostgreSQL); a row that exists already (which a
+    rebuild from the log never sends) makes it fall back to the statement, which skips it."""
+    from psycopg.types.json import Jsonb
+
+    table = stmt.table
+    cols = list(rows[0])
+    wrap = [isinstance(table.c[c].type, JSON) for c in cols]
+    names = ", ".join(f'"{c}"' for c in cols)
+    try:
+        with conn.begin_nested():
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+                for row in rows:
+                    copy.write_row([Jsonb(v) if w and v is not None else v
+                                    for v, w in zip(row.values(), wrap, strict=True)])
+    except IntegrityError:
+        conn.execute(stmt, rows)
+
+
+class _Writer:
+    """Executes pages of operations (``execute_grouped``, a transaction each) in its own
+    thread, in order, while the caller reads and decodes the next page."""
+
+    def __init__(self, engine: Engine, progress: Callable[[int, int], None] | None,
+                 head: int) -> None:
+        self.engine = engine
+        self.progress = progress
+        self.head = head
+        self.queue: queue.Queue[tuple[list[Op], int] | None] = queue.Queue(2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="rebuild-writer", daemon=True)
+
+    def __enter__(self) -> _Writer:
+        self.thread.start()
+        return self
+
+    def put(self, ops: list[Op], position: int) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put((ops, position), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is None:
+            self.queue.put(None)
+        else:  # the caller failed: the writer stops after its current page
+            self.error = self.error or RuntimeError("rebuild stopped")
+            while True:
+                try:
+                    self.queue.put_nowait(None)
+                    break
+                except queue.Full:
+                    self.queue.get_nowait()
+        self.thread.join()
+        if kind is None and self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            ops, position = item
+            try:
+                with self.engine.begin() as conn:
+                    execute_grouped(conn, iter(ops), fresh=True)
+            except BaseException as e:
+                self.error = e
+                continue
+            if self.progress:
+                self.progress(position, max(self.head, position))
 
 
 class Projector:
@@ -317,14 +447,38 @@ class Projector:
         self._advance(new_pos)
         return len(notifications)
 
-    def _apply(self, conn: Connection, ops: _Ops, notifications: Any) -> None:
+    def _apply(self, conn: Connection, ops: _Ops, notifications: Any,
+               only: frozenset[str] | None = None, grouped: bool = False) -> None:
+        """Apply ``notifications`` through ``ops``; with ``only``, just the statements on
+        those tables (a rebuild of some read models); ``grouped``: ``execute_grouped``."""
+        (execute_grouped if grouped else execute_ops)(
+            conn, self._page_ops(ops, notifications, only))
+
+    def _page_ops(self, ops: _Ops, notifications: Any,
+                  only: frozenset[str] | None = None) -> Iterator[Op]:
         decode = self.store.decode
+        handled = ops.handlers
+        for n in notifications:
+            if n.topic.rpartition(":")[2] not in handled:
+                continue  # no read model changes (receipts): not even decoded
+            for op in ops.ops(decode(n), n.id):
+                if only is None or (op[0] if isinstance(op[0], str) else op[0][0]) in only:
+                    yield op
 
-        def gen() -> Iterator[Op]:
-            for n in notifications:
-                yield from ops.ops(decode(n), n.id)
+    def _pages(self, after: int, head: int | None = None) -> Generator[Any, None, None]:
+        """Pages of notifications after ``after`` (up to ``head`` if given), read ahead."""
+        size = max(self.page_size, REBUILD_PAGE)
 
-        execute_ops(conn, gen())
+        def pages() -> Iterator[Any]:
+            pos = after
+            while head is None or pos < head:
+                page = self.store.select_notifications(pos, size)
+                if not page:
+                    return
+                yield page
+                pos = page[-1].id
+
+        return prefetched(pages())
 
     def _lock_position(self, conn: Connection, name: str) -> int:
         q = select(self.positions.c.position).where(self.positions.c.name == name)
@@ -354,25 +508,35 @@ class Projector:
 
     # -- rebuild -------------------------------------------------------------------------
     def build_fresh(self, progress: Callable[[int, int], None] | None = None,
-                    ) -> tuple[ReadModelTables, int]:
+                    models: Sequence[str] | None = None) -> tuple[ReadModelTables, int]:
         """A new set of read-model tables (``<model>_r<hex>``) built from position 0 up to the
-        log's head as it was when this started; return them and the position they reached."""
+        log's head as it was when this started; return them and the position they reached.
+        With ``models``, only those tables are created and filled."""
+        chosen = _chosen(models)
         generation = "r" + uuid.uuid4().hex[:12]
         shadow = build_tables(generation=generation, table_suffix="_" + generation)
         ops = _Ops(shadow, self.engine.dialect.name)
-        with self.engine.begin() as conn:
-            shadow.metadata.create_all(conn)
+        only = None if models is None else _shadow_names(chosen, generation)
+        tables = [t for m, t in zip(READ_MODELS, shadow.all(), strict=True) if m in chosen]
+        with self.engine.begin() as conn:  # indexes after the fill (keys and unique now)
+            for table in tables:
+                conn.execute(CreateTable(table))
         pos = 0
         head = self.store.max_position()
-        while pos < head:
-            notifications = self.store.select_notifications(pos, self.page_size)
-            if not notifications:
-                break
+        try:
+            with _Writer(self.engine, progress, head) as writer, \
+                    closing(self._pages(0, head)) as pages:
+                for notifications in pages:
+                    writer.put(list(self._page_ops(ops, notifications, only)),
+                               notifications[-1].id)
+                    pos = notifications[-1].id
             with self.engine.begin() as conn:
-                self._apply(conn, ops, notifications)
-            pos = notifications[-1].id
-            if progress:
-                progress(pos, max(head, pos))
+                for table in tables:
+                    for index in table.indexes:
+                        index.create(conn)
+        except BaseException:
+            self.drop(shadow)
+            raise
         return shadow, pos
 
     def check(self, progress: Callable[[int, int], None] | None = None,
@@ -408,32 +572,83 @@ class Projector:
         with self.engine.begin() as conn:
             tables.metadata.drop_all(conn)
 
-    def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Build a fresh set of tables from position 0, then switch to it atomically.
+    def rebuild(self, progress: Callable[[int, int], None] | None = None,
+                models: Sequence[str] | None = None, switch_attempts: int = 50) -> int:
+        """Build fresh tables from position 0 (every read model, or ``models``), then switch
+        to them atomically; return the position the switched tables reflect.
 
-        The live tables keep serving queries (and the live projector keeps running) until the
-        switch, which happens in one transaction that also catches up the last events.
+        The live tables keep serving queries and the live projector keeps running while the
+        fresh ones are built and brought close to the log's head. The switch is one short
+        transaction: lock the projector's position row (the live projector waits), apply the
+        last events to the fresh tables, drop the live tables and rename the fresh ones.
+        Rebuilding every model moves the position to the log's head; rebuilding some brings
+        them to the live position (the others' position), and events they already reflect
+        beyond it are no-ops when the projector re-applies them (guarded statements).
+        On PostgreSQL the switch waits at most 500 ms for locks (a query holding a read
+        model); it is then rolled back and retried, so queries wait briefly but never fail.
         """
-        shadow, pos = self.build_fresh(progress)
+        chosen = _chosen(models)
+        every = set(chosen) == set(READ_MODELS)
+        shadow, pos = self.build_fresh(progress, None if every else chosen)
         ops = _Ops(shadow, self.engine.dialect.name)
         generation = shadow.generation
+        only = None if every else _shadow_names(chosen, generation)
+        try:
+            while True:  # close the gap outside the switch
+                notifications = self.store.select_notifications(pos, REBUILD_PAGE)
+                if notifications:
+                    with self.engine.begin() as conn:
+                        self._apply(conn, ops, notifications, only, grouped=True)
+                    pos = notifications[-1].id
+                    if progress:
+                        progress(pos, max(pos, self.store.max_position()))
+                if len(notifications) < self.page_size:
+                    break
+            for attempt in range(switch_attempts):
+                try:
+                    pos = self._switch(ops, only, chosen, generation, pos, every)
+                    break
+                except OperationalError as e:
+                    if not _lock_timeout(e) or attempt == switch_attempts - 1:
+                        raise
+                    log.info("rebuild switch waited too long for a lock; retrying")
+                    time.sleep(0.05 * (1 + attempt % 5))
+        except BaseException:
+            self.drop(shadow)
+            raise
+        if every:
+            self._advance(pos)
+        return pos
+
+    def _switch(self, ops: _Ops, only: frozenset[str] | None, chosen: tuple[str, ...],
+                generation: str, pos: int, every: bool) -> int:
         with write_transaction(self.engine) as conn:
-            self._lock_position(conn, MAIN)
+            postgres = is_postgres(self.engine)
+            if postgres:
+                conn.exec_driver_sql("SET LOCAL lock_timeout = '500ms'")
+            live = self._lock_position(conn, MAIN)
             while True:  # the last events, inside the switching transaction
                 notifications = self.store.select_notifications(pos, self.page_size)
+                if not every:  # up to the live position only
+                    notifications = [n for n in notifications if n.id <= live]
                 if not notifications:
                     break
-                self._apply(conn, ops, notifications)
+                self._apply(conn, ops, notifications, only, grouped=True)
                 pos = notifications[-1].id
+            if postgres:  # every lock at once, in one order: no deadlock with a query
+                names = ", ".join(f'"{m}"' for m in chosen)
+                conn.exec_driver_sql(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE")
             existing = set(inspect(conn).get_table_names())
-            for name in READ_MODELS:
+            for name in chosen:
                 if name in existing:
                     conn.exec_driver_sql(f'DROP TABLE "{name}"')
                 conn.exec_driver_sql(f'ALTER TABLE "{name}_{generation}" RENAME TO "{name}"')
-            conn.execute(update(self.positions).where(self.positions.c.name == MAIN)
-                         .values(position=pos, generation=generation,
-                                 updated_at=datetime.now(UTC)))
-        self._advance(pos)
+            if every:
+                conn.execute(update(self.positions).where(self.positions.c.name == MAIN)
+                             .values(position=pos, generation=generation,
+                                     updated_at=datetime.now(UTC)))
+            else:
+                pos = max(pos, live)
         return pos
 
     # -- waiting -------------------------------------------------------------------------
@@ -447,3 +662,24 @@ class Projector:
                     return False
                 self._advanced.wait(remaining)
         return True
+
+
+def _chosen(models: Sequence[str] | None) -> tuple[str, ...]:
+    """The read models named (all of them by default), in ``READ_MODELS`` order."""
+    if models is None:
+        return READ_MODELS
+    unknown = sorted(set(models) - set(READ_MODELS))
+    if unknown or not models:
+        raise ValueError(f"unknown read model(s) {', '.join(unknown) or '(none given)'}; "
+                         f"known: {', '.join(READ_MODELS)}")
+    return tuple(m for m in READ_MODELS if m in set(models))
+
+
+def _shadow_names(models: tuple[str, ...], generation: str) -> frozenset[str]:
+    return frozenset(f"{m}_{generation}" for m in models)
+
+
+def _lock_timeout(e: OperationalError) -> bool:
+    import psycopg
+
+    return isinstance(e.orig, psycopg.errors.LockNotAvailable)

@@ -4,7 +4,7 @@ system knew at a given time — from the log alone, never from the read models."
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -16,7 +16,7 @@ from infra.event_store import EventStore
 
 #: Fields every event carries; the rest of the stored state is the event's data.
 PROVENANCE = ("timestamp", "actor", "command_id", "correlation_id", "observed_at",
-              "originator_id", "originator_version")
+              "originator_id", "originator_version", "class_version")
 
 
 def untag(value: Any) -> Any:
@@ -51,6 +51,9 @@ class AuditEvent:
     command_id: str | None
     correlation_id: str | None
     data: dict[str, Any]
+    #: The event class's schema version the event was stored in (``class_version``; 1 when
+    #: absent). ``data`` is as stored; ``state_at`` upcasts (``docs/EVENT_SCHEMA.md``).
+    schema_version: int = 1
 
     @classmethod
     def of(cls, n: Notification) -> AuditEvent:
@@ -62,13 +65,20 @@ class AuditEvent:
             event_type=qualname, recorded_at=_time(state.get("timestamp")),
             observed_at=_time(state.get("observed_at")), actor=state.get("actor"),
             command_id=state.get("command_id"), correlation_id=state.get("correlation_id"),
-            data={k: v for k, v in state.items() if k not in PROVENANCE})
+            data={k: v for k, v in state.items() if k not in PROVENANCE},
+            schema_version=int(state.get("class_version", 1)))
 
     def as_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        for k in ("recorded_at", "observed_at"):
-            out[k] = out[k].isoformat() if out[k] else None
-        return out
+        """Plain JSON values (``data`` is shared, not copied: it is freshly parsed per event)."""
+        return {
+            "position": self.position, "aggregate_type": self.aggregate_type,
+            "aggregate_id": self.aggregate_id, "version": self.version,
+            "event_type": self.event_type,
+            "recorded_at": self.recorded_at.isoformat() if self.recorded_at else None,
+            "observed_at": self.observed_at.isoformat() if self.observed_at else None,
+            "actor": self.actor, "command_id": self.command_id,
+            "correlation_id": self.correlation_id, "data": self.data,
+            "schema_version": self.schema_version}
 
 
 @dataclass
