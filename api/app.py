@@ -127,6 +127,9 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
 
     app.include_command_router(results_command_router())
     app.include_router(results_query_router())
+    from api.mast import mast_router  # uses this module
+
+    app.include_router(mast_router())
     return app
 
 
@@ -645,6 +648,7 @@ def health_report(ledger: Ledger) -> dict[str, Any]:
         },
         "kafka": relay_health(ledger),
         "results": _results_health(ledger),
+        "downloader": ledger.downloader.report() if ledger.downloader else None,
     }
 
 

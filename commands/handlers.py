@@ -371,3 +371,9 @@ COMMANDS: dict[str, CommandSpec] = {
                     _result_subjects),
     ]
 }
+
+
+# -- MAST download jobs (commands/downloads.py) ----------------------------------------------
+from commands.downloads import DOWNLOAD_COMMANDS  # noqa: E402  (needs CommandSpec, Policy)
+
+COMMANDS.update(DOWNLOAD_COMMANDS)

@@ -31,6 +31,8 @@ STATE_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "obsledger_relay_lag_events": ("Events not yet published to Kafka.", ()),
     "obsledger_relay_lag_seconds": ("Age of the oldest event not yet published to Kafka.", ()),
     "obsledger_kafka_broker_up": ("1 when a bootstrap broker accepts connections.", ()),
+    "obsledger_download_active_jobs": ("MAST download jobs this process is running.", ()),
+    "obsledger_download_files_in_flight": ("MAST files being fetched by this process.", ()),
 }
 
 State = dict[str, list[tuple[tuple[str, ...], float]]]  # gauge → [(label values, value)]
@@ -80,6 +82,10 @@ class Metrics:
         self.http_seconds = Histogram(
             "obsledger_http_request_duration_seconds", "HTTP requests by route and status.",
             ["method", "route", "status"], registry=r)
+
+        self.download_bytes = Counter(
+            "obsledger_download_bytes", "Bytes fetched from the MAST archive (re-fetched "
+            "bytes after a restart included).", registry=r)
 
     def watch(self, snapshot: Callable[[], State]) -> None:
         """Gauges read from ``snapshot()`` at every scrape."""
