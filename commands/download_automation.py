@@ -81,6 +81,13 @@ class FileFailed(Exception):
         self.reason = reason
 
 
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    pending = [t for t in tasks if not t.done()]
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
 def job_dir(settings: Settings, destination: str) -> Path:
     root = settings.download_dir.resolve()
     path = (root / destination).resolve() if destination else root
@@ -127,6 +134,21 @@ class Downloader:
         self.wake()
         if self._thread is not None:
             self._thread.join(timeout=15)
+
+    def run_until_idle(self, timeout: float = 3600.0) -> str:
+        """Run until no job is active (``obsledger downloader --once``)."""
+        self.start()
+        deadline = time.monotonic() + timeout
+        try:
+            time.sleep(0.2)
+            while time.monotonic() < deadline:
+                busy = any(not t.done() for t in list(self.tasks.values()))
+                if not busy and self.running and not self.queries.active_jobs():
+                    break
+                time.sleep(0.2)
+        finally:
+            self.stop()
+        return f"downloader idle; {self.bytes_fetched} bytes fetched"
 
     def wake(self, _position: int | None = None) -> None:
         loop, ev = self._loop, self._wake
@@ -231,12 +253,13 @@ class Downloader:
             todo = [i for i, f in enumerate(job.files) if f["status"] != FileStatus.COMPLETE]
             tasks = [asyncio.create_task(self.run_file(job, i)) for i in todo]
             try:
-                for finished in asyncio.as_completed(tasks):
-                    await finished
+                try:
+                    for finished in asyncio.as_completed(tasks):
+                        await finished
+                finally:  # paused, cancelled, stopped or failed: no file goes on alone
+                    await _cancel_all(tasks)
             except FileFailed as e:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await _cancel_all(tasks)
                 log.warning("download job %s failed: file %s: %s", job_id, e.index, e.reason)
                 await self.send("download_job.fail",
                                 DownloadFail(id=job_id, reason=e.reason, index=e.index),
@@ -276,6 +299,7 @@ class Downloader:
                 offset, known = 0, None
                 restarts += 1
         changed_once = False
+        expected_size = f.get("size")  # the archive's, or the server's when started
         while True:
             reason = restart_reason
 
@@ -311,6 +335,7 @@ class Downloader:
                 changed_once = True
                 restarts += 1
                 restart_reason = f"the file changed on the server: {e}"
+                expected_size = None  # the new file's size is recorded when it starts
                 log.info("%s: %s; starting it again", f["filename"], restart_reason)
                 offset, known = 0, None
             except TransferError as e:
@@ -321,9 +346,9 @@ class Downloader:
                 if self.metrics is not None and fetched > 0:
                     self.metrics.download_bytes.inc(fetched)
                 self.live.pop((str(job.id), index), None)
-        if f.get("size") is not None and size != int(f["size"]):
-            raise FileFailed(index, f"{f['filename']}: {size} bytes received, the archive "
-                             f"lists {f['size']}")
+        if expected_size is not None and size != int(expected_size):
+            raise FileFailed(index, f"{f['filename']}: {size} bytes received, "
+                             f"{expected_size} expected")
         os.replace(partial, final)
         await self._complete(job, index, final, key)
 
@@ -365,8 +390,9 @@ class Downloader:
         before = now - timedelta(days=self.settings.download_retention_days)
         purged = 0
         for job_id in await asyncio.to_thread(self.queries.purgeable_jobs, before):
-            if job_id in self.tasks and not self.tasks[job_id].done():
-                continue
+            task = self.tasks.get(job_id)
+            if task is not None and not task.done():  # the job ended: its task stops now
+                await _cancel_all([task])
             job = await asyncio.to_thread(self.store.get, UUID(job_id))
             if not isinstance(job, DownloadJob) or job.partials_purged:
                 continue

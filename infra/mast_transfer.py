@@ -191,13 +191,16 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
                             skip = 0
                         if total is not None and pos + len(block) > total:
                             raise FileChanged(f"the server sent more than {total} bytes")
-                        os.write(fd, block)
-                        pos += len(block)
-                        received += len(block)
-                        progressed = True
-                        if progress is not None:
-                            progress(pos)
-                        await maybe_checkpoint()
+                        while block:  # never past a checkpoint boundary unrecorded
+                            piece = block[:ckpt_pos + config.checkpoint_bytes - pos]
+                            block = block[len(piece):]
+                            os.write(fd, piece)
+                            pos += len(piece)
+                            received += len(piece)
+                            progressed = True
+                            if progress is not None:
+                                progress(pos)
+                            await maybe_checkpoint()
                     if skip:
                         raise _Retry("the body ended before the bytes already on disk")
                     if part_length is not None and received < part_length:
