@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python bench/projection.py
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/results.py
+	$(BIN)/python bench/downloads.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -323,11 +324,12 @@ class Downloader:
                 written[0] = pos
                 self.live[(str(job.id), index)] = pos
 
+            digest = hashlib.sha256()
             try:
                 size, _info = await fetch(
                     self.session, f["url"], partial, offset, known,
                     self.config(job.chunk_size, job.mode),
-                    started=started, checkpoint=checkpoint, progress=progress)
+                    started=started, checkpoint=checkpoint, progress=progress, digest=digest)
                 break
             except FileChanged as e:
                 if self.settings.download_on_changed_file == "fail" or changed_once:
@@ -350,12 +352,14 @@ class Downloader:
             raise FileFailed(index, f"{f['filename']}: {size} bytes received, "
                              f"{expected_size} expected")
         os.replace(partial, final)
-        await self._complete(job, index, final, key)
+        await self._complete(job, index, final, key, digest.hexdigest())
 
-    async def _complete(self, job: DownloadJob, index: int, final: Path, key: str) -> None:
+    async def _complete(self, job: DownloadJob, index: int, final: Path, key: str,
+                        sha: str | None = None) -> None:
         f = job.files[index]
         size = final.stat().st_size
-        sha = await asyncio.to_thread(sha256_of, final)
+        if sha is None:  # hashed while it was written, unless renamed by an earlier run
+            sha = await asyncio.to_thread(sha256_of, final)
         fits: dict[str, Any] | None = None
         if is_fits_name(f["filename"]):
             try:

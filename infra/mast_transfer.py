@@ -23,9 +23,12 @@ import os
 import random
 import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -70,6 +73,41 @@ Checkpoint = Callable[[int, float | None], Awaitable[None]]
 Progress = Callable[[int], None]
 
 
+class _Hasher:
+    """Feeds a digest in a thread of its own, in order, while the loop goes on receiving
+    (hashlib releases the GIL); at most ``window`` pieces wait."""
+
+    def __init__(self, digest: Any, window: int = 16) -> None:
+        self.digest = digest
+        self.window = window
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self.pending: deque[asyncio.Future[None]] = deque()
+
+    async def update(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        self.pending.append(loop.run_in_executor(self.pool, self.digest.update, data))
+        while len(self.pending) > self.window:
+            await self.pending.popleft()
+
+    async def done(self) -> None:
+        while self.pending:
+            await self.pending.popleft()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _hash_prefix(fd: int, length: int, digest: Any) -> None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    left = length
+    while left:
+        data = os.read(fd, min(left, 4 * 1024 * 1024))
+        if not data:
+            raise OSError(f"the partial file ended {left} bytes before its checkpoint")
+        digest.update(data)
+        left -= len(data)
+
+
 def partial_length(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -100,16 +138,21 @@ def _changed(known: RemoteInfo, now: RemoteInfo) -> str | None:
 async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset: int,
                 known: RemoteInfo | None, config: TransferConfig, *,
                 started: Started, checkpoint: Checkpoint,
-                progress: Progress | None = None) -> tuple[int, RemoteInfo]:
+                progress: Progress | None = None,
+                digest: Any | None = None) -> tuple[int, RemoteInfo]:
     """Fetch ``url`` into ``partial`` from ``offset`` (bytes already there and checkpointed;
     the file is truncated to it) to the end. ``known`` is what the server said when the file
     was started (None: not started; ``started`` is called with the first answer).
-    Returns the file's size and the server's description of it."""
+    ``digest`` (a hashlib object) is fed the whole file: the kept prefix, then every byte
+    written. Returns the file's size and the server's description of it."""
     partial.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
     loop = asyncio.get_running_loop()
+    hasher = _Hasher(digest) if digest is not None else None
     try:
         os.ftruncate(fd, offset)
+        if digest is not None and offset:
+            await loop.run_in_executor(None, _hash_prefix, fd, offset, digest)
         os.lseek(fd, offset, os.SEEK_SET)
         pos = offset
         total = known.size if known is not None else None
@@ -124,7 +167,7 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
             if pos == ckpt_pos or not (force or pos - ckpt_pos >= config.checkpoint_bytes
                                        or now - ckpt_t >= config.checkpoint_s):
                 return
-            await loop.run_in_executor(None, os.fsync, fd)
+            await loop.run_in_executor(None, os.fdatasync, fd)
             speed = (pos - ckpt_pos) / (now - ckpt_t) if now > ckpt_t else None
             await checkpoint(pos, round(speed, 1) if speed is not None else None)
             ckpt_pos, ckpt_t = pos, now
@@ -195,6 +238,8 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
                             piece = block[:ckpt_pos + config.checkpoint_bytes - pos]
                             block = block[len(piece):]
                             os.write(fd, piece)
+                            if hasher is not None:
+                                await hasher.update(piece)
                             pos += len(piece)
                             received += len(piece)
                             progressed = True
@@ -224,7 +269,11 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
                 await asyncio.sleep(backoff_delay(failures, config.backoff_base_s,
                                                   config.backoff_max_s))
         await loop.run_in_executor(None, os.fsync, fd)
+        if hasher is not None:
+            await hasher.done()
         assert known is not None
         return pos, known
     finally:
+        if hasher is not None:
+            hasher.close()
         os.close(fd)
