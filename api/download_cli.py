@@ -18,10 +18,26 @@ FINAL = {"completed", "failed", "cancelled", "paused"}
 
 
 def _downloader(args: argparse.Namespace, settings: Settings) -> int:
-    from api.cli import _run_worker
+    from api.cli import CONNECT_TIMEOUT_S, _run_worker
 
-    return _run_worker(args, settings, "downloader",
-                       lambda d: d.run_until_idle(timeout=args.timeout))
+    if not args.once:  # until SIGINT/SIGTERM; a dispatcher elsewhere applies its commands
+        return _run_worker(args, settings, "downloader", lambda d: "")
+    from api.runtime import Ledger
+
+    # --once: self-sufficient, with this process's dispatcher and projector
+    ledger = Ledger(settings.model_copy(update={
+        "embedded_downloader": True, "embedded_projector": True,
+        "embedded_results_automation": False, "embedded_audit_chain": False,
+        "embedded_relay": False}), workers=True)
+    try:
+        if not ledger.connect(CONNECT_TIMEOUT_S) or ledger.downloader is None:
+            print("event store unreachable", file=sys.stderr)
+            return 2
+        ledger.start_workers()
+        print(ledger.downloader.wait_idle(timeout=args.timeout))
+        return 0
+    finally:
+        ledger.stop()
 
 
 def _ledger(settings: Settings, here: bool) -> Any:

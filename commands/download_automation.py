@@ -136,19 +136,19 @@ class Downloader:
         if self._thread is not None:
             self._thread.join(timeout=15)
 
-    def run_until_idle(self, timeout: float = 3600.0) -> str:
-        """Run until no job is active (``obsledger downloader --once``)."""
-        self.start()
+    def wait_idle(self, timeout: float = 3600.0) -> str:
+        """Until the (started) downloader has no active job and no download command waits
+        in the journal (``obsledger downloader --once``)."""
         deadline = time.monotonic() + timeout
-        try:
+        time.sleep(0.2)
+        while time.monotonic() < deadline:
+            busy = any(not t.done() for t in list(self.tasks.values()))
+            waiting = any(e.status == "accepted" for e in self.commands.journal.unprojected(
+                sys.maxsize, None, ("download_job.request", "download_job.resume",
+                                    "download_job.complete_file", "download_job.fail")))
+            if not busy and not waiting and self.running and not self.queries.active_jobs():
+                break
             time.sleep(0.2)
-            while time.monotonic() < deadline:
-                busy = any(not t.done() for t in list(self.tasks.values()))
-                if not busy and self.running and not self.queries.active_jobs():
-                    break
-                time.sleep(0.2)
-        finally:
-            self.stop()
         return f"downloader idle; {self.bytes_fetched} bytes fetched"
 
     def wake(self, _position: int | None = None) -> None:

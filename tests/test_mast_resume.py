@@ -128,3 +128,42 @@ def test_sigkill_mid_file_resumes_from_the_checkpoint(
         refetched = on_disk - checkpoint
         assert refetched <= CHECKPOINT_BYTES
         assert job["files"][1]["restarts"] == 0
+
+
+def test_download_command_line(tmp_path: Path, server: MastTestServer) -> None:
+    """``obsledger download start --here`` (progress bars on stderr), ``list``, ``progress``,
+    and ``obsledger downloader --once``."""
+    settings = download_settings(tmp_path, "sqlite", None, server)
+    env = settings_env(settings)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "api.cli", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    r = cli("download", "start", "--uri", "mast:HST/product/test0.fits", "--destination",
+            "cli", "--chunked", "--here")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("completed: 1/1 files")
+    assert "test0.fits" in r.stderr  # the tqdm bar of the file
+    assert (settings.download_dir / "cli/test0.fits").read_bytes() == server.files["test0.fits"]
+    job_id = r.stdout.splitlines()[0].split('"download_job_id":"')[1][:36]
+    r = cli("download", "list")
+    assert r.returncode == 0 and job_id in r.stdout and "completed" in r.stdout
+    r = cli("download", "progress", job_id)
+    assert r.returncode == 0 and '"status": "completed"' in r.stdout
+    r = cli("download", "pause", job_id)
+    assert r.returncode == 1 and "completed" in r.stderr
+    r = cli("download", "start", "--uri", "mast:HST/product/test0.fits", "--destination",
+            "../escape")
+    assert r.returncode == 2 and "must not contain '..'" in r.stderr
+    # a job left for the worker: 'obsledger downloader --once' runs it and exits
+    server.faults["big.bin"] = {}
+    r = cli("download", "start", "--uri", "mast:HST/product/big.bin", "--destination", "cli2")
+    assert r.returncode == 0, r.stderr
+    r = cli("dispatch", "--drain")
+    assert r.returncode == 0, r.stderr
+    r = cli("project", "--once")
+    assert r.returncode == 0, r.stderr
+    r = cli("downloader", "--once")
+    assert r.returncode == 0 and "downloader idle" in r.stdout, r.stderr
+    assert (settings.download_dir / "cli2/big.bin").stat().st_size == BIG
