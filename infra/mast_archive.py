@@ -100,6 +100,11 @@ class MastArchive:
             raise ArchiveError(503, f"MAST failed the {what}: HTTP {code}") from e
         except RemoteServiceError as e:
             raise ArchiveError(503, f"MAST failed the {what}: {e}") from e
+        except ArchiveError:
+            raise
+        except Exception as e:  # an answer astroquery could not read: MAST's side, not a 500
+            raise ArchiveError(503, f"MAST's answer to the {what} could not be read: "
+                               f"{type(e).__name__}: {e}") from e
 
     # -- searches --------------------------------------------------------------------------
     def by_target(self, target: str, radius_deg: float, filters: dict[str, Any],
@@ -138,7 +143,8 @@ class MastArchive:
                         if v is not None and k in MAST_PRODUCT_FIELDS and k != "extension"}
         extension = filters.get("extension")
         if mast_filters or extension:
-            table = obs.filter_products(table, extension=extension, **mast_filters)
+            table = self._call("product filter", lambda: obs.filter_products(
+                table, extension=extension, **mast_filters), "filters")
         return table
 
 
