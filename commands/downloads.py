@@ -13,7 +13,7 @@ from uuid import UUID
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from commands.handlers import CommandSpec, Policy
+from commands.handlers import COMMANDS, CommandSpec, Policy
 from commands.models import CommandModel
 from commands.unit_of_work import UnitOfWork
 from domain.downloads import DownloadJob
@@ -292,3 +292,4 @@ DOWNLOAD_COMMANDS: dict[str, CommandSpec] = {
                     _subjects, generated=()),
     ]
 }
+COMMANDS.update(DOWNLOAD_COMMANDS)

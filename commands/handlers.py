@@ -373,7 +373,5 @@ COMMANDS: dict[str, CommandSpec] = {
 }
 
 
-# -- MAST download jobs (commands/downloads.py) ----------------------------------------------
-from commands.downloads import DOWNLOAD_COMMANDS  # noqa: E402  (needs CommandSpec, Policy)
-
-COMMANDS.update(DOWNLOAD_COMMANDS)
+# -- MAST download jobs: commands/downloads.py adds them to COMMANDS when imported -----------
+import commands.downloads  # noqa: E402, F401  (after CommandSpec, Policy and COMMANDS)
