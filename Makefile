@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/replay.py
 	$(BIN)/python bench/results.py
+	$(BIN)/python bench/downloads.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -171,6 +171,10 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     from api.audit import audit_router  # read-only audit tools (auditor role)
 
     app.include_router(audit_router())
+
+    from api.mast import mast_router  # uses this module
+
+    app.include_router(mast_router())
     return app
 
 
@@ -744,6 +748,7 @@ def health_report(ledger: Ledger) -> dict[str, Any]:
         },
         "kafka": relay_health(ledger),
         "results": _results_health(ledger),
+        "downloader": ledger.downloader.report() if ledger.downloader else None,
     }
 
 

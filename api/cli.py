@@ -435,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_import)
 
+    from api.download_cli import add_download_commands  # downloader, download …
+
+    add_download_commands(sub)
+
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_format, getattr(logging, settings.log_level))

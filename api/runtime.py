@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from commands.dispatcher import Dispatcher
+from commands.download_automation import Downloader
 from commands.handlers import utcnow
 from commands.result_automation import ResultsAutomation, ResultsProcessManager, ResultsScheduler
 from commands.service import CommandService
@@ -25,6 +26,7 @@ from infra.settings import Settings
 from projections.kafka_projector import KafkaProjector
 from projections.projector import Projector
 from projections.tables import READ_MODELS
+from queries.downloads import DownloadQueries
 from queries.service import QueryService
 
 log = logging.getLogger("obsledger")
@@ -47,6 +49,7 @@ class Ledger:
                                   refresh_s=settings.auth_refresh_s)
         self.request_audit = RequestAuditLog(self.engine, settings.request_audit_flush_s,
                                              settings.request_audit_buffer)
+        self.downloads = DownloadQueries(self.queries)
         self.workers = settings.embedded_workers if workers is None else workers
         self.store: EventStore | None = None
         self.dispatcher: Dispatcher | None = None
@@ -54,6 +57,7 @@ class Ledger:
         self.relay: EventRelay | None = None
         self.results: ResultsAutomation | None = None
         self.chain: ChainKeeper | None = None
+        self.downloader: Downloader | None = None
         self._anchor_publisher: AnchorPublisher | None = None
         self.metrics = Metrics()
         self.metrics.watch(self.metrics_state)
@@ -108,6 +112,8 @@ class Ledger:
             self.projector = self.relay = self.chain = self.results = None
             return False
         self.commands.store = self.store
+        self.downloader = Downloader(self.store, self.downloads, self.commands, self.settings,
+                                     self.metrics)
         self.dispatcher = Dispatcher(self.journal, self.store, self.settings,
                                      on_applied=self._applied, clock=self.clock,
                                      metrics=self.metrics)
@@ -133,7 +139,7 @@ class Ledger:
             "head_position": None, "projector_position": None,
             "projector_lag_events": None, "projector_lag_s": None,
             "relay": None,
-            "downloader": None,  # the MAST downloader is not built yet
+            "downloader": self.downloader.report() if self.downloader else None,
         }
         store = self.store
         if store is None or not store.ping():
@@ -173,6 +179,10 @@ class Ledger:
             state["obsledger_relay_lag_events"] = gauge(c["relay"]["lag_events"])
             state["obsledger_relay_lag_seconds"] = gauge(c["relay"]["lag_s"])
             state["obsledger_kafka_broker_up"] = gauge(int(c["relay"]["broker_reachable"]))
+        if c["downloader"] is not None:
+            state["obsledger_download_active_jobs"] = gauge(c["downloader"]["active_jobs"])
+            state["obsledger_download_files_in_flight"] = gauge(
+                c["downloader"]["files_in_flight"])
         return state
 
     def start_workers(self) -> None:
@@ -189,6 +199,8 @@ class Ledger:
                 self.results.start()
             if self.chain is not None and self.settings.embedded_audit_chain:
                 self.chain.start()
+            if self.downloader is not None and self.settings.embedded_downloader:
+                self.downloader.start()
             return
 
         def connect_later() -> None:
@@ -201,6 +213,8 @@ class Ledger:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.downloader is not None:
+            self.downloader.stop()
         if self.results is not None:
             self.results.stop()
         if self.chain is not None:

@@ -371,3 +371,7 @@ COMMANDS: dict[str, CommandSpec] = {
                     _result_subjects),
     ]
 }
+
+
+# -- MAST download jobs: commands/downloads.py adds them to COMMANDS when imported -----------
+import commands.downloads  # noqa: E402, F401  (after CommandSpec, Policy and COMMANDS)

@@ -62,12 +62,16 @@ _TARGETS: dict[str, _Target] = {
                                              one_pending=False)
        for name in ("dispatch", "report_task", "cancel", "contribute_asset", "start_run",
                     "end_run")},
+    **{f"download_job.{name}": _Target("download_job", "download job",
+                                       frozenset({"completed", "cancelled"}))
+       for name in ("pause", "resume", "cancel")},
 }
 _CREATES = {
     "executed_obs_unit": {"executed_obs_unit.start"},
     "raw_data_package": {"raw_data_package.create"},
     "staging": {"staging.stage"},
     "observation_result": {"observation_result.materialize"},
+    "download_job": {"download_job.request"},
 }
 
 
@@ -93,6 +97,7 @@ def response_ids(command_type: str, cmd: Any) -> dict[str, Any]:
         return {"observation_result_id": str(cmd.id), "run_id": str(cmd.run_id)}
     key = {"executed_obs_unit": "executed_obs_unit_id", "raw_data_package": "raw_data_package_id",
            "staging": "staging_id", "observation_result": "observation_result_id",
+           "download_job": "download_job_id",
            }[command_type.split(".")[0]]
     return {key: str(cmd.id)}
 

@@ -34,6 +34,8 @@ STATE_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "obsledger_request_audit_pending": ("Request audit records not yet written.", ()),
     "obsledger_request_audit_dropped": ("Request audit records dropped (buffer full while the "
                                         "database was unreachable).", ()),
+    "obsledger_download_active_jobs": ("MAST download jobs this process is running.", ()),
+    "obsledger_download_files_in_flight": ("MAST files being fetched by this process.", ()),
 }
 
 State = dict[str, list[tuple[tuple[str, ...], float]]]  # gauge → [(label values, value)]
@@ -83,6 +85,9 @@ class Metrics:
         self.http_seconds = Histogram(
             "obsledger_http_request_duration_seconds", "HTTP requests by route and status.",
             ["method", "route", "status"], registry=r)
+        self.download_bytes = Counter(
+            "obsledger_download_bytes", "Bytes fetched from the MAST archive (re-fetched "
+            "bytes after a restart included).", registry=r)
 
         self._children: dict[tuple[Any, ...], Any] = {}
 

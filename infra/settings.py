@@ -143,6 +143,44 @@ class Settings(BaseSettings):
         description="Consumer group of the Kafka projectors sharing one read-model database.",
     )
 
+    # -- MAST archive: search and downloads ----------------------------------------------
+    mast_base_url: str = Field(
+        "https://mast.stsci.edu", pattern=r"^https?://[^\s]+$",
+        description="The MAST server: searches (astroquery's portal API) and downloads "
+        "(<url>/api/v0.1/Download/file?uri=<dataURI>).")
+    mast_timeout_s: float = Field(60.0, gt=0, description="Timeout of one MAST search.")
+    download_root: Path | None = Field(
+        None, description="Every download lands below this directory; default "
+        "<data_dir>/downloads. Destinations that leave it are refused (422).")
+    download_chunk_bytes: int = Field(
+        5 * 1024 * 1024, ge=64 * 1024, description="Bytes per HTTP Range request.")
+    download_concurrent_files: int = Field(3, ge=1, le=64, description="Files fetched at once.")
+    download_retries: int = Field(3, ge=0, le=100, description="Retries of a failed request "
+                                  "(reset whenever bytes arrive).")
+    download_backoff_base_s: float = Field(
+        1.0, ge=0, description="First retry delay; doubles each retry, with full jitter.")
+    download_backoff_max_s: float = Field(30.0, ge=0)
+    download_read_timeout_s: float = Field(60.0, gt=0, description="Longest silence of a "
+                                           "connection before it counts as failed.")
+    download_checkpoint_chunks: int = Field(
+        2, ge=1, description="Checkpoint (fsync + event) every this many chunks' bytes …")
+    download_checkpoint_s: float = Field(5.0, gt=0, description="… or this many seconds.")
+    download_on_changed_file: Literal["restart", "fail"] = Field(
+        "restart", description="A file whose ETag/Last-Modified/size changed between two "
+        "requests: fetch it again from byte 0, or fail the job.")
+    download_retention_days: float = Field(
+        7.0, ge=0, description="Partial files of cancelled or failed jobs are removed after "
+        "this long.")
+    download_poll_s: float = Field(1.0, gt=0, description="How often the downloader looks for "
+                                   "jobs to start, pause or cancel.")
+    embedded_downloader: bool = Field(
+        True, description="With embedded workers, run the MAST downloader in the API process "
+        "(false when `obsledger downloader` runs it).")
+
+    @property
+    def download_dir(self) -> Path:
+        return self.download_root or self.data_dir / "downloads"
+
     @model_validator(mode="after")
     def _production_needs_a_secret(self) -> Settings:
         if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value()) < 32:

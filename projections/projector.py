@@ -30,6 +30,7 @@ from sqlalchemy.schema import CreateTable
 from infra.event_store import EventStore
 from infra.prefetch import prefetched
 from infra.read_model_db import insert_missing, is_postgres, write_transaction
+from projections.downloads import download_handlers
 from projections.tables import READ_MODELS, ReadModelTables, build_positions, build_tables
 
 log = logging.getLogger("obsledger.projector")
@@ -156,6 +157,8 @@ class _Ops:
                     "status": e.end, "finished_at": e.finished_at, "outputs": e.outputs,
                     "error": e.error}, key=lambda e: e.run_id)),
         }
+
+        self.handlers.update(download_handlers(self, t.download_jobs, t.download_files, _each))
 
     def _insert(self, table: Table, values: Callable[[Any], dict[str, Any]],
                 key: Callable[[Any], Any] = _originator) -> Callable[[Any, int], list[Op]]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -23,7 +26,8 @@ Json = JSON().with_variant(JSONB(), "postgresql")
 TZ = DateTime(timezone=True)
 
 READ_MODELS = ("executed_obs_units", "raw_data_files", "raw_data_packages", "staging_requests",
-               "observation_results", "observation_result_tasks", "processing_runs")
+               "observation_results", "observation_result_tasks", "processing_runs",
+               "download_jobs", "download_files")
 
 
 @dataclass(frozen=True)
@@ -38,13 +42,15 @@ class ReadModelTables:
     observation_results: Table
     observation_result_tasks: Table
     processing_runs: Table
+    download_jobs: Table
+    download_files: Table
     generation: str
 
     def all(self) -> list[Table]:
         """The tables, in the order of ``READ_MODELS``."""
         return [self.executed_obs_units, self.raw_data_files, self.raw_data_packages,
                 self.staging_requests, self.observation_results, self.observation_result_tasks,
-                self.processing_runs]
+                self.processing_runs, self.download_jobs, self.download_files]
 
 
 def _common() -> list[Column[object]]:
@@ -186,7 +192,61 @@ def build_tables(generation: str = "", table_suffix: str = "") -> ReadModelTable
         *_common(),
         Index(f"ix_run_result_{g}", "result_id"),
     )
-    return ReadModelTables(md, units, files, packages, staging, results, tasks, runs, generation)
+    jobs, job_files = build_download_tables(md, name, g)
+    return ReadModelTables(md, units, files, packages, staging, results, tasks, runs, jobs,
+                           job_files, generation)
+
+
+def build_download_tables(md: MetaData, name: Callable[[str], str], g: str,
+                          ) -> tuple[Table, Table]:
+    """MAST download jobs and their files (progress, speed, provenance of each file)."""
+    jobs = Table(
+        name("download_jobs"), md,
+        Column("id", String(36), primary_key=True),
+        Column("status", String(20), nullable=False),
+        Column("destination", String(1024), nullable=False),
+        Column("mode", String(20), nullable=False),
+        Column("chunk_size", BigInteger, nullable=False),
+        Column("register_files", Boolean, nullable=False),
+        Column("file_count", Integer, nullable=False),
+        Column("files_completed", Integer, nullable=False),
+        Column("bytes_total", BigInteger),  # known once every file's size is
+        Column("bytes_done", BigInteger, nullable=False),
+        Column("reason", Text),
+        Column("partials_purged", Boolean, nullable=False),
+        Column("requested_at", TZ, nullable=False),
+        Column("finished_at", TZ),
+        *_common(),
+        Index(f"ix_dlj_status_{g}", "status", "updated_at"),
+    )
+    job_files = Table(
+        name("download_files"), md,
+        Column("id", String(36), primary_key=True),  # uuid5(job id, index)
+        Column("job_id", String(36), nullable=False),
+        Column("file_index", Integer, nullable=False),
+        Column("filename", String(255), nullable=False),
+        Column("url", Text, nullable=False),
+        Column("data_uri", String(1024)),
+        Column("obs_id", String(255)),
+        Column("obsid", String(64)),
+        Column("product_type", String(50)),
+        Column("instrument", String(80)),
+        Column("status", String(20), nullable=False),
+        Column("size", BigInteger),
+        Column("bytes_done", BigInteger, nullable=False),
+        Column("bytes_per_s", Float),
+        Column("etag", String(1024)),
+        Column("last_modified", String(100)),
+        Column("sha256", String(64)),
+        Column("fits", Json),
+        Column("restarts", Integer, nullable=False),
+        Column("started_at", TZ),
+        Column("checkpoint_at", TZ),
+        Column("completed_at", TZ),
+        *_common(),
+        Index(f"ix_dlf_job_{g}", "job_id", "file_index"),
+    )
+    return jobs, job_files
 
 
 def build_positions(md: MetaData | None = None) -> Table:

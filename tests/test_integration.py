@@ -18,6 +18,16 @@ from uuid import UUID
 import pytest
 
 from api.runtime import Ledger
+from commands.downloads import (
+    CancelDownloadRequest,
+    DownloadCheckpoint,
+    DownloadFail,
+    DownloadFileComplete,
+    DownloadFileSpec,
+    DownloadFileStart,
+    PurgeDownloadPartials,
+    RequestDownload,
+)
 from commands.handlers import COMMANDS
 from commands.models import (
     AddFilesToPackageRequest,
@@ -203,6 +213,26 @@ def build_night(ledger: Ledger) -> dict[str, str]:
     s("end_run", "observation_result.end_run", EndProcessingRunRequest.model_validate(
         {"end": "completed", "outputs": [{"name": "c.fits", "kind": "combined_image"}]}),
       {"id": result, "run_id": run})
+    # a MAST download job through every download command (docs/ARCHITECTURE.md)
+    ids["dl"] = dl = str(uuid.uuid4())
+    job = UUID(dl)
+    s("dl_request", "download_job.request", RequestDownload(id=job, destination="night", files=[
+        DownloadFileSpec(url="http://mast.test/f/a.fits", filename="a.fits", size=100,
+                         data_uri="mast:HST/product/a.fits", obs_id="O1"),
+        DownloadFileSpec(url="http://mast.test/f/b.fits", filename="b.fits")]))
+    s("dl_start", "download_job.start_file", DownloadFileStart(id=job, index=0, size=100,
+                                                               etag='"e1"'))
+    s("dl_ckpt", "download_job.checkpoint", DownloadCheckpoint(id=job, index=0, bytes_done=50,
+                                                               bytes_per_s=1000.0))
+    s("dl_done", "download_job.complete_file", DownloadFileComplete(
+        id=job, index=0, size=100, sha256="ab" * 32, fits={"hdus": 1}))
+    s("dl_pause", "download_job.pause", Empty(), {"id": dl})
+    s("dl_resume", "download_job.resume", Empty(), {"id": dl})
+    s("dl_start2", "download_job.start_file", DownloadFileStart(id=job, index=1, size=10))
+    s("dl_fail", "download_job.fail", DownloadFail(id=job, reason="HTTP 503", index=1))
+    s("dl_cancel", "download_job.cancel", CancelDownloadRequest(reason="enough"), {"id": dl})
+    s("dl_purge", "download_job.purge_partials", PurgeDownloadPartials(
+        id=job, removed=["night/b.fits.part"]))
     ids.update({f"cmd:{k}": v for k, v in cmds.items()})
     return ids
 

@@ -31,6 +31,12 @@ from sqlalchemy import select, update
 
 from api.app import create_app
 from api.runtime import Ledger
+from commands.downloads import (
+    DownloadFileComplete,
+    DownloadFileSpec,
+    DownloadFileStart,
+    RequestDownload,
+)
 from commands.models import (
     AddFilesToPackageRequest,
     BulkRegisterRawDataFilesRequest,
@@ -142,6 +148,13 @@ def night(ledger: Ledger, units: int = 4, files: int = 5) -> None:
                                path={"id": result})
             await submit("observation_result.end_run", EndProcessingRunRequest(end="skipped"),
                          path={"id": result, "run_id": uuid.UUID(run.body["ids"]["run_id"])})
+            download = await submit("download_job.request", RequestDownload(
+                destination=f"n/{u}", files=[DownloadFileSpec(
+                    url=f"http://mast.test/{u}.fits", filename=f"{u}.fits", size=10)]))
+            job = uuid.UUID(download.body["ids"]["download_job_id"])
+            await submit("download_job.start_file", DownloadFileStart(id=job, index=0, size=10))
+            await submit("download_job.complete_file", DownloadFileComplete(
+                id=job, index=0, size=10, sha256="cd" * 32))
     asyncio.run(go())
     assert ledger.dispatcher is not None
     ledger.dispatcher.drain()
@@ -248,7 +261,7 @@ def test_every_stored_event_reaches_kcat_in_order_with_its_headers(
         by_topic[kafka_topic(kafka_settings.kafka_topic_prefix, event_type_of(n.topic)[0])
                  ].append(n)
     assert set(by_topic) <= set(all_topics(kafka_settings.kafka_topic_prefix))
-    assert len(by_topic) == 6  # units, files, packages, staging, results, receipts
+    assert len(by_topic) == 7  # units, files, packages, staging, results, receipts, downloads
     for topic, expected in by_topic.items():
         received = read_topic(broker, topic, len(expected))
         assert len(received) == len(expected)
@@ -518,7 +531,7 @@ def test_smart_queries_read_their_writes_with_a_kafka_projector(
         health = client.get("/health").json()["projector"]
         assert health["source"] == "kafka" and health["lag_events"] == 0
         assert health["kafka"]["group"] == settings.kafka_consumer_group
-        assert len(health["kafka"]["assigned_partitions"]) == 5 * settings.kafka_partitions
+        assert len(health["kafka"]["assigned_partitions"]) == 6 * settings.kafka_partitions
 
 
 def test_kafka_projection_requires_a_bootstrap(settings: Settings) -> None:

@@ -63,13 +63,13 @@ def test_a_scrape_after_a_known_workload(client: TestClient) -> None:
     assert value("obsledger_http_request_duration_seconds_count", method="GET",
                  route="/raw_data_files/{id}", status="422") == 1
     lag = {k[1]: v for k, v in m.items() if k[0] == "obsledger_projection_lag_events"}
-    assert len(lag) == 7 and all(v >= 0 for v in lag.values())
+    assert len(lag) == 9 and all(v >= 0 for v in lag.values())
 
     ready = client.get("/ready")
     assert ready.status_code == 200, ready.text
     checks = ready.json()["checks"]
     assert checks["store_reachable"] is True and checks["journal_depth"] == 0
-    assert checks["relay"] is None and checks["downloader"] is None
+    assert checks["relay"] is None and checks["downloader"]["running"] is True
 
 
 def test_ready_fails_over_a_threshold(settings: Any) -> None:

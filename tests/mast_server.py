@@ -1,0 +1,162 @@
+"""A local stand-in for MAST's download service: real HTTP (aiohttp) with Range support, in a
+thread of the test process, serving registered files and injecting faults on command.
+
+``server.files[name] = bytes`` serves ``/api/v0.1/Download/file?uri=mast:…/<name>``;
+``server.faults[name]`` (a dict) changes how the next answers for ``name`` behave:
+
+- ``fail``: n, ``fail_status``: code — the next n requests get that status (5xx storm);
+- ``ignore_range``: True — answer 200 with the whole body whatever the Range;
+- ``no_length``: True — no Content-Length (chunked transfer encoding);
+- ``truncate``: n, ``cut_at``: bytes — the next n bodies stop after ``cut_at`` bytes, the
+  connection closed cleanly (a truncated body);
+- ``reset``: n, ``cut_at`` — the same with a TCP reset (SO_LINGER 0) mid-body;
+- ``delay``: seconds slept after each 64 KB block (slow link).
+
+``sent[name]`` counts body bytes written; ``requests`` logs (name, Range, status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import socket
+import struct
+import threading
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import web
+
+BLOCK = 64 * 1024
+
+
+class MastTestServer:
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.faults: dict[str, dict[str, Any]] = {}
+        self.modified: dict[str, float] = {}
+        self.sent: dict[str, int] = {}
+        self.requests: list[tuple[str, str | None, int]] = []
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def add(self, name: str, data: bytes, modified: float = 1_700_000_000.0) -> None:
+        self.files[name] = data
+        self.modified[name] = modified
+
+    def served_from(self, name: str) -> list[int]:
+        """The first byte of each answered request for ``name``."""
+        out = []
+        for n, rng, status in self.requests:
+            if n == name and status in (200, 206):
+                m = re.match(r"bytes=(\d+)-", rng or "")
+                out.append(int(m.group(1)) if m and status == 206 else 0)
+        return out
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application()
+            app.router.add_get("/api/v0.1/Download/file", self._download)
+            self._runner = web.AppRunner(app, access_log=None)
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            loop.run_until_complete(site.start())
+            server = site._server
+            assert server is not None
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="mast-test-server", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # -- the download service --------------------------------------------------------------
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        uri = request.query.get("uri", "")
+        name = uri.rsplit("/", 1)[-1]
+        rng = request.headers.get("Range")
+        data = self.files.get(name)
+        if data is None:
+            self.requests.append((name, rng, 404))
+            return web.Response(status=404, text=f"no such product: {uri}")
+        f = self.faults.setdefault(name, {})
+        if f.get("fail", 0) > 0:
+            f["fail"] -= 1
+            status = int(f.get("fail_status", 503))
+            self.requests.append((name, rng, status))
+            return web.Response(status=status, text="storm")
+        headers = {"ETag": '"' + hashlib.sha1(data).hexdigest()[:16] + '"',
+                   "Last-Modified": formatdate(self.modified[name], usegmt=True),
+                   "Accept-Ranges": "bytes"}
+        start, end, status = 0, len(data) - 1, 200
+        m = re.match(r"^bytes=(\d+)-(\d*)$", rng or "")
+        if m and not f.get("ignore_range"):
+            start = int(m.group(1))
+            end = min(int(m.group(2)), len(data) - 1) if m.group(2) else len(data) - 1
+            if start >= len(data):
+                self.requests.append((name, rng, 416))
+                return web.Response(status=416, headers={
+                    **headers, "Content-Range": f"bytes */{len(data)}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        self.requests.append((name, rng, status))
+        body = data[start:end + 1]
+        resp = web.StreamResponse(status=status, headers=headers)
+        if f.get("no_length"):
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = len(body)
+        await resp.prepare(request)
+        cut: int | None = None
+        mode = None
+        for fault in ("truncate", "reset"):
+            if f.get(fault, 0) > 0:
+                f[fault] -= 1
+                cut, mode = int(f.get("cut_at", len(body) // 2)), fault
+                break
+        pos = 0
+        while pos < len(body):
+            block = body[pos:pos + BLOCK]
+            if cut is not None and pos + len(block) > cut:
+                block = block[:max(cut - pos, 0)]
+                if block:
+                    await resp.write(block)
+                    self.sent[name] = self.sent.get(name, 0) + len(block)
+                await asyncio.sleep(0.01)
+                transport = request.transport
+                if transport is not None:
+                    if mode == "reset":
+                        sock = transport.get_extra_info("socket")
+                        if sock is not None:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                            struct.pack("ii", 1, 0))
+                    transport.close()
+                return resp
+            await resp.write(block)
+            self.sent[name] = self.sent.get(name, 0) + len(block)
+            pos += len(block)
+            if f.get("delay"):
+                await asyncio.sleep(float(f["delay"]))
+        await resp.write_eof()
+        return resp
