@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint bench clean kcat
+.PHONY: setup run test lint bench clean kcat wrk
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,14 @@ lint: setup
 	$(BIN)/mypy
 
 ## Benchmarks against PostgreSQL (OBSLEDGER_POSTGRES_HOST/PORT/USER select the server)
-bench: setup
+## Debian's wrk: the HTTP load generator of bench/commands.py (else an aiohttp client, which
+## saturates before the server does and understates every HTTP figure)
+wrk:
+	@command -v wrk >/dev/null || { apt-get install -y -q wrk >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; } || \
+	  echo "wrk could not be installed: bench/commands.py falls back to aiohttp"; }
+
+bench: setup wrk
 	$(BIN)/python bench/commands.py
 	$(BIN)/python bench/projection.py
 	$(BIN)/python bench/relay.py
