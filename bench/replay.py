@@ -6,7 +6,8 @@ data files registered (``--files-per-unit``) and a finish, mapped by the applica
 and inserted through the recorder in large transactions. The audit chain is then extended
 over the whole log (not timed in the ratios). Then, in the same run, over the same events:
 
-- ``plain_read_per_s``: ``recorder.select_notifications`` pages to the head, nothing else;
+- ``plain_read_per_s``: eventsourcing's stock ``PostgresApplicationRecorder.select_notifications``
+  pages to the head, nothing else (obsledger's recorder reads with tuple rows instead);
 - ``replay_per_s``: ``obsledger replay --format jsonl`` (every event decoded, untagged and
   written as a JSON line to a file);
 - ``verify_per_s``: ``obsledger verify`` (every event hashed, the chain recomputed and
@@ -132,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             chain.catch_up()
             note(f"audit chain extended over {head} events in {time.perf_counter() - t:.1f}s")
 
-            def plain() -> None:
+            def plain() -> None:  # eventsourcing's own read, not the lean one obsledger uses
+                from eventsourcing.postgres import PostgresApplicationRecorder
+
+                stock = PostgresApplicationRecorder.select_notifications
                 after, n = 0, 0
-                while page := store.select_notifications(after, 5000):
+                while page := stock(store.recorder, after, 5000, inclusive_of_start=False):
                     n += len(page)
                     after = page[-1].id
                 assert n == head

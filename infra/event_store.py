@@ -25,7 +25,9 @@ from eventsourcing.persistence import (
     StoredEvent,
 )
 from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
-from eventsourcing.utils import EnvType
+from eventsourcing.utils import EnvType, retry
+from psycopg.rows import tuple_row
+from psycopg.sql import SQL, Composed, Identifier
 
 from infra.settings import Settings
 
@@ -76,6 +78,33 @@ class ChunkedInsertRecorder(PostgresApplicationRecorder):
                 PostgresAggregateRecorder._insert_stored_events(self, curs, part)
                 ids.extend(self._fetch_ids_after_insert_events(curs, part) or ())
         return ids
+
+    @retry((psycopg.InterfaceError, psycopg.OperationalError), max_attempts=10, wait=0.2)
+    def select_notifications(self, start: int | None, limit: int, stop: int | None = None,
+                             topics: Sequence[str] = (), *, inclusive_of_start: bool = True,
+                             ) -> Sequence[Notification]:
+        """The stock read, with plain tuple rows and the columns named: every page the
+        projectors, the relay, the audit chain and rebuilds read goes through here, and
+        building a dict per row was a tenth of a rebuild's time."""
+        if stop is not None or topics or start is None:
+            return super().select_notifications(start, limit, stop, topics,
+                                                inclusive_of_start=inclusive_of_start)
+        if self._page_sql is None:
+            self._page_sql = SQL(
+                "SELECT notification_id, originator_id, originator_version, topic, state "
+                "FROM {schema}.{table} WHERE notification_id >= %s "
+                "ORDER BY notification_id LIMIT %s").format(
+                schema=Identifier(self.datastore.schema),
+                table=Identifier(self.events_table_name))
+        first = start if inclusive_of_start else start + 1
+        with self.datastore.get_connection() as conn, \
+                conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(self._page_sql, (first, limit), prepare=True)
+            return [Notification(id=i, originator_id=o, originator_version=v, topic=t,
+                                 state=bytes(b))
+                    for i, o, v, t, b in curs.fetchall()]
+
+    _page_sql: Composed | None = None
 
 
 class ObservatoryLedger(Application[UUID]):
