@@ -307,20 +307,16 @@ def _utc_time(text: str) -> datetime:
 def _service_token(args: argparse.Namespace, settings: Settings) -> int:
     """Issue an API token for a service account straight in the accounts database (for
     provisioning telescope automation without an admin token)."""
-    from infra.accounts import AccountExists, AccountStore, TokenSigner, provision_service_token
-    from infra.read_model_db import create_read_model_engine
+    from infra.accounts import AccountExists, issue_service_token
 
     settings.prepare_dirs()
-    engine = create_read_model_engine(settings.read_model_database_url)
     try:
-        token = provision_service_token(
-            AccountStore(engine), TokenSigner(settings.signing_secret(), settings.token_ttl_s),
-            args.name, args.role, token_name=args.token_name, created_by="obsledger-cli")
+        token = issue_service_token(settings.read_model_database_url,
+                                    settings.signing_secret(), args.name, args.role,
+                                    token_name=args.token_name, created_by="obsledger-cli")
     except AccountExists as e:
         print(e, file=sys.stderr)
         return 1
-    finally:
-        engine.dispose()
     print(token)
     return 0
 

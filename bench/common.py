@@ -332,17 +332,12 @@ def http_load(url: str, body: bytes, seconds: float, connections: int,
 
 def service_token(settings: Any, name: str = "bench-automation") -> str:
     """An API token of a service account with the automation role, in ``settings``' store."""
-    from infra.accounts import AccountStore, TokenSigner, provision_service_token
-    from infra.read_model_db import create_read_model_engine
+    from infra.accounts import issue_service_token
 
     settings.prepare_dirs()
-    engine = create_read_model_engine(settings.read_model_database_url)
-    try:
-        return provision_service_token(
-            AccountStore(engine), TokenSigner(settings.signing_secret(), settings.token_ttl_s),
-            name, ["automation", "viewer"], token_name="bench", created_by="bench")
-    finally:
-        engine.dispose()
+    return issue_service_token(settings.read_model_database_url, settings.signing_secret(),
+                               name, ["automation", "viewer"], token_name="bench",
+                               created_by="bench")
 
 
 def add_load_args(parser: argparse.ArgumentParser) -> None:

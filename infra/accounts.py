@@ -49,6 +49,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from domain.accounts import AccountKind, Principal, Role
+from infra.read_model_db import create_read_model_engine, utc_row
 
 log = logging.getLogger("obsledger.accounts")
 
@@ -95,11 +96,6 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
-def _aware(row: Any) -> dict[str, Any]:
-    """A row with its times in UTC (SQLite hands them back naive)."""
-    return {k: _utc(v) if isinstance(v, datetime) else v for k, v in dict(row).items()}
 
 
 def development_secret(data_dir: Path) -> str:
@@ -193,12 +189,12 @@ class AccountStore:
             accounts.c.id == account_id)
         with self.engine.connect() as conn:
             row = conn.execute(q).mappings().first()
-        return _aware(row) if row else None
+        return utc_row(row) if row else None
 
     def all(self) -> list[dict[str, Any]]:
         self.create_tables()
         with self.engine.connect() as conn:
-            return [_aware(r) for r in conn.execute(
+            return [utc_row(r) for r in conn.execute(
                 select(accounts).order_by(accounts.c.username)).mappings()]
 
     def has_admin(self) -> bool:
@@ -245,7 +241,7 @@ class AccountStore:
     def tokens(self, account_id: UUID) -> list[dict[str, Any]]:
         self.create_tables()
         with self.engine.connect() as conn:
-            return [_aware(r) for r in conn.execute(
+            return [utc_row(r) for r in conn.execute(
                 select(service_tokens).where(service_tokens.c.account_id == account_id)
                 .order_by(service_tokens.c.created_at)).mappings()]
 
@@ -277,6 +273,19 @@ def provision_service_token(store: AccountStore, signer: TokenSigner, name: str,
         raise AccountExists(f"{name} exists and is not a service account")
     return signer.service_token(account, store.issue_token(account["id"], token_name, None,
                                                            by=created_by))
+
+
+def issue_service_token(database_url: str, secret: str, name: str, roles: Iterable[str], *,
+                        token_name: str, created_by: str) -> str:
+    """:func:`provision_service_token` against the accounts of ``database_url`` (for the
+    command line and the benchmarks, which have no ledger)."""
+    engine = create_read_model_engine(database_url)
+    try:
+        return provision_service_token(AccountStore(engine), TokenSigner(secret, ttl_s=1800),
+                                       name, roles, token_name=token_name,
+                                       created_by=created_by)
+    finally:
+        engine.dispose()
 
 
 class TokenSigner:

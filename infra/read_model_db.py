@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, create_engine, event
@@ -55,3 +56,9 @@ def insert_missing(conn: Connection, table: Table, values: dict[str, Any]) -> No
     """Insert a row unless its key exists (processes starting together race for it)."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     conn.execute(dialect.insert(table).values(**values).on_conflict_do_nothing())
+
+
+def utc_row(row: Any) -> dict[str, Any]:
+    """A row as a dict with its times in UTC (SQLite hands them back naive)."""
+    return {k: v.replace(tzinfo=UTC) if isinstance(v, datetime) and v.tzinfo is None else v
+            for k, v in dict(row).items()}

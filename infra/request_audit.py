@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from infra.read_model_db import is_postgres
+from infra.read_model_db import is_postgres, utc_row
 
 log = logging.getLogger("obsledger.request_audit")
 
@@ -191,5 +191,4 @@ class RequestAuditLog:
                                  ).scalar_one()
             rows = conn.execute(select(t).where(*conditions).order_by(t.c.id.desc())
                                 .offset(skip).limit(limit)).mappings().all()
-        return [{k: v.replace(tzinfo=UTC) if isinstance(v, datetime) and v.tzinfo is None
-                 else v for k, v in r.items()} for r in rows], int(total)
+        return [utc_row(r) for r in rows], int(total)
