@@ -21,10 +21,11 @@ from eventsourcing.persistence import (
     IntegrityError,
     Notification,
     PersistenceError,
+    ProgrammingError,
     Recording,
     StoredEvent,
 )
-from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
+from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import EnvType, retry
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
@@ -59,6 +60,11 @@ class ChunkedInsertRecorder(PostgresApplicationRecorder):
     of at most ``chunk`` events, in one transaction under the same table lock, so the save is
     still atomic and insert order is still commit order. Connection errors are not retried
     here (the dispatcher backs off and retries the whole batch).
+
+    Each statement sends four parallel arrays in psycopg's binary format instead of one array
+    of the stored-event composite type in text format: dumping the composite array as text
+    (bytea states hex-encoded) was most of a bulk registration's insert (measured here, 20,000
+    events: ~22,000 events/s as composites, ~110,000/s as binary arrays).
     """
 
     chunk = 2000
@@ -73,11 +79,27 @@ class ChunkedInsertRecorder(PostgresApplicationRecorder):
                 return ids
             self._lock_table(curs)
             self._notify_channel(curs)
+            if self._insert_sql is None:
+                self._insert_sql = SQL(
+                    "INSERT INTO {schema}.{table} "
+                    "(originator_id, originator_version, topic, state) "
+                    "SELECT * FROM unnest(%b::uuid[], %b::int8[], %b::text[], %b::bytea[]) "
+                    "RETURNING notification_id").format(
+                    schema=Identifier(self.datastore.schema),
+                    table=Identifier(self.events_table_name))
             for i in range(0, len(stored_events), self.chunk):
                 part = stored_events[i:i + self.chunk]
-                PostgresAggregateRecorder._insert_stored_events(self, curs, part)
-                ids.extend(self._fetch_ids_after_insert_events(curs, part) or ())
+                curs.execute(self._insert_sql, (
+                    [e.originator_id for e in part], [e.originator_version for e in part],
+                    [e.topic for e in part], [e.state for e in part]))
+                rows = curs.fetchall()
+                if len(rows) != len(part):
+                    raise ProgrammingError(f"inserted {len(part)} events, got {len(rows)} "
+                                           "notification ids")
+                ids.extend(row["notification_id"] for row in rows)
         return ids
+
+    _insert_sql: Composed | None = None
 
     @retry((psycopg.InterfaceError, psycopg.OperationalError), max_attempts=10, wait=0.2)
     def select_notifications(self, start: int | None, limit: int, stop: int | None = None,
@@ -137,9 +159,14 @@ class EventStore:
         Raises ``IntegrityError`` when an event collides with a stored one (a replayed command's
         receipt, a duplicate id, a concurrent writer) and ``StoreUnavailable`` when the
         database cannot be reached.
+
+        The events go straight to the application's event store (mapper and recorder):
+        ``Application.save`` would only add what this application does not use (no snapshots,
+        no aggregate cache), and its runtime-checked protocol tests on every event were a
+        tenth of a bulk registration's dispatch.
         """
         try:
-            return self.app.save(*events)
+            return self.app.events.put(list(events))
         except IntegrityError:
             raise
         except _UNAVAILABLE as e:
