@@ -73,27 +73,62 @@ Checkpoint = Callable[[int, float | None], Awaitable[None]]
 Progress = Callable[[int], None]
 
 
-class _Hasher:
-    """Feeds a digest in a thread of its own, in order, while the loop goes on receiving
-    (hashlib releases the GIL); at most ``window`` pieces wait."""
+class _Sink:
+    """Writes the received bytes into the partial file and feeds the digest, in a thread of
+    its own and in order, while the loop goes on receiving (``os.write`` and hashlib release
+    the GIL). The loop only gathers blocks; every ``batch`` bytes one job writes and hashes
+    them. At most ``window`` jobs wait, so at most ``window * batch`` bytes are in memory.
 
-    def __init__(self, digest: Any, window: int = 16) -> None:
+    Writing from the loop and hashing each 256 KB block in a job of its own spent most of a
+    download in the loop's ``os.write`` and in handing blocks to the thread
+    (bench/downloads.py)."""
+
+    def __init__(self, fd: int, digest: Any | None, batch: int = 1024 * 1024,
+                 window: int = 8) -> None:
+        self.fd = fd
         self.digest = digest
+        self.batch = batch
         self.window = window
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partial-writer")
         self.pending: deque[asyncio.Future[None]] = deque()
+        self.gathered: list[bytes] = []
+        self.gathered_bytes = 0
 
-    async def update(self, data: bytes) -> None:
+    async def add(self, data: bytes) -> None:
+        self.gathered.append(data)
+        self.gathered_bytes += len(data)
+        if self.gathered_bytes >= self.batch:
+            await self._hand_over()
+
+    async def _hand_over(self) -> None:
+        if not self.gathered:
+            return
+        pieces, self.gathered, self.gathered_bytes = self.gathered, [], 0
         loop = asyncio.get_running_loop()
-        self.pending.append(loop.run_in_executor(self.pool, self.digest.update, data))
+        self.pending.append(loop.run_in_executor(self.pool, self._write, pieces))
         while len(self.pending) > self.window:
             await self.pending.popleft()
 
-    async def done(self) -> None:
+    def _write(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:  # a write may take less than it was given
+                view = view[os.write(self.fd, view):]
+            if self.digest is not None:
+                self.digest.update(piece)
+
+    async def sync(self, full: bool = False) -> None:
+        """Every byte added is written, hashed and on disk (``fdatasync``; ``fsync`` when
+        ``full``)."""
+        await self._hand_over()
         while self.pending:
             await self.pending.popleft()
+        await asyncio.get_running_loop().run_in_executor(
+            self.pool, os.fsync if full else os.fdatasync, self.fd)
 
     def close(self) -> None:
+        """Stop writing (what was not synced may be lost: the next fetch truncates the
+        partial file to its checkpoint)."""
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -148,7 +183,7 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
     partial.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
     loop = asyncio.get_running_loop()
-    hasher = _Hasher(digest) if digest is not None else None
+    sink = _Sink(fd, digest)
     try:
         os.ftruncate(fd, offset)
         if digest is not None and offset:
@@ -167,7 +202,7 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
             if pos == ckpt_pos or not (force or pos - ckpt_pos >= config.checkpoint_bytes
                                        or now - ckpt_t >= config.checkpoint_s):
                 return
-            await loop.run_in_executor(None, os.fdatasync, fd)
+            await sink.sync()
             speed = (pos - ckpt_pos) / (now - ckpt_t) if now > ckpt_t else None
             await checkpoint(pos, round(speed, 1) if speed is not None else None)
             ckpt_pos, ckpt_t = pos, now
@@ -237,9 +272,7 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
                         while block:  # never past a checkpoint boundary unrecorded
                             piece = block[:ckpt_pos + config.checkpoint_bytes - pos]
                             block = block[len(piece):]
-                            os.write(fd, piece)
-                            if hasher is not None:
-                                await hasher.update(piece)
+                            await sink.add(piece)
                             pos += len(piece)
                             received += len(piece)
                             progressed = True
@@ -268,12 +301,9 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
                     raise TransferError(f"{reason} (after {config.retries} retries)") from e
                 await asyncio.sleep(backoff_delay(failures, config.backoff_base_s,
                                                   config.backoff_max_s))
-        await loop.run_in_executor(None, os.fsync, fd)
-        if hasher is not None:
-            await hasher.done()
+        await sink.sync(full=True)
         assert known is not None
         return pos, known
     finally:
-        if hasher is not None:
-            hasher.close()
+        sink.close()  # before the descriptor goes: no write may reach a reused one
         os.close(fd)
