@@ -108,13 +108,13 @@ def _register_files(
     uow: UnitOfWork,
     prov: Provenance,
     package_id: UUID | None = None,
-) -> list[RawDataFile]:
-    files = []
+) -> list[UUID]:
+    ids = []
     for i, spec in enumerate(specs):
         if spec.executed_obs_unit_id is not None:
             uow.get(ExecutedObsUnit, spec.executed_obs_unit_id, "executed obs unit",
                     f"files.{i}.executed_obs_unit_id")
-        f = RawDataFile.register(
+        registered = RawDataFile.registration(
             name=spec.name,
             instrument=spec.instrument,
             relative_path=spec.relative_path,
@@ -127,21 +127,20 @@ def _register_files(
             package_id=package_id,
             provenance=prov,
         )
-        uow.add(f, f"raw data file {spec.name} of")
-        files.append(f)
-    return files
+        ids.append(uow.add_created(registered, f"raw data file {spec.name} of"))
+    return ids
 
 
 def register_raw_data_file(
     cmd: RegisterRawDataFileRequest, uow: UnitOfWork, prov: Provenance, _: Policy
 ) -> list[UUID]:
-    return [f.id for f in _register_files([cmd], uow, prov)]
+    return _register_files([cmd], uow, prov)
 
 
 def register_raw_data_files(
     cmd: BulkRegisterRawDataFilesRequest, uow: UnitOfWork, prov: Provenance, _: Policy
 ) -> list[UUID]:
-    return [f.id for f in _register_files(cmd.files, uow, prov)]
+    return _register_files(cmd.files, uow, prov)
 
 
 def create_raw_data_package(
@@ -154,7 +153,8 @@ def create_raw_data_package(
         uow.for_update(RawDataFile, fid, "raw data file", f"file_ids.{i}")
         for i, fid in enumerate(cmd.file_ids)
     ]
-    new = _register_files(cmd.files, uow, prov, package_id=cmd.id)
+    new = [uow.get(RawDataFile, fid, "raw data file")
+           for fid in _register_files(cmd.files, uow, prov, package_id=cmd.id)]
     package = RawDataPackage.create(
         package_id=cmd.id,
         name=cmd.name,

@@ -613,3 +613,27 @@ TestExecutedObsUnitMachine = ExecutedObsUnitMachine.TestCase
 TestExecutedObsUnitMachine.settings = _machine_settings
 TestStagingRequestMachine = StagingRequestMachine.TestCase
 TestStagingRequestMachine.settings = _machine_settings
+
+
+def test_registration_is_the_event_eventsourcing_makes_for_a_new_file() -> None:
+    """The dispatcher registers files by their creation event (no aggregate built); it must be
+    the very event that constructing the aggregate makes, and rebuild the same file."""
+    fields: dict[str, Any] = dict(
+        name="r.fits", instrument="NIRPS", relative_path="night/r.fits", size=42,
+        checksum_algorithm="sha256", checksum_value="a" * 64,
+        executed_obs_unit_id=uuid4(), file_type="raw_science", package_id=uuid4())
+    p = prov()
+    made = RawDataFile.registration(**fields, created_at=T0, provenance=p)
+    constructed = RawDataFile(id=raw_data_file_id("NIRPS", "r.fits"), **fields,
+                              created_at=T0, **p.event_fields())
+    [built] = constructed.collect_events()
+    assert type(made) is type(built)
+    ours, theirs = dict(vars(made)), dict(vars(built))
+    assert ours.pop("timestamp") <= theirs.pop("timestamp")
+    assert ours == theirs
+    rebuilt = made.mutate(None)
+    assert isinstance(rebuilt, RawDataFile)
+    assert (rebuilt.id, rebuilt.version, rebuilt.size, rebuilt.package_id) == (
+        constructed.id, constructed.version, 42, fields["package_id"])
+    registered = RawDataFile.register(**fields, created_at=T0, provenance=prov())
+    assert len(registered.collect_events()) == 1
