@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from commands.handlers import COMMANDS, CommandSpec, Policy
+from commands.models import JOURNALED
 from commands.unit_of_work import UnitOfWork
 from domain.errors import DomainRejection, TargetNotFound
 from domain.provenance import Provenance
@@ -192,7 +193,7 @@ class Dispatcher:
             return Outcome(entry.seq, REJECTED, reason=f"unknown command type "
                            f"{entry.command_type}", reason_code="invalid")
         try:
-            command = spec.model.model_validate(entry.payload)
+            command = spec.model.model_validate(entry.payload, context=JOURNALED)
         except ValidationError as e:
             return Outcome(entry.seq, REJECTED, reason=f"invalid command: {e}",
                            reason_code="invalid")

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -80,10 +81,16 @@ class CommandModel(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _storable(cls, data: Any) -> Any:
-        if cls not in _NESTED_ONLY:  # parts of a command were checked with the command
+    def _storable(cls, data: Any, info: ValidationInfo) -> Any:
+        # parts of a command were checked with the command, and a journaled command was
+        # checked before the journal took it (the dispatcher passes JOURNALED)
+        if cls not in _NESTED_ONLY and not (info.context and info.context.get("journaled")):
             _check_storable(data, "")
         return data
+
+
+#: Validation context of a command read back from the journal (checked when accepted).
+JOURNALED = {"journaled": True}
 
 
 # -- executed obs units ----------------------------------------------------------------------

