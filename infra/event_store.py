@@ -132,6 +132,10 @@ class ChunkedInsertRecorder(PostgresApplicationRecorder):
     _page_sql: Composed | None = None
 
 
+#: Types orjson writes exactly as the json module does.
+_AS_IS = frozenset({str, int, bool, type(None)})
+
+
 class _Unusual(Exception):
     """A value orjson cannot write as the json module does (NaN, infinities)."""
 
@@ -157,15 +161,24 @@ class EventStateTranscoder(JSONTranscoder):
             return super().encode(obj)
 
     def _tagged(self, o: Any) -> Any:
-        """``o`` with its UUIDs as the stock transcoder writes them (orjson would write a
-        UUID as a plain string, never asking ``default``)."""
-        if isinstance(o, dict):
-            return {k: self._tagged(v) for k, v in o.items()}
-        if isinstance(o, list | tuple):
-            return [self._tagged(v) for v in o]
+        """``o`` with its UUIDs, datetimes and decimals as the stock transcoder writes them
+        (orjson would write a UUID as a plain string, never asking ``default``) and its
+        floats as the json module writes them (orjson writes 1e-08 as 1e-8)."""
+        t = type(o)
+        if t in _AS_IS:
+            return o
+        if t is dict:
+            tagged = self._tagged
+            return {k: v if type(v) in _AS_IS else tagged(v) for k, v in o.items()}
+        if t in self.types:  # UUIDs, datetimes, decimals
+            return self._encode_obj(o)
         if isinstance(o, UUID):
             return self._encode_obj(o)
-        if isinstance(o, float):  # as the json module writes it (orjson: 1e-08 is 1e-8)
+        if isinstance(o, list | tuple):
+            return [self._tagged(v) for v in o]
+        if isinstance(o, dict):
+            return {k: self._tagged(v) for k, v in o.items()}
+        if isinstance(o, float):
             if not math.isfinite(o):
                 raise _Unusual
             return orjson.Fragment(float.__repr__(o))
