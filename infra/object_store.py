@@ -477,9 +477,13 @@ class S3ObjectStore(ObjectStore):
 
     def check(self) -> None:
         if self._buckets_ready:
-            self._call(self.client.head_bucket, Bucket=self.buckets[Area.PRODUCTS])
-        else:
-            self.ensure_buckets()
+            bucket = self.buckets[Area.PRODUCTS]
+            try:
+                self._call(self.client.head_bucket, Bucket=bucket, missing=(Area.PRODUCTS, bucket))
+                return
+            except ObjectNotFound:  # the server lost its buckets: create them again
+                self._buckets_ready = False
+        self.ensure_buckets()
 
 
 def object_store_from_settings(settings: Settings) -> ObjectStore:

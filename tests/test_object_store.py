@@ -201,6 +201,11 @@ def test_server_outage_and_recovery(own_s3_server: S3Server, tmp_path: Path) -> 
     assert stored.sha256 == hashlib.sha256(data).hexdigest()
     store.check()
 
+    own_s3_server.stop()
+    own_s3_server.start()
+    store.check()  # a health check after a reset creates them too
+    assert all(store.client.head_bucket(Bucket=b) for b in store.buckets.values())
+
 
 def test_areas_sharing_one_bucket_get_prefixes(s3_server: S3Server, tmp_path: Path) -> None:
     store = s3_server.store(buckets={area: "t-shared-one-bucket" for area in Area})
