@@ -139,9 +139,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _copy_durably(src: Path, dest: Path, staging: Path) -> str:
+def _copy_durably(src: Path, dest: Path, staging: Path) -> tuple[str, os.stat_result]:
     """Copy ``src`` to ``dest`` atomically (temp file in ``staging`` + fsync + rename +
-    directory fsync); returns the sha256 of the bytes written."""
+    directory fsync); returns the sha256 of the bytes written and the file's stat (taken
+    before the rename: another writer may replace ``dest`` right after)."""
     staging.mkdir(parents=True, exist_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -154,12 +155,13 @@ def _copy_durably(src: Path, dest: Path, staging: Path) -> str:
                 out.write(data)
             out.flush()
             os.fsync(out.fileno())
+            st = os.fstat(out.fileno())
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(dest.parent)
-    return digest.hexdigest()
+    return digest.hexdigest(), st
 
 
 class LocalObjectStore(ObjectStore):
@@ -181,8 +183,7 @@ class LocalObjectStore(ObjectStore):
             raise ObjectNotFound(Area(area), key)
         return path
 
-    def _remember(self, path: Path, digest: str) -> None:
-        st = path.stat()
+    def _remember(self, path: Path, digest: str, st: os.stat_result) -> None:
         with self._lock:
             self._digests[(str(path), st.st_size, st.st_mtime_ns, st.st_ino)] = digest
 
@@ -197,11 +198,11 @@ class LocalObjectStore(ObjectStore):
             raise ValueError(f"object key {key!r} clashes with another key in the local "
                              "store (one is a directory of the other)")
         try:
-            digest = _copy_durably(Path(path), dest, self._staging)
+            digest, st = _copy_durably(Path(path), dest, self._staging)
         except OSError as e:
             raise ObjectStoreUnavailable(f"cannot write below {self.root}: {e}") from e
-        self._remember(dest, digest)
-        return StoredObject(Area(area), key, dest.stat().st_size, digest, dest.as_uri())
+        self._remember(dest, digest, st)
+        return StoredObject(Area(area), key, st.st_size, digest, dest.as_uri())
 
     def fetch_to(self, area: Area, key: str, dest: Path) -> Path:
         src = self._file(area, key)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -219,6 +220,17 @@ def test_areas_sharing_one_bucket_get_prefixes(s3_server: S3Server, tmp_path: Pa
     assert store.exists(Area.PRODUCTS, "x.fits") and not store.exists(Area.RAW, "x.fits")
 
 
+def test_objects_put_by_other_tools_are_hashed_on_stat(s3_server: S3Server) -> None:
+    store = s3_server.store()
+    store.check()
+    data = os.urandom(70_000)
+    store.client.put_object(Bucket=store.buckets[Area.RAW], Key="from-elsewhere.fits",
+                            Body=data)  # no sha256 metadata
+    stored = store.stat(Area.RAW, "from-elsewhere.fits")
+    assert stored is not None
+    assert (stored.size, stored.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+
 # -- local: atomic writes ------------------------------------------------------------------
 
 def test_local_writes_are_atomic(tmp_path: Path) -> None:
@@ -232,6 +244,22 @@ def test_local_writes_are_atomic(tmp_path: Path) -> None:
     assert list((tmp_path / "objects" / ".staging").iterdir()) == []
     with pytest.raises(ValueError, match="clashes"):
         store.put_file(Area.PRODUCTS, "p", src)  # "p" is a directory of other objects
+
+
+def test_concurrent_local_puts_of_one_key_leave_one_whole_object(tmp_path: Path) -> None:
+    # (S3 servers order concurrent PUTs themselves; moto 5.2.5's server answers some of
+    # them with a 500 — its own race — so this is the local store's test)
+    store = LocalObjectStore(tmp_path / "objects")
+    sources = [_file(tmp_path / f"v{i}", 3 * MiB + i) for i in range(4)]
+    digests = {hashlib.sha256(data).hexdigest() for _, data in sources}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        stored = list(pool.map(lambda s: store.put_file(Area.PRODUCTS, "race.fits", s[0]),
+                               sources))
+    assert {o.sha256 for o in stored} == digests
+    final = store.stat(Area.PRODUCTS, "race.fits")
+    assert final is not None and final.sha256 in digests
+    body = b"".join(store.open_stream(Area.PRODUCTS, "race.fits"))
+    assert hashlib.sha256(body).hexdigest() == final.sha256 and len(body) == final.size
 
 
 def test_local_store_unusable_directory(tmp_path: Path) -> None:
