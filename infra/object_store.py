@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from infra.fits_check import sha256_of
 
@@ -88,6 +89,17 @@ def validate_key(key: str) -> str:
     return key
 
 
+def content_disposition(filename: str) -> str:
+    """``attachment`` with ``filename`` (RFC 6266: an ASCII fallback, and ``filename*`` in
+    UTF-8 when the name is not plain ASCII) — for presigned URLs and streamed downloads."""
+    name = filename.replace("\\", "_").replace("/", "_")
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"%' else "_" for c in name)
+    value = f'attachment; filename="{fallback}"'
+    if fallback != name:
+        value += f"; filename*=UTF-8''{quote(name, safe='')}"
+    return value
+
+
 class ObjectStore(ABC):
     """Objects by (area, key): the same behaviour over a directory and over S3."""
 
@@ -122,8 +134,10 @@ class ObjectStore(ABC):
         missing object raises ``ObjectNotFound`` here, not on the first chunk."""
 
     @abstractmethod
-    def presigned_url(self, area: Area, key: str, expires_s: int = 3600) -> str | None:
-        """A URL that GETs the object without credentials for ``expires_s`` seconds;
+    def presigned_url(self, area: Area, key: str, expires_s: int = 3600,
+                      download_name: str | None = None) -> str | None:
+        """A URL that GETs the object without credentials for ``expires_s`` seconds (with
+        ``Content-Disposition: attachment; filename=<download_name>`` when given);
         ``None`` when the store has none (local: stream the file instead)."""
 
     @abstractmethod
@@ -248,7 +262,8 @@ class LocalObjectStore(ObjectStore):
 
         return chunks()
 
-    def presigned_url(self, area: Area, key: str, expires_s: int = 3600) -> str | None:
+    def presigned_url(self, area: Area, key: str, expires_s: int = 3600,
+                      download_name: str | None = None) -> str | None:
         validate_key(key)
         return None
 
@@ -295,7 +310,8 @@ class S3ObjectStore(ObjectStore):
         self._prefix = {a: (f"{a.value}/" if b in shared else "") for a, b in self.buckets.items()}
         config = Config(
             signature_version="s3v4", region_name=region,
-            s3={"addressing_style": "path"},
+            # path-style for MinIO and other servers; virtual-hosted for AWS itself
+            s3={"addressing_style": "path" if endpoint_url else "virtual"},
             connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
             retries={"max_attempts": max_attempts, "mode": "standard"},
             # checksums only where the operation needs them (MinIO and older servers)
@@ -468,12 +484,16 @@ class S3ObjectStore(ObjectStore):
 
         return chunks()
 
-    def presigned_url(self, area: Area, key: str, expires_s: int = 3600) -> str | None:
+    def presigned_url(self, area: Area, key: str, expires_s: int = 3600,
+                      download_name: str | None = None) -> str | None:
         bucket, name = self._where(area, key)
         if not 1 <= expires_s <= MAX_PRESIGN_S:
             raise ValueError(f"a presigned URL lasts 1 to {MAX_PRESIGN_S} seconds")
+        params = {"Bucket": bucket, "Key": name}
+        if download_name:
+            params["ResponseContentDisposition"] = content_disposition(download_name)
         url: str = self._presign_client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": name}, ExpiresIn=expires_s)
+            "get_object", Params=params, ExpiresIn=expires_s)
         return url
 
     def check(self) -> None:
@@ -508,5 +528,5 @@ def object_store_from_settings(settings: Settings) -> ObjectStore:
 
 
 __all__ = ["Area", "LocalObjectStore", "ObjectNotFound", "ObjectStore",
-           "ObjectStoreUnavailable", "S3ObjectStore", "StoredObject",
+           "ObjectStoreUnavailable", "S3ObjectStore", "StoredObject", "content_disposition",
            "object_store_from_settings", "validate_key"]

@@ -19,6 +19,7 @@ from infra.object_store import (
     ObjectStore,
     ObjectStoreUnavailable,
     S3ObjectStore,
+    content_disposition,
     object_store_from_settings,
 )
 from infra.settings import Settings
@@ -120,12 +121,28 @@ def test_download_urls(store: ObjectStore, tmp_path: Path) -> None:
         assert response.status_code == 200
         assert response.content == data
         assert response.headers["content-type"] == "text/x-ecsv"
+        named = store.presigned_url(Area.PRODUCTS, "job-7/sources.ecsv",
+                                    download_name="M51 sources ä.ecsv")
+        assert named is not None
+        response = httpx.get(named, timeout=10)
+        assert response.content == data
+        assert response.headers["content-disposition"] == (
+            'attachment; filename="M51 sources _.ecsv"; '
+            "filename*=UTF-8''M51%20sources%20%C3%A4.ecsv")
         with pytest.raises(ValueError, match="presigned URL lasts"):
             store.presigned_url(Area.PRODUCTS, "job-7/sources.ecsv", expires_s=0)
     else:
         assert url is None
         path = store.local_path(Area.PRODUCTS, "job-7/sources.ecsv")
         assert path is not None and path.read_bytes() == data
+
+
+@pytest.mark.parametrize(("name", "header"), [
+    ("combined.fits", 'attachment; filename="combined.fits"'),
+    ('a"b/c.fits', 'attachment; filename="a_b_c.fits"; filename*=UTF-8\'\'a%22b_c.fits'),
+])
+def test_content_disposition(name: str, header: str) -> None:
+    assert content_disposition(name) == header
 
 
 @pytest.mark.parametrize("key", [
