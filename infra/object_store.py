@@ -119,10 +119,13 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def stat(self, area: Area, key: str) -> StoredObject | None:
-        """Size, sha256 and URI of the object, ``None`` when there is none."""
+        """Size, sha256 and URI of the object, ``None`` when there is none. The local store
+        hashes a file it has not written itself once per process (then caches the digest by
+        size, mtime and inode); S3 reads the digest from the object's metadata."""
 
+    @abstractmethod
     def exists(self, area: Area, key: str) -> bool:
-        return self.stat(area, key) is not None
+        """Whether there is an object (cheap: never reads the object's bytes)."""
 
     @abstractmethod
     def delete(self, area: Area, key: str) -> None:
@@ -226,6 +229,9 @@ class LocalObjectStore(ObjectStore):
 
     def local_path(self, area: Area, key: str) -> Path | None:
         return self._path(area, key)
+
+    def exists(self, area: Area, key: str) -> bool:
+        return self._path(area, key).is_file()
 
     def stat(self, area: Area, key: str) -> StoredObject | None:
         path = self._path(area, key)
@@ -438,12 +444,22 @@ class S3ObjectStore(ObjectStore):
         validate_key(key)
         return None
 
-    def stat(self, area: Area, key: str) -> StoredObject | None:
+    def _head(self, area: Area, key: str) -> dict[str, Any] | None:
         bucket, name = self._where(area, key)
         try:
-            head = self._call(self.client.head_object, Bucket=bucket, Key=name,
-                              missing=(Area(area), key))
+            head: dict[str, Any] = self._call(self.client.head_object, Bucket=bucket, Key=name,
+                                              missing=(Area(area), key))
         except ObjectNotFound:
+            return None
+        return head
+
+    def exists(self, area: Area, key: str) -> bool:
+        return self._head(area, key) is not None
+
+    def stat(self, area: Area, key: str) -> StoredObject | None:
+        bucket, name = self._where(area, key)
+        head = self._head(area, key)
+        if head is None:
             return None
         digest = (head.get("Metadata") or {}).get("sha256")
         if not digest:  # put there by another tool: hash the bytes once and say so

@@ -243,6 +243,7 @@ def test_objects_put_by_other_tools_are_hashed_on_stat(s3_server: S3Server) -> N
     data = os.urandom(70_000)
     store.client.put_object(Bucket=store.buckets[Area.RAW], Key="from-elsewhere.fits",
                             Body=data)  # no sha256 metadata
+    assert store.exists(Area.RAW, "from-elsewhere.fits")
     stored = store.stat(Area.RAW, "from-elsewhere.fits")
     assert stored is not None
     assert (stored.size, stored.sha256) == (len(data), hashlib.sha256(data).hexdigest())
