@@ -219,6 +219,7 @@ def _clip_sorted(s: NDArray[np.float32], sigma: float, maxiters: int
     if missing.any():
         hi -= np.count_nonzero(np.isnan(s), axis=1)
     n_missing = int((n - hi).sum())
+    end = hi.copy()  # end of each pixel's finite values
     image = np.full(npix, np.nan, dtype=np.float32)
     active = np.flatnonzero(hi > lo)
     full = n_missing == 0
@@ -231,8 +232,8 @@ def _clip_sorted(s: NDArray[np.float32], sigma: float, maxiters: int
         lower = med - np.float32(sigma) * std
         upper = med + np.float32(sigma) * std
         new_lo = np.maximum(la, np.count_nonzero(sa < lower[:, None], axis=1))
-        # NaN > upper is False: missing values are not counted, ``hi`` already excludes them
-        new_hi = np.minimum(ha, n - np.count_nonzero(sa > upper[:, None], axis=1))
+        # NaN > upper is False: the count is of finite values, which end at ``end``
+        new_hi = np.minimum(ha, end[active] - np.count_nonzero(sa > upper[:, None], axis=1))
         new_hi = np.maximum(new_hi, new_lo)
         changed = (new_lo != la) | (new_hi != ha)
         image[active[~changed]] = mean[~changed]
