@@ -155,16 +155,36 @@ def ingest_fits(path: Path, recorded_checksum: tuple[str, str] | None) -> FitsIn
 
 class ImageRows:
     """The science image of an open FITS file, read a band of rows at a time (a
-    ``domain.reduction.FrameRows``): ``rows[r0:r1]`` reads only those rows, scaled
-    (BZERO/BSCALE) to float32."""
+    ``domain.reduction.FrameRows``): ``rows[r0:r1]`` gives those rows as float32, scaled by
+    BSCALE/BZERO, BLANK pixels as NaN. Uncompressed images are memory-mapped unscaled (only the
+    rows asked for are read and converted); tile-compressed ones are read through their
+    ``section``."""
 
     def __init__(self, hdu: Any) -> None:
-        self._section = hdu.section
-        self.shape: tuple[int, int] = (int(hdu.shape[0]), int(hdu.shape[1]))
+        from astropy.io import fits
+
         self.header = hdu.header
+        self.shape: tuple[int, int] = (int(hdu.shape[0]), int(hdu.shape[1]))
+        self._compressed = isinstance(hdu, fits.CompImageHDU)
+        self._source = hdu.section if self._compressed else hdu.data
+        self._bscale = float(hdu.header.get("BSCALE", 1.0))
+        self._bzero = float(hdu.header.get("BZERO", 0.0))
+        blank = hdu.header.get("BLANK")
+        self._blank = int(blank) if isinstance(blank, int) and hdu.header["BITPIX"] > 0 \
+            else None
 
     def __getitem__(self, key: slice, /) -> NDArray[np.float32]:
-        return np.asarray(self._section[key], dtype=np.float32)
+        raw = np.asarray(self._source[key])
+        rows = raw.astype(np.float32)
+        if self._compressed:  # the section applies the scaling itself
+            return rows
+        if self._bscale != 1.0:
+            rows *= np.float32(self._bscale)
+        if self._bzero != 0.0:
+            rows += np.float32(self._bzero)
+        if self._blank is not None:
+            rows[raw == self._blank] = np.nan
+        return rows
 
 
 @contextmanager
@@ -174,7 +194,7 @@ def open_image_rows(path: Path) -> Iterator[ImageRows]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hdul = fits.open(path, memmap=True)
+        hdul = fits.open(path, memmap=True, do_not_scale_image_data=True)
     try:
         index = _image_hdu_index(hdul)
         if index is None:

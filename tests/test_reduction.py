@@ -4,17 +4,17 @@ against astropy's sigma_clip; cooperative cancellation."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from astropy.stats import sigma_clip
+from astropy.stats import mad_std
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from domain.reduction import (
+    MAD_SIGMA,
     CalibratedFrame,
     ReductionCancelled,
     background_and_noise,
@@ -108,7 +108,7 @@ def test_the_combine_rejects_the_cosmic_rays(sky: Sky, combined: NDArray[np.floa
 def test_the_combine_counts_the_rejected_values(sky: Sky) -> None:
     result = combine_frames(list(sky.frames))
     assert result.nframes == NFRAMES
-    # every cosmic-ray hit is rejected, plus a few Gaussian tails
+    # every cosmic-ray hit is rejected, plus a few Gaussian tails (0.3 % lie beyond 3 sigma)
     assert result.rejected_pixels >= int(sky.cosmic_rays.sum())
     assert result.rejected_pixels < int(sky.cosmic_rays.sum()) + 0.01 * sky.frames.size
 
@@ -149,15 +149,39 @@ def test_a_chunked_combine_equals_the_unchunked_one(sky: Sky, chunk_rows: int) -
     assert whole.rejected_pixels == chunked.rejected_pixels
 
 
+def clipped_mean_of_one_pixel(values: NDArray[np.float32], sigma: float, maxiters: int
+                              ) -> tuple[float, int]:
+    """The combine's definition, one pixel at a time, written out plainly: a pre-clip at
+    median ± max(sigma, 5)·MAD-std, then up to maxiters clips at median ± sigma·std of the
+    survivors until nothing is rejected; the last bounds decide over all values."""
+    v = values[np.isfinite(values)].astype(np.float64)
+    if v.size == 0:
+        return float("nan"), 0
+    run = v
+    lower = upper = 0.0
+    for iteration in range(maxiters + 1):
+        centre = float(np.median(run))
+        if iteration == 0:
+            bound = max(sigma, MAD_SIGMA) * float(mad_std(run))
+        else:
+            bound = sigma * float(np.std(run))
+        lower, upper = centre - bound, centre + bound
+        survivors = run[(run >= lower) & (run <= upper)]
+        if iteration > 0 and survivors.size in (run.size, 0):
+            break
+        run = survivors
+    kept = v[(v >= lower) & (v <= upper)]
+    return (float(kept.mean()) if kept.size else float("nan")), int(v.size - kept.size)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), nframes=st.integers(1, 12),
        rows=st.integers(1, 9), cols=st.integers(1, 9), chunk_rows=st.integers(1, 10),
        sigma=st.sampled_from([2.0, 2.5, 3.0, 4.0]), maxiters=st.integers(1, 6),
        outliers=st.integers(0, 6), missing=st.integers(0, 4))
-def test_the_combine_is_astropys_sigma_clipped_mean(seed: int, nframes: int, rows: int,
-                                                    cols: int, chunk_rows: int, sigma: float,
-                                                    maxiters: int, outliers: int,
-                                                    missing: int) -> None:
+def test_the_combine_is_the_iterated_clipped_mean_of_each_pixel(
+        seed: int, nframes: int, rows: int, cols: int, chunk_rows: int, sigma: float,
+        maxiters: int, outliers: int, missing: int) -> None:
     rng = np.random.default_rng(seed)
     stack = rng.normal(1000, 20, (nframes, rows, cols)).astype(np.float32)
     for _ in range(outliers):
@@ -167,13 +191,14 @@ def test_the_combine_is_astropys_sigma_clipped_mean(seed: int, nframes: int, row
         stack[rng.integers(nframes), rng.integers(rows), rng.integers(cols)] = np.nan
     result = combine_frames(list(stack), sigma=sigma, maxiters=maxiters,
                             chunk_rows=chunk_rows)
-    with warnings.catch_warnings():  # astropy warns about the NaNs it clips
-        warnings.simplefilter("ignore")
-        clipped = sigma_clip(stack, sigma=sigma, maxiters=maxiters, axis=0,
-                             cenfunc="median", stdfunc="std")
-    expected = clipped.mean(axis=0).filled(np.nan)
+    expected = np.empty((rows, cols))
+    rejected = 0
+    for y in range(rows):
+        for x in range(cols):
+            expected[y, x], r = clipped_mean_of_one_pixel(stack[:, y, x], sigma, maxiters)
+            rejected += r
     np.testing.assert_allclose(result.image, expected, rtol=2e-6, atol=1e-3, equal_nan=True)
-    assert result.rejected_pixels == int(clipped.mask.sum()) - int(np.isnan(stack).sum())
+    assert result.rejected_pixels == rejected
 
 
 def test_frames_of_different_shapes_are_refused() -> None:
@@ -239,7 +264,7 @@ def test_calibration_with_masters_recovers_the_truth() -> None:
     mb = master_bias(biases)
     md = master_dark(darks, bias=mb, exptimes=[dark_t] * len(darks))
     mf = master_flat(flats, bias=mb, dark=md, exptimes=[flat_t] * len(flats), dark_exptime=1.0)
-    np.testing.assert_allclose(mb, bias, atol=4 * read_noise / np.sqrt(15))
+    np.testing.assert_allclose(mb, bias, atol=5 * read_noise / np.sqrt(15))
     np.testing.assert_allclose(md, dark_rate, atol=0.05)
     # the flat is known up to its normalisation (median 1)
     np.testing.assert_allclose(mf, flat / np.median(flat), rtol=0.01)
