@@ -187,6 +187,21 @@ def test_ccd_stack_reduces_one_real_frame(tmp_path: Path, path: Path) -> None:
     assert len(sources) == image.metrics["source_count"] == catalog.metrics["source_count"]
 
 
+@pytest.mark.parametrize("path", [SAAO, STIS], ids=lambda p: p.name)
+def test_ccd_stack_stacks_copies_of_a_scaled_integer_frame(tmp_path: Path, path: Path) -> None:
+    """BZERO-scaled int16 data read band by band from three files: the mean of equal frames
+    is the frame."""
+    copies = []
+    for i in range(3):
+        shutil.copy(path, tmp_path / f"copy{i}.fits")
+        copies.append(as_input(tmp_path / f"copy{i}.fits", "science"))
+    algo, params, _ = validate_inputs("ccd_stack", None, copies, {"chunk_rows": 7})
+    image = algo.run(copies, params, tmp_path / "out", LocalReporter(), provenance(copies))[0]
+    expected = fits.getdata(path, science_hdu(path)).astype(np.float32)
+    np.testing.assert_array_equal(fits.getdata(image.path), expected)
+    assert image.metrics["nframes"] == 3 and image.metrics["rejected_pixels"] == 0
+
+
 def test_ccd_stack_combines_a_real_frame_with_cosmic_rays(tmp_path: Path) -> None:
     """Five exposures of the SAAO frame: the real frame plus independent noise and cosmic
     rays; the combine removes the cosmic rays."""
