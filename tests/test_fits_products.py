@@ -166,6 +166,19 @@ def test_image_rows_read_bands_of_the_science_image(path: Path) -> None:
         np.testing.assert_array_equal(band, expected[3:11])
 
 
+def test_image_rows_of_gzipped_and_tile_compressed_files(tmp_path: Path) -> None:
+    expected = fits.getdata(SAAO).astype(np.float32)
+    gz = tmp_path / "saao.fits.gz"
+    fits.PrimaryHDU(fits.getdata(SAAO), header=fits.getheader(SAAO)).writeto(gz)
+    tiled = tmp_path / "saao_tiled.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(expected, compression_type="RICE_1",
+                                                       quantize_level=0.0)]).writeto(tiled)
+    for path in (gz, tiled):
+        with open_image_rows(path) as rows:
+            assert rows.shape == expected.shape
+            np.testing.assert_array_equal(rows[100:140], expected[100:140])
+
+
 # -- ccd_stack on real frames ---------------------------------------------------------------------
 @pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: p.name)
 def test_ccd_stack_reduces_one_real_frame(tmp_path: Path, path: Path) -> None:
