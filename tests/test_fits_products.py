@@ -311,6 +311,16 @@ def test_ccd_stack_calibrates_with_frames_it_classifies_from_headers(tmp_path: P
         [(40.0, 51.0), (81.0, 20.0)]
 
 
+def test_a_flat_without_signal_is_refused_when_run(tmp_path: Path) -> None:
+    science = write_frame(tmp_path / "s.fits", np.full((20, 30), 100.0), "OBJECT", 10.0)
+    flat = write_frame(tmp_path / "f.fits", np.zeros((20, 30)), "FLAT", 1.0)
+    inputs = [as_input(science), as_input(flat)]
+    algo, params, _ = validate_inputs("ccd_stack", None, inputs, {})
+    with pytest.raises(InvalidCommand, match="flat frame 0 has no positive signal") as e:
+        algo.run(inputs, params, tmp_path / "out", LocalReporter(), provenance(inputs))
+    assert e.value.field == "inputs"
+
+
 def test_cancelling_a_run_stops_it_between_steps_or_bands(tmp_path: Path) -> None:
     inputs = [as_input(SAAO, "science")]
     algo, params, _ = validate_inputs("ccd_stack", None, inputs, {"chunk_rows": 16})
