@@ -369,6 +369,14 @@ def test_plan_reads_the_header_when_the_file_was_not_ingested(tmp_path: Path) ->
                                1, None, "science", {})
     plan = algorithm("ccd_stack").plan([not_local], algorithm("ccd_stack").parameters({}))
     assert any("shape not known yet" in n for n in plan.notes)
+    # a dark among frames without exposure times is subtracted unscaled, and the plan says so
+    facts = {"shape": [520, 536], "exptime": None, "frame_type": None}
+    plan = algorithm("ccd_stack").plan(
+        [as_input(copy, "science", facts), as_input(copy, "dark", facts, name="dark.fits")],
+        algorithm("ccd_stack").parameters({}))
+    assert plan.steps[:3] == ["classify", "master_dark", "combine"]
+    assert "exposure times not all known: the master dark is subtracted unscaled" in plan.notes
+    assert "no bias frames: not bias-subtracted" in plan.notes
 
 
 def test_the_registry_describes_ccd_stack() -> None:
