@@ -321,6 +321,19 @@ def test_a_flat_without_signal_is_refused_when_run(tmp_path: Path) -> None:
     assert e.value.field == "inputs"
 
 
+def test_a_field_without_sources_gives_an_empty_catalogue(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    inputs = [as_input(write_frame(tmp_path / f"n{i}.fits", rng.normal(50, 2, (64, 64)),
+                                   "OBJECT", 5.0)) for i in range(3)]
+    algo, params, _ = validate_inputs("ccd_stack", None, inputs, {})
+    image, catalog = algo.run(inputs, params, tmp_path / "out", LocalReporter(),
+                              provenance(inputs))
+    table = Table.read(catalog.path, format="ascii.ecsv")
+    assert len(table) == 0 and table.colnames == ["id", "x", "y", "flux", "peak", "npix"]
+    assert image.metrics["source_count"] == 0
+    assert float(image.metrics["noise"]) == pytest.approx(2 / np.sqrt(3), rel=0.15)
+
+
 def test_cancelling_a_run_stops_it_between_steps_or_bands(tmp_path: Path) -> None:
     inputs = [as_input(SAAO, "science")]
     algo, params, _ = validate_inputs("ccd_stack", None, inputs, {"chunk_rows": 16})
