@@ -189,6 +189,18 @@ MAD_TO_STD = 1.482602218505602
 MAD_SIGMA = 5.0
 
 
+def _run_median(sa: NDArray[np.float32], la: NDArray[np.intp], ha: NDArray[np.intp]
+                ) -> NDArray[np.float32]:
+    """Median of each row's sorted run ``sa[i, la[i]:ha[i]]`` (the middle value, or the mean
+    of the middle two)."""
+    n = sa.shape[1]
+    cnt = np.maximum(ha - la, 1)
+    r = np.arange(sa.shape[0])
+    i1 = np.minimum(la + (cnt - 1) // 2, n - 1)
+    i2 = np.minimum(la + cnt // 2, n - 1)
+    return ((sa[r, i1].astype(np.float64) + sa[r, i2]) * 0.5).astype(np.float32)
+
+
 def _median_and_mad_std(sa: NDArray[np.float32], la: NDArray[np.intp],
                         ha: NDArray[np.intp], full: bool
                         ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
@@ -197,9 +209,7 @@ def _median_and_mad_std(sa: NDArray[np.float32], la: NDArray[np.intp],
     m, n = sa.shape
     cnt = np.maximum(ha - la, 1)
     r = np.arange(m)
-    i1 = np.minimum(la + (cnt - 1) // 2, n - 1)
-    i2 = np.minimum(la + cnt // 2, n - 1)
-    med = ((sa[r, i1].astype(np.float64) + sa[r, i2]) * 0.5).astype(np.float32)
+    med = _run_median(sa, la, ha)
     dev = np.abs(sa - med[:, None])
     if not full:  # values outside the run sort last
         cols = np.arange(n, dtype=np.intp)
@@ -212,12 +222,9 @@ def _median_and_mad_std(sa: NDArray[np.float32], la: NDArray[np.intp],
 def _median_and_std(sa: NDArray[np.float32], la: NDArray[np.intp], ha: NDArray[np.intp]
                     ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Median and standard deviation (about the mean, ddof 0) of each row's sorted run."""
-    m, n = sa.shape
+    n = sa.shape[1]
     cnt = np.maximum(ha - la, 1)
-    r = np.arange(m)
-    i1 = np.minimum(la + (cnt - 1) // 2, n - 1)
-    i2 = np.minimum(la + cnt // 2, n - 1)
-    med = ((sa[r, i1].astype(np.float64) + sa[r, i2]) * 0.5).astype(np.float32)
+    med = _run_median(sa, la, ha)
     # every row as if its run were the whole row, then the rows with a shorter run
     mean = sa.mean(axis=1, dtype=np.float32)
     dev = sa - mean[:, None]
