@@ -12,7 +12,10 @@
    ``checkpoint_bytes`` the configured checkpoint interval (chunk size x chunks). The result's
    sha256 is checked against the source.
 
-Usage: ``python bench/downloads.py [--files 3] [--mb 200]``
+Plain GETs and download jobs alternate in ``--rounds`` paired rounds (5); the figures are
+medians over the rounds (one round's ratio swings by ±0.3 on a shared 2-core machine).
+
+Usage: ``python bench/downloads.py [--files 3] [--mb 200] [--rounds 5]``
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -157,29 +161,37 @@ def run(args: argparse.Namespace, pg: Any, db: str, tmp: Path) -> None:
     out = tmp / "plain"
     out.mkdir()
     try:
-        t = time.perf_counter()
-        asyncio.run(plain_get([url_of(server, n) for n in names], out))
-        plain = total / MB / (time.perf_counter() - t)
-        for p in out.iterdir():
-            p.unlink()
-
         settings = make_settings(pg, db, tmp / "var", download_root=tmp / "downloads",
                                  embedded_audit_chain=False,
                                  embedded_results_automation=False, download_poll_s=0.05)
         ledger = Ledger(settings)
         ledger.start_workers()
+        plains: list[float] = []
+        downloads: list[float] = []
         try:
-            t = time.perf_counter()
-            job_id = submit_job(ledger, server, names, sizes, "throughput", args.mode)
-            job = wait_job(ledger, job_id, {"completed", "failed"})
-            elapsed = time.perf_counter() - t
-            if job["status"] != "completed":
-                raise SystemExit(f"the job failed: {job['reason']}")
-            download = total / MB / elapsed
-            for n in names:
-                (settings.download_dir / "throughput" / n).unlink()
+            for rnd in range(args.rounds):  # paired rounds: the machine's noise hits both
+                t = time.perf_counter()
+                asyncio.run(plain_get([url_of(server, n) for n in names], out))
+                plains.append(total / MB / (time.perf_counter() - t))
+                for p in out.iterdir():
+                    p.unlink()
+                t = time.perf_counter()
+                job_id = submit_job(ledger, server, names, sizes, f"throughput-{rnd}",
+                                    args.mode)
+                job = wait_job(ledger, job_id, {"completed", "failed"})
+                elapsed = time.perf_counter() - t
+                if job["status"] != "completed":
+                    raise SystemExit(f"the job failed: {job['reason']}")
+                downloads.append(total / MB / elapsed)
+                for n in names:
+                    (settings.download_dir / f"throughput-{rnd}" / n).unlink()
+                note(f"round {rnd + 1}: plain {plains[-1]:.0f} MB/s, download "
+                     f"{downloads[-1]:.0f} MB/s, ratio {downloads[-1] / plains[-1]:.3f}")
         finally:
             ledger.stop()
+        plain = statistics.median(plains)
+        download = statistics.median(downloads)
+        ratio = statistics.median(d / p for d, p in zip(downloads, plains, strict=True))
 
         # -- kill at 50 % ------------------------------------------------------------------
         kill_settings = settings.model_copy(update={"embedded_downloader": False})
@@ -223,7 +235,7 @@ def run(args: argparse.Namespace, pg: Any, db: str, tmp: Path) -> None:
         server.stop()
     bench("download_mb_per_s", round(download, 1))
     bench("plain_mb_per_s", round(plain, 1))
-    bench("download_ratio", round(download / plain, 3))
+    bench("download_ratio", round(ratio, 3))
     bench("refetched_bytes_after_kill", at_kill - checkpoint)
     bench("checkpoint_bytes", settings.download_chunk_bytes * settings.download_checkpoint_chunks)
 
@@ -238,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=3)
     p.add_argument("--mb", type=int, default=200)
     p.add_argument("--mode", choices=["chunked", "stream"], default="chunked")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="paired rounds of plain GET and download job (figures: medians)")
     args = p.parse_args(argv)
     pg = pg_from_args(args)
     with temp_database(pg, "obsledger_bench_downloads") as db, temp_dir(args.keep_dir) as tmp:

@@ -19,13 +19,14 @@ What a hostile server gets (``docs/ARCHITECTURE.md``, "MAST downloads"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import queue
 import random
 import re
+import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,13 +76,15 @@ Progress = Callable[[int], None]
 
 class _Sink:
     """Writes the received bytes into the partial file and feeds the digest, in a thread of
-    its own and in order, while the loop goes on receiving (``os.write`` and hashlib release
-    the GIL). The loop only gathers blocks; every ``batch`` bytes one job writes and hashes
-    them. At most ``window`` jobs wait, so at most ``window * batch`` bytes are in memory.
+    its own and in order, while the loop goes on receiving. The loop gathers blocks and hands
+    over a megabyte at a time (one ``os.write`` and one digest update, both without the GIL);
+    at most ``window`` hand-overs wait, so at most ``window * batch`` bytes are in memory.
 
-    Writing from the loop and hashing each 256 KB block in a job of its own spent most of a
-    download in the loop's ``os.write`` and in handing blocks to the thread
-    (bench/downloads.py)."""
+    The thread takes its work from a ``SimpleQueue`` and reports back with
+    ``call_soon_threadsafe``: a ``ThreadPoolExecutor`` per hand-over made the loop and the
+    writer contend for the executor's locks and then for the GIL (up to a 5 ms switch
+    interval each time), and writing from the loop itself kept it from receiving
+    (bench/downloads.py, py-spy --gil)."""
 
     def __init__(self, fd: int, digest: Any | None, batch: int = 1024 * 1024,
                  window: int = 8) -> None:
@@ -89,10 +92,18 @@ class _Sink:
         self.digest = digest
         self.batch = batch
         self.window = window
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partial-writer")
-        self.pending: deque[asyncio.Future[None]] = deque()
+        self.loop = asyncio.get_running_loop()
+        self.work: queue.SimpleQueue[tuple[list[bytes], asyncio.Future[None] | None,
+                                           Callable[[int], None] | None] | None] = (
+            queue.SimpleQueue())
         self.gathered: list[bytes] = []
         self.gathered_bytes = 0
+        self.in_flight = 0
+        self.room = asyncio.Event()
+        self.error: BaseException | None = None
+        self._failed = False  # the thread's view: nothing more is written after a failure
+        self.thread = threading.Thread(target=self._run, name="partial-writer", daemon=True)
+        self.thread.start()
 
     async def add(self, data: bytes) -> None:
         self.gathered.append(data)
@@ -100,36 +111,65 @@ class _Sink:
         if self.gathered_bytes >= self.batch:
             await self._hand_over()
 
-    async def _hand_over(self) -> None:
-        if not self.gathered:
+    async def _hand_over(self, then: Callable[[int], None] | None = None) -> None:
+        if not self.gathered and then is None:
             return
+        while self.in_flight >= self.window:
+            self.room.clear()
+            await self.room.wait()
+        self._raise()
         pieces, self.gathered, self.gathered_bytes = self.gathered, [], 0
-        loop = asyncio.get_running_loop()
-        self.pending.append(loop.run_in_executor(self.pool, self._write, pieces))
-        while len(self.pending) > self.window:
-            await self.pending.popleft()
+        done: asyncio.Future[None] | None = self.loop.create_future() if then else None
+        self.in_flight += 1
+        self.work.put((pieces, done, then))
+        if done is not None:
+            await done
+            self._raise()
 
-    def _write(self, pieces: list[bytes]) -> None:
-        for piece in pieces:
-            view = memoryview(piece)
-            while view:  # a write may take less than it was given
-                view = view[os.write(self.fd, view):]
-            if self.digest is not None:
-                self.digest.update(piece)
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self.work.get()) is not None:
+            pieces, done, then = item
+            error: BaseException | None = None
+            try:
+                if self._failed:
+                    raise OSError("an earlier write to the partial file failed")
+                if pieces:
+                    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    view = memoryview(data)
+                    while view:  # a write may take less than it was given
+                        view = view[os.write(self.fd, view):]
+                    if self.digest is not None:
+                        self.digest.update(data)
+                if then is not None:
+                    then(self.fd)
+            except BaseException as e:
+                self._failed = True
+                error = e
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                self.loop.call_soon_threadsafe(self._written, done, error)
+
+    def _written(self, done: asyncio.Future[None] | None, error: BaseException | None) -> None:
+        self.in_flight -= 1
+        self.room.set()
+        if error is not None and self.error is None:
+            self.error = error
+        if done is not None and not done.done():
+            done.set_result(None)
 
     async def sync(self, full: bool = False) -> None:
         """Every byte added is written, hashed and on disk (``fdatasync``; ``fsync`` when
         ``full``)."""
-        await self._hand_over()
-        while self.pending:
-            await self.pending.popleft()
-        await asyncio.get_running_loop().run_in_executor(
-            self.pool, os.fsync if full else os.fdatasync, self.fd)
+        await self._hand_over(os.fsync if full else os.fdatasync)
 
     def close(self) -> None:
-        """Stop writing (what was not synced may be lost: the next fetch truncates the
-        partial file to its checkpoint)."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Stop writing once what was handed over is written (bytes after the last sync may
+        be lost: the next fetch truncates the partial file to its checkpoint)."""
+        self.work.put(None)
+        self.thread.join()
 
 
 def _hash_prefix(fd: int, length: int, digest: Any) -> None:
