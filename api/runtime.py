@@ -12,6 +12,8 @@ from typing import Any
 from commands.dispatcher import Dispatcher
 from commands.download_automation import Downloader
 from commands.handlers import utcnow
+from commands.processing_automation import ProcessingRunManager
+from commands.processing_worker import ProcessingWorker
 from commands.result_automation import ResultsAutomation, ResultsProcessManager, ResultsScheduler
 from commands.service import CommandService
 from infra.accounts import AccountStore, Authenticator, TokenSigner
@@ -20,6 +22,7 @@ from infra.event_store import EventStore, StoreUnavailable
 from infra.journal import Journal
 from infra.kafka_relay import AnchorPublisher, EventRelay, broker_reachable
 from infra.metrics import Metrics, State, gauge
+from infra.object_store import ObjectStore, object_store_from_settings
 from infra.read_model_db import create_read_model_engine
 from infra.request_audit import RequestAuditLog
 from infra.settings import Settings
@@ -27,6 +30,7 @@ from projections.kafka_projector import KafkaProjector
 from projections.projector import Projector
 from projections.tables import READ_MODELS
 from queries.downloads import DownloadQueries
+from queries.processing import ProcessingQueries
 from queries.service import QueryService
 
 log = logging.getLogger("obsledger")
@@ -50,6 +54,10 @@ class Ledger:
         self.request_audit = RequestAuditLog(self.engine, settings.request_audit_flush_s,
                                              settings.request_audit_buffer)
         self.downloads = DownloadQueries(self.queries)
+        self.processing = ProcessingQueries(self.queries)
+        self._objects: ObjectStore | None = None
+        self._objects_lock = threading.Lock()
+        self.processing_worker: ProcessingWorker | None = None
         self.workers = settings.embedded_workers if workers is None else workers
         self.store: EventStore | None = None
         self.dispatcher: Dispatcher | None = None
@@ -104,7 +112,8 @@ class Ledger:
             self.results = ResultsAutomation(
                 ResultsProcessManager(self.store, self.engine, self.queries, self.commands),
                 ResultsScheduler(self.queries, self.commands, self.clock or utcnow,
-                                 interval=self.settings.results_scheduler_interval_s))
+                                 interval=self.settings.results_scheduler_interval_s),
+                ProcessingRunManager(self.store, self.engine, self.commands, self.settings))
         except Exception as e:  # the database went away again: retry later, not half-wired
             log.warning("read-model database unavailable at start: %s", e)
             self.store.close()
@@ -114,11 +123,22 @@ class Ledger:
         self.commands.store = self.store
         self.downloader = Downloader(self.store, self.downloads, self.commands, self.settings,
                                      self.metrics)
+        self.processing_worker = ProcessingWorker(self.store, self.processing, self.commands,
+                                                  self.settings, self.objects)
         self.dispatcher = Dispatcher(self.journal, self.store, self.settings,
                                      on_applied=self._applied, clock=self.clock,
                                      metrics=self.metrics)
         self.journal.on_append(self.dispatcher.wake)
         return True
+
+    @property
+    def objects(self) -> ObjectStore:
+        """The object store of raw data, intermediate files and products (made on first
+        use: an S3 store checks its buckets then)."""
+        with self._objects_lock:
+            if self._objects is None:
+                self._objects = object_store_from_settings(self.settings)
+            return self._objects
 
     def _applied(self, position: int) -> None:
         """The dispatcher applied commands up to ``position``: wake who follows the log."""
@@ -201,6 +221,9 @@ class Ledger:
                 self.chain.start()
             if self.downloader is not None and self.settings.embedded_downloader:
                 self.downloader.start()
+            if self.processing_worker is not None and \
+                    self.settings.embedded_processing_worker:
+                self.processing_worker.start()
             return
 
         def connect_later() -> None:
@@ -215,6 +238,8 @@ class Ledger:
         self._stopping.set()
         if self.downloader is not None:
             self.downloader.stop()
+        if self.processing_worker is not None:
+            self.processing_worker.stop()
         if self.results is not None:
             self.results.stop()
         if self.chain is not None:
