@@ -10,12 +10,25 @@ from typing import Any
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz")
 
 
-def sha256_of(path: Path, block: int = 4 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
+#: digests a recorded checksum may use (``(algorithm, hex value)``)
+DIGESTS = ("sha256", "md5", "sha1", "sha512")
+
+
+def file_digest(path: Path, algorithm: str = "sha256", block: int = 4 * 1024 * 1024) -> str:
+    """Hex digest of a file, read in blocks; ``algorithm`` is one of ``DIGESTS``."""
+    name = algorithm.lower().replace("-", "")
+    if name not in DIGESTS:
+        raise ValueError(f"unsupported checksum algorithm {algorithm!r} "
+                         f"(supported: {', '.join(DIGESTS)})")
+    h = hashlib.new(name)
     with open(path, "rb") as f:
         while data := f.read(block):
             h.update(data)
     return h.hexdigest()
+
+
+def sha256_of(path: Path, block: int = 4 * 1024 * 1024) -> str:
+    return file_digest(path, "sha256", block)
 
 
 def is_fits_name(name: str) -> bool:

@@ -1,0 +1,349 @@
+"""CCD reduction numerics: calibration, master frames, the chunked sigma-clipped combine,
+background and noise, and source detection. Pure numpy / scipy.ndimage / astropy.stats; no I/O.
+
+Frames are handed in as ``FrameRows``: anything with a ``shape`` that slices by rows
+(``frame[r0:r1]`` gives an ndarray) — numpy arrays, ``np.memmap``, astropy ``hdu.section`` or
+``infra.fits_products.open_image_rows``. The combine reads one band of rows of every frame at a
+time, so its memory is bounded by the band, never by the whole stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+Image = NDArray[np.float32]
+
+#: a band of all frames is kept near this size (bytes) when ``chunk_rows`` is not given
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+class FrameRows(Protocol):
+    """A 2-D frame that can be read a band of rows at a time."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: slice, /) -> Any: ...
+
+
+class ReductionCancelled(Exception):
+    """The reduction stopped because cancellation was requested (between steps or chunks)."""
+
+
+@dataclass(frozen=True)
+class CombineResult:
+    """The combined image (float32, mean of the values surviving the clip)."""
+
+    image: Image
+    rejected_pixels: int  # frame values rejected by the clip, summed over the image
+    nframes: int
+    chunk_rows: int
+
+
+@dataclass(frozen=True)
+class BackgroundEstimate:
+    background: float  # sigma-clipped median of the image
+    noise: float  # robust standard deviation (MAD) of the sigma-clipped pixels
+    mean: float  # sigma-clipped mean
+    npix_used: int  # pixels surviving the clip
+
+
+@dataclass(frozen=True)
+class DetectedSource:
+    id: int
+    x: float  # 0-based pixel centroid, column
+    y: float  # 0-based pixel centroid, row
+    flux: float  # background-subtracted sum over the (grown) footprint
+    peak: float  # highest background-subtracted pixel
+    npix: int  # pixels above the detection threshold
+
+
+def _check_cancel(cancelled: Callable[[], bool] | None) -> None:
+    if cancelled is not None and cancelled():
+        raise ReductionCancelled("reduction cancelled")
+
+
+def frame_shape(frame: FrameRows) -> tuple[int, int]:
+    shape = tuple(int(n) for n in frame.shape)
+    if len(shape) != 2:
+        raise ValueError(f"a frame must be a 2-D image, this one has shape {shape}")
+    return shape[0], shape[1]
+
+
+def default_chunk_rows(nframes: int, ncols: int, budget: int = CHUNK_BYTES) -> int:
+    """Rows per band so that one band of every frame (float32) fits in ``budget`` bytes."""
+    return max(1, budget // max(1, nframes * ncols * 4))
+
+
+# -- calibration -------------------------------------------------------------------------------
+def calibrate_frame(frame: NDArray[Any], bias: NDArray[Any] | None = None,
+                    dark: NDArray[Any] | None = None, flat: NDArray[Any] | None = None,
+                    exptime: float | None = None, dark_exptime: float | None = None) -> Image:
+    """``(frame - bias - dark * exptime/dark_exptime) / flat`` in float32.
+
+    The dark is scaled by ``exptime / dark_exptime`` when both are known, else used as is. Flat
+    pixels that are not positive and finite leave the pixel uncorrected (divided by 1)."""
+    out = np.array(frame, dtype=np.float32, copy=True)
+    if bias is not None:
+        out -= np.asarray(bias, dtype=np.float32)
+    if dark is not None:
+        scale = 1.0
+        if exptime is not None and dark_exptime:
+            scale = float(exptime) / float(dark_exptime)
+        out -= np.float32(scale) * np.asarray(dark, dtype=np.float32)
+    if flat is not None:
+        f = np.asarray(flat, dtype=np.float32)
+        good = np.isfinite(f) & (f > 0)
+        out /= np.where(good, f, np.float32(1.0))
+    return out
+
+
+class CalibratedFrame:
+    """A frame calibrated band by band as it is read: a ``FrameRows`` itself.
+
+    ``scale`` multiplies the calibrated rows (flats are normalised to their median this way)."""
+
+    def __init__(self, raw: FrameRows, *, bias: NDArray[Any] | None = None,
+                 dark: NDArray[Any] | None = None, flat: NDArray[Any] | None = None,
+                 exptime: float | None = None, dark_exptime: float | None = None,
+                 scale: float = 1.0) -> None:
+        self.raw = raw
+        self.bias, self.dark, self.flat = bias, dark, flat
+        self.exptime, self.dark_exptime = exptime, dark_exptime
+        self.scale = scale
+        self.shape = frame_shape(raw)
+
+    def __getitem__(self, key: slice, /) -> Image:
+        rows = calibrate_frame(
+            np.asarray(self.raw[key]),
+            None if self.bias is None else self.bias[key],
+            None if self.dark is None else self.dark[key],
+            None if self.flat is None else self.flat[key],
+            self.exptime, self.dark_exptime)
+        if self.scale != 1.0:
+            rows *= np.float32(self.scale)
+        return rows
+
+
+def master_bias(frames: Sequence[FrameRows], *, sigma: float = 3.0, maxiters: int = 5,
+                chunk_rows: int | None = None,
+                cancelled: Callable[[], bool] | None = None) -> Image:
+    """The sigma-clipped mean of the bias frames."""
+    return combine_frames(frames, sigma=sigma, maxiters=maxiters, chunk_rows=chunk_rows,
+                          cancelled=cancelled).image
+
+
+def master_dark(frames: Sequence[FrameRows], *, bias: NDArray[Any] | None = None,
+                exptimes: Sequence[float | None] | None = None, sigma: float = 3.0,
+                maxiters: int = 5, chunk_rows: int | None = None,
+                cancelled: Callable[[], bool] | None = None) -> Image:
+    """The bias-subtracted, sigma-clipped mean of the dark frames.
+
+    With every exposure time known (``exptimes``) the master is a rate (counts per second:
+    calibrate with ``dark_exptime=1``); otherwise it is in counts of the darks' exposure."""
+    times = [float(t) for t in exptimes if t] if exptimes is not None else []
+    rate = len(times) == len(frames)
+    calibrated = [CalibratedFrame(f, bias=bias, scale=1.0 / times[i] if rate else 1.0)
+                  for i, f in enumerate(frames)]
+    return combine_frames(calibrated, sigma=sigma, maxiters=maxiters, chunk_rows=chunk_rows,
+                          cancelled=cancelled).image
+
+
+def master_flat(frames: Sequence[FrameRows], *, bias: NDArray[Any] | None = None,
+                dark: NDArray[Any] | None = None,
+                exptimes: Sequence[float | None] | None = None,
+                dark_exptime: float | None = None, sigma: float = 3.0, maxiters: int = 5,
+                chunk_rows: int | None = None,
+                cancelled: Callable[[], bool] | None = None) -> Image:
+    """Bias/dark-subtracted flats, each scaled to median 1, sigma-clip combined and normalised
+    to median 1. Each flat is read once (one frame at a time) for its median."""
+    scaled: list[FrameRows] = []
+    for i, f in enumerate(frames):
+        exptime = exptimes[i] if exptimes is not None else None
+        cal = CalibratedFrame(f, bias=bias, dark=dark, exptime=exptime,
+                              dark_exptime=dark_exptime)
+        level = float(np.nanmedian(cal[0:cal.shape[0]]))
+        if not np.isfinite(level) or level <= 0:
+            raise ValueError(f"flat frame {i} has no positive signal (median {level:g})")
+        scaled.append(CalibratedFrame(f, bias=bias, dark=dark, exptime=exptime,
+                                      dark_exptime=dark_exptime, scale=1.0 / level))
+        _check_cancel(cancelled)
+    combined = combine_frames(scaled, sigma=sigma, maxiters=maxiters, chunk_rows=chunk_rows,
+                              cancelled=cancelled).image
+    norm = float(np.nanmedian(combined))
+    return (combined / np.float32(norm)).astype(np.float32)
+
+
+# -- the sigma-clipped combine -----------------------------------------------------------------
+def _run_stats(sa: NDArray[np.float32], la: NDArray[np.intp], ha: NDArray[np.intp],
+               full: bool) -> tuple[NDArray[np.float32], NDArray[np.float32],
+                                    NDArray[np.float32], NDArray[np.intp]]:
+    """Median, mean and standard deviation of each row's sorted run ``sa[i, la[i]:ha[i]]``."""
+    m, n = sa.shape
+    cnt = np.maximum(ha - la, 1)
+    r = np.arange(m)
+    i1 = np.minimum(la + (cnt - 1) // 2, n - 1)
+    i2 = np.minimum(la + cnt // 2, n - 1)
+    med = (sa[r, i1] + sa[r, i2]) * np.float32(0.5)
+    if full:  # every row's run is the whole row: no mask needed
+        mean = sa.mean(axis=1, dtype=np.float32)
+        dev = sa - mean[:, None]
+    else:
+        cols = np.arange(n, dtype=np.intp)
+        keep = (cols >= la[:, None]) & (cols < ha[:, None])
+        mean = (np.where(keep, sa, np.float32(0.0)).sum(axis=1, dtype=np.float32)
+                / cnt.astype(np.float32))
+        dev = np.where(keep, sa - mean[:, None], np.float32(0.0))
+    std = np.sqrt(np.einsum("ij,ij->i", dev, dev) / cnt.astype(np.float32))
+    return med, mean, std.astype(np.float32), cnt
+
+
+def _clip_sorted(s: NDArray[np.float32], sigma: float, maxiters: int
+                 ) -> tuple[NDArray[np.float32], int]:
+    """Sigma-clipped mean along axis 1 of ``s`` (pixels x frames), sorted along axis 1 with
+    NaNs last. The clip is astropy's ``sigma_clip`` (centre: median, scale: standard deviation
+    of the surviving values, bounds ``centre ± sigma·std``, iterated ``maxiters`` times or until
+    nothing changes). Since the data are sorted, the survivors of each pixel are the contiguous
+    run ``[lo, hi)``; a pixel whose run did not change is final (its mean is kept), so later
+    iterations only revisit the few pixels that still change."""
+    npix, n = s.shape
+    missing = np.isnan(s[:, -1])  # NaN (missing) values sort last
+    lo = np.zeros(npix, dtype=np.intp)
+    hi = np.full(npix, n, dtype=np.intp)
+    if missing.any():
+        hi -= np.count_nonzero(np.isnan(s), axis=1)
+    n_missing = int((n - hi).sum())
+    image = np.full(npix, np.nan, dtype=np.float32)
+    active = np.flatnonzero(hi > lo)
+    full = n_missing == 0
+    for _ in range(maxiters):
+        if active.size == 0:
+            break
+        sa = s if active.size == npix else s[active]
+        la, ha = lo[active], hi[active]
+        med, mean, std = _run_stats(sa, la, ha, full)[:3]
+        lower = med - np.float32(sigma) * std
+        upper = med + np.float32(sigma) * std
+        new_lo = np.maximum(la, np.count_nonzero(sa < lower[:, None], axis=1))
+        # NaN > upper is False: missing values are not counted, ``hi`` already excludes them
+        new_hi = np.minimum(ha, n - np.count_nonzero(sa > upper[:, None], axis=1))
+        new_hi = np.maximum(new_hi, new_lo)
+        changed = (new_lo != la) | (new_hi != ha)
+        image[active[~changed]] = mean[~changed]
+        lo[active], hi[active] = new_lo, new_hi
+        active = active[changed]
+        full = False
+    if active.size:  # still changing after maxiters: the mean of the final run
+        sa = s[active]
+        mean = _run_stats(sa, lo[active], hi[active], False)[1]
+        image[active] = np.where(hi[active] > lo[active], mean, np.float32(np.nan))
+    rejected = int((n - (hi - lo)).sum()) - n_missing
+    return image, rejected
+
+
+def combine_frames(frames: Sequence[FrameRows], *, sigma: float = 3.0, maxiters: int = 5,
+                   chunk_rows: int | None = None,
+                   progress: Callable[[float], None] | None = None,
+                   cancelled: Callable[[], bool] | None = None) -> CombineResult:
+    """Sigma-clipped mean of equally shaped frames, a band of rows at a time.
+
+    Each band of all frames is read into one float32 block (pixels x frames), sorted along
+    the frames, and clipped (``_clip_sorted``). Memory: about three bands, a band being
+    ``chunk_rows x ncols x nframes x 4`` bytes (default: 64 MB), plus the output image.
+    ``cancelled()`` is polled before every band; ``progress(fraction)`` after each."""
+    if not frames:
+        raise ValueError("no frames to combine")
+    if sigma <= 0 or maxiters < 1:
+        raise ValueError("sigma must be positive and maxiters at least 1")
+    shape = frame_shape(frames[0])
+    for i, f in enumerate(frames[1:], start=1):
+        if frame_shape(f) != shape:
+            raise ValueError(f"frame {i} has shape {frame_shape(f)}, frame 0 has {shape}")
+    nrows, ncols = shape
+    n = len(frames)
+    rows = chunk_rows if chunk_rows is not None else default_chunk_rows(n, ncols)
+    if rows < 1:
+        raise ValueError("chunk_rows must be at least 1")
+    image = np.empty(shape, dtype=np.float32)
+    rejected = 0
+    block: NDArray[np.float32] | None = None
+    for r0 in range(0, nrows, rows):
+        _check_cancel(cancelled)
+        r1 = min(nrows, r0 + rows)
+        npix = (r1 - r0) * ncols
+        if block is None or block.shape[0] != npix:
+            block = np.empty((npix, n), dtype=np.float32)
+        for i, f in enumerate(frames):
+            block[:, i] = np.asarray(f[r0:r1], dtype=np.float32).reshape(-1)
+        block.sort(axis=1)
+        band, rej = _clip_sorted(block, sigma, maxiters)
+        image[r0:r1] = band.reshape(r1 - r0, ncols)
+        rejected += rej
+        if progress is not None:
+            progress(r1 / nrows)
+    return CombineResult(image=image, rejected_pixels=rejected, nframes=n, chunk_rows=rows)
+
+
+# -- background, noise, sources ----------------------------------------------------------------
+def background_and_noise(image: NDArray[Any], sigma: float = 3.0,
+                         maxiters: int = 5) -> BackgroundEstimate:
+    """Sigma-clipped statistics of the image: the background is the clipped median, the noise
+    the MAD-based standard deviation of the clipped pixels (unbiased for Gaussian noise)."""
+    from astropy.stats import mad_std, sigma_clip
+
+    data = np.asarray(image, dtype=np.float32)
+    clipped = sigma_clip(data, sigma=sigma, maxiters=maxiters, cenfunc="median",
+                         stdfunc="mad_std", masked=False, axis=None)
+    values = clipped[np.isfinite(clipped)]
+    if values.size == 0:
+        raise ValueError("the image has no finite pixels")
+    return BackgroundEstimate(background=float(np.median(values)),
+                              noise=float(mad_std(values)),
+                              mean=float(np.mean(values, dtype=np.float64)),
+                              npix_used=int(values.size))
+
+
+def detect_sources(image: NDArray[Any], background: float, noise: float,
+                   threshold_sigma: float = 5.0, min_pixels: int = 5,
+                   grow_pixels: float = 3.0) -> list[DetectedSource]:
+    """Sources as connected groups (8-connected) of at least ``min_pixels`` pixels above
+    ``background + threshold_sigma x noise``. Centroid: flux-weighted mean position over the
+    group; flux: background-subtracted sum over the group grown by ``grow_pixels`` (each pixel
+    goes to its nearest group, so neighbours do not share flux) to take in the wings."""
+    data = np.asarray(image, dtype=np.float32) - np.float32(background)
+    finite = np.isfinite(data)
+    data = np.where(finite, data, np.float32(0.0))
+    above = finite & (data > threshold_sigma * noise)
+    labels, count = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return []
+    index = np.arange(1, count + 1)
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index)
+    keep = index[sizes >= min_pixels]
+    if keep.size == 0:
+        return []
+    # relabel the kept groups 1..k
+    relabel = np.zeros(count + 1, dtype=np.int32)
+    relabel[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
+    labels = relabel[labels]
+    k = np.arange(1, keep.size + 1)
+    if grow_pixels > 0:
+        dist, nearest = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+        grown = labels[nearest[0], nearest[1]]
+        grown[dist > grow_pixels] = 0
+        del dist, nearest
+    else:
+        grown = labels
+    centroids = ndimage.center_of_mass(data, labels, k)
+    fluxes = ndimage.sum_labels(data, grown, k)
+    peaks = ndimage.maximum(data, labels, k)
+    npix = ndimage.sum_labels(np.ones_like(labels), labels, k)
+    return [DetectedSource(id=int(i), x=float(c[1]), y=float(c[0]), flux=float(f),
+                           peak=float(p), npix=int(m))
+            for i, c, f, p, m in zip(k, centroids, fluxes, peaks, npix, strict=True)]
