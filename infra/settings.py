@@ -203,6 +203,48 @@ class Settings(BaseSettings):
     def processing_work_dir(self) -> Path:
         return self.processing_work_root or self.data_dir / "work"
 
+    # -- processing pipeline: the object store (docs/PROCESSING.md, "Storage") ------------
+    object_store: Literal["local", "s3"] = Field(
+        "local", description="Where raw data, intermediate results and products are kept: a "
+        "local directory (embedded default) or an S3-protocol store (MinIO, AWS S3).")
+    object_store_dir: Path | None = Field(
+        None, description="The local object store's directory; default <data_dir>/objects.")
+    s3_endpoint_url: str | None = Field(
+        None, pattern=r"^https?://[^\s]+$", description="The S3 server, e.g. "
+        "http://minio:9000; unset: AWS S3.")
+    s3_public_endpoint_url: str | None = Field(
+        None, pattern=r"^https?://[^\s]+$", description="The S3 server as download clients "
+        "reach it (presigned URLs are signed for it); default: OBSLEDGER_S3_ENDPOINT_URL.")
+    s3_access_key_id: str | None = Field(
+        None, description="Unset: boto3's usual credential chain (environment, profile, role).")
+    s3_secret_access_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+    s3_bucket_raw: str = Field("obsledger-raw", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+                               description="Bucket of raw data files (created if missing).")
+    s3_bucket_intermediate: str = Field(
+        "obsledger-intermediate", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        description="Bucket of intermediate results (master frames, ...).")
+    s3_bucket_products: str = Field(
+        "obsledger-products", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        description="Bucket of data products. Areas given the same bucket share it under "
+        "<area>/ prefixes.")
+    s3_multipart_chunk_bytes: int = Field(
+        8 * 1024 * 1024, ge=5 * 1024 * 1024, description="Files above this go up in parts "
+        "of this size (S3's minimum part is 5 MiB).")
+    s3_connect_timeout_s: float = Field(5.0, gt=0, description="Connect timeout of one S3 "
+                                        "request (3 attempts before the store counts as down).")
+    raw_data_root: Path | None = Field(
+        None, description="Where raw data files' relative paths resolve on the instrument "
+        "host; default <data_dir>/raw.")
+
+    @property
+    def object_store_root(self) -> Path:
+        return self.object_store_dir or self.data_dir / "objects"
+
+    @property
+    def raw_data_dir(self) -> Path:
+        return self.raw_data_root or self.data_dir / "raw"
+
     @property
     def download_dir(self) -> Path:
         return self.download_root or self.data_dir / "downloads"

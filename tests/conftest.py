@@ -214,3 +214,13 @@ def live_server(settings: Settings) -> Iterator[ServerProcess]:
     server = ServerProcess(settings)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3-protocol server (moto_server) shared by the session (tests/s3_server.py)."""
+    from tests.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
