@@ -5,13 +5,14 @@ Included by ``api.app.create_app``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
@@ -29,7 +30,7 @@ from api.app import (
 )
 from api.errors import ApiError, ErrorResponse
 from api.runtime import Ledger
-from commands.algorithms import AlgorithmInput, algorithm, describe, registered_algorithms
+from commands.algorithms import AlgorithmInput, describe, registered_algorithms, validate_inputs
 from commands.processing import (
     CancelJobRequest,
     CatalogRequest,
@@ -260,6 +261,8 @@ class LineageEdgeView(BaseModel):
     source: str
     target: str
     relation: str
+    attributes: dict[str, Any] | None = Field(None, description="e.g. the role of a used "
+                                              "file (its file_type).")
 
 
 class LineageView(BaseModel):
@@ -334,17 +337,6 @@ def resolve_inputs(ledger: Ledger, file_ids: list[UUID], result_ids: list[UUID],
     return inputs
 
 
-def _validated(name: str, version: str | None, parameters: dict[str, Any]) -> tuple[Any, Any]:
-    algo = algorithm(name, version)
-    try:
-        params = algo.Parameters.model_validate(parameters)
-    except ValidationError as e:
-        raise ApiError(422, "Validation failed", [
-            {"field": ".".join(["parameters", *(str(x) for x in err["loc"])]),
-             "message": err["msg"]} for err in e.errors()]) from None
-    return algo, params
-
-
 def _input_view(i: dict[str, Any]) -> dict[str, Any]:
     return {"file_id": i["file_id"], "name": i["name"], "instrument": i["instrument"],
             "relative_path": i["relative_path"], "size": i["size"],
@@ -352,17 +344,26 @@ def _input_view(i: dict[str, Any]) -> dict[str, Any]:
             "file_type": i["file_type"], "executed_obs_unit_id": i["executed_obs_unit_id"]}
 
 
+def _local_path(ledger: Ledger, i: dict[str, Any]) -> Path:
+    """Where the worker would find the file (its header is read when it is local)."""
+    try:
+        local = ledger.objects.local_path(Area.RAW, i["relative_path"])
+    except (ValueError, ObjectStoreUnavailable):
+        local = None
+    return local if local is not None and local.is_file() else \
+        ledger.settings.raw_data_dir / i["relative_path"]
+
+
 def plan(ledger: Ledger, body: PlanRequest | ProcessRequest) -> dict[str, Any]:
     """What a process job would do (records nothing): 404 for unknown files, results or
     algorithm; 422 for bad parameters or inputs the algorithm cannot use."""
-    algo, params = _validated(body.algorithm, body.algorithm_version, body.parameters)
     inputs = resolve_inputs(ledger, body.file_ids, body.result_ids)
     local = [AlgorithmInput(
-        file_id=UUID(i["file_id"]), name=i["name"],
-        path=ledger.settings.raw_data_dir / i["relative_path"], size=int(i["size"]),
-        checksum=(i["checksum_algorithm"], i["checksum_value"]), file_type=i["file_type"],
-        metadata=i["metadata"]) for i in inputs]
-    p = algo.plan(local, params)
+        file_id=UUID(i["file_id"]), name=i["name"], path=_local_path(ledger, i),
+        size=int(i["size"]), checksum=(i["checksum_algorithm"], i["checksum_value"]),
+        file_type=i["file_type"], metadata=i["metadata"]) for i in inputs]
+    algo, params, p = validate_inputs(body.algorithm, body.algorithm_version, local,
+                                      body.parameters)
     return {"algorithm": algo.name, "algorithm_version": algo.version,
             "parameters": params.model_dump(mode="json"), "steps": list(p.steps),
             "inputs": [_input_view(i) for i in inputs], "input_count": len(inputs),

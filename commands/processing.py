@@ -39,9 +39,9 @@ Parameters = Annotated[dict[str, Any], Field(
     default_factory=dict, description="The algorithm's parameters (its JSON schema: "
     "GET /ops/algorithms).", examples=[{"sigma": 3.0}])]
 
-_FILES = Field(default_factory=list, max_length=1000,
+_FILES: Any = Field(default_factory=list, max_length=1000,
                description="Raw data file ids (GET /raw_data_files).")
-_RESULTS = Field(default_factory=list, max_length=100,
+_RESULTS: Any = Field(default_factory=list, max_length=100,
                  description="Observation result ids: their assets (raw data files) are used.")
 
 

@@ -40,18 +40,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from commands.algorithms import (
-    AlgorithmInput,
-    ProductFile,
-    algorithm,
-)
+from commands.algorithms import AlgorithmInput, ProductFile, algorithm, input_records
 from commands.models import CommandModel
 from commands.processing import (
     ClaimProcessingJob,
@@ -69,7 +64,7 @@ from domain.errors import DomainRejection
 from domain.processing import DataProduct, JobKind, ProcessingJob
 from domain.reduction import ReductionCancelled
 from infra.event_store import EventStore
-from infra.fits_products import FitsRejected, ProductProvenance, ingest_fits
+from infra.fits_products import FitsRejected, ProductProvenance, ingest_fits, software_versions
 from infra.journal import APPLIED, JournalEntry
 from infra.logs import command_context
 from infra.object_store import Area, ObjectStore, ObjectStoreUnavailable
@@ -83,17 +78,6 @@ ACTOR = "obsledger:worker"
 #: How long the worker waits for a claim or an end of job to be applied.
 OUTCOME_TIMEOUT_S = 60.0
 HASHES = {"md5", "sha1", "sha256", "sha512"}
-
-
-def software_versions() -> dict[str, str]:
-    """The versions a product was built with (recorded with every product for lineage)."""
-    out = {}
-    for name in ("obsledger", "numpy", "scipy", "astropy"):
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            out[name] = "unknown"
-    return out
 
 
 def new_worker_id() -> str:
@@ -389,8 +373,8 @@ class ProcessingWorker(PollingWorker):
         job = run.job
         try:
             algo = algorithm(job.algorithm or "", job.algorithm_version)
-            params: BaseModel = algo.Parameters.model_validate(job.parameters)
-        except (DomainRejection, ValidationError) as e:
+            params: BaseModel = algo.parameters(job.parameters)
+        except DomainRejection as e:
             raise JobFailed(f"algorithm {job.algorithm} {job.algorithm_version}: {e}") from e
         inputs = []
         with run.step("fetch inputs"):
@@ -407,9 +391,7 @@ class ProcessingWorker(PollingWorker):
         provenance = ProductProvenance(
             algorithm=algo.name, algorithm_version=algo.version,
             parameters=params.model_dump(mode="json"),
-            inputs=[(str(i.file_id), i.name,
-                     f"{i.checksum[0]}:{i.checksum[1]}" if i.checksum else "")
-                    for i in inputs],
+            inputs=input_records(inputs),
             software=software, job_id=str(job.id),
             run_id=None if job.run_id is None else str(job.run_id))
         out = workdir / "products"

@@ -43,8 +43,9 @@ class _Builder:
                                               attributes=_plain(attributes))
         return node_id
 
-    def edge(self, source: str, target: str, relation: str) -> None:
-        edge = LineageEdge(source=source, target=target, relation=relation)
+    def edge(self, source: str, target: str, relation: str, **attributes: Any) -> None:
+        edge = LineageEdge(source=source, target=target, relation=relation,
+                           attributes=attributes)
         if edge not in self.edges:
             self.edges.append(edge)
 
@@ -66,9 +67,9 @@ def product_lineage(processing: ProcessingQueries, product_id: str) -> LineageGr
                    metrics=product["metrics"], built_at=product["built_at"])
     jnode = b.node(f"job:{product['job_id']}", "job", f"{job.get('kind', 'process')} job",
                    job_id=product["job_id"], job_kind=job.get("kind"),
-                   status=job.get("status"), attempts=job.get("attempts"),
+                   status=job.get("status"),
                    requested_at=job.get("requested_at"), started_at=job.get("started_at"),
-                   finished_at=job.get("finished_at"))
+                   ended_at=job.get("finished_at"), attempts=job.get("attempts"))
     activity = jnode
     if product["run_id"]:
         activity = b.node(f"processing_run:{product['run_id']}", "processing_run",
@@ -99,7 +100,7 @@ def product_lineage(processing: ProcessingQueries, product_id: str) -> LineageGr
                        relative_path=i["relative_path"], size=i["size"],
                        checksum_algorithm=i["checksum"]["algorithm"],
                        checksum=i["checksum"]["value"], file_type=i["file_type"])
-        b.edge(activity, fnode, "used")
+        b.edge(activity, fnode, "used", role=i["file_type"])
         b.edge(pnode, fnode, "wasDerivedFrom")
         unit_id = i["executed_obs_unit_id"]
         if unit_id:
@@ -108,7 +109,7 @@ def product_lineage(processing: ProcessingQueries, product_id: str) -> LineageGr
                            f"execution of {unit.get('obs_unit_id', '?')}",
                            executed_obs_unit_id=unit_id, obs_unit_id=unit.get("obs_unit_id"),
                            instrument=unit.get("instrument"), status=unit.get("status"),
-                           start_time=unit.get("start_time"), end_time=unit.get("end_time"))
+                           started_at=unit.get("start_time"), ended_at=unit.get("end_time"))
             b.edge(fnode, unode, "wasGeneratedBy")
     return b.graph()
 
