@@ -174,7 +174,7 @@ def open_image_rows(path: Path) -> Iterator[ImageRows]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hdul = fits.open(path, memmap=True)
+        hdul = fits.open(path, memmap=False)  # sections of scaled (BZERO) data
     try:
         index = _image_hdu_index(hdul)
         if index is None:
