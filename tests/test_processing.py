@@ -19,8 +19,8 @@ from typing import Any
 from uuid import UUID
 
 import ccdproc
-from astropy.io import fits
 import pytest
+from astropy.io import fits
 from fastapi.testclient import TestClient
 from prov.model import ProvDocument
 
@@ -29,8 +29,8 @@ from domain.raw_data import raw_data_file_id
 from infra.object_store import Area
 from infra.settings import Settings
 from tests.conftest import grant, make_settings
-from tests.test_api import applied
 from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY
+from tests.test_api import applied
 from tests.test_mast_downloads import FITS_DIR
 
 SAAO = Path(ccdproc.__file__).parent / "tests" / "data" / "a8280271.fits"  # SAAO 1.0m CCD
