@@ -170,6 +170,13 @@ def test_ingest_process_catalog_download_and_lineage(pc: TestClient, ps: Setting
         doc = ProvDocument.deserialize(content=prov.text, format="json")
         assert len(doc.get_records()) >= len(graph["nodes"])
         assert "obsledger" in prov.json()["prefix"]
+    # every processing read model equals a fresh build from the log
+    ledger = pc.app.state.ledger  # type: ignore[attr-defined]
+    _, report = ledger.projector.check()
+    for model in ("processing_jobs", "processing_job_steps", "data_products",
+                  "product_inputs"):
+        assert report[model]["rows"] and not (report[model]["missing"] or report[model][
+            "extra"] or report[model]["different"]), (model, report[model])
 
 
 def test_plan_answers_without_creating_a_job(pc: TestClient, ps: Settings) -> None:
