@@ -199,6 +199,12 @@ class Ledger:
             state["obsledger_relay_lag_events"] = gauge(c["relay"]["lag_events"])
             state["obsledger_relay_lag_seconds"] = gauge(c["relay"]["lag_s"])
             state["obsledger_kafka_broker_up"] = gauge(int(c["relay"]["broker_reachable"]))
+        if c["store_reachable"]:
+            try:
+                state["obsledger_processing_jobs"] = [
+                    ((status,), float(n)) for status, n in sorted(self.processing.counts().items())]
+            except Exception as e:  # the read-model database is down: other gauges say so
+                log.debug("processing job counts unavailable: %s", e)
         if c["downloader"] is not None:
             state["obsledger_download_active_jobs"] = gauge(c["downloader"]["active_jobs"])
             state["obsledger_download_files_in_flight"] = gauge(

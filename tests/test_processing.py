@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ from api.app import create_app
 from domain.raw_data import raw_data_file_id
 from infra.object_store import Area
 from infra.settings import Settings
-from tests.conftest import grant, make_settings
+from tests.conftest import ROOT, grant, make_settings, settings_env
 from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 from tests.test_api import applied
 from tests.test_mast_downloads import FITS_DIR
@@ -331,3 +333,40 @@ def test_roles_of_the_processing_routes(pc: TestClient, ps: Settings) -> None:
         assert pc.get(path, headers=viewer).status_code == 200
     algorithms = pc.get("/ops/algorithms", headers=viewer).json()
     assert algorithms[0]["name"] == "ccd_stack" and "sigma" in str(algorithms[0]["parameters"])
+
+
+def test_a_requested_job_shows_before_it_is_projected(ps: Settings) -> None:
+    settings = ps.model_copy(update={"embedded_workers": False})
+    with TestClient(create_app(settings), headers=grant(settings)) as c:
+        r = c.post("/ops/ingest", json={"file_ids": [str(UUID(int=5))]})
+        assert r.status_code == 404  # the file is unknown even to the journal
+        ledger = c.app.state.ledger  # type: ignore[attr-defined]
+        body = {"name": "pending.fits", "relative_path": "p/pending.fits", "size": 10,
+                "checksum": {"algorithm": "sha256", "value": "ab" * 32},
+                "instrument": "SAAO-CCD", "file_type": "raw_science"}
+        file_id = c.post("/raw_data_files", json=body).json()["ids"]["raw_data_file_id"]
+        job_id = submit(c, "/ops/ingest", {"file_ids": [file_id]})
+        job = c.get(f"/ops/jobs/{job_id}").json()
+        assert job["pending"] and job["status"] == "requested" and job["kind"] == "ingest"
+        assert job["command_status"] == "accepted" and ledger.journal.depth() == 2
+        assert c.get("/ops/jobs").json()["items"][0]["id"] == job_id
+        assert c.delete(f"/ops/jobs/{job_id}").status_code == 202
+        assert c.get(f"/ops/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_obsledger_worker_once_and_the_health_metrics(tmp_path: Path) -> None:
+    settings = proc_settings(tmp_path, "sqlite", None, embedded_processing_worker=False)
+    with TestClient(create_app(settings), headers=grant(settings)) as c:
+        f = register(c, settings, WFPC2, "cli.fits", instrument="WFPC2")
+        job_id = submit(c, "/ops/ingest", {"file_ids": [f]})
+        wait_job(c, job_id, {"requested"})
+        health = c.get("/health").json()["processing_worker"]
+        assert health["running"] is False and health["current_job"] is None
+        assert 'obsledger_processing_jobs{status="requested"} 1.0' in c.get("/metrics").text
+    r = subprocess.run([sys.executable, "-m", "api.cli", "worker", "--once"],
+                       env=settings_env(settings), cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "processing worker idle; 1 jobs done" in r.stdout, r.stderr
+    with TestClient(create_app(settings), headers=grant(settings)) as c:
+        job = wait_job(c, job_id)
+        assert job["status"] == "succeeded" and job["outputs"][0]["metadata"]["shape"]
