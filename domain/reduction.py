@@ -181,70 +181,130 @@ def master_flat(frames: Sequence[FrameRows], *, bias: NDArray[Any] | None = None
 
 
 # -- the sigma-clipped combine -----------------------------------------------------------------
-def _run_stats(sa: NDArray[np.float32], la: NDArray[np.intp], ha: NDArray[np.intp],
-               full: bool) -> tuple[NDArray[np.float32], NDArray[np.float32],
-                                    NDArray[np.float32], NDArray[np.intp]]:
-    """Median, mean and standard deviation of each row's sorted run ``sa[i, la[i]:ha[i]]``."""
+#: the standard deviation of a normal distribution per unit of median absolute deviation
+MAD_TO_STD = 1.482602218505602
+#: the first clip iteration's bound, in MAD-based standard deviations (at least ``sigma``)
+MAD_SIGMA = 5.0
+
+
+def _median_and_mad_std(sa: NDArray[np.float32], la: NDArray[np.intp],
+                        ha: NDArray[np.intp], full: bool
+                        ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Median and MAD-based standard deviation of each row's sorted run ``sa[i, la[i]:ha[i]]``
+    (``full``: every run is the whole row)."""
     m, n = sa.shape
     cnt = np.maximum(ha - la, 1)
     r = np.arange(m)
     i1 = np.minimum(la + (cnt - 1) // 2, n - 1)
     i2 = np.minimum(la + cnt // 2, n - 1)
-    med = (sa[r, i1] + sa[r, i2]) * np.float32(0.5)
-    if full:  # every row's run is the whole row: no mask needed
-        mean = sa.mean(axis=1, dtype=np.float32)
-        dev = sa - mean[:, None]
-    else:
+    med = ((sa[r, i1].astype(np.float64) + sa[r, i2]) * 0.5).astype(np.float32)
+    dev = np.abs(sa - med[:, None])
+    if not full:  # values outside the run sort last
         cols = np.arange(n, dtype=np.intp)
-        keep = (cols >= la[:, None]) & (cols < ha[:, None])
-        mean = (np.where(keep, sa, np.float32(0.0)).sum(axis=1, dtype=np.float32)
-                / cnt.astype(np.float32))
-        dev = np.where(keep, sa - mean[:, None], np.float32(0.0))
-    std = np.sqrt(np.einsum("ij,ij->i", dev, dev) / cnt.astype(np.float32))
-    return med, mean, std.astype(np.float32), cnt
+        dev[(cols < la[:, None]) | (cols >= ha[:, None])] = np.inf
+    dev.sort(axis=1)
+    mad = (dev[r, (cnt - 1) // 2] + dev[r, cnt // 2]) * np.float32(0.5)
+    return med, mad * np.float32(MAD_TO_STD)
+
+
+def _median_and_std(sa: NDArray[np.float32], la: NDArray[np.intp], ha: NDArray[np.intp]
+                    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Median and standard deviation (about the mean, ddof 0) of each row's sorted run."""
+    m, n = sa.shape
+    cnt = np.maximum(ha - la, 1)
+    r = np.arange(m)
+    i1 = np.minimum(la + (cnt - 1) // 2, n - 1)
+    i2 = np.minimum(la + cnt // 2, n - 1)
+    med = ((sa[r, i1].astype(np.float64) + sa[r, i2]) * 0.5).astype(np.float32)
+    # every row as if its run were the whole row, then the rows with a shorter run
+    mean = sa.mean(axis=1, dtype=np.float32)
+    dev = sa - mean[:, None]
+    std = np.sqrt(np.einsum("ij,ij->i", dev, dev) / np.float32(n))
+    del dev
+    partial = np.flatnonzero((la > 0) | (ha < n))
+    if partial.size:
+        sp, lp, hp, cp = sa[partial], la[partial], ha[partial], cnt[partial]
+        cols = np.arange(n, dtype=np.intp)
+        keep = (cols >= lp[:, None]) & (cols < hp[:, None])
+        pmean = np.where(keep, sp, np.float32(0.0)).sum(axis=1, dtype=np.float64) / cp
+        pdev = np.where(keep, sp - pmean[:, None].astype(np.float32), np.float32(0.0))
+        std[partial] = np.sqrt(np.einsum("ij,ij->i", pdev, pdev, dtype=np.float64) / cp)
+    return med, std.astype(np.float32, copy=False)
+
+
+def _run_means(s: NDArray[np.float32], lo: NDArray[np.intp], hi: NDArray[np.intp]
+               ) -> NDArray[np.float32]:
+    """Mean of each row's run ``s[i, lo[i]:hi[i]]`` (NaN for an empty run)."""
+    n = s.shape[1]
+    means = s.mean(axis=1, dtype=np.float32)  # right for the untouched rows
+    partial = np.flatnonzero((lo > 0) | (hi < n))
+    if partial.size:
+        sp, lp, hp = s[partial], lo[partial], hi[partial]
+        cols = np.arange(n, dtype=np.intp)
+        keep = (cols >= lp[:, None]) & (cols < hp[:, None])
+        cnt = hp - lp
+        total = np.where(keep, sp, np.float32(0.0)).sum(axis=1, dtype=np.float32)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means[partial] = np.where(cnt > 0, total / np.maximum(cnt, 1), np.float32(np.nan))
+    return means
 
 
 def _clip_sorted(s: NDArray[np.float32], sigma: float, maxiters: int
                  ) -> tuple[NDArray[np.float32], int]:
     """Sigma-clipped mean along axis 1 of ``s`` (pixels x frames), sorted along axis 1 with
-    NaNs last. The clip is astropy's ``sigma_clip`` (centre: median, scale: standard deviation
-    of the surviving values, bounds ``centre ± sigma·std``, iterated ``maxiters`` times or until
-    nothing changes). Since the data are sorted, the survivors of each pixel are the contiguous
-    run ``[lo, hi)``; a pixel whose run did not change is final (its mean is kept), so later
-    iterations only revisit the few pixels that still change."""
+    NaNs last. Per pixel:
+
+    1. pre-clip: reject values outside ``median ± max(sigma, 5)·1.4826·MAD`` — robust even
+       with a few frames, where one cosmic ray inflates a standard deviation enough to hide
+       itself, and wide enough to leave Gaussian tails alone;
+    2. up to ``maxiters`` times: bounds ``median ± sigma·std`` of the surviving values, reject
+       the values outside; stop when nothing more is rejected;
+    3. as in astropy's ``sigma_clip``, the last bounds decide over all values; the result is
+       the mean of the values inside them.
+
+    Since the data are sorted, the survivors of each pixel are the contiguous run ``[lo, hi)``,
+    and later iterations only revisit the pixels whose run still changes."""
     npix, n = s.shape
-    missing = np.isnan(s[:, -1])  # NaN (missing) values sort last
     lo = np.zeros(npix, dtype=np.intp)
     hi = np.full(npix, n, dtype=np.intp)
-    if missing.any():
+    if np.isnan(s[:, -1]).any():  # NaN (missing) values sort last
         hi -= np.count_nonzero(np.isnan(s), axis=1)
+    end = hi.copy()  # end of each pixel's finite values
     n_missing = int((n - hi).sum())
-    image = np.full(npix, np.nan, dtype=np.float32)
+    lower_final = np.full(npix, -np.inf, dtype=np.float32)
+    upper_final = np.full(npix, np.inf, dtype=np.float32)
     active = np.flatnonzero(hi > lo)
-    full = n_missing == 0
-    for _ in range(maxiters):
+    for iteration in range(maxiters + 1):
         if active.size == 0:
             break
         sa = s if active.size == npix else s[active]
         la, ha = lo[active], hi[active]
-        med, mean, std = _run_stats(sa, la, ha, full)[:3]
-        lower = med - np.float32(sigma) * std
-        upper = med + np.float32(sigma) * std
+        if iteration == 0:
+            med, std = _median_and_mad_std(sa, la, ha, full=n_missing == 0)
+            k = np.float32(max(sigma, MAD_SIGMA))
+        else:
+            med, std = _median_and_std(sa, la, ha)
+            k = np.float32(sigma)
+        lower = med - k * std
+        upper = med + k * std
+        lower_final[active], upper_final[active] = lower, upper
         new_lo = np.maximum(la, np.count_nonzero(sa < lower[:, None], axis=1))
-        # NaN > upper is False: missing values are not counted, ``hi`` already excludes them
-        new_hi = np.minimum(ha, n - np.count_nonzero(sa > upper[:, None], axis=1))
+        # NaN > upper is False: the count is of finite values, which end at ``end``
+        new_hi = np.minimum(ha, end[active] - np.count_nonzero(sa > upper[:, None], axis=1))
         new_hi = np.maximum(new_hi, new_lo)
         changed = (new_lo != la) | (new_hi != ha)
-        image[active[~changed]] = mean[~changed]
         lo[active], hi[active] = new_lo, new_hi
-        active = active[changed]
-        full = False
-    if active.size:  # still changing after maxiters: the mean of the final run
-        sa = s[active]
-        mean = _run_stats(sa, lo[active], hi[active], False)[1]
-        image[active] = np.where(hi[active] > lo[active], mean, np.float32(np.nan))
+        if iteration > 0:  # after the pre-clip every pixel gets its first sigma iteration
+            active = active[changed & (new_hi > new_lo)]
+    # the last bounds over all values (a value clipped early may be back inside them)
+    touched = np.flatnonzero((lo > 0) | (hi < end))
+    if touched.size:
+        st = s[touched]
+        lo[touched] = np.count_nonzero(st < lower_final[touched, None], axis=1)
+        hi[touched] = np.maximum(lo[touched], end[touched] - np.count_nonzero(
+            st > upper_final[touched, None], axis=1))
     rejected = int((n - (hi - lo)).sum()) - n_missing
-    return image, rejected
+    return _run_means(s, lo, hi), rejected
 
 
 def combine_frames(frames: Sequence[FrameRows], *, sigma: float = 3.0, maxiters: int = 5,

@@ -50,6 +50,15 @@ def verify_fits(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             with fits.open(path, memmap=False, checksum=False) as hdul:
                 hdul.verify("exception")
+                hdul.readall()
+                size = path.stat().st_size
+                for i in range(len(hdul)):
+                    info = hdul.fileinfo(i) or {}
+                    needed = int(info.get("datLoc", 0)) + int(info.get("datSpan", 0))
+                    if needed > size:  # astropy only warns, and pads the data
+                        raise FitsInvalid(f"not a readable FITS file: truncated, HDU {i} "
+                                          f"ends at byte {needed}, "
+                                          f"the file has {size} bytes")
                 for i, hdu in enumerate(hdul):
                     _ = hdu.data  # reads the data: a truncated file fails here
                     entry: dict[str, Any] = {"index": i, "name": hdu.name,

@@ -153,18 +153,64 @@ def ingest_fits(path: Path, recorded_checksum: tuple[str, str] | None) -> FitsIn
                             fits_checksums_verified=summary["checksums_verified"])
 
 
-class ImageRows:
-    """The science image of an open FITS file, read a band of rows at a time (a
-    ``domain.reduction.FrameRows``): ``rows[r0:r1]`` reads only those rows, scaled
-    (BZERO/BSCALE) to float32."""
+#: FITS BITPIX → the big-endian dtype of the stored values
+BITPIX_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 
-    def __init__(self, hdu: Any) -> None:
-        self._section = hdu.section
+
+class ImageRows:
+    """The science image of a FITS file, read a band of rows at a time (a
+    ``domain.reduction.FrameRows``): ``rows[r0:r1]`` gives those rows as float32, scaled by
+    BSCALE/BZERO, BLANK pixels as NaN.
+
+    An uncompressed image is read with plain file reads of the band's bytes (no memory map:
+    file pages stay in the page cache and never count against the process); a tile-compressed
+    HDU or a gzipped file goes through astropy's lazy ``section``."""
+
+    def __init__(self, path: Path, hdul: Any, index: int) -> None:
+        from astropy.io import fits
+
+        hdu = hdul[index]
+        header = hdu.header
+        self.header = header
         self.shape: tuple[int, int] = (int(hdu.shape[0]), int(hdu.shape[1]))
-        self.header = hdu.header
+        info = hdul.fileinfo(index) or {}
+        direct = (not isinstance(hdu, fits.CompImageHDU)
+                  and getattr(info.get("file"), "compression", None) is None
+                  and int(header["BITPIX"]) in BITPIX_DTYPES)
+        self._section = None if direct else hdu.section
+        self._file = open(path, "rb") if direct else None  # noqa: SIM115 (closed by close())
+        self._offset = int(info.get("datLoc", 0))
+        self._dtype = np.dtype(BITPIX_DTYPES.get(int(header["BITPIX"]), ">f4"))
+        self._bscale = float(header.get("BSCALE", 1.0))
+        self._bzero = float(header.get("BZERO", 0.0))
+        blank = header.get("BLANK")
+        self._blank = blank if isinstance(blank, int) and int(header["BITPIX"]) > 0 else None
 
     def __getitem__(self, key: slice, /) -> NDArray[np.float32]:
-        return np.asarray(self._section[key], dtype=np.float32)
+        r0, r1, step = key.indices(self.shape[0])
+        ncols = self.shape[1]
+        if self._file is not None and step == 1:
+            count = max(0, r1 - r0) * ncols
+            self._file.seek(self._offset + r0 * ncols * self._dtype.itemsize)
+            raw = np.fromfile(self._file, dtype=self._dtype, count=count).reshape(-1, ncols)
+            if raw.size != count:
+                raise ValueError(f"{self._file.name}: truncated image data")
+        elif self._section is not None:
+            raw = np.asarray(self._section[key])  # unscaled: opened do_not_scale_image_data
+        else:
+            raise ValueError("image rows are read in contiguous bands")
+        rows = raw.astype(np.float32)
+        if self._bscale != 1.0:
+            rows *= np.float32(self._bscale)
+        if self._bzero != 0.0:
+            rows += np.float32(self._bzero)
+        if self._blank is not None:
+            rows[raw == self._blank] = np.nan
+        return rows
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 @contextmanager
@@ -174,13 +220,17 @@ def open_image_rows(path: Path) -> Iterator[ImageRows]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hdul = fits.open(path, memmap=False)  # sections of scaled (BZERO) data
+        hdul = fits.open(path, memmap=False, do_not_scale_image_data=True)
+    rows: ImageRows | None = None
     try:
         index = _image_hdu_index(hdul)
         if index is None:
             raise FitsRejected(f"{path.name}: has no 2-D image HDU")
-        yield ImageRows(hdul[index])
+        rows = ImageRows(path, hdul, index)
+        yield rows
     finally:
+        if rows is not None:
+            rows.close()
         hdul.close()
 
 
