@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from infra.fits_check import sha256_of
 
@@ -88,6 +89,17 @@ def validate_key(key: str) -> str:
     return key
 
 
+def content_disposition(filename: str) -> str:
+    """``attachment`` with ``filename`` (RFC 6266: an ASCII fallback, and ``filename*`` in
+    UTF-8 when the name is not plain ASCII) — for presigned URLs and streamed downloads."""
+    name = filename.replace("\\", "_").replace("/", "_")
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"%' else "_" for c in name)
+    value = f'attachment; filename="{fallback}"'
+    if fallback != name:
+        value += f"; filename*=UTF-8''{quote(name, safe='')}"
+    return value
+
+
 class ObjectStore(ABC):
     """Objects by (area, key): the same behaviour over a directory and over S3."""
 
@@ -107,10 +119,13 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def stat(self, area: Area, key: str) -> StoredObject | None:
-        """Size, sha256 and URI of the object, ``None`` when there is none."""
+        """Size, sha256 and URI of the object, ``None`` when there is none. The local store
+        hashes a file it has not written itself once per process (then caches the digest by
+        size, mtime and inode); S3 reads the digest from the object's metadata."""
 
+    @abstractmethod
     def exists(self, area: Area, key: str) -> bool:
-        return self.stat(area, key) is not None
+        """Whether there is an object (cheap: never reads the object's bytes)."""
 
     @abstractmethod
     def delete(self, area: Area, key: str) -> None:
@@ -122,8 +137,10 @@ class ObjectStore(ABC):
         missing object raises ``ObjectNotFound`` here, not on the first chunk."""
 
     @abstractmethod
-    def presigned_url(self, area: Area, key: str, expires_s: int = 3600) -> str | None:
-        """A URL that GETs the object without credentials for ``expires_s`` seconds;
+    def presigned_url(self, area: Area, key: str, expires_s: int = 3600,
+                      download_name: str | None = None) -> str | None:
+        """A URL that GETs the object without credentials for ``expires_s`` seconds (with
+        ``Content-Disposition: attachment; filename=<download_name>`` when given);
         ``None`` when the store has none (local: stream the file instead)."""
 
     @abstractmethod
@@ -139,9 +156,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _copy_durably(src: Path, dest: Path, staging: Path) -> str:
+def _copy_durably(src: Path, dest: Path, staging: Path) -> tuple[str, os.stat_result]:
     """Copy ``src`` to ``dest`` atomically (temp file in ``staging`` + fsync + rename +
-    directory fsync); returns the sha256 of the bytes written."""
+    directory fsync); returns the sha256 of the bytes written and the file's stat (taken
+    before the rename: another writer may replace ``dest`` right after)."""
     staging.mkdir(parents=True, exist_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -154,12 +172,13 @@ def _copy_durably(src: Path, dest: Path, staging: Path) -> str:
                 out.write(data)
             out.flush()
             os.fsync(out.fileno())
+            st = os.fstat(out.fileno())
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(dest.parent)
-    return digest.hexdigest()
+    return digest.hexdigest(), st
 
 
 class LocalObjectStore(ObjectStore):
@@ -181,8 +200,7 @@ class LocalObjectStore(ObjectStore):
             raise ObjectNotFound(Area(area), key)
         return path
 
-    def _remember(self, path: Path, digest: str) -> None:
-        st = path.stat()
+    def _remember(self, path: Path, digest: str, st: os.stat_result) -> None:
         with self._lock:
             self._digests[(str(path), st.st_size, st.st_mtime_ns, st.st_ino)] = digest
 
@@ -197,11 +215,11 @@ class LocalObjectStore(ObjectStore):
             raise ValueError(f"object key {key!r} clashes with another key in the local "
                              "store (one is a directory of the other)")
         try:
-            digest = _copy_durably(Path(path), dest, self._staging)
+            digest, st = _copy_durably(Path(path), dest, self._staging)
         except OSError as e:
             raise ObjectStoreUnavailable(f"cannot write below {self.root}: {e}") from e
-        self._remember(dest, digest)
-        return StoredObject(Area(area), key, dest.stat().st_size, digest, dest.as_uri())
+        self._remember(dest, digest, st)
+        return StoredObject(Area(area), key, st.st_size, digest, dest.as_uri())
 
     def fetch_to(self, area: Area, key: str, dest: Path) -> Path:
         src = self._file(area, key)
@@ -211,6 +229,9 @@ class LocalObjectStore(ObjectStore):
 
     def local_path(self, area: Area, key: str) -> Path | None:
         return self._path(area, key)
+
+    def exists(self, area: Area, key: str) -> bool:
+        return self._path(area, key).is_file()
 
     def stat(self, area: Area, key: str) -> StoredObject | None:
         path = self._path(area, key)
@@ -247,7 +268,8 @@ class LocalObjectStore(ObjectStore):
 
         return chunks()
 
-    def presigned_url(self, area: Area, key: str, expires_s: int = 3600) -> str | None:
+    def presigned_url(self, area: Area, key: str, expires_s: int = 3600,
+                      download_name: str | None = None) -> str | None:
         validate_key(key)
         return None
 
@@ -294,7 +316,8 @@ class S3ObjectStore(ObjectStore):
         self._prefix = {a: (f"{a.value}/" if b in shared else "") for a, b in self.buckets.items()}
         config = Config(
             signature_version="s3v4", region_name=region,
-            s3={"addressing_style": "path"},
+            # path-style for MinIO and other servers; virtual-hosted for AWS itself
+            s3={"addressing_style": "path" if endpoint_url else "virtual"},
             connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
             retries={"max_attempts": max_attempts, "mode": "standard"},
             # checksums only where the operation needs them (MinIO and older servers)
@@ -421,12 +444,22 @@ class S3ObjectStore(ObjectStore):
         validate_key(key)
         return None
 
-    def stat(self, area: Area, key: str) -> StoredObject | None:
+    def _head(self, area: Area, key: str) -> dict[str, Any] | None:
         bucket, name = self._where(area, key)
         try:
-            head = self._call(self.client.head_object, Bucket=bucket, Key=name,
-                              missing=(Area(area), key))
+            head: dict[str, Any] = self._call(self.client.head_object, Bucket=bucket, Key=name,
+                                              missing=(Area(area), key))
         except ObjectNotFound:
+            return None
+        return head
+
+    def exists(self, area: Area, key: str) -> bool:
+        return self._head(area, key) is not None
+
+    def stat(self, area: Area, key: str) -> StoredObject | None:
+        bucket, name = self._where(area, key)
+        head = self._head(area, key)
+        if head is None:
             return None
         digest = (head.get("Metadata") or {}).get("sha256")
         if not digest:  # put there by another tool: hash the bytes once and say so
@@ -467,19 +500,27 @@ class S3ObjectStore(ObjectStore):
 
         return chunks()
 
-    def presigned_url(self, area: Area, key: str, expires_s: int = 3600) -> str | None:
+    def presigned_url(self, area: Area, key: str, expires_s: int = 3600,
+                      download_name: str | None = None) -> str | None:
         bucket, name = self._where(area, key)
         if not 1 <= expires_s <= MAX_PRESIGN_S:
             raise ValueError(f"a presigned URL lasts 1 to {MAX_PRESIGN_S} seconds")
+        params = {"Bucket": bucket, "Key": name}
+        if download_name:
+            params["ResponseContentDisposition"] = content_disposition(download_name)
         url: str = self._presign_client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": name}, ExpiresIn=expires_s)
+            "get_object", Params=params, ExpiresIn=expires_s)
         return url
 
     def check(self) -> None:
         if self._buckets_ready:
-            self._call(self.client.head_bucket, Bucket=self.buckets[Area.PRODUCTS])
-        else:
-            self.ensure_buckets()
+            bucket = self.buckets[Area.PRODUCTS]
+            try:
+                self._call(self.client.head_bucket, Bucket=bucket, missing=(Area.PRODUCTS, bucket))
+                return
+            except ObjectNotFound:  # the server lost its buckets: create them again
+                self._buckets_ready = False
+        self.ensure_buckets()
 
 
 def object_store_from_settings(settings: Settings) -> ObjectStore:
@@ -503,5 +544,5 @@ def object_store_from_settings(settings: Settings) -> ObjectStore:
 
 
 __all__ = ["Area", "LocalObjectStore", "ObjectNotFound", "ObjectStore",
-           "ObjectStoreUnavailable", "S3ObjectStore", "StoredObject",
+           "ObjectStoreUnavailable", "S3ObjectStore", "StoredObject", "content_disposition",
            "object_store_from_settings", "validate_key"]
