@@ -42,7 +42,7 @@ from commands.processing import (
 from domain.accounts import OPERATORS, READERS
 from domain.raw_data import RawDataFile
 from infra.lineage import to_prov_json
-from infra.object_store import Area, ObjectStoreUnavailable
+from infra.object_store import Area, ObjectStoreUnavailable, content_disposition
 from queries.lineage import product_lineage
 
 JOBS_TAG = "processing jobs"
@@ -532,7 +532,8 @@ def ops_router() -> APIRouter:
         objects = _ledger(request).objects
         area = Area(row["area"])
         try:
-            url = await run_in_threadpool(objects.presigned_url, area, row["key"])
+            url = await run_in_threadpool(lambda: objects.presigned_url(
+                area, row["key"], download_name=row["name"]))
             if url is not None:
                 return {"url": url, "expires_in_s": 3600, "media_type": row["media_type"],
                         "size": row["size"], "checksum": row["checksum"]}
@@ -543,7 +544,7 @@ def ops_router() -> APIRouter:
             raise ApiError(503, f"Object store unavailable: {e}",
                            headers={"Retry-After": "5"}) from None
         return StreamingResponse(chunks, media_type=row["media_type"], headers={
-            "Content-Disposition": f'attachment; filename="{row["name"]}"',
+            "Content-Disposition": content_disposition(row["name"]),
             "Content-Length": str(row["size"]), "X-Checksum-SHA256": row["checksum"]["value"]})
 
     @r.get("/products/{id}/lineage", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
