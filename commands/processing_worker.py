@@ -152,8 +152,9 @@ class _Run:
                          f"{self.prefix}:progress:{self._progress_n}")
 
     def cancelled(self) -> bool:
-        """A cancel requested (or the lease lost); looked up at most every 0.2 s."""
-        if self._cancelled or self.lost.is_set():
+        """A cancel requested, the lease lost or the worker stopping; the job is looked up at
+        most every 0.2 s."""
+        if self._cancelled or self.lost.is_set() or self.worker.stopping:
             return True
         now = time.monotonic()
         if now - self._checked >= 0.2:
@@ -163,6 +164,10 @@ class _Run:
                     not job.held_by(self.worker.worker_id, self.attempt):
                 self._cancelled = True
         return self._cancelled
+
+    def cancel_requested(self) -> bool:
+        job = self.worker.store.get(self.job_id)
+        return isinstance(job, ProcessingJob) and job.cancel_requested
 
     # -- the lease -------------------------------------------------------------------------
     def keep_lease(self) -> None:
@@ -228,6 +233,10 @@ class ProcessingWorker(PollingWorker):
             return None
         return asyncio.run(self.commands.journal.wait_outcome(entry.command_id, timeout))
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     # -- polling ---------------------------------------------------------------------------
     def _run(self) -> None:
         self.running = True
@@ -284,10 +293,14 @@ class ProcessingWorker(PollingWorker):
             self.jobs_done += 1
         except (JobStopped, ReductionCancelled) as e:
             self._discard(uploaded)
-            if not run.lost.is_set():
+            if run.lost.is_set():
+                log.warning("processing job %s: lease lost, stopped", job.id)
+            elif run.cancel_requested():
                 log.info("processing job %s stopped: %s", job.id, e)
                 self.send("processing_job.confirm_cancel",
                           ConfirmProcessingCancel(**run.held()), f"{run.prefix}:cancelled")
+            else:  # this worker is stopping: another one takes the job at once
+                self._fail(run, "the worker stopped", True)
         except JobFailed as e:
             self._discard(uploaded)
             self._fail(run, e.reason, e.retryable)
@@ -307,7 +320,7 @@ class ProcessingWorker(PollingWorker):
     def _fail(self, run: _Run, reason: str, retryable: bool) -> None:
         if run.lost.is_set():
             return
-        if run.cancelled():  # a cancel requested meanwhile: cancelled, not failed
+        if run.cancel_requested():  # a cancel requested meanwhile: cancelled, not failed
             self.send("processing_job.confirm_cancel", ConfirmProcessingCancel(**run.held()),
                       f"{run.prefix}:cancelled")
             return

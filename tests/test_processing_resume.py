@@ -94,3 +94,22 @@ def test_sigkill_mid_job_then_another_worker_takes_over(
             raw = {n["attributes"]["file_id"] for n in graph["nodes"]
                    if n["kind"] == "raw_data_file"}
             assert raw == set(files)
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite"])
+def test_sigterm_releases_the_job_at_once(tmp_path: Path, store_kind: str) -> None:
+    settings = proc_settings(tmp_path, store_kind, None, embedded_processing_worker=False,
+                             processing_lease_s=60.0, processing_progress_interval_s=0.0)
+    with TestClient(create_app(settings), headers=grant(settings)) as client:
+        files = [register(client, settings, SAAO, f"term_{i}.fits") for i in range(5)]
+        job_id = submit(client, "/ops/process", {"file_ids": files,
+                                                 "parameters": {"chunk_rows": 1}})
+        worker = Worker(settings)
+        try:
+            wait_job(client, job_id, {"running"}, timeout=60, current_step="combine")
+        finally:
+            worker.stop()  # SIGTERM
+        assert worker.proc.returncode == 0
+        job = wait_job(client, job_id, {"requested"}, timeout=30)
+        assert job["reason"] == "the worker stopped" and job["lease"] is None
+        assert job["attempts"] == 1  # released long before its 60 s lease would expire
