@@ -115,6 +115,8 @@ class ProcessingRunManager(PollingWorker):
         if not isinstance(result, ObservationResult):
             return []
         run_id = UUID(str(e.run_id))
+        if str(result.current_processing_run_id) != str(run_id):
+            return []  # that run ended already (an old event, read again from the start)
         files = sorted(UUID(a[len(RAW_ASSET):]) for a in result.assets
                        if a.startswith(RAW_ASSET))
         correlation = f"processing_run:{run_id}"

@@ -208,6 +208,7 @@ class ProcessingWorker(PollingWorker):
         self.current: str | None = None
         self.jobs_done = 0
         self.running = False
+        self._claims = 0
 
     # -- commands --------------------------------------------------------------------------
     def send(self, command_type: str, request: CommandModel, key: str) -> JournalEntry | None:
@@ -261,9 +262,13 @@ class ProcessingWorker(PollingWorker):
         job = self.store.get(job_id)
         if not isinstance(job, ProcessingJob) or job.final:
             return None
+        # a new key per try: a claim refused while a lease was live must not be answered
+        # from the journal's record once that lease has expired (the job's version is the
+        # same: a dead worker records nothing)
+        self._claims += 1
         entry = self.send("processing_job.claim", ClaimProcessingJob(
             id=job_id, worker=self.worker_id, lease_s=self.settings.processing_lease_s),
-            f"pj:{job_id}:claim:{self.worker_id}:{job.version}")
+            f"pj:{job_id}:claim:{self.worker_id}:{job.version}:{self._claims}")
         done = self.outcome(entry)
         if done is None or done.status != APPLIED:
             return None

@@ -370,3 +370,29 @@ def test_obsledger_worker_once_and_the_health_metrics(tmp_path: Path) -> None:
     with TestClient(create_app(settings), headers=grant(settings)) as c:
         job = wait_job(c, job_id)
         assert job["status"] == "succeeded" and job["outputs"][0]["metadata"]["shape"]
+
+
+def test_two_workers_race_for_a_job_and_one_takes_over_after_expiry(ps: Settings) -> None:
+    """Real workers on the real dispatcher: exactly one claim wins; the loser's later claim,
+    once the winner's lease expired without a word from it, takes the job over."""
+    from commands.processing_worker import ProcessingWorker
+
+    settings = ps.model_copy(update={"embedded_processing_worker": False,
+                                     "processing_lease_s": 1.0})
+    with TestClient(create_app(settings), headers=grant(settings)) as c:
+        f = register(c, settings, WFPC2, "race.fits", instrument="WFPC2")
+        job_id = submit(c, "/ops/ingest", {"file_ids": [f]})
+        wait_job(c, job_id, {"requested"})
+        lg = c.app.state.ledger  # type: ignore[attr-defined]
+        a, b = (ProcessingWorker(lg.store, lg.processing, lg.commands, settings, lg.objects,
+                                 worker_id=w) for w in ("worker-a", "worker-b"))
+        won = a.claim(UUID(job_id))
+        assert won is not None and won.held_by("worker-a", 1)
+        assert b.claim(UUID(job_id)) is None  # the lease is live
+        time.sleep(1.2)  # worker-a dies silently: no renewal
+        assert job_id in lg.processing.claimable(datetime.now(UTC))  # expired: claimable
+        taken = b.claim(UUID(job_id))
+        assert taken is not None and taken.held_by("worker-b", 2)
+        b.run_job(taken)
+        job = wait_job(c, job_id)
+        assert job["status"] == "succeeded" and job["attempts"] == 2
