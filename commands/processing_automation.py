@@ -2,11 +2,12 @@
 
 ``ProcessingRunManager`` follows the event log:
 
-- ``ObservationResult.RunStarted`` (the results scheduler started a run): a ``process`` job
+- ``ObservationResult.RunStarted`` by the results scheduler (runs started through
+  ``POST /observation_results/{id}/runs`` are their sender's to end): a ``process`` job
   for the run (id ``job_id_of_run(run_id)``), its inputs the result's assets that are raw
   data files, the default algorithm (``processing_default_algorithm``, latest version, default
   parameters), catalogued when ``processing_catalog_runs``; a result without raw data files
-  ends the run ``skipped``;
+  (in the event store) ends the run ``skipped``;
 - ``ProcessingJob.Succeeded`` / ``Failed`` / ``Cancelled`` of a run's job: the run ends
   (``observation_result.end_run``) ``completed`` with the products as outputs, or ``failed``
   with the job's reason; the result becomes READY (or STALE, FAILED) as the domain decides.
@@ -29,6 +30,7 @@ from sqlalchemy import Engine, select, update
 from commands.algorithms import algorithm
 from commands.models import Checksum, EndProcessingRunRequest, ProductOutput
 from commands.processing import RequestProcessingJob
+from commands.result_automation import ACTOR as SCHEDULER
 from commands.service import CommandService
 from domain.errors import DomainRejection
 from domain.processing import (
@@ -52,6 +54,18 @@ ACTOR = "obsledger:processing"
 RAW_ASSET = "raw_data_file:"
 
 Send = tuple[str, Any, dict[str, Any], str, str]
+
+
+def raw_files(assets: set[str]) -> list[UUID]:
+    """The raw data files among a result's assets (``raw_data_file:<uuid>``)."""
+    out = []
+    for a in assets:
+        if a.startswith(RAW_ASSET):
+            try:
+                out.append(UUID(a[len(RAW_ASSET):]))
+            except ValueError:
+                continue
+    return out
 
 
 class ProcessingRunManager(PollingWorker):
@@ -115,10 +129,11 @@ class ProcessingRunManager(PollingWorker):
         if not isinstance(result, ObservationResult):
             return []
         run_id = UUID(str(e.run_id))
-        if str(result.current_processing_run_id) != str(run_id):
-            return []  # that run ended already (an old event, read again from the start)
-        files = sorted(UUID(a[len(RAW_ASSET):]) for a in result.assets
-                       if a.startswith(RAW_ASSET))
+        if e.actor != SCHEDULER or str(result.current_processing_run_id) != str(run_id):
+            # a run someone else started (they end it), or one that ended already (an old
+            # event, read again from the start)
+            return []
+        files = sorted(self.store.existing(raw_files(result.assets)))
         correlation = f"processing_run:{run_id}"
         if not files:
             return [("observation_result.end_run",
