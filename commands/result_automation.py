@@ -211,4 +211,5 @@ class ResultsAutomation:
     def report(self) -> dict[str, Any]:
         return {"process_manager_position": self.process_manager.position(),
                 "runs_requested": self.scheduler.sent,
-                "last_error": self.process_manager.last_error or self.scheduler.last_error}
+                "last_error": self.process_manager.last_error or self.scheduler.last_error
+                or (self.runs.last_error if self.runs is not None else None)}
