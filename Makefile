@@ -48,6 +48,7 @@ bench: setup wrk
 	$(BIN)/python bench/replay.py
 	$(BIN)/python bench/results.py
 	$(BIN)/python bench/downloads.py
+	$(BIN)/python bench/processing.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

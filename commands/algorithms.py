@@ -314,6 +314,17 @@ class CcdStack(Algorithm):
 
     def run(self, inputs: list[AlgorithmInput], params: BaseModel, workdir: Path,
             reporter: StepReporter, provenance: ProductProvenance) -> list[ProductFile]:
+        """The products; ``InvalidCommand`` when the data turn out unusable (a flat without
+        signal, an image without finite pixels, a file cut short), ``ReductionCancelled``
+        when cancelled."""
+        try:
+            return self._run(inputs, params, workdir, reporter, provenance)
+        except ValueError as e:  # the numerics' and readers' refusals of the data
+            raise InvalidCommand(f"ccd_stack cannot reduce these inputs: {e}",
+                                 field="inputs") from e
+
+    def _run(self, inputs: list[AlgorithmInput], params: BaseModel, workdir: Path,
+             reporter: StepReporter, provenance: ProductProvenance) -> list[ProductFile]:
         p = CcdStackParameters.model_validate(params.model_dump())
         provenance = dataclasses.replace(
             provenance, algorithm=self.name, algorithm_version=self.version,

@@ -21,6 +21,8 @@ Image = NDArray[np.float32]
 
 #: a band of all frames is kept near this size (bytes) when ``chunk_rows`` is not given
 CHUNK_BYTES = 64 * 1024 * 1024
+#: the clip works on slices of a band of about this size, bounding its temporaries
+CLIP_BYTES = 16 * 1024 * 1024
 
 
 class FrameRows(Protocol):
@@ -187,6 +189,18 @@ MAD_TO_STD = 1.482602218505602
 MAD_SIGMA = 5.0
 
 
+def _run_median(sa: NDArray[np.float32], la: NDArray[np.intp], ha: NDArray[np.intp]
+                ) -> NDArray[np.float32]:
+    """Median of each row's sorted run ``sa[i, la[i]:ha[i]]`` (the middle value, or the mean
+    of the middle two)."""
+    n = sa.shape[1]
+    cnt = np.maximum(ha - la, 1)
+    r = np.arange(sa.shape[0])
+    i1 = np.minimum(la + (cnt - 1) // 2, n - 1)
+    i2 = np.minimum(la + cnt // 2, n - 1)
+    return ((sa[r, i1].astype(np.float64) + sa[r, i2]) * 0.5).astype(np.float32)
+
+
 def _median_and_mad_std(sa: NDArray[np.float32], la: NDArray[np.intp],
                         ha: NDArray[np.intp], full: bool
                         ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
@@ -195,9 +209,7 @@ def _median_and_mad_std(sa: NDArray[np.float32], la: NDArray[np.intp],
     m, n = sa.shape
     cnt = np.maximum(ha - la, 1)
     r = np.arange(m)
-    i1 = np.minimum(la + (cnt - 1) // 2, n - 1)
-    i2 = np.minimum(la + cnt // 2, n - 1)
-    med = ((sa[r, i1].astype(np.float64) + sa[r, i2]) * 0.5).astype(np.float32)
+    med = _run_median(sa, la, ha)
     dev = np.abs(sa - med[:, None])
     if not full:  # values outside the run sort last
         cols = np.arange(n, dtype=np.intp)
@@ -210,12 +222,9 @@ def _median_and_mad_std(sa: NDArray[np.float32], la: NDArray[np.intp],
 def _median_and_std(sa: NDArray[np.float32], la: NDArray[np.intp], ha: NDArray[np.intp]
                     ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Median and standard deviation (about the mean, ddof 0) of each row's sorted run."""
-    m, n = sa.shape
+    n = sa.shape[1]
     cnt = np.maximum(ha - la, 1)
-    r = np.arange(m)
-    i1 = np.minimum(la + (cnt - 1) // 2, n - 1)
-    i2 = np.minimum(la + cnt // 2, n - 1)
-    med = ((sa[r, i1].astype(np.float64) + sa[r, i2]) * 0.5).astype(np.float32)
+    med = _run_median(sa, la, ha)
     # every row as if its run were the whole row, then the rows with a shorter run
     mean = sa.mean(axis=1, dtype=np.float32)
     dev = sa - mean[:, None]
@@ -314,8 +323,9 @@ def combine_frames(frames: Sequence[FrameRows], *, sigma: float = 3.0, maxiters:
     """Sigma-clipped mean of equally shaped frames, a band of rows at a time.
 
     Each band of all frames is read into one float32 block (pixels x frames), sorted along
-    the frames, and clipped (``_clip_sorted``). Memory: about three bands, a band being
-    ``chunk_rows x ncols x nframes x 4`` bytes (default: 64 MB), plus the output image.
+    the frames, and clipped (``_clip_sorted``) in slices of ``CLIP_BYTES``. Memory: one band,
+    ``chunk_rows x ncols x nframes x 4`` bytes (default: ``CHUNK_BYTES``, 64 MB), a few
+    clip temporaries of ``CLIP_BYTES`` (16 MB), and the output image.
     ``cancelled()`` is polled before every band; ``progress(fraction)`` after each."""
     if not frames:
         raise ValueError("no frames to combine")
@@ -342,9 +352,11 @@ def combine_frames(frames: Sequence[FrameRows], *, sigma: float = 3.0, maxiters:
         for i, f in enumerate(frames):
             block[:, i] = np.asarray(f[r0:r1], dtype=np.float32).reshape(-1)
         block.sort(axis=1)
-        band, rej = _clip_sorted(block, sigma, maxiters)
-        image[r0:r1] = band.reshape(r1 - r0, ncols)
-        rejected += rej
+        out = image[r0:r1].reshape(-1)
+        step = max(1, CLIP_BYTES // (4 * n))
+        for p0 in range(0, npix, step):  # pixels are independent: clip slice by slice
+            out[p0:p0 + step], rej = _clip_sorted(block[p0:p0 + step], sigma, maxiters)
+            rejected += rej
         if progress is not None:
             progress(r1 / nrows)
     return CombineResult(image=image, rejected_pixels=rejected, nframes=n, chunk_rows=rows)

@@ -311,6 +311,29 @@ def test_ccd_stack_calibrates_with_frames_it_classifies_from_headers(tmp_path: P
         [(40.0, 51.0), (81.0, 20.0)]
 
 
+def test_a_flat_without_signal_is_refused_when_run(tmp_path: Path) -> None:
+    science = write_frame(tmp_path / "s.fits", np.full((20, 30), 100.0), "OBJECT", 10.0)
+    flat = write_frame(tmp_path / "f.fits", np.zeros((20, 30)), "FLAT", 1.0)
+    inputs = [as_input(science), as_input(flat)]
+    algo, params, _ = validate_inputs("ccd_stack", None, inputs, {})
+    with pytest.raises(InvalidCommand, match="flat frame 0 has no positive signal") as e:
+        algo.run(inputs, params, tmp_path / "out", LocalReporter(), provenance(inputs))
+    assert e.value.field == "inputs"
+
+
+def test_a_field_without_sources_gives_an_empty_catalogue(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    inputs = [as_input(write_frame(tmp_path / f"n{i}.fits", rng.normal(50, 2, (64, 64)),
+                                   "OBJECT", 5.0)) for i in range(3)]
+    algo, params, _ = validate_inputs("ccd_stack", None, inputs, {})
+    image, catalog = algo.run(inputs, params, tmp_path / "out", LocalReporter(),
+                              provenance(inputs))
+    table = Table.read(catalog.path, format="ascii.ecsv")
+    assert len(table) == 0 and table.colnames == ["id", "x", "y", "flux", "peak", "npix"]
+    assert image.metrics["source_count"] == 0
+    assert float(image.metrics["noise"]) == pytest.approx(2 / np.sqrt(3), rel=0.15)
+
+
 def test_cancelling_a_run_stops_it_between_steps_or_bands(tmp_path: Path) -> None:
     inputs = [as_input(SAAO, "science")]
     algo, params, _ = validate_inputs("ccd_stack", None, inputs, {"chunk_rows": 16})
@@ -359,6 +382,14 @@ def test_plan_reads_the_header_when_the_file_was_not_ingested(tmp_path: Path) ->
                                1, None, "science", {})
     plan = algorithm("ccd_stack").plan([not_local], algorithm("ccd_stack").parameters({}))
     assert any("shape not known yet" in n for n in plan.notes)
+    # a dark among frames without exposure times is subtracted unscaled, and the plan says so
+    facts = {"shape": [520, 536], "exptime": None, "frame_type": None}
+    plan = algorithm("ccd_stack").plan(
+        [as_input(copy, "science", facts), as_input(copy, "dark", facts, name="dark.fits")],
+        algorithm("ccd_stack").parameters({}))
+    assert plan.steps[:3] == ["classify", "master_dark", "combine"]
+    assert "exposure times not all known: the master dark is subtracted unscaled" in plan.notes
+    assert "no bias frames: not bias-subtracted" in plan.notes
 
 
 def test_the_registry_describes_ccd_stack() -> None:
