@@ -398,3 +398,26 @@ def test_two_workers_race_for_a_job_and_one_takes_over_after_expiry(ps: Settings
         b.run_job(taken)
         job = wait_job(c, job_id)
         assert job["status"] == "succeeded" and job["attempts"] == 2
+
+
+def test_damaged_or_altered_inputs_fail_the_job_with_the_reason(pc: TestClient,
+                                                                 ps: Settings) -> None:
+    good = register(pc, ps, WFPC2, "good.fits", instrument="WFPC2")
+    cut = ps.data_dir / "cut.fits"
+    cut.write_bytes(WFPC2.read_bytes()[:5000])
+    truncated = register(pc, ps, cut, "cut.fits", instrument="WFPC2")
+    job = wait_job(pc, submit(pc, "/ops/ingest", {"file_ids": [good, truncated]}))
+    assert job["status"] == "failed" and job["attempts"] == 1, job
+    assert job["reason"].startswith("raw data file cut.fits: "), job["reason"]
+    assert job["outputs"] == []
+    # bytes changed after registration: the recorded checksum no longer matches
+    files = [register(pc, ps, SAAO, f"altered_{i}.fits") for i in range(2)]
+    altered = ps.raw_data_dir / "2026-11-30/altered_1.fits"
+    data = bytearray(altered.read_bytes())
+    data[-1] ^= 0xFF
+    altered.write_bytes(bytes(data))
+    job = wait_job(pc, submit(pc, "/ops/process", {"file_ids": files}))
+    assert job["status"] == "failed", job
+    assert "altered_1.fits: its sha256 checksum differs" in job["reason"]
+    assert pc.get("/products", params={"status": "built", "job_id": job["id"]}
+                  ).json()["total"] == 0
