@@ -116,6 +116,8 @@ class JobView(BaseModel):
                                           "file's FITS facts; catalog: the products catalogued.")
     software: dict[str, str]
     reason: str | None = Field(description="Why it failed or was cancelled.")
+    requested_by: str = Field(description="Who requested it (the principal's actor).")
+    completed_by: str | None = Field(description="The worker whose attempt succeeded.")
     requested_at: Any = None
     started_at: Any = None
     finished_at: Any = None
@@ -139,7 +141,8 @@ class JobView(BaseModel):
         "steps": [{"name": "fetch inputs", "attempt": 1, "status": "completed",
                    "started_at": "2026-11-30T09:00:00Z",
                    "completed_at": "2026-11-30T09:00:01Z", "duration_s": 0.8}],
-        "outputs": [], "software": {}, "reason": None, "duration_s": None,
+        "outputs": [], "software": {}, "reason": None, "requested_by": "alice",
+        "completed_by": None, "duration_s": None,
         "last_position": 118, "pending": False, "command_status": None,
         "pending_command_ids": []}]})
 

@@ -133,6 +133,8 @@ class ProcessingJob(Aggregate):
         self.software: dict[str, str] = {}
         self.reason: str | None = None
         self.finished_at: datetime | None = None
+        self.requested_by = actor
+        self.completed_by: str | None = None
 
     @classmethod
     def request(cls, job_id: UUID, kind: JobKind, inputs: list[dict[str, Any]],
@@ -326,14 +328,15 @@ class ProcessingJob(Aggregate):
         if len(set(kinds)) != len(kinds):
             raise InvalidCommand("two outputs of the same kind", field="outputs")
         self._move(JobStatus.SUCCEEDED)
-        self._succeeded(outputs=outputs, software=software, finished_at=utc(now),
-                        **provenance.event_fields())
+        self._succeeded(outputs=outputs, software=software, worker=worker, attempt=attempt,
+                        finished_at=utc(now), **provenance.event_fields())
 
     @event("Succeeded")
-    def _succeeded(self, outputs: list[dict[str, Any]], software: dict[str, str],
-                   finished_at: datetime, actor: str, command_id: str, correlation_id: str,
-                   observed_at: datetime | None) -> None:
+    def _succeeded(self, outputs: list[dict[str, Any]], software: dict[str, str], worker: str,
+                   attempt: int, finished_at: datetime, actor: str, command_id: str,
+                   correlation_id: str, observed_at: datetime | None) -> None:
         self.status = JobStatus.SUCCEEDED.value
+        self.completed_by = worker
         self.outputs = outputs
         self.software = software
         self.progress = 1.0

@@ -42,8 +42,8 @@ def processing_handlers(ops: Any, jobs: Table, steps: Table, products: Table,
         "publish": e.publish, "archive": e.archive, "attempts": 0,
         "max_attempts": e.max_attempts, "lease_worker": None, "lease_expires_at": None,
         "cancel_requested": False, "progress": 0.0, "current_step": None, "outputs": [],
-        "software": {}, "reason": None, "requested_at": e.requested_at, "started_at": None,
-        "finished_at": None})
+        "software": {}, "reason": None, "requested_by": e.actor, "completed_by": None,
+        "requested_at": e.requested_at, "started_at": None, "finished_at": None})
     product_insert = ops._insert(products, lambda e: {
         "job_id": str(e.job_id), "kind": e.kind, "name": e.name, "area": e.area,
         "key": e.key, "uri": e.uri, "size": e.size, "sha256": e.sha256,
@@ -107,7 +107,8 @@ def processing_handlers(ops: Any, jobs: Table, steps: Table, products: Table,
         "ProcessingJob.Progressed": upd(jobs, lambda e: {"progress": e.fraction}),
         "ProcessingJob.Succeeded": upd(jobs, lambda e: {
             "status": "succeeded", "outputs": e.outputs, "software": e.software,
-            "progress": 1.0, "current_step": None, "finished_at": e.finished_at,
+            "completed_by": e.worker, "progress": 1.0, "current_step": None,
+            "finished_at": e.finished_at,
             **no_lease}),
         "ProcessingJob.Released": each(
             upd(jobs, lambda e: {"status": "requested", "reason": e.reason,

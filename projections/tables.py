@@ -287,6 +287,8 @@ def build_processing_tables(md: MetaData, name: Callable[[str], str], g: str,
         Column("outputs", Json, nullable=False),
         Column("software", Json, nullable=False),
         Column("reason", Text),
+        Column("requested_by", String(255), nullable=False),
+        Column("completed_by", String(200)),  # the worker whose attempt succeeded
         Column("requested_at", TZ, nullable=False),
         Column("started_at", TZ),
         Column("finished_at", TZ),

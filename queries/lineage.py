@@ -88,6 +88,16 @@ def product_lineage(processing: ProcessingQueries, product_id: str) -> LineageGr
     parameters = b.node(f"parameters:{product_id}", "parameters", "parameters",
                         **product["parameters"])
     b.edge(activity, parameters, "used")
+    if job.get("requested_by"):
+        who = job["requested_by"]
+        kind = "worker" if who.startswith("obsledger:") else (
+            "software" if who.startswith("service:") else "person")
+        requester = b.node(f"agent:{who}", "agent", who, name=who, agent_type=kind)
+        b.edge(jnode, requester, "wasAssociatedWith", role="requester")
+    if job.get("completed_by"):
+        worker = b.node(f"agent:worker:{job['completed_by']}", "agent", job["completed_by"],
+                        name=job["completed_by"], agent_type="worker")
+        b.edge(jnode, worker, "wasAssociatedWith", role="worker")
     for name, version in sorted(product["software"].items()):
         snode = b.node(f"software:{name}:{version}", "software", f"{name} {version}",
                        name=name, version=version)

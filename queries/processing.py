@@ -51,6 +51,7 @@ def job_view(r: dict[str, Any]) -> dict[str, Any]:
         "cancel_requested": r["cancel_requested"], "progress": r["progress"],
         "current_step": r["current_step"], "steps": [], "outputs": r["outputs"],
         "software": r["software"], "reason": r["reason"],
+        "requested_by": r["requested_by"], "completed_by": r["completed_by"],
         "requested_at": r["requested_at"], "started_at": r["started_at"],
         "finished_at": r["finished_at"],
         "duration_s": _seconds(r["started_at"], r["finished_at"]),
@@ -87,7 +88,8 @@ def _pending_job(e: JournalEntry) -> dict[str, Any]:
         "max_attempts": p.get("max_attempts", 0), "lease_worker": None,
         "lease_expires_at": None, "cancel_requested": False, "progress": 0.0,
         "current_step": None, "outputs": [], "software": {}, "reason": None,
-        "requested_at": e.received_at, "started_at": None, "finished_at": None,
+        "requested_by": e.actor, "completed_by": None, "requested_at": e.received_at,
+        "started_at": None, "finished_at": None,
         "updated_at": e.received_at, "last_position": None})
 
 

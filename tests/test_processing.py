@@ -167,6 +167,10 @@ def test_ingest_process_catalog_download_and_lineage(pc: TestClient, ps: Setting
         assert all((job_node, "used", f"raw_data_file:{f}") in edges for f in files)
         assert all((f"raw_data_file:{f}", "wasGeneratedBy", f"executed_obs_unit:{unit_id}")
                    in edges for f in files)
+        agents = {n["attributes"]["agent_type"]: n for n in nodes.values()
+                  if n["kind"] == "agent"}
+        assert agents["software"]["label"] == "service:test-automation"  # who requested it
+        assert agents["worker"]["label"] == job["completed_by"]  # whose attempt built it
         prov = pc.get(f"/products/{product['id']}/lineage", params={"format": "prov-json"})
         assert prov.status_code == 200
         doc = ProvDocument.deserialize(content=prov.text, format="json")
