@@ -237,9 +237,7 @@ class ProcessingJob(Aggregate):
         self.status = JobStatus.REQUESTED.value
         self.lease_worker = None
         self.lease_expires_at = None
-        for step in self.steps:  # a step the dead worker had begun is begun again
-            if step["status"] == "running":
-                step["status"] = "interrupted"
+        self._interrupt_steps()  # a step the dead worker had begun is begun again
 
     @event("LeaseAcquired")
     def _lease_acquired(self, worker: str, attempt: int, expires_at: datetime,
@@ -365,9 +363,7 @@ class ProcessingJob(Aggregate):
         self.lease_worker = None
         self.lease_expires_at = None
         self.reason = reason
-        for step in self.steps:
-            if step["status"] == "running":
-                step["status"] = "interrupted"
+        self._interrupt_steps()
 
     @event("Failed")
     def _failed(self, reason: str, retryable: bool, failed_at: datetime, actor: str,
@@ -377,6 +373,13 @@ class ProcessingJob(Aggregate):
         self.finished_at = failed_at
         self.lease_worker = None
         self.lease_expires_at = None
+        self._interrupt_steps()
+
+    def _interrupt_steps(self) -> None:
+        """The attempt ended without finishing its running step."""
+        for step in self.steps:
+            if step["status"] == "running":
+                step["status"] = "interrupted"
 
     # -- cancel ----------------------------------------------------------------------------
     def request_cancel(self, reason: str | None, now: datetime,
@@ -420,9 +423,7 @@ class ProcessingJob(Aggregate):
         self.finished_at = cancelled_at
         self.lease_worker = None
         self.lease_expires_at = None
-        for step in self.steps:
-            if step["status"] == "running":
-                step["status"] = "interrupted"
+        self._interrupt_steps()
 
 
 class ProductStatus(StrEnum):
