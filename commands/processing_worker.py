@@ -152,22 +152,30 @@ class _Run:
                          f"{self.prefix}:progress:{self._progress_n}")
 
     def cancelled(self) -> bool:
-        """A cancel requested, the lease lost or the worker stopping; the job is looked up at
-        most every 0.2 s."""
+        """A cancel asked (read model or journal, looked up at most every 0.2 s), the lease
+        lost (the renewing thread says) or the worker stopping."""
         if self._cancelled or self.lost.is_set() or self.worker.stopping:
             return True
         now = time.monotonic()
         if now - self._checked >= 0.2:
             self._checked = now
-            job = self.worker.store.get(self.job_id)
-            if not isinstance(job, ProcessingJob) or job.cancel_requested or \
-                    not job.held_by(self.worker.worker_id, self.attempt):
-                self._cancelled = True
+            self._cancelled = self.worker.queries.cancel_asked(str(self.job_id))
         return self._cancelled
 
     def cancel_requested(self) -> bool:
-        job = self.worker.store.get(self.job_id)
-        return isinstance(job, ProcessingJob) and job.cancel_requested
+        """Whether the job has a cancel requested (the event store says; a cancel still
+        waiting in the journal is waited for, up to 30 s)."""
+        deadline = time.monotonic() + 30
+        subject = f"processing_job:{self.job_id}"
+        while True:
+            job = self.worker.store.get(self.job_id)
+            if isinstance(job, ProcessingJob) and job.cancel_requested:
+                return True
+            waiting = any(e.status == "accepted" for e in self.worker.commands.journal
+                          .unprojected(2**62, subject, ("processing_job.cancel",)))
+            if not waiting or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
     # -- the lease -------------------------------------------------------------------------
     def keep_lease(self) -> None:

@@ -187,6 +187,20 @@ class ProcessingQueries:
                 (j.c.status == "running") & (j.c.lease_expires_at < now)))
                 .order_by(j.c.requested_at, j.c.id).limit(limit))]
 
+    def cancel_asked(self, job_id: str) -> bool:
+        """Whether a cancel of the job was asked: in the read model, or journaled and not yet
+        projected (cheap enough for a worker to ask between chunks; the event store would
+        replay the job's events)."""
+        j = self.jobs
+        with self.q.engine.connect() as conn:
+            position = self.q._position(conn)
+            row = conn.execute(select(j.c.cancel_requested, j.c.status)
+                               .where(j.c.id == job_id)).first()
+        if row is not None and (row[0] or row[1] == "cancelled"):
+            return True
+        return bool(self.q.journal.unprojected(position, f"processing_job:{job_id}",
+                                               ("processing_job.cancel",)))
+
     def active_count(self) -> int:
         j = self.jobs
         with self.q.engine.connect() as conn:
