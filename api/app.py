@@ -754,6 +754,7 @@ def health_report(ledger: Ledger) -> dict[str, Any]:
         "downloader": ledger.downloader.report() if ledger.downloader else None,
         "processing_worker": ledger.processing_worker.report()
         if ledger.processing_worker else None,
+        "object_store": ledger.object_store_status(),
     }
 
 

@@ -57,6 +57,7 @@ class Ledger:
         self.processing = ProcessingQueries(self.queries)
         self._objects: ObjectStore | None = None
         self._objects_lock = threading.Lock()
+        self._objects_status: tuple[float, dict[str, Any]] | None = None
         self.processing_worker: ProcessingWorker | None = None
         self.workers = settings.embedded_workers if workers is None else workers
         self.store: EventStore | None = None
@@ -139,6 +140,22 @@ class Ledger:
             if self._objects is None:
                 self._objects = object_store_from_settings(self.settings)
             return self._objects
+
+    def object_store_status(self, max_age_s: float = 10.0) -> dict[str, Any]:
+        """Whether the object store answers (``check()``), remembered for ``max_age_s``: an
+        unreachable S3 store takes its connect timeouts to say so."""
+        now = time.monotonic()
+        cached = self._objects_status
+        if cached is not None and now - cached[0] < max_age_s:
+            return cached[1]
+        status: dict[str, Any] = {"kind": self.settings.object_store, "reachable": True,
+                                  "error": None}
+        try:
+            self.objects.check()
+        except Exception as e:  # ObjectStoreUnavailable, or a bad configuration
+            status.update(reachable=False, error=str(e))
+        self._objects_status = (now, status)
+        return status
 
     def _applied(self, position: int) -> None:
         """The dispatcher applied commands up to ``position``: wake who follows the log."""

@@ -615,7 +615,7 @@ def test_health_shape(client: TestClient) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert set(h) == {"status", "store", "journal", "dispatcher", "projector", "kafka",
-                      "results", "downloader", "processing_worker"}
+                      "results", "downloader", "processing_worker", "object_store"}
     assert h["results"] == {"process_manager_position": h["results"][
         "process_manager_position"], "runs_requested": 0, "last_error": None}
     assert h["status"] == "ok"

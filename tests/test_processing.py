@@ -366,8 +366,10 @@ def test_obsledger_worker_once_and_the_health_metrics(tmp_path: Path) -> None:
         f = register(c, settings, WFPC2, "cli.fits", instrument="WFPC2")
         job_id = submit(c, "/ops/ingest", {"file_ids": [f]})
         wait_job(c, job_id, {"requested"})
-        health = c.get("/health").json()["processing_worker"]
-        assert health["running"] is False and health["current_job"] is None
+        health = c.get("/health").json()
+        assert health["processing_worker"]["running"] is False
+        assert health["processing_worker"]["current_job"] is None
+        assert health["object_store"] == {"kind": "local", "reachable": True, "error": None}
         assert 'obsledger_processing_jobs{status="requested"} 1.0' in c.get("/metrics").text
     r = subprocess.run([sys.executable, "-m", "api.cli", "worker", "--once"],
                        env=settings_env(settings), cwd=ROOT, capture_output=True, text=True,
@@ -427,3 +429,14 @@ def test_damaged_or_altered_inputs_fail_the_job_with_the_reason(pc: TestClient,
     assert "altered_1.fits: its sha256 checksum differs" in job["reason"]
     assert pc.get("/products", params={"status": "built", "job_id": job["id"]}
                   ).json()["total"] == 0
+
+
+def test_an_unreachable_object_store_shows_in_health(tmp_path: Path) -> None:
+    settings = proc_settings(tmp_path, "sqlite", None, object_store="s3",
+                             s3_endpoint_url="http://127.0.0.1:9", s3_connect_timeout_s=0.5,
+                             s3_access_key_id=ACCESS_KEY_ID,
+                             s3_secret_access_key=SECRET_ACCESS_KEY)
+    with TestClient(create_app(settings), headers=grant(settings)) as c:
+        store = c.get("/health").json()["object_store"]
+        assert store["kind"] == "s3" and store["reachable"] is False and store["error"]
+        assert c.get("/ready").status_code == 200  # commands are still accepted
