@@ -288,29 +288,51 @@ def test_s3_object_store_end_to_end(tmp_path: Path, store_kind: str, s3_server: 
         assert sha256(data) == product["checksum"]["value"] == body["checksum"]["value"]
 
 
-def test_a_scheduler_run_goes_through_the_worker_and_ends_ready(pc: TestClient,
-                                                                 ps: Settings) -> None:
-    rid = applied(pc.post("/observation_results/materialize?wait=true", json={
-        "observation_id": 8, "request_id": 1, "epochs": 1, "samples": 1,
+def dispatched_result(c: TestClient, request_id: int) -> tuple[str, str]:
+    """A result dispatched to an execution: (result id, executed obs unit id)."""
+    rid = applied(c.post("/observation_results/materialize?wait=true", json={
+        "observation_id": 8, "request_id": request_id, "epochs": 1, "samples": 1,
         "copies_mode": "single", "eligible_instruments": ["SAAO-CCD"]}))["ids"][
         "observation_result_ids"][0]
-    unit_id = applied(pc.post("/executed_obs_units/start?wait=true", json={
-        "obs_unit_id": "OU-8", "instrument": "SAAO-CCD",
+    unit_id = applied(c.post("/executed_obs_units/start?wait=true", json={
+        "obs_unit_id": f"OU-8-{request_id}", "instrument": "SAAO-CCD",
         "start_time": datetime(2026, 11, 30, 2, 0, tzinfo=UTC).isoformat()}))["ids"][
         "executed_obs_unit_id"]
-    applied(pc.post(f"/observation_results/{rid}/dispatch?wait=true",
-                    json={"instrument_id": "SAAO-CCD", "executed_obs_unit_id": unit_id}))
-    files = [register(pc, ps, SAAO, f"run_{i}.fits", executed_obs_unit_id=unit_id)
-             for i in range(2)]
-    assert files == [str(raw_data_file_id("SAAO-CCD", f"run_{i}.fits")) for i in range(2)]
+    applied(c.post(f"/observation_results/{rid}/dispatch?wait=true",
+                   json={"instrument_id": "SAAO-CCD", "executed_obs_unit_id": unit_id}))
+    return rid, unit_id
+
+
+def wait_product_status(c: TestClient, rid: str, status: str) -> dict[str, Any]:
     deadline = time.monotonic() + 90
     result: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        result = pc.get(f"/observation_results/{rid}").json()
-        if result["data_product_status"] == "READY" and not result["pending"]:
-            break
+        result = c.get(f"/observation_results/{rid}").json()
+        if result["data_product_status"] == status and not result["pending"]:
+            return result
         time.sleep(0.1)
-    assert result["data_product_status"] == "READY", result
+    raise AssertionError(result)
+
+
+def test_a_scheduler_run_whose_job_fails_leaves_the_result_failed(pc: TestClient,
+                                                                  ps: Settings) -> None:
+    rid, unit_id = dispatched_result(pc, 2)
+    notes = ps.data_dir / "notes.txt"
+    notes.write_text("not an image")
+    register(pc, ps, notes, "notes.txt", executed_obs_unit_id=unit_id)
+    result = wait_product_status(pc, rid, "FAILED")
+    run = result["runs"][-1]
+    assert run["status"] == "failed" and "notes.txt is not a FITS file" in run["error"]
+    assert result["failed_runs"] == 1 and result["next_eligible_run_at"] is not None
+
+
+def test_a_scheduler_run_goes_through_the_worker_and_ends_ready(pc: TestClient,
+                                                                 ps: Settings) -> None:
+    rid, unit_id = dispatched_result(pc, 1)
+    files = [register(pc, ps, SAAO, f"run_{i}.fits", executed_obs_unit_id=unit_id)
+             for i in range(2)]
+    assert files == [str(raw_data_file_id("SAAO-CCD", f"run_{i}.fits")) for i in range(2)]
+    result = wait_product_status(pc, rid, "READY")
     assert result["last_built_revision"] == result["assets_revision"] == 2
     run = result["runs"][-1]
     assert run["status"] == "completed"
