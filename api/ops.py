@@ -242,7 +242,13 @@ class AlgorithmView(BaseModel):
     parameters: dict[str, Any] = Field(description="JSON schema of the parameters.")
     steps: list[str] = Field(default_factory=list)
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "name": "ccd_stack", "version": "1.0.0",
+        "summary": "Calibrate CCD frames, sigma-clip combine, detect sources",
+        "parameters": {"type": "object", "properties": {"sigma": {"type": "number",
+                                                                  "default": 3.0}}},
+        "steps": ["classify", "master_bias", "combine", "background", "detect",
+                  "write_products"]}]})
 
 
 class DownloadView(BaseModel):
@@ -251,6 +257,12 @@ class DownloadView(BaseModel):
     media_type: str
     size: int
     checksum: ChecksumView
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "url": "https://minio.example.org/obsledger-products/9d4a3c1e-6b2f-4e8a-9c1d-"
+               "2f3e4a5b6c7d/combined_image.fits?X-Amz-Signature=…",
+        "expires_in_s": 3600, "media_type": "application/fits", "size": 1123200,
+        "checksum": {"algorithm": "sha256", "value": "ab" * 32}}]})
 
 
 class LineageNodeView(BaseModel):
