@@ -11,26 +11,45 @@ from infra.settings import Settings
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from api.cli import CONNECT_TIMEOUT_S, _run_worker
+    from api.cli import CONNECT_TIMEOUT_S, _run_until_signal, _run_worker
 
-    if not args.once:  # until SIGINT/SIGTERM; a dispatcher elsewhere applies its commands
+    if not args.once and not args.with_dispatcher:
+        # until SIGINT/SIGTERM; the API's dispatcher applies its commands (same journal)
         return _run_worker(args, settings, "processing_worker", lambda w: "")
     from api.runtime import Ledger
 
-    # --once: self-sufficient, with this process's dispatcher and projector
+    # a dispatcher of this process's journal beside the worker (and with --once a projector:
+    # self-sufficient); nothing else
     ledger = Ledger(settings.model_copy(update={
-        "embedded_processing_worker": True, "embedded_projector": True,
+        "embedded_processing_worker": True, "embedded_projector": args.once,
         "embedded_downloader": False, "embedded_results_automation": False,
         "embedded_audit_chain": False, "embedded_relay": False}), workers=True)
     try:
         if not ledger.connect(CONNECT_TIMEOUT_S) or ledger.processing_worker is None:
             print("event store unreachable", file=sys.stderr)
             return 2
-        ledger.start_workers()
-        print(ledger.processing_worker.wait_idle(timeout=args.timeout))
+        if args.once:
+            ledger.start_workers()
+            print(ledger.processing_worker.wait_idle(timeout=args.timeout))
+        else:
+            _run_until_signal(_Started(ledger))
         return 0
     finally:
         ledger.stop()
+
+
+class _Started:
+    """The ledger's workers as one thing to start and stop (``_run_until_signal``)."""
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+
+    def start(self) -> None:
+        self.ledger.start_workers()
+
+    def stop(self) -> None:
+        if self.ledger.processing_worker is not None:
+            self.ledger.processing_worker.stop()
 
 
 def add_processing_commands(sub: Any) -> None:
@@ -38,5 +57,8 @@ def add_processing_commands(sub: Any) -> None:
                        "catalog jobs (leases renewed while they run) and run them")
     p.add_argument("--once", action="store_true",
                    help="run the jobs waiting now until none is left, then exit")
+    p.add_argument("--with-dispatcher", action="store_true",
+                   help="also apply this process's journal (a worker on its own host or "
+                   "container, whose journal no API process dispatches)")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.set_defaults(func=_worker)

@@ -1,7 +1,8 @@
 """``obsledger worker`` killed with SIGKILL mid-job (in the combine step): the job stays
-``running`` under the dead worker's lease until it expires, then a new worker claims it
-(attempt 2), the dead attempt's step shows ``interrupted``, and the job finishes with its
-products and a complete lineage. SQLite and PostgreSQL."""
+``running`` under the dead worker's lease until it expires, then a new worker (with its own
+journal and dispatcher, as on another host) claims it (attempt 2), the dead attempt's step
+shows ``interrupted``, and the job finishes with its products and a complete lineage. SQLite
+and PostgreSQL. SIGTERM releases the job at once."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ LEASE_S = 3.0
 class Worker:
     """``obsledger worker`` in its own process."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "worker"],
+    def __init__(self, settings: Settings, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "worker", *args],
                                      env=settings_env(settings), cwd=ROOT)
 
     def kill(self) -> None:
@@ -72,7 +73,9 @@ def test_sigkill_mid_job_then_another_worker_takes_over(
         stuck = wait_job(client, job_id, {"running"})
         assert stuck["lease"]["worker"] == dead and stuck["attempts"] == 1
         expired_at = _time(stuck["lease"]["expires_at"])
-        second = Worker(settings)
+        # the next worker as on another host: its own journal, applied by its own dispatcher
+        second = Worker(settings.model_copy(update={
+            "journal_path": tmp_path / "worker-journal.sqlite3"}), "--with-dispatcher")
         try:
             done = wait_job(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
         finally:
