@@ -285,7 +285,14 @@ def test_s3_object_store_end_to_end(tmp_path: Path, store_kind: str, s3_server: 
         body = r.json()
         with urllib.request.urlopen(body["url"], timeout=10) as got:
             data = got.read()
+            assert "combined_image.fits" in got.headers["Content-Disposition"]
         assert sha256(data) == product["checksum"]["value"] == body["checksum"]["value"]
+        # the instrument host's copies gone: the next job reads the RAW bucket's
+        shutil.rmtree(settings.raw_data_dir)
+        again = wait_job(c, submit(c, "/ops/process", {"file_ids": files}))
+        assert again["status"] == "succeeded", again
+        metrics = {o["kind"]: o["metrics"] for o in job["outputs"]}
+        assert {o["kind"]: o["metrics"] for o in again["outputs"]} == metrics  # same pixels
 
 
 def dispatched_result(c: TestClient, request_id: int) -> tuple[str, str]:
