@@ -250,9 +250,36 @@ class ProcessingWorker(PollingWorker):
     def _run(self) -> None:
         self.running = True
         try:
+            self.sweep_work_dirs()
+        except Exception as e:  # the store is down: the next start sweeps
+            log.warning("work directories not swept: %s", e)
+        try:
             super()._run()
         finally:
             self.running = False
+
+    def sweep_work_dirs(self) -> list[Path]:
+        """Remove the work directories killed workers left: of jobs that ended, and of
+        attempts no live lease holds (a live one may be another worker's on this host)."""
+        root = self.settings.processing_work_dir
+        removed: list[Path] = []
+        if not root.is_dir():
+            return removed
+        now = datetime.now(UTC)
+        for job_dir in root.iterdir():
+            try:
+                job = self.store.get(UUID(job_dir.name))
+            except ValueError:
+                continue
+            for attempt_dir in job_dir.iterdir() if job_dir.is_dir() else ():
+                live = (isinstance(job, ProcessingJob) and job.lease_live(now)
+                        and attempt_dir.name == str(job.attempts))
+                if not live:
+                    shutil.rmtree(attempt_dir, ignore_errors=True)
+                    removed.append(attempt_dir)
+            with contextlib.suppress(OSError):
+                job_dir.rmdir()  # empty now
+        return removed
 
     def once(self) -> int:
         """Claim and run one job; return 1 if one ran (look again at once), else 0."""
@@ -327,8 +354,19 @@ class ProcessingWorker(PollingWorker):
         finally:
             run.stop_renewing.set()
             keeper.join(timeout=10)
-            shutil.rmtree(workdir, ignore_errors=True)
+            self._remove_work(workdir, run.attempt)
             self.current = None
+
+    @staticmethod
+    def _remove_work(workdir: Path, attempt: int) -> None:
+        """This attempt's directory, and those of earlier (dead) attempts of the job."""
+        shutil.rmtree(workdir, ignore_errors=True)
+        job_dir = workdir.parent
+        for sibling in job_dir.iterdir() if job_dir.is_dir() else ():
+            if sibling.name.isdigit() and int(sibling.name) < attempt:
+                shutil.rmtree(sibling, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            job_dir.rmdir()
 
     def _fail(self, run: _Run, reason: str, retryable: bool) -> None:
         if run.lost.is_set():

@@ -400,10 +400,14 @@ def test_obsledger_worker_once_and_the_health_metrics(tmp_path: Path) -> None:
         assert health["processing_worker"]["current_job"] is None
         assert health["object_store"] == {"kind": "local", "reachable": True, "error": None}
         assert 'obsledger_processing_jobs{status="requested"} 1.0' in c.get("/metrics").text
+    stale = settings.processing_work_dir / str(UUID(int=3)) / "1"  # a dead worker's leftovers
+    stale.mkdir(parents=True)
+    (stale / "combined_image.fits").write_bytes(b"half")
     r = subprocess.run([sys.executable, "-m", "api.cli", "worker", "--once"],
                        env=settings_env(settings), cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "processing worker idle; 1 jobs done" in r.stdout, r.stderr
+    assert not stale.parent.exists() and not list(settings.processing_work_dir.iterdir())
     with TestClient(create_app(settings), headers=grant(settings)) as c:
         job = wait_job(c, job_id)
         assert job["status"] == "succeeded" and job["outputs"][0]["metadata"]["shape"]

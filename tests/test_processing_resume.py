@@ -88,6 +88,7 @@ def test_sigkill_mid_job_then_another_worker_takes_over(
     assert first_attempt[-1]["status"] == "interrupted"
     assert all(s["status"] == "completed" for s in second_attempt)
     assert _time(second_attempt[0]["started_at"]) >= expired_at  # only after the expiry
+    assert not (settings.processing_work_dir / job_id).exists()  # the dead one's swept too
     with TestClient(create_app(settings.model_copy(update={"embedded_workers": True})),
                     headers=grant(settings)) as client:
         page = client.get("/products", params={"job_id": job_id}).json()
