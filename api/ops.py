@@ -188,10 +188,10 @@ class ProductView(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": "5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162",
         "job_id": "9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d", "kind": "combined_image",
-        "name": "combined.fits", "status": "published", "published": True,
+        "name": "combined_image.fits", "status": "published", "published": True,
         "archived": False, "media_type": "application/fits", "size": 1123200,
         "checksum": {"algorithm": "sha256", "value": "ab" * 32}, "area": "products",
-        "key": "9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d/combined.fits", "uri": None,
+        "key": "9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d/combined_image.fits", "uri": None,
         "metrics": {"noise": 4.1, "background": 102.3, "source_count": 12,
                     "rejected_pixels": 311, "nframes": 3},
         "algorithm": "ccd_stack", "algorithm_version": "1.0.0", "parameters": {},
@@ -227,12 +227,13 @@ class PlanView(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "algorithm": "ccd_stack", "algorithm_version": "1.0.0", "parameters": {"sigma": 3.0},
-        "steps": ["classify inputs", "master bias", "calibrate", "combine", "detect sources",
-                  "write products"], "inputs": [], "input_count": 3, "input_bytes": 1672320,
-        "products": [{"kind": "combined_image", "name": "combined.fits",
+        "steps": ["classify", "master_bias", "combine", "background", "detect",
+                  "write_products"], "inputs": [], "input_count": 3, "input_bytes": 1672320,
+        "products": [{"kind": "combined_image", "name": "combined_image.fits",
                       "media_type": "application/fits",
-                      "description": "sigma-clipped combination of the science frames"}],
-        "notes": []}]})
+                      "description": "the calibrated, sigma-clipped mean of the science "
+                      "frames"}],
+        "notes": ["2 science, 1 bias", "no dark frames: not dark-subtracted"]}]})
 
 
 class AlgorithmView(BaseModel):
@@ -292,7 +293,7 @@ class LineageView(BaseModel):
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
         "root": "product:5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162",
         "nodes": [{"id": "product:5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162", "kind": "product",
-                   "label": "combined.fits", "attributes": {"sha256": "ab" * 32}},
+                   "label": "combined_image.fits", "attributes": {"sha256": "ab" * 32}},
                   {"id": "algorithm:ccd_stack:1.0.0", "kind": "algorithm",
                    "label": "ccd_stack 1.0.0", "attributes": {"version": "1.0.0"}}],
         "edges": [{"source": "job:9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d",
