@@ -473,3 +473,20 @@ def test_an_unreachable_object_store_shows_in_health(tmp_path: Path) -> None:
         store = c.get("/health").json()["object_store"]
         assert store["kind"] == "s3" and store["reachable"] is False and store["error"]
         assert c.get("/ready").status_code == 200  # commands are still accepted
+
+
+def test_a_repeated_request_with_its_idempotency_key_is_one_job(pc: TestClient,
+                                                                 ps: Settings) -> None:
+    f = register(pc, ps, WFPC2, "once.fits", instrument="WFPC2")
+    headers = {"Idempotency-Key": "ingest-once-1"}
+    first = pc.post("/ops/ingest", json={"file_ids": [f]}, headers=headers)
+    again = pc.post("/ops/ingest", json={"file_ids": [f]}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["ids"] == first.json()["ids"]
+    g = register(pc, ps, WFPC2, "twice.fits", instrument="WFPC2")
+    other = pc.post("/ops/ingest", json={"file_ids": [g]}, headers=headers)
+    assert other.status_code == 409  # the key was used for another request
+    assert other.json()["errors"][0]["field"] == "Idempotency-Key"
+    wait_job(pc, first.json()["ids"]["processing_job_id"])
+    assert pc.get("/ops/jobs", params={"kind": "ingest"}).json()["total"] == 1
