@@ -176,6 +176,15 @@ def test_ingest_process_catalog_download_and_lineage(pc: TestClient, ps: Setting
         doc = ProvDocument.deserialize(content=prov.text, format="json")
         assert len(doc.get_records()) >= len(graph["nodes"])
         assert "obsledger" in prov.json()["prefix"]
+    # archived later: still published, now archived too
+    arc = wait_job(pc, submit(pc, "/ops/catalog", {"product_ids": [image["id"]],
+                                                   "archive": True}))
+    assert arc["status"] == "succeeded", arc
+    archived = pc.get(f"/products/{image['id']}",
+                      params={"min_position": arc["last_position"]}).json()
+    assert (archived["status"], archived["published"], archived["archived"]) == (
+        "archived", True, True)
+    assert pc.get("/products", params={"status": "archived"}).json()["total"] == 1
     # every processing read model equals a fresh build from the log
     ledger = pc.app.state.ledger  # type: ignore[attr-defined]
     _, report = ledger.projector.check()
