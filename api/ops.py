@@ -443,7 +443,9 @@ def ops_router() -> APIRouter:
             file_ids=[UUID(i["file_id"]) for i in planned["inputs"]],
             algorithm=planned["algorithm"], algorithm_version=planned["algorithm_version"],
             parameters=planned["parameters"], catalog=body.catalog, publish=body.publish,
-            archive=body.archive, max_attempts=ledger.settings.processing_max_attempts)
+            archive=body.archive, max_attempts=ledger.settings.processing_max_attempts,
+            # the products of one result's files belong to it (GET /products?result_id=)
+            result_id=body.result_ids[0] if len(body.result_ids) == 1 else None)
         return await _submit(ledger, ctx, "processing_job.request", command)
 
     @r.post("/ops/catalog", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],

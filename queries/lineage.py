@@ -76,10 +76,10 @@ def product_lineage(processing: ProcessingQueries, product_id: str) -> LineageGr
                           "processing run", run_id=product["run_id"],
                           result_id=product["result_id"])
         b.edge(activity, jnode, "wasInformedBy")
-        if product["result_id"]:
-            rnode = b.node(f"observation_result:{product['result_id']}", "observation_result",
-                           "observation result", result_id=product["result_id"])
-            b.edge(rnode, pnode, "hadMember")
+    if product["result_id"]:
+        rnode = b.node(f"observation_result:{product['result_id']}", "observation_result",
+                       "observation result", result_id=product["result_id"])
+        b.edge(rnode, pnode, "hadMember")
     b.edge(pnode, activity, "wasGeneratedBy")
     anode = b.node(f"algorithm:{product['algorithm']}:{product['algorithm_version']}",
                    "algorithm", f"{product['algorithm']} {product['algorithm_version']}",

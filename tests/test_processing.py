@@ -363,6 +363,14 @@ def test_a_scheduler_run_goes_through_the_worker_and_ends_ready(pc: TestClient,
     assert (f"observation_result:{rid}", "hadMember", graph["root"]) in edges
     jobs = pc.get("/ops/jobs", params={"kind": "process"}).json()["items"]
     assert [j["run_id"] for j in jobs] == [run["id"]]
+    # an operator's job over the result's files: its products belong to the result too
+    plan = pc.post("/ops/plan", json={"result_ids": [rid]}).json()
+    assert {i["file_id"] for i in plan["inputs"]} == set(files)
+    mine = wait_job(pc, submit(pc, "/ops/process", {"result_ids": [rid], "catalog": True}))
+    assert mine["status"] == "succeeded" and mine["result_id"] == rid and not mine["run_id"]
+    by_result = pc.get("/products", params={"result_id": rid, "kind": "combined_image",
+                                            "min_position": mine["last_position"]}).json()
+    assert by_result["total"] == 2
 
 
 def test_roles_of_the_processing_routes(pc: TestClient, ps: Settings) -> None:
