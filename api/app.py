@@ -175,6 +175,9 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     from api.mast import mast_router  # uses this module
 
     app.include_router(mast_router())
+    from api.ops import ops_router  # processing jobs and data products; uses this module
+
+    app.include_router(ops_router())
     return app
 
 
@@ -749,6 +752,9 @@ def health_report(ledger: Ledger) -> dict[str, Any]:
         "kafka": relay_health(ledger),
         "results": _results_health(ledger),
         "downloader": ledger.downloader.report() if ledger.downloader else None,
+        "processing_worker": ledger.processing_worker.report()
+        if ledger.processing_worker else None,
+        "object_store": ledger.object_store_status(),
     }
 
 

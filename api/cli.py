@@ -434,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     from api.download_cli import add_download_commands  # downloader, download …
 
     add_download_commands(sub)
+    from api.processing_cli import add_processing_commands  # worker
+
+    add_processing_commands(sub)
 
     args = parser.parse_args(argv)
     settings = Settings()

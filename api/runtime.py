@@ -13,6 +13,8 @@ from typing import Any
 from commands.dispatcher import Dispatcher
 from commands.download_automation import Downloader
 from commands.handlers import utcnow
+from commands.processing_automation import ProcessingRunManager
+from commands.processing_worker import ProcessingWorker
 from commands.result_automation import ResultsAutomation, ResultsProcessManager, ResultsScheduler
 from commands.service import CommandService
 from infra.accounts import AccountStore, Authenticator, TokenSigner
@@ -21,6 +23,7 @@ from infra.event_store import EventStore, StoreUnavailable
 from infra.journal import Journal
 from infra.kafka_relay import AnchorPublisher, EventRelay, broker_reachable
 from infra.metrics import Metrics, State, gauge
+from infra.object_store import ObjectStore, object_store_from_settings
 from infra.read_model_db import create_read_model_engine
 from infra.request_audit import RequestAuditLog
 from infra.settings import Settings
@@ -28,6 +31,7 @@ from projections.kafka_projector import KafkaProjector
 from projections.projector import Projector
 from projections.tables import READ_MODELS
 from queries.downloads import DownloadQueries
+from queries.processing import ProcessingQueries
 from queries.service import QueryService
 
 log = logging.getLogger("obsledger")
@@ -59,6 +63,11 @@ class Ledger:
         self.request_audit = RequestAuditLog(self.engine, settings.request_audit_flush_s,
                                              settings.request_audit_buffer)
         self.downloads = DownloadQueries(self.queries)
+        self.processing = ProcessingQueries(self.queries)
+        self._objects: ObjectStore | None = None
+        self._objects_lock = threading.Lock()
+        self._objects_status: tuple[float, dict[str, Any]] | None = None
+        self.processing_worker: ProcessingWorker | None = None
         self.workers = settings.embedded_workers if workers is None else workers
         self.store: EventStore | None = None
         self.dispatcher: Dispatcher | None = None
@@ -113,7 +122,8 @@ class Ledger:
             self.results = ResultsAutomation(
                 ResultsProcessManager(self.store, self.engine, self.queries, self.commands),
                 ResultsScheduler(self.queries, self.commands, self.clock or utcnow,
-                                 interval=self.settings.results_scheduler_interval_s))
+                                 interval=self.settings.results_scheduler_interval_s),
+                ProcessingRunManager(self.store, self.engine, self.commands, self.settings))
         except Exception as e:  # the database went away again: retry later, not half-wired
             log.warning("read-model database unavailable at start: %s", e)
             self.store.close()
@@ -123,11 +133,38 @@ class Ledger:
         self.commands.store = self.store
         self.downloader = Downloader(self.store, self.downloads, self.commands, self.settings,
                                      self.metrics)
+        self.processing_worker = ProcessingWorker(self.store, self.processing, self.commands,
+                                                  self.settings, self.objects)
         self.dispatcher = Dispatcher(self.journal, self.store, self.settings,
                                      on_applied=self._applied, clock=self.clock,
                                      metrics=self.metrics)
         self.journal.on_append(self.dispatcher.wake)
         return True
+
+    @property
+    def objects(self) -> ObjectStore:
+        """The object store of raw data, intermediate files and products (made on first
+        use: an S3 store checks its buckets then)."""
+        with self._objects_lock:
+            if self._objects is None:
+                self._objects = object_store_from_settings(self.settings)
+            return self._objects
+
+    def object_store_status(self, max_age_s: float = 10.0) -> dict[str, Any]:
+        """Whether the object store answers (``check()``), remembered for ``max_age_s``: an
+        unreachable S3 store takes its connect timeouts to say so."""
+        now = time.monotonic()
+        cached = self._objects_status
+        if cached is not None and now - cached[0] < max_age_s:
+            return cached[1]
+        status: dict[str, Any] = {"kind": self.settings.object_store, "reachable": True,
+                                  "error": None}
+        try:
+            self.objects.check()
+        except Exception as e:  # ObjectStoreUnavailable, or a bad configuration
+            status.update(reachable=False, error=str(e))
+        self._objects_status = (now, status)
+        return status
 
     def _applied(self, position: int) -> None:
         """The dispatcher applied commands up to ``position``: wake who follows the log."""
@@ -188,6 +225,12 @@ class Ledger:
             state["obsledger_relay_lag_events"] = gauge(c["relay"]["lag_events"])
             state["obsledger_relay_lag_seconds"] = gauge(c["relay"]["lag_s"])
             state["obsledger_kafka_broker_up"] = gauge(int(c["relay"]["broker_reachable"]))
+        if c["store_reachable"]:
+            try:
+                state["obsledger_processing_jobs"] = [
+                    ((status,), float(n)) for status, n in sorted(self.processing.counts().items())]
+            except Exception as e:  # the read-model database is down: other gauges say so
+                log.debug("processing job counts unavailable: %s", e)
         if c["downloader"] is not None:
             state["obsledger_download_active_jobs"] = gauge(c["downloader"]["active_jobs"])
             state["obsledger_download_files_in_flight"] = gauge(
@@ -210,6 +253,9 @@ class Ledger:
                 self.chain.start()
             if self.downloader is not None and self.settings.embedded_downloader:
                 self.downloader.start()
+            if self.processing_worker is not None and \
+                    self.settings.embedded_processing_worker:
+                self.processing_worker.start()
             return
 
         def connect_later() -> None:
@@ -224,6 +270,8 @@ class Ledger:
         self._stopping.set()
         if self.downloader is not None:
             self.downloader.stop()
+        if self.processing_worker is not None:
+            self.processing_worker.stop()
         if self.results is not None:
             self.results.stop()
         if self.chain is not None:

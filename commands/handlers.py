@@ -374,4 +374,5 @@ COMMANDS: dict[str, CommandSpec] = {
 
 
 # -- MAST download jobs: commands/downloads.py adds them to COMMANDS when imported -----------
-import commands.downloads  # noqa: E402, F401  (after CommandSpec, Policy and COMMANDS)
+import commands.downloads  # noqa: E402  (after CommandSpec, Policy and COMMANDS)
+import commands.processing  # noqa: E402, F401  (processing jobs, the same way)

@@ -180,15 +180,20 @@ class ResultsAutomation:
     """The process manager and the scheduler, started and stopped together."""
 
     def __init__(self, process_manager: ResultsProcessManager,
-                 scheduler: ResultsScheduler) -> None:
+                 scheduler: ResultsScheduler, runs: PollingWorker | None = None) -> None:
         self.process_manager = process_manager
         self.scheduler = scheduler
+        self.runs = runs  # processing runs → processing jobs → ended runs
 
     def start(self) -> None:
         self.process_manager.start()
         self.scheduler.start()
+        if self.runs is not None:
+            self.runs.start()
 
     def stop(self) -> None:
+        if self.runs is not None:
+            self.runs.stop()
         self.scheduler.stop()
         self.process_manager.stop()
 
@@ -198,9 +203,13 @@ class ResultsAutomation:
         while n := self.process_manager.once():
             handled += n
         started = self.scheduler.once() or self.scheduler.sent
+        if self.runs is not None:
+            while self.runs.once():
+                pass
         return f"{handled} events handled, {started} processing runs requested"
 
     def report(self) -> dict[str, Any]:
         return {"process_manager_position": self.process_manager.position(),
                 "runs_requested": self.scheduler.sent,
-                "last_error": self.process_manager.last_error or self.scheduler.last_error}
+                "last_error": self.process_manager.last_error or self.scheduler.last_error
+                or (self.runs.last_error if self.runs is not None else None)}

@@ -62,6 +62,8 @@ _TARGETS: dict[str, _Target] = {
                                              one_pending=False)
        for name in ("dispatch", "report_task", "cancel", "contribute_asset", "start_run",
                     "end_run")},
+    "processing_job.cancel": _Target(
+        "processing_job", "processing job", frozenset({"succeeded", "failed", "cancelled"})),
     **{f"download_job.{name}": _Target("download_job", "download job",
                                        frozenset({"completed", "cancelled"}))
        for name in ("pause", "resume", "cancel")},
@@ -72,6 +74,7 @@ _CREATES = {
     "staging": {"staging.stage"},
     "observation_result": {"observation_result.materialize"},
     "download_job": {"download_job.request"},
+    "processing_job": {"processing_job.request"},
 }
 
 
@@ -97,7 +100,7 @@ def response_ids(command_type: str, cmd: Any) -> dict[str, Any]:
         return {"observation_result_id": str(cmd.id), "run_id": str(cmd.run_id)}
     key = {"executed_obs_unit": "executed_obs_unit_id", "raw_data_package": "raw_data_package_id",
            "staging": "staging_id", "observation_result": "observation_result_id",
-           "download_job": "download_job_id",
+           "download_job": "download_job_id", "processing_job": "processing_job_id",
            }[command_type.split(".")[0]]
     return {key: str(cmd.id)}
 

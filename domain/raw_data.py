@@ -63,6 +63,7 @@ class RawDataFile(Aggregate):
         self.file_type = file_type
         self.created_at = created_at
         self.package_id = package_id
+        self.fits_metadata: dict[str, Any] = {}  # header facts an ingest job recorded
 
     @classmethod
     def register(cls, **fields: Any) -> RawDataFile:
@@ -136,6 +137,24 @@ class RawDataFile(Aggregate):
         observed_at: datetime | None,
     ) -> None:
         self.package_id = package_id
+
+
+    def record_ingest(self, job_id: UUID, metadata: dict[str, Any],
+                      provenance: Provenance) -> None:
+        """An ingest job validated the file and extracted its FITS header facts."""
+        self._ingested(job_id=job_id, metadata=metadata, **provenance.event_fields())
+
+    @event("Ingested")
+    def _ingested(
+        self,
+        job_id: UUID,
+        metadata: dict[str, Any],
+        actor: str,
+        command_id: str,
+        correlation_id: str,
+        observed_at: datetime | None,
+    ) -> None:
+        self.fits_metadata = metadata
 
 
 class PackageStatus(StrEnum):

@@ -58,7 +58,8 @@ SCHEMA = "obsledger.event.v1"
 
 #: Aggregate types whose events are published (the class name in the stored event topic).
 AGGREGATE_TYPES = ("ExecutedObsUnit", "RawDataFile", "RawDataPackage", "StagingRequest",
-                   "ObservationResult", "CommandReceipt", "DownloadJob")
+                   "ObservationResult", "CommandReceipt", "DownloadJob", "ProcessingJob",
+                   "DataProduct")
 
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 

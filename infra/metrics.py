@@ -36,6 +36,7 @@ STATE_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
                                         "database was unreachable).", ()),
     "obsledger_download_active_jobs": ("MAST download jobs this process is running.", ()),
     "obsledger_download_files_in_flight": ("MAST files being fetched by this process.", ()),
+    "obsledger_processing_jobs": ("Processing jobs by status (read model).", ("status",)),
 }
 
 State = dict[str, list[tuple[tuple[str, ...], float]]]  # gauge → [(label values, value)]

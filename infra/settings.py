@@ -177,6 +177,32 @@ class Settings(BaseSettings):
         True, description="With embedded workers, run the MAST downloader in the API process "
         "(false when `obsledger downloader` runs it).")
 
+    # -- processing jobs (docs/PROCESSING.md) -------------------------------------------
+    processing_lease_s: float = Field(
+        60.0, gt=0, le=86_400, description="A worker's lease on a processing job; renewed "
+        "every third of it while the job runs. Another worker may take over a job whose "
+        "lease expired (its worker was killed or hangs).")
+    processing_max_attempts: int = Field(
+        3, ge=1, le=100, description="Attempts (claims) of a processing job before it fails.")
+    processing_poll_s: float = Field(1.0, gt=0, description="How often an idle processing "
+                                     "worker looks for jobs to claim.")
+    processing_progress_interval_s: float = Field(
+        1.0, ge=0, description="At most one progress command per job this often.")
+    processing_default_algorithm: str = Field(
+        "ccd_stack", description="The algorithm of processing runs the results scheduler "
+        "starts (its latest version, default parameters).")
+    processing_catalog_runs: bool = Field(
+        True, description="Catalog (publish) the products of the results scheduler's runs.")
+    processing_work_root: Path | None = Field(
+        None, description="Work directories of running jobs; default <data_dir>/work.")
+    embedded_processing_worker: bool = Field(
+        True, description="With embedded workers, run a processing worker in the API process "
+        "(false when `obsledger worker` processes run the jobs).")
+
+    @property
+    def processing_work_dir(self) -> Path:
+        return self.processing_work_root or self.data_dir / "work"
+
     # -- processing pipeline: the object store (docs/PROCESSING.md, "Storage") ------------
     object_store: Literal["local", "s3"] = Field(
         "local", description="Where raw data, intermediate results and products are kept: a "

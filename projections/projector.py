@@ -31,6 +31,7 @@ from infra.event_store import EventStore
 from infra.prefetch import prefetched
 from infra.read_model_db import insert_missing, is_postgres, write_transaction
 from projections.downloads import download_handlers
+from projections.processing import processing_handlers
 from projections.tables import READ_MODELS, ReadModelTables, build_positions, build_tables
 
 log = logging.getLogger("obsledger.projector")
@@ -159,6 +160,9 @@ class _Ops:
         }
 
         self.handlers.update(download_handlers(self, t.download_jobs, t.download_files, _each))
+        self.handlers.update(processing_handlers(self, t.processing_jobs,
+                                                 t.processing_job_steps, t.data_products,
+                                                 t.product_inputs, _each))
 
     def _insert(self, table: Table, values: Callable[[Any], dict[str, Any]],
                 key: Callable[[Any], Any] = _originator) -> Callable[[Any, int], list[Op]]:

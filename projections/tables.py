@@ -27,7 +27,8 @@ TZ = DateTime(timezone=True)
 
 READ_MODELS = ("executed_obs_units", "raw_data_files", "raw_data_packages", "staging_requests",
                "observation_results", "observation_result_tasks", "processing_runs",
-               "download_jobs", "download_files")
+               "download_jobs", "download_files", "processing_jobs", "processing_job_steps",
+               "data_products", "product_inputs")
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,19 @@ class ReadModelTables:
     processing_runs: Table
     download_jobs: Table
     download_files: Table
+    processing_jobs: Table
+    processing_job_steps: Table
+    data_products: Table
+    product_inputs: Table
     generation: str
 
     def all(self) -> list[Table]:
         """The tables, in the order of ``READ_MODELS``."""
         return [self.executed_obs_units, self.raw_data_files, self.raw_data_packages,
                 self.staging_requests, self.observation_results, self.observation_result_tasks,
-                self.processing_runs, self.download_jobs, self.download_files]
+                self.processing_runs, self.download_jobs, self.download_files,
+                self.processing_jobs, self.processing_job_steps, self.data_products,
+                self.product_inputs]
 
 
 def _common() -> list[Column[object]]:
@@ -194,7 +201,7 @@ def build_tables(generation: str = "", table_suffix: str = "") -> ReadModelTable
     )
     jobs, job_files = build_download_tables(md, name, g)
     return ReadModelTables(md, units, files, packages, staging, results, tasks, runs, jobs,
-                           job_files, generation)
+                           job_files, *build_processing_tables(md, name, g), generation)
 
 
 def build_download_tables(md: MetaData, name: Callable[[str], str], g: str,
@@ -247,6 +254,110 @@ def build_download_tables(md: MetaData, name: Callable[[str], str], g: str,
         Index(f"ix_dlf_job_{g}", "job_id", "file_index"),
     )
     return jobs, job_files
+
+
+def build_processing_tables(md: MetaData, name: Callable[[str], str], g: str,
+                            ) -> tuple[Table, Table, Table, Table]:
+    """Processing jobs (leases, steps, progress, outputs), the data products they built and
+    the raw data files each product was built from (lineage)."""
+    jobs = Table(
+        name("processing_jobs"), md,
+        Column("id", String(36), primary_key=True),
+        Column("kind", String(20), nullable=False),
+        Column("status", String(20), nullable=False),
+        Column("algorithm", String(100)),
+        Column("algorithm_version", String(50)),
+        Column("parameters", Json, nullable=False),
+        Column("inputs", Json, nullable=False),
+        Column("product_ids", Json, nullable=False),
+        Column("input_count", Integer, nullable=False),
+        Column("input_bytes", BigInteger, nullable=False),
+        Column("result_id", String(36)),
+        Column("run_id", String(36)),
+        Column("catalog", Boolean, nullable=False),
+        Column("publish", Boolean, nullable=False),
+        Column("archive", Boolean, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("max_attempts", Integer, nullable=False),
+        Column("lease_worker", String(200)),
+        Column("lease_expires_at", TZ),
+        Column("cancel_requested", Boolean, nullable=False),
+        Column("progress", Float, nullable=False),
+        Column("current_step", String(200)),
+        Column("outputs", Json, nullable=False),
+        Column("software", Json, nullable=False),
+        Column("reason", Text),
+        Column("requested_by", String(255), nullable=False),
+        Column("completed_by", String(200)),  # the worker whose attempt succeeded
+        Column("requested_at", TZ, nullable=False),
+        Column("started_at", TZ),
+        Column("finished_at", TZ),
+        *_common(),
+        Index(f"ix_pj_status_{g}", "status", "requested_at"),
+        Index(f"ix_pj_kind_{g}", "kind", "requested_at"),
+        Index(f"ix_pj_lease_{g}", "status", "lease_expires_at"),
+        Index(f"ix_pj_run_{g}", "run_id"),
+    )
+    steps = Table(
+        name("processing_job_steps"), md,
+        Column("id", String(36), primary_key=True),  # uuid5(job id, attempt and name)
+        Column("job_id", String(36), nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("name", String(200), nullable=False),
+        Column("status", String(20), nullable=False),  # running | completed | interrupted
+        Column("started_at", TZ, nullable=False),
+        Column("completed_at", TZ),
+        Column("duration_s", Float),
+        *_common(),
+        Index(f"ix_pjs_job_{g}", "job_id", "created_position"),
+    )
+    products = Table(
+        name("data_products"), md,
+        Column("id", String(36), primary_key=True),
+        Column("job_id", String(36), nullable=False),
+        Column("kind", String(50), nullable=False),
+        Column("name", String(255), nullable=False),
+        Column("area", String(30), nullable=False),
+        Column("key", String(1024), nullable=False),
+        Column("uri", String(2048)),
+        Column("size", BigInteger, nullable=False),
+        Column("sha256", String(64), nullable=False),
+        Column("media_type", String(100), nullable=False),
+        Column("metrics", Json, nullable=False),
+        Column("algorithm", String(100), nullable=False),
+        Column("algorithm_version", String(50), nullable=False),
+        Column("parameters", Json, nullable=False),
+        Column("software", Json, nullable=False),
+        Column("result_id", String(36)),
+        Column("run_id", String(36)),
+        Column("status", String(20), nullable=False),
+        Column("published", Boolean, nullable=False),
+        Column("archived", Boolean, nullable=False),
+        Column("built_at", TZ, nullable=False),
+        Column("catalogued_at", TZ),
+        *_common(),
+        Index(f"ix_dp_status_{g}", "status", "built_at"),
+        Index(f"ix_dp_job_{g}", "job_id"),
+        Index(f"ix_dp_result_{g}", "result_id"),
+    )
+    inputs = Table(
+        name("product_inputs"), md,
+        Column("id", String(36), primary_key=True),  # uuid5(product id, file id)
+        Column("product_id", String(36), nullable=False),
+        Column("file_id", String(36), nullable=False),
+        Column("name", String(255), nullable=False),
+        Column("instrument", String(100), nullable=False),
+        Column("relative_path", String(1024), nullable=False),
+        Column("size", BigInteger, nullable=False),
+        Column("checksum_algorithm", String(20), nullable=False),
+        Column("checksum_value", String(128), nullable=False),
+        Column("file_type", String(50), nullable=False),
+        Column("executed_obs_unit_id", String(36)),
+        *_common(),
+        Index(f"ix_pi_product_{g}", "product_id"),
+        Index(f"ix_pi_file_{g}", "file_id"),
+    )
+    return jobs, steps, products, inputs
 
 
 def build_positions(md: MetaData | None = None) -> Table:

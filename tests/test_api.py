@@ -37,6 +37,7 @@ from commands.models import (
     StartProcessingRunRequest,
     TaskOutcomeRequest,
 )
+from commands.processing import CatalogRequest, IngestRequest, PlanRequest, ProcessRequest
 from domain.raw_data import raw_data_file_id
 from infra.settings import Settings
 from tests.conftest import grant, make_settings
@@ -614,7 +615,7 @@ def test_health_shape(client: TestClient) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert set(h) == {"status", "store", "journal", "dispatcher", "projector", "kafka",
-                      "results", "downloader"}
+                      "results", "downloader", "processing_worker", "object_store"}
     assert h["results"] == {"process_manager_position": h["results"][
         "process_manager_position"], "runs_requested": 0, "last_error": None}
     assert h["status"] == "ok"
@@ -645,6 +646,11 @@ ROUTES = {
     ("put", "/observation_results/{id}/runs/{run_id}"), ("get", "/observation_results"),
     ("get", "/observation_results/due"), ("get", "/observation_results/counts"),
     ("get", "/observation_results/{id}"),
+    ("post", "/ops/plan"), ("post", "/ops/ingest"), ("post", "/ops/process"),
+    ("post", "/ops/catalog"), ("get", "/ops/jobs"), ("get", "/ops/jobs/{id}"),
+    ("delete", "/ops/jobs/{id}"), ("get", "/ops/algorithms"), ("get", "/products"),
+    ("get", "/products/{id}"), ("get", "/products/{id}/download"),
+    ("get", "/products/{id}/lineage"),
 }
 REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "StartExecutedObsUnitRequest": StartExecutedObsUnitRequest,
@@ -665,6 +671,8 @@ REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "TargetSearch": TargetSearch, "CoordinateSearch": CoordinateSearch,
     "ObservationSearch": ObservationSearch, "ProgramSearch": ProgramSearch,
     "StartDownloadRequest": StartDownloadRequest,
+    "PlanRequest": PlanRequest, "IngestRequest": IngestRequest,
+    "ProcessRequest": ProcessRequest, "CatalogRequest": CatalogRequest,
 }
 
 
@@ -690,7 +698,7 @@ def test_openapi_schema_and_docs(client: TestClient) -> None:
             for example in examples:
                 example = example.get("value", example) if "value" in example else example
                 REQUEST_MODELS[name].model_validate(example)  # the example is valid
-            answer = "200" if path.startswith("/mast/search/") else "202"  # not commands
+            answer = "200" if path.startswith(("/mast/search/", "/ops/plan")) else "202"
             assert {answer, "422"} <= set(op["responses"]), (method, path)
     assert bodies == set(REQUEST_MODELS)
 

@@ -48,7 +48,20 @@ from commands.models import (
     TaskOutcomeRequest,
     observed_at_of,
 )
+from commands.processing import (
+    CancelJobRequest,
+    ClaimProcessingJob,
+    ConfirmProcessingCancel,
+    FailProcessingJob,
+    ProcessingProgress,
+    ProcessingStep,
+    ProductOutputFile,
+    RenewProcessingLease,
+    RequestProcessingJob,
+    SucceedProcessingJob,
+)
 from commands.service import IdempotencyConflict, Submission
+from domain.processing import data_product_id
 from domain.raw_data import raw_data_file_id
 from domain.results import observation_result_id
 from infra.journal import ACCEPTED, APPLIED, REJECTED, Journal, JournalEntry, NewCommand
@@ -233,6 +246,50 @@ def build_night(ledger: Ledger) -> dict[str, str]:
     s("dl_cancel", "download_job.cancel", CancelDownloadRequest(reason="enough"), {"id": dl})
     s("dl_purge", "download_job.purge_partials", PurgeDownloadPartials(
         id=job, removed=["night/b.fits.part"]))
+    # processing jobs through every processing command (docs/PROCESSING.md)
+    held = {"worker": "w1", "attempt": 1}
+    ids["pj"] = pj = str(uuid.uuid4())
+    s("pj_request", "processing_job.request", RequestProcessingJob(
+        id=UUID(pj), kind="process", file_ids=[UUID(fid("single.fits")), UUID(fid("b1.fits"))],
+        algorithm="ccd_stack", algorithm_version="1.0.0", parameters={"sigma": 3.0}))
+    s("pj_claim", "processing_job.claim", ClaimProcessingJob(id=UUID(pj), worker="w1",
+                                                             lease_s=60))
+    s("pj_renew", "processing_job.renew", RenewProcessingLease(id=UUID(pj), lease_s=60, **held))
+    s("pj_step", "processing_job.start_step", ProcessingStep(id=UUID(pj), name="combine",
+                                                              **held))
+    s("pj_progress", "processing_job.progress", ProcessingProgress(id=UUID(pj), fraction=0.5,
+                                                                   **held))
+    s("pj_step_end", "processing_job.complete_step", ProcessingStep(id=UUID(pj),
+                                                                     name="combine", **held))
+    s("pj_succeed", "processing_job.succeed", SucceedProcessingJob(
+        id=UUID(pj), products=[ProductOutputFile(
+            kind="combined_image", name="c.fits", area="products", key=f"{pj}/c.fits",
+            size=10, sha256="cd" * 32, media_type="application/fits",
+            metrics={"nframes": 2})], software={"numpy": "2"}, **held))
+    ids["product"] = product = str(data_product_id(UUID(pj), "combined_image"))
+    ids["pj_cat"] = cat = str(uuid.uuid4())
+    s("pj_catalog", "processing_job.request", RequestProcessingJob(
+        id=UUID(cat), kind="catalog", product_ids=[UUID(product)], publish=True))
+    s("pj_cat_claim", "processing_job.claim", ClaimProcessingJob(id=UUID(cat), worker="w1",
+                                                                 lease_s=60))
+    s("pj_cat_done", "processing_job.succeed", SucceedProcessingJob(
+        id=UUID(cat), catalogued=[UUID(product)], **held))
+    ids["pj_x"] = px = str(uuid.uuid4())
+    s("pj_x_request", "processing_job.request", RequestProcessingJob(
+        id=UUID(px), kind="ingest", file_ids=[UUID(fid("b2.fits"))]))
+    s("pj_x_claim", "processing_job.claim", ClaimProcessingJob(id=UUID(px), worker="w1",
+                                                               lease_s=60))
+    s("pj_x_cancel", "processing_job.cancel", CancelJobRequest(reason="wrong file"),
+      {"id": px})
+    s("pj_x_cancelled", "processing_job.confirm_cancel", ConfirmProcessingCancel(
+        id=UUID(px), **held))
+    ids["pj_f"] = pf = str(uuid.uuid4())
+    s("pj_f_request", "processing_job.request", RequestProcessingJob(
+        id=UUID(pf), kind="ingest", file_ids=[UUID(fid("b2.fits"))]))
+    s("pj_f_claim", "processing_job.claim", ClaimProcessingJob(id=UUID(pf), worker="w1",
+                                                               lease_s=60))
+    s("pj_f_fail", "processing_job.fail", FailProcessingJob(id=UUID(pf), reason="not FITS",
+                                                            **held))
     ids.update({f"cmd:{k}": v for k, v in cmds.items()})
     return ids
 
@@ -300,6 +357,16 @@ def test_every_command_type_is_applied_and_projected(ledger: Ledger) -> None:
     assert result["spec_snapshot"] == {"exptime": 600} and result["last_built_revision"] == 1
     canceled = q.result(ids["result2"])
     assert canceled is not None and canceled["fulfillment_status"] == "canceled"
+
+    jobs = {j: ledger.processing.job(ids[j]) for j in ("pj", "pj_cat", "pj_x", "pj_f")}
+    assert {j: (v or {}).get("status") for j, v in jobs.items()} == {
+        "pj": "succeeded", "pj_cat": "succeeded", "pj_x": "cancelled", "pj_f": "failed"}
+    done = jobs["pj"]
+    assert done is not None and done["progress"] == 1.0 and done["attempts"] == 1
+    assert [(st["name"], st["status"]) for st in done["steps"]] == [("combine", "completed")]
+    product = ledger.processing.product(ids["product"])
+    assert product is not None and product["status"] == "published"
+    assert {i["name"] for i in product["inputs"]} == {"single.fits", "b1.fits"}
 
 
 def test_events_carry_the_commands_provenance(ledger: Ledger) -> None:

@@ -52,7 +52,15 @@ from commands.models import (
     StartExecutedObsUnitRequest,
     StartProcessingRunRequest,
 )
+from commands.processing import (
+    ClaimProcessingJob,
+    ProcessingStep,
+    ProductOutputFile,
+    RequestProcessingJob,
+    SucceedProcessingJob,
+)
 from infra.kafka_relay import (
+    AGGREGATE_TYPES,
     SCHEMA,
     EventRelay,
     all_topics,
@@ -155,6 +163,21 @@ def night(ledger: Ledger, units: int = 4, files: int = 5) -> None:
             await submit("download_job.start_file", DownloadFileStart(id=job, index=0, size=10))
             await submit("download_job.complete_file", DownloadFileComplete(
                 id=job, index=0, size=10, sha256="cd" * 32))
+            # a processing job: steps, a product and its inputs (docs/PROCESSING.md)
+            processing = await submit("processing_job.request", RequestProcessingJob(
+                kind="process", file_ids=[uuid.UUID(f) for f in file_ids[:2]],
+                algorithm="ccd_stack", algorithm_version="1.0.0"))
+            pj = uuid.UUID(processing.body["ids"]["processing_job_id"])
+            held = {"id": pj, "worker": f"w{u}", "attempt": 1}
+            await submit("processing_job.claim", ClaimProcessingJob(id=pj, worker=f"w{u}",
+                                                                    lease_s=60))
+            await submit("processing_job.start_step", ProcessingStep(name="combine", **held))
+            await submit("processing_job.complete_step", ProcessingStep(name="combine",
+                                                                        **held))
+            await submit("processing_job.succeed", SucceedProcessingJob(products=[
+                ProductOutputFile(kind="combined_image", name="c.fits", area="products",
+                                  key=f"{pj}/c.fits", size=10, sha256="ef" * 32,
+                                  media_type="application/fits")], **held))
     asyncio.run(go())
     assert ledger.dispatcher is not None
     ledger.dispatcher.drain()
@@ -261,7 +284,8 @@ def test_every_stored_event_reaches_kcat_in_order_with_its_headers(
         by_topic[kafka_topic(kafka_settings.kafka_topic_prefix, event_type_of(n.topic)[0])
                  ].append(n)
     assert set(by_topic) <= set(all_topics(kafka_settings.kafka_topic_prefix))
-    assert len(by_topic) == 7  # units, files, packages, staging, results, receipts, downloads
+    # units, files, packages, staging, results, receipts, downloads, processing jobs, products
+    assert len(by_topic) == 9
     for topic, expected in by_topic.items():
         received = read_topic(broker, topic, len(expected))
         assert len(received) == len(expected)
@@ -536,7 +560,8 @@ def test_smart_queries_read_their_writes_with_a_kafka_projector(
         health = wait_until(caught_up)
         assert health["source"] == "kafka"
         assert health["kafka"]["group"] == settings.kafka_consumer_group
-        assert len(health["kafka"]["assigned_partitions"]) == 6 * settings.kafka_partitions
+        topics = len(AGGREGATE_TYPES) - 1  # every aggregate type's but the receipts'
+        assert len(health["kafka"]["assigned_partitions"]) == topics * settings.kafka_partitions
 
 
 def test_kafka_projection_requires_a_bootstrap(settings: Settings) -> None:

@@ -1,0 +1,588 @@
+"""HTTP for the processing pipeline: plan (synchronous, records nothing), ingest, process and
+catalog jobs (critical commands a worker executes), the jobs' smart queries and cancel, the
+algorithm registry, and the data products with their downloads and lineage.
+Included by ``api.app.create_app``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import orjson
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from api.accounts import allow
+from api.app import (
+    COMMAND_RESPONSES,
+    ERRORS,
+    CommandAccepted,
+    Ctx,
+    IdPath,
+    MinPosition,
+    _caught_up,
+    _ledger,
+    _not_found,
+    _submit,
+)
+from api.errors import ApiError, ErrorResponse
+from api.runtime import Ledger
+from commands.algorithms import AlgorithmInput, describe, registered_algorithms, validate_inputs
+from commands.processing import (
+    CancelJobRequest,
+    CatalogRequest,
+    IngestRequest,
+    PlanRequest,
+    ProcessRequest,
+    RequestProcessingJob,
+)
+from domain.accounts import OPERATORS, READERS
+from domain.raw_data import RawDataFile
+from infra.lineage import to_prov_json
+from infra.object_store import Area, ObjectStoreUnavailable, content_disposition
+from queries.lineage import product_lineage
+
+JOBS_TAG = "processing jobs"
+PRODUCTS_TAG = "data products"
+JOB_STATUSES = Literal["requested", "running", "succeeded", "failed", "cancelled"]
+JOB_KINDS = Literal["ingest", "process", "catalog"]
+PRODUCT_STATUSES = Literal["built", "catalogued", "published", "archived"]
+STORE_ERRORS: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorResponse, "description": "Object store or event store unavailable"},
+}
+
+
+# -- views ------------------------------------------------------------------------------------
+class ChecksumView(BaseModel):
+    algorithm: str
+    value: str
+
+
+class JobInputView(BaseModel):
+    file_id: str
+    name: str
+    instrument: str
+    relative_path: str
+    size: int
+    checksum: ChecksumView
+    file_type: str
+    executed_obs_unit_id: str | None
+
+
+class StepView(BaseModel):
+    name: str
+    attempt: int
+    status: str = Field(description="running, completed or interrupted (the lease expired, "
+                        "the job was released or cancelled).")
+    started_at: Any = None
+    completed_at: Any = None
+    duration_s: float | None
+
+
+class LeaseView(BaseModel):
+    worker: str
+    attempt: int
+    expires_at: Any = None
+
+
+class JobView(BaseModel):
+    id: str
+    kind: str = Field(description="ingest, process or catalog")
+    status: str = Field(description="requested, running, succeeded, failed, cancelled")
+    algorithm: str | None
+    algorithm_version: str | None
+    parameters: dict[str, Any]
+    inputs: list[JobInputView]
+    product_ids: list[str] = Field(description="A catalog job's products.")
+    input_count: int
+    input_bytes: int
+    result_id: str | None = Field(description="The observation result of a scheduler's run.")
+    run_id: str | None
+    catalog: bool
+    publish: bool
+    archive: bool
+    attempts: int
+    max_attempts: int
+    lease: LeaseView | None = Field(description="Who holds the job, until when.")
+    cancel_requested: bool
+    progress: float = Field(description="0..1")
+    current_step: str | None
+    steps: list[StepView]
+    outputs: list[dict[str, Any]] = Field(description="process: the products (kind, key, "
+                                          "size, sha256, media type, metrics); ingest: each "
+                                          "file's FITS facts; catalog: the products catalogued.")
+    software: dict[str, str]
+    reason: str | None = Field(description="Why it failed or was cancelled.")
+    requested_by: str = Field(description="Who requested it (the principal's actor).")
+    completed_by: str | None = Field(description="The worker whose attempt succeeded.")
+    requested_at: Any = None
+    started_at: Any = None
+    finished_at: Any = None
+    duration_s: float | None
+    updated_at: Any = None
+    last_position: int | None
+    pending: bool
+    command_status: str | None
+    pending_command_ids: list[str]
+    read_model_position: int | None = None
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d", "kind": "process", "status": "running",
+        "algorithm": "ccd_stack", "algorithm_version": "1.0.0", "parameters": {"sigma": 3.0},
+        "inputs": [], "product_ids": [], "input_count": 3, "input_bytes": 1672320,
+        "result_id": None, "run_id": None, "catalog": True, "publish": True,
+        "archive": False, "attempts": 1, "max_attempts": 3,
+        "lease": {"worker": "host-1:4242:ab12cd34", "attempt": 1,
+                  "expires_at": "2026-11-30T09:01:00Z"},
+        "cancel_requested": False, "progress": 0.42, "current_step": "combine",
+        "steps": [{"name": "fetch inputs", "attempt": 1, "status": "completed",
+                   "started_at": "2026-11-30T09:00:00Z",
+                   "completed_at": "2026-11-30T09:00:01Z", "duration_s": 0.8}],
+        "outputs": [], "software": {}, "reason": None, "requested_by": "alice",
+        "completed_by": None, "duration_s": None,
+        "last_position": 118, "pending": False, "command_status": None,
+        "pending_command_ids": []}]})
+
+
+class JobPage(BaseModel):
+    items: list[JobView]
+    total: int = Field(description="Projected jobs matching (pending ones not counted).")
+    limit: int
+    skip: int
+    read_model_position: int
+
+
+class ProductInputView(JobInputView):
+    pass
+
+
+class ProductView(BaseModel):
+    id: str
+    job_id: str
+    kind: str = Field(description="e.g. combined_image, source_catalog")
+    name: str
+    status: str = Field(description="built, catalogued, published or archived")
+    published: bool
+    archived: bool
+    media_type: str
+    size: int
+    checksum: ChecksumView
+    area: str
+    key: str
+    uri: str | None
+    metrics: dict[str, Any]
+    algorithm: str
+    algorithm_version: str
+    parameters: dict[str, Any]
+    software: dict[str, str]
+    result_id: str | None
+    run_id: str | None
+    built_at: Any = None
+    catalogued_at: Any = None
+    last_position: int | None
+    inputs: list[ProductInputView] = Field(default_factory=list)
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162",
+        "job_id": "9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d", "kind": "combined_image",
+        "name": "combined_image.fits", "status": "published", "published": True,
+        "archived": False, "media_type": "application/fits", "size": 1123200,
+        "checksum": {"algorithm": "sha256", "value": "ab" * 32}, "area": "products",
+        "key": "9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d/combined_image.fits", "uri": None,
+        "metrics": {"noise": 4.1, "background": 102.3, "source_count": 12,
+                    "rejected_pixels": 311, "nframes": 3},
+        "algorithm": "ccd_stack", "algorithm_version": "1.0.0", "parameters": {},
+        "software": {"obsledger": "0.1.0", "numpy": "2.3.5"}, "result_id": None,
+        "run_id": None, "last_position": 130, "inputs": []}]})
+
+
+class ProductPage(BaseModel):
+    items: list[ProductView]
+    total: int
+    limit: int
+    skip: int
+    read_model_position: int
+
+
+class PlannedProductView(BaseModel):
+    kind: str
+    name: str
+    media_type: str
+    description: str
+
+
+class PlanView(BaseModel):
+    algorithm: str
+    algorithm_version: str
+    parameters: dict[str, Any] = Field(description="The parameters with their defaults.")
+    steps: list[str] = Field(description="The ordered steps a process job would run.")
+    inputs: list[JobInputView]
+    input_count: int
+    input_bytes: int
+    products: list[PlannedProductView]
+    notes: list[str]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "algorithm": "ccd_stack", "algorithm_version": "1.0.0", "parameters": {"sigma": 3.0},
+        "steps": ["classify", "master_bias", "combine", "background", "detect",
+                  "write_products"], "inputs": [], "input_count": 3, "input_bytes": 1672320,
+        "products": [{"kind": "combined_image", "name": "combined_image.fits",
+                      "media_type": "application/fits",
+                      "description": "the calibrated, sigma-clipped mean of the science "
+                      "frames"}],
+        "notes": ["2 science, 1 bias", "no dark frames: not dark-subtracted"]}]})
+
+
+class AlgorithmView(BaseModel):
+    name: str
+    version: str
+    summary: str
+    parameters: dict[str, Any] = Field(description="JSON schema of the parameters.")
+    steps: list[str] = Field(default_factory=list)
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "name": "ccd_stack", "version": "1.0.0",
+        "summary": "Calibrate CCD frames, sigma-clip combine, detect sources",
+        "parameters": {"type": "object", "properties": {"sigma": {"type": "number",
+                                                                  "default": 3.0}}},
+        "steps": ["classify", "master_bias", "combine", "background", "detect",
+                  "write_products"]}]})
+
+
+class DownloadView(BaseModel):
+    url: str = Field(description="A presigned URL to GET the product from the object store.")
+    expires_in_s: int
+    media_type: str
+    size: int
+    checksum: ChecksumView
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "url": "https://minio.example.org/obsledger-products/9d4a3c1e-6b2f-4e8a-9c1d-"
+               "2f3e4a5b6c7d/combined_image.fits?X-Amz-Signature=…",
+        "expires_in_s": 3600, "media_type": "application/fits", "size": 1123200,
+        "checksum": {"algorithm": "sha256", "value": "ab" * 32}}]})
+
+
+class LineageNodeView(BaseModel):
+    id: str
+    kind: str
+    label: str
+    attributes: dict[str, Any]
+
+
+class LineageEdgeView(BaseModel):
+    source: str
+    target: str
+    relation: str
+    attributes: dict[str, Any] | None = Field(None, description="e.g. the role of a used "
+                                              "file (its file_type).")
+
+
+class LineageView(BaseModel):
+    """``format=json``: root, nodes and edges. ``format=prov-json``: a W3C PROV-JSON document
+    instead (``prefix``, ``entity``, ``activity``, ``agent``, ``wasGeneratedBy``, ``used``,
+    ``wasDerivedFrom``, … at the top level)."""
+
+    root: str | None = None
+    nodes: list[LineageNodeView] | None = None
+    edges: list[LineageEdgeView] | None = None
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "root": "product:5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162",
+        "nodes": [{"id": "product:5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162", "kind": "product",
+                   "label": "combined_image.fits", "attributes": {"sha256": "ab" * 32}},
+                  {"id": "algorithm:ccd_stack:1.0.0", "kind": "algorithm",
+                   "label": "ccd_stack 1.0.0", "attributes": {"version": "1.0.0"}}],
+        "edges": [{"source": "job:9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d",
+                   "target": "algorithm:ccd_stack:1.0.0", "relation": "wasAssociatedWith"}]}]})
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _store(ledger: Ledger) -> Any:
+    if ledger.store is None:
+        raise ApiError(503, "Service unavailable: the event store is not connected",
+                       headers={"Retry-After": "2"})
+    return ledger.store
+
+
+def _file_input(ledger: Ledger, file_id: UUID, field: str) -> dict[str, Any]:
+    """A raw data file as a job would record it (read model ⊕ journal; FITS facts from the
+    event store when an ingest job recorded them)."""
+    row = ledger.queries.file(str(file_id))
+    if row is None:
+        raise ApiError(404, f"raw data file {file_id} not found",
+                       [{"field": field, "message": "unknown raw data file"}])
+    agg = _store(ledger).get(file_id)
+    metadata = dict(getattr(agg, "fits_metadata", {}) or {}) if isinstance(
+        agg, RawDataFile) else {}
+    return {"file_id": str(file_id), "name": row["name"], "instrument": row["instrument"],
+            "relative_path": row["relative_path"], "size": row["size"],
+            "checksum_algorithm": row["checksum"]["algorithm"],
+            "checksum_value": row["checksum"]["value"], "file_type": row["file_type"],
+            "executed_obs_unit_id": None if row["executed_obs_unit_id"] is None
+            else str(row["executed_obs_unit_id"]), "metadata": metadata}
+
+
+def resolve_inputs(ledger: Ledger, file_ids: list[UUID], result_ids: list[UUID],
+                   ) -> list[dict[str, Any]]:
+    """The raw data files named, then the raw data files contributed to the results named
+    (each file once, in that order); 404 naming the unknown one."""
+    ids: list[tuple[UUID, str]] = [(f, f"file_ids.{i}") for i, f in enumerate(file_ids)]
+    store = _store(ledger)
+    for i, rid in enumerate(result_ids):
+        result = store.get(rid)
+        if result is None or not hasattr(result, "assets"):
+            raise ApiError(404, f"observation result {rid} not found",
+                           [{"field": f"result_ids.{i}", "message": "unknown result"}])
+        files = sorted(a.split(":", 1)[1] for a in result.assets
+                       if a.startswith("raw_data_file:"))
+        if not files:
+            raise ApiError(422, "Validation failed", [{
+                "field": f"result_ids.{i}",
+                "message": f"observation result {rid} has no raw data files yet"}])
+        ids.extend((UUID(f), f"result_ids.{i}") for f in files)
+    seen: set[UUID] = set()
+    inputs = []
+    for fid, field in ids:
+        if fid not in seen:
+            seen.add(fid)
+            inputs.append(_file_input(ledger, fid, field))
+    return inputs
+
+
+def _input_view(i: dict[str, Any]) -> dict[str, Any]:
+    return {"file_id": i["file_id"], "name": i["name"], "instrument": i["instrument"],
+            "relative_path": i["relative_path"], "size": i["size"],
+            "checksum": {"algorithm": i["checksum_algorithm"], "value": i["checksum_value"]},
+            "file_type": i["file_type"], "executed_obs_unit_id": i["executed_obs_unit_id"]}
+
+
+def _local_path(ledger: Ledger, i: dict[str, Any]) -> Path:
+    """Where the worker would find the file (its header is read when it is local)."""
+    try:
+        local = ledger.objects.local_path(Area.RAW, i["relative_path"])
+    except (ValueError, ObjectStoreUnavailable):
+        local = None
+    return local if local is not None and local.is_file() else \
+        ledger.settings.raw_data_dir / i["relative_path"]
+
+
+def plan(ledger: Ledger, body: PlanRequest | ProcessRequest) -> dict[str, Any]:
+    """What a process job would do (records nothing): 404 for unknown files, results or
+    algorithm; 422 for bad parameters or inputs the algorithm cannot use."""
+    inputs = resolve_inputs(ledger, body.file_ids, body.result_ids)
+    local = [AlgorithmInput(
+        file_id=UUID(i["file_id"]), name=i["name"], path=_local_path(ledger, i),
+        size=int(i["size"]), checksum=(i["checksum_algorithm"], i["checksum_value"]),
+        file_type=i["file_type"], metadata=i["metadata"]) for i in inputs]
+    algo, params, p = validate_inputs(body.algorithm, body.algorithm_version, local,
+                                      body.parameters)
+    return {"algorithm": algo.name, "algorithm_version": algo.version,
+            "parameters": params.model_dump(mode="json"), "steps": list(p.steps),
+            "inputs": [_input_view(i) for i in inputs], "input_count": len(inputs),
+            "input_bytes": sum(int(i["size"]) for i in inputs),
+            "products": [{"kind": x.kind, "name": x.name, "media_type": x.media_type,
+                          "description": x.description} for x in p.products],
+            "notes": list(p.notes)}
+
+
+# -- routes -----------------------------------------------------------------------------------
+def ops_router() -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/ops/algorithms", dependencies=[allow(READERS)], tags=[JOBS_TAG],
+           response_model=list[AlgorithmView], responses=ERRORS,
+           summary="The registered algorithms: name, version, summary, parameter schema, "
+           "steps")
+    async def algorithms() -> Any:
+        return [describe(a) for a in registered_algorithms()]
+
+    @r.post("/ops/plan", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
+            response_model=PlanView, responses={**ERRORS, **STORE_ERRORS},
+            summary="Plan a process job: ordered steps, inputs with sizes, products — "
+            "without running anything",
+            description="Give raw data files (`file_ids`) and/or observation results "
+            "(`result_ids`, their raw data files) and an algorithm with parameters. Nothing "
+            "is recorded. 404: unknown file, result or algorithm; 422: bad parameters (the "
+            "algorithm's schema, `GET /ops/algorithms`) or inputs it cannot use.")
+    async def plan_job(request: Request, body: PlanRequest) -> Any:
+        return await run_in_threadpool(plan, _ledger(request), body)
+
+    @r.post("/ops/ingest", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG], status_code=202,
+            response_model=CommandAccepted, responses={**COMMAND_RESPONSES, **STORE_ERRORS},
+            summary="Validate raw FITS inputs (a job): checksums, FITS structure, header "
+            "facts recorded on each raw data file",
+            description="A worker opens each file with astropy, verifies DATASUM/CHECKSUM and "
+            "the recorded checksum, and records TELESCOP, INSTRUME, DATE-OBS, EXPTIME, OBJECT, "
+            "shape and BUNIT (`RawDataFile.Ingested`, and in the job's outputs). A file that "
+            "fails fails the job with the reason.")
+    async def ingest(request: Request, body: IngestRequest, ctx: Ctx) -> Response:
+        ledger = _ledger(request)
+        inputs = await run_in_threadpool(resolve_inputs, ledger, body.file_ids,
+                                         body.result_ids)
+        command = RequestProcessingJob(
+            id=body.id, kind="ingest", file_ids=[UUID(i["file_id"]) for i in inputs],
+            max_attempts=ledger.settings.processing_max_attempts)
+        return await _submit(ledger, ctx, "processing_job.request", command)
+
+    @r.post("/ops/process", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
+            status_code=202, response_model=CommandAccepted,
+            responses={**COMMAND_RESPONSES, **STORE_ERRORS},
+            summary="Build data products with an algorithm (a job a worker runs)",
+            description="Checked like `POST /ops/plan`, then journaled; a worker claims the "
+            "job, runs the algorithm and uploads the products. With `catalog` the products "
+            "are catalogued (`publish`, `archive`) as soon as they are built.")
+    async def process(request: Request, body: ProcessRequest, ctx: Ctx) -> Response:
+        ledger = _ledger(request)
+        planned = await run_in_threadpool(plan, ledger, body)
+        command = RequestProcessingJob(
+            id=body.id, kind="process",
+            file_ids=[UUID(i["file_id"]) for i in planned["inputs"]],
+            algorithm=planned["algorithm"], algorithm_version=planned["algorithm_version"],
+            parameters=planned["parameters"], catalog=body.catalog, publish=body.publish,
+            archive=body.archive, max_attempts=ledger.settings.processing_max_attempts,
+            # the products of one result's files belong to it (GET /products?result_id=)
+            result_id=body.result_ids[0] if len(body.result_ids) == 1 else None)
+        return await _submit(ledger, ctx, "processing_job.request", command)
+
+    @r.post("/ops/catalog", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
+            status_code=202, response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+            summary="Register built products in the catalog (a job): publish and/or archive",
+            description="A worker checks each product's object (size and sha256) and "
+            "catalogues it; the products then list in `GET /products`.")
+    async def catalog(request: Request, body: CatalogRequest, ctx: Ctx) -> Response:
+        ledger = _ledger(request)
+        for i, pid in enumerate(body.product_ids):
+            if await run_in_threadpool(ledger.processing.product, str(pid)) is None:
+                raise ApiError(404, f"data product {pid} not found",
+                               [{"field": f"product_ids.{i}", "message": "unknown product"}])
+        command = RequestProcessingJob(
+            id=body.id, kind="catalog", product_ids=body.product_ids, publish=body.publish,
+            archive=body.archive, max_attempts=ledger.settings.processing_max_attempts)
+        return await _submit(ledger, ctx, "processing_job.request", command)
+
+    @r.get("/ops/jobs", dependencies=[allow(READERS)], tags=[JOBS_TAG],
+           response_model=JobPage, responses=ERRORS,
+           summary="Processing jobs, newest first (smart query: requested ones not yet "
+           "projected lead the first page)")
+    async def jobs(request: Request,
+                   status: Annotated[JOB_STATUSES | None, Query()] = None,
+                   kind: Annotated[JOB_KINDS | None, Query()] = None,
+                   skip: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+                   limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                   min_position: MinPosition = None) -> Any:
+        await _caught_up(request, min_position)
+        pos, total, items = await run_in_threadpool(
+            _ledger(request).processing.list_jobs, status, kind, limit, skip)
+        return {"items": items, "total": total, "limit": limit, "skip": skip,
+                "read_model_position": pos}
+
+    @r.get("/ops/jobs/{id}", dependencies=[allow(READERS)], tags=[JOBS_TAG],
+           response_model=JobView, responses=ERRORS,
+           summary="One job: steps, progress, timings, lease, outputs, errors (smart query)")
+    async def job(request: Request, id: IdPath, min_position: MinPosition = None) -> Any:
+        await _caught_up(request, min_position)
+        row = await run_in_threadpool(_ledger(request).processing.job, str(id))
+        if row is None:
+            raise _not_found("processing job", id)
+        return row
+
+    @r.delete("/ops/jobs/{id}", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
+              status_code=202, response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+              summary="Cancel a job (cooperative: between steps or chunks)",
+              description="A requested job is cancelled at once; a running one when its "
+              "worker next looks. Outputs of a cancelled job are never catalogued. 409 for a "
+              "job that already ended.")
+    async def cancel(request: Request, id: IdPath, ctx: Ctx,
+                     reason: Annotated[str | None, Query(
+                         max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
+        return await _submit(_ledger(request), ctx, "processing_job.cancel",
+                             CancelJobRequest(reason=reason), {"id": id})
+
+    # -- products --------------------------------------------------------------------------
+    @r.get("/products", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
+           response_model=ProductPage, responses=ERRORS,
+           summary="Catalogued data products, newest first",
+           description="Without `status`: catalogued, published and archived products; "
+           "`status=built` lists those not catalogued yet.")
+    async def products(request: Request,
+                       status: Annotated[PRODUCT_STATUSES | None, Query()] = None,
+                       kind: Annotated[str | None, Query(max_length=50)] = None,
+                       job_id: UUID | None = None, result_id: UUID | None = None,
+                       skip: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                       min_position: MinPosition = None) -> Any:
+        await _caught_up(request, min_position)
+        pos, total, items = await run_in_threadpool(
+            lambda: _ledger(request).processing.list_products(
+                status=status, kind=kind, job_id=None if job_id is None else str(job_id),
+                result_id=None if result_id is None else str(result_id),
+                catalogued_only=True, limit=limit, offset=skip))
+        return {"items": items, "total": total, "limit": limit, "skip": skip,
+                "read_model_position": pos}
+
+    async def _product(request: Request, product_id: UUID) -> dict[str, Any]:
+        row = await run_in_threadpool(_ledger(request).processing.product, str(product_id))
+        if row is None:
+            raise _not_found("data product", product_id)
+        return row
+
+    @r.get("/products/{id}", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
+           response_model=ProductView, responses=ERRORS,
+           summary="One data product: type, size, checksum, metrics, status, inputs")
+    async def product(request: Request, id: IdPath, min_position: MinPosition = None) -> Any:
+        await _caught_up(request, min_position)
+        return await _product(request, id)
+
+    @r.get("/products/{id}/download", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
+           response_model=DownloadView,
+           responses={**ERRORS, **STORE_ERRORS, 200: {
+               "description": "S3: a presigned URL (JSON). Local store: the file itself.",
+               "content": {"application/octet-stream": {}, "application/fits": {},
+                           "text/x-ecsv": {}}}},
+           summary="Download a product: a presigned URL (S3), or the file streamed (local "
+           "object store)")
+    async def download(request: Request, id: IdPath) -> Any:
+        row = await _product(request, id)
+        objects = _ledger(request).objects
+        area = Area(row["area"])
+        try:
+            url = await run_in_threadpool(lambda: objects.presigned_url(
+                area, row["key"], download_name=row["name"]))
+            if url is not None:
+                return {"url": url, "expires_in_s": 3600, "media_type": row["media_type"],
+                        "size": row["size"], "checksum": row["checksum"]}
+            if not await run_in_threadpool(objects.exists, area, row["key"]):
+                raise ApiError(404, f"the object of data product {id} is missing")
+            chunks = objects.open_stream(area, row["key"])
+        except ObjectStoreUnavailable as e:
+            raise ApiError(503, f"Object store unavailable: {e}",
+                           headers={"Retry-After": "5"}) from None
+        return StreamingResponse(chunks, media_type=row["media_type"], headers={
+            "Content-Disposition": content_disposition(row["name"]),
+            "Content-Length": str(row["size"]), "X-Checksum-SHA256": row["checksum"]["value"]})
+
+    @r.get("/products/{id}/lineage", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
+           response_model=LineageView, responses=ERRORS,
+           summary="A product's lineage: run, job, algorithm and version, parameters, "
+           "software versions, input raw data files with checksums, executed obs units",
+           description="`format=json` (default): `{root, nodes, edges}`; `format=prov-json`: "
+           "the same graph as a W3C PROV-JSON document (see docs/PROCESSING.md).")
+    async def lineage(request: Request, id: IdPath,
+                      format: Annotated[Literal["json", "prov-json"], Query()] = "json",
+                      ) -> Any:
+        graph = await run_in_threadpool(product_lineage, _ledger(request).processing, str(id))
+        if graph is None:
+            raise _not_found("data product", id)
+        if format == "prov-json":
+            return Response(_dumps(to_prov_json(graph)), media_type="application/json")
+        return graph.to_json()
+
+    return r
+
+
+def _dumps(body: Any) -> bytes:
+    return orjson.dumps(body)

@@ -1,0 +1,359 @@
+"""Processing jobs: the commands (pydantic models), their handlers and ``CommandSpec``s.
+
+Operators request ``ingest``, ``process`` and ``catalog`` jobs and cancel them; workers
+(``commands/processing_worker.py``) claim a job (a lease), renew the lease, report steps and
+progress, and end the job (succeed, fail, confirm a cancel) through the same journal →
+dispatcher path, each command carrying the worker id and attempt that holds the lease.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import ConfigDict, Field, model_validator
+
+from commands.handlers import COMMANDS, CommandSpec, Policy
+from commands.models import CommandModel
+from commands.unit_of_work import UnitOfWork
+from domain.errors import InvalidCommand
+from domain.processing import (
+    DEFAULT_MAX_ATTEMPTS,
+    DataProduct,
+    JobKind,
+    ProcessingJob,
+)
+from domain.provenance import Provenance
+from domain.raw_data import RawDataFile
+
+Reason = Annotated[str, Field(min_length=1, max_length=4000)]
+WorkerId = Annotated[str, Field(min_length=1, max_length=200, examples=["host-1:4242:ab12"])]
+AlgorithmName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$",
+                                     examples=["ccd_stack"])]
+VersionText = Annotated[str, Field(min_length=1, max_length=50, pattern=r"^[A-Za-z0-9_.+-]+$",
+                                   examples=["1.0.0"])]
+StepName = Annotated[str, Field(min_length=1, max_length=200)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Parameters = Annotated[dict[str, Any], Field(
+    default_factory=dict, description="The algorithm's parameters (its JSON schema: "
+    "GET /ops/algorithms).", examples=[{"sigma": 3.0}])]
+
+_FILES: Any = Field(default_factory=list, max_length=1000,
+               description="Raw data file ids (GET /raw_data_files).")
+_RESULTS: Any = Field(default_factory=list, max_length=100,
+                 description="Observation result ids: their assets (raw data files) are used.")
+
+
+# -- what operators send (HTTP bodies) --------------------------------------------------------
+class _Inputs(CommandModel):
+    file_ids: list[UUID] = _FILES
+    result_ids: list[UUID] = _RESULTS
+
+    @model_validator(mode="after")
+    def _some(self) -> _Inputs:
+        if not self.file_ids and not self.result_ids:
+            raise ValueError("give file_ids and/or result_ids")
+        return self
+
+
+class PlanRequest(_Inputs):
+    """What a processing job would do, without running anything."""
+
+    algorithm: AlgorithmName = "ccd_stack"
+    algorithm_version: VersionText | None = Field(None, description="Latest when absent.")
+    parameters: Parameters
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"file_ids": ["1c49d49d-34d9-5c36-be8c-62dcce3da68c"], "algorithm": "ccd_stack",
+         "parameters": {"sigma": 3.0}}]})
+
+
+class IngestRequest(_Inputs):
+    """Validate raw FITS inputs and record their header facts."""
+
+    id: UUID | None = Field(None, description="Pre-generated job id (the server's if absent).")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"file_ids": ["1c49d49d-34d9-5c36-be8c-62dcce3da68c"]}]})
+
+
+class ProcessRequest(_Inputs):
+    """Build data products from raw data files with an algorithm."""
+
+    id: UUID | None = Field(None, description="Pre-generated job id (the server's if absent).")
+    algorithm: AlgorithmName = "ccd_stack"
+    algorithm_version: VersionText | None = Field(None, description="Latest when absent.")
+    parameters: Parameters
+    catalog: bool = Field(False, description="Catalog the products as soon as they are built.")
+    publish: bool = Field(False, description="With catalog: publish them.")
+    archive: bool = Field(False, description="With catalog: archive them.")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"file_ids": ["1c49d49d-34d9-5c36-be8c-62dcce3da68c"], "algorithm": "ccd_stack",
+         "parameters": {"sigma": 3.0}, "catalog": True, "publish": True}]})
+
+
+class CatalogRequest(CommandModel):
+    """Register built products in the catalog."""
+
+    id: UUID | None = Field(None, description="Pre-generated job id (the server's if absent).")
+    product_ids: list[UUID] = Field(min_length=1, max_length=1000)
+    publish: bool = False
+    archive: bool = False
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"product_ids": ["5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162"], "publish": True}]})
+
+
+class CancelJobRequest(CommandModel):
+    reason: Annotated[str, Field(max_length=2000)] | None = None
+
+
+# -- the journaled commands -------------------------------------------------------------------
+class RequestProcessingJob(CommandModel):
+    id: UUID | None = None  # pre-generated before journaling
+    kind: Literal["ingest", "process", "catalog"]
+    file_ids: list[UUID] = Field(default_factory=list, max_length=10_000)
+    product_ids: list[UUID] = Field(default_factory=list, max_length=10_000)
+    algorithm: AlgorithmName | None = None
+    algorithm_version: VersionText | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    result_id: UUID | None = None
+    run_id: UUID | None = None
+    catalog: bool = False
+    publish: bool = False
+    archive: bool = False
+    max_attempts: int = Field(DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
+
+
+class ClaimProcessingJob(CommandModel):
+    id: UUID
+    worker: WorkerId
+    lease_s: float = Field(gt=0, le=86_400)
+
+
+class _Held(CommandModel):
+    id: UUID
+    worker: WorkerId
+    attempt: int = Field(ge=1)
+
+
+class RenewProcessingLease(_Held):
+    lease_s: float = Field(gt=0, le=86_400)
+
+
+class ProcessingStep(_Held):
+    name: StepName
+
+
+class ProcessingProgress(_Held):
+    fraction: float = Field(ge=0.0, le=1.0)
+
+
+class ProductOutputFile(CommandModel):
+    """A product a process job built and uploaded."""
+
+    kind: Annotated[str, Field(min_length=1, max_length=50)]
+    name: Annotated[str, Field(min_length=1, max_length=255)]
+    area: Annotated[str, Field(min_length=1, max_length=30)]
+    key: Annotated[str, Field(min_length=1, max_length=1024)]
+    uri: Annotated[str, Field(max_length=2048)] | None = None
+    size: int = Field(ge=0)
+    sha256: Sha256
+    media_type: Annotated[str, Field(min_length=1, max_length=100)]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class IngestedFile(CommandModel):
+    """What an ingest job found in a raw data file."""
+
+    file_id: UUID
+    name: Annotated[str, Field(max_length=255)]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SucceedProcessingJob(_Held):
+    products: list[ProductOutputFile] = Field(default_factory=list, max_length=1000)
+    files: list[IngestedFile] = Field(default_factory=list, max_length=10_000)
+    catalogued: list[UUID] = Field(default_factory=list, max_length=10_000)
+    software: dict[str, str] = Field(default_factory=dict)
+
+
+class FailProcessingJob(_Held):
+    reason: Reason
+    retryable: bool = False
+
+
+class CancelProcessingJob(CancelJobRequest):
+    id: UUID
+
+
+class ConfirmProcessingCancel(_Held):
+    pass
+
+
+# -- handlers ---------------------------------------------------------------------------------
+def _job(uow: UnitOfWork, job_id: UUID) -> ProcessingJob:
+    return uow.for_update(ProcessingJob, job_id, "processing job", "id")
+
+
+def input_of(f: RawDataFile) -> dict[str, Any]:
+    """A raw data file as a job records its input (what lineage traces back to)."""
+    return {"file_id": str(f.id), "name": f.name, "instrument": f.instrument,
+            "relative_path": f.relative_path, "size": f.size,
+            "checksum_algorithm": f.checksum_algorithm, "checksum_value": f.checksum_value,
+            "file_type": f.file_type,
+            "executed_obs_unit_id": None if f.executed_obs_unit_id is None
+            else str(f.executed_obs_unit_id),
+            "metadata": dict(getattr(f, "fits_metadata", {}) or {})}
+
+
+def request_job(cmd: RequestProcessingJob, uow: UnitOfWork, prov: Provenance,
+                policy: Policy) -> list[UUID]:
+    assert cmd.id is not None
+    files = [uow.get(RawDataFile, fid, "raw data file", f"file_ids.{i}")
+             for i, fid in enumerate(cmd.file_ids)]
+    for i, pid in enumerate(cmd.product_ids):
+        uow.get(DataProduct, pid, "data product", f"product_ids.{i}")
+    job = ProcessingJob.request(
+        cmd.id, JobKind(cmd.kind), [input_of(f) for f in files], cmd.product_ids,
+        cmd.algorithm, cmd.algorithm_version, cmd.parameters, cmd.result_id, cmd.run_id,
+        cmd.catalog, cmd.publish, cmd.archive, cmd.max_attempts, policy.clock(), prov)
+    uow.add(job, "processing job")
+    return [job.id]
+
+
+def claim(cmd: ClaimProcessingJob, uow: UnitOfWork, prov: Provenance,
+          policy: Policy) -> list[UUID]:
+    job = _job(uow, cmd.id)
+    job.claim(cmd.worker, timedelta(seconds=cmd.lease_s), policy.clock(), prov)
+    return [job.id]
+
+
+def renew(cmd: RenewProcessingLease, uow: UnitOfWork, prov: Provenance,
+          policy: Policy) -> list[UUID]:
+    job = _job(uow, cmd.id)
+    job.renew(cmd.worker, cmd.attempt, timedelta(seconds=cmd.lease_s), policy.clock(), prov)
+    return [job.id]
+
+
+def start_step(cmd: ProcessingStep, uow: UnitOfWork, prov: Provenance,
+               policy: Policy) -> list[UUID]:
+    job = _job(uow, cmd.id)
+    job.start_step(cmd.worker, cmd.attempt, cmd.name, policy.clock(), prov)
+    return [job.id]
+
+
+def complete_step(cmd: ProcessingStep, uow: UnitOfWork, prov: Provenance,
+                  policy: Policy) -> list[UUID]:
+    job = _job(uow, cmd.id)
+    job.complete_step(cmd.worker, cmd.attempt, cmd.name, policy.clock(), prov)
+    return [job.id]
+
+
+def progress(cmd: ProcessingProgress, uow: UnitOfWork, prov: Provenance,
+             policy: Policy) -> list[UUID]:
+    job = _job(uow, cmd.id)
+    job.report_progress(cmd.worker, cmd.attempt, cmd.fraction, policy.clock(), prov)
+    return [job.id]
+
+
+def succeed(cmd: SucceedProcessingJob, uow: UnitOfWork, prov: Provenance,
+            policy: Policy) -> list[UUID]:
+    """The job succeeded: a process job's products are built (and catalogued when asked),
+    an ingest job's header facts recorded on the raw data files, a catalog job's products
+    catalogued."""
+    job = _job(uow, cmd.id)
+    now = policy.clock()
+    kind = JobKind(job.kind)
+    if kind is JobKind.PROCESS:
+        outputs = [p.model_dump(mode="json") for p in cmd.products]
+    elif kind is JobKind.INGEST:
+        known = {i["file_id"] for i in job.inputs}
+        for i, f in enumerate(cmd.files):
+            if str(f.file_id) not in known:
+                raise InvalidCommand(f"raw data file {f.file_id} is not an input of the job",
+                                     field=f"files.{i}.file_id")
+        outputs = [f.model_dump(mode="json") for f in cmd.files]
+    else:
+        outputs = [{"product_id": str(p)} for p in cmd.catalogued]
+    job.succeed(cmd.worker, cmd.attempt, outputs, cmd.software, now, prov)
+    touched = [job.id]
+    if kind is JobKind.PROCESS:
+        for output in outputs:
+            product = DataProduct.build(job, output, now, prov)
+            uow.add(product, "data product")
+            if job.catalog:
+                product.catalog(job.id, job.publish, job.archive, now, prov)
+            touched.append(product.id)
+    elif kind is JobKind.INGEST:
+        for f in cmd.files:
+            raw = uow.for_update(RawDataFile, f.file_id, "raw data file", "files")
+            raw.record_ingest(job.id, f.metadata, prov)
+            touched.append(raw.id)
+    else:
+        for i, pid in enumerate(job.product_ids):
+            product = uow.for_update(DataProduct, UUID(pid), "data product",
+                                     f"product_ids.{i}")
+            product.catalog(job.id, job.publish, job.archive, now, prov)
+            touched.append(product.id)
+    return touched
+
+
+def fail(cmd: FailProcessingJob, uow: UnitOfWork, prov: Provenance,
+         policy: Policy) -> list[UUID]:
+    job = _job(uow, cmd.id)
+    job.fail(cmd.worker, cmd.attempt, cmd.reason, cmd.retryable, policy.clock(), prov)
+    return [job.id]
+
+
+def cancel(cmd: CancelProcessingJob, uow: UnitOfWork, prov: Provenance,
+           policy: Policy) -> list[UUID]:
+    job = _job(uow, cmd.id)
+    job.request_cancel(cmd.reason, policy.clock(), prov)
+    return [job.id]
+
+
+def confirm_cancel(cmd: ConfirmProcessingCancel, uow: UnitOfWork, prov: Provenance,
+                   policy: Policy) -> list[UUID]:
+    job = _job(uow, cmd.id)
+    job.confirm_cancel(cmd.worker, cmd.attempt, policy.clock(), prov)
+    return [job.id]
+
+
+def _subjects(cmd: Any) -> list[str]:
+    return [f"processing_job:{cmd.id}"]
+
+
+def _request_subjects(cmd: RequestProcessingJob) -> list[str]:
+    out = [f"processing_job:{cmd.id}"]
+    if cmd.result_id is not None:
+        out.append(f"observation_result_jobs:{cmd.result_id}")
+    return out
+
+
+PROCESSING_COMMANDS: dict[str, CommandSpec] = {
+    spec.name: spec for spec in [
+        CommandSpec("processing_job.request", RequestProcessingJob, request_job,
+                    _request_subjects),
+        CommandSpec("processing_job.claim", ClaimProcessingJob, claim, _subjects,
+                    generated=()),
+        CommandSpec("processing_job.renew", RenewProcessingLease, renew, _subjects,
+                    generated=()),
+        CommandSpec("processing_job.start_step", ProcessingStep, start_step, _subjects,
+                    generated=()),
+        CommandSpec("processing_job.complete_step", ProcessingStep, complete_step, _subjects,
+                    generated=()),
+        CommandSpec("processing_job.progress", ProcessingProgress, progress, _subjects,
+                    generated=()),
+        CommandSpec("processing_job.succeed", SucceedProcessingJob, succeed, _subjects,
+                    generated=()),
+        CommandSpec("processing_job.fail", FailProcessingJob, fail, _subjects, generated=()),
+        CommandSpec("processing_job.cancel", CancelProcessingJob, cancel, _subjects,
+                    generated=()),
+        CommandSpec("processing_job.confirm_cancel", ConfirmProcessingCancel, confirm_cancel,
+                    _subjects, generated=()),
+    ]
+}
+COMMANDS.update(PROCESSING_COMMANDS)

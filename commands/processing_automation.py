@@ -1,0 +1,182 @@
+"""Processing runs of observation results go through the processing workers.
+
+``ProcessingRunManager`` follows the event log:
+
+- ``ObservationResult.RunStarted`` by the results scheduler (runs started through
+  ``POST /observation_results/{id}/runs`` are their sender's to end): a ``process`` job
+  for the run (id ``job_id_of_run(run_id)``), its inputs the result's assets that are raw
+  data files, the default algorithm (``processing_default_algorithm``, latest version, default
+  parameters), catalogued when ``processing_catalog_runs``; a result without raw data files
+  (in the event store) ends the run ``skipped``;
+- ``ProcessingJob.Succeeded`` / ``Failed`` / ``Cancelled`` of a run's job: the run ends
+  (``observation_result.end_run``) ``completed`` with the products as outputs, or ``failed``
+  with the job's reason; the result becomes READY (or STALE, FAILED) as the domain decides.
+
+Both act through critical commands with deterministic idempotency keys, like the results'
+process manager, so a crash between sending and recording the position repeats commands the
+journal answers from its record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Engine, select, update
+
+from commands.algorithms import algorithm
+from commands.models import Checksum, EndProcessingRunRequest, ProductOutput
+from commands.processing import RequestProcessingJob
+from commands.result_automation import ACTOR as SCHEDULER
+from commands.service import CommandService
+from domain.errors import DomainRejection
+from domain.processing import (
+    DataProduct,
+    JobKind,
+    ProcessingJob,
+    data_product_id,
+    job_id_of_run,
+)
+from domain.results import ObservationResult
+from infra.event_store import EventStore
+from infra.logs import command_context
+from infra.read_model_db import insert_missing
+from infra.settings import Settings
+from infra.worker import PollingWorker
+from projections.tables import build_positions
+
+log = logging.getLogger("obsledger.processing")
+
+ACTOR = "obsledger:processing"
+RAW_ASSET = "raw_data_file:"
+
+Send = tuple[str, Any, dict[str, Any], str, str]
+
+
+def raw_files(assets: set[str]) -> list[UUID]:
+    """The raw data files among a result's assets (``raw_data_file:<uuid>``)."""
+    out = []
+    for a in assets:
+        if a.startswith(RAW_ASSET):
+            try:
+                out.append(UUID(a[len(RAW_ASSET):]))
+            except ValueError:
+                continue
+    return out
+
+
+class ProcessingRunManager(PollingWorker):
+    """Runs started → process jobs; those jobs ended → runs ended."""
+
+    name = "processing-run-manager"
+    POSITION = "process_manager:processing"
+
+    def __init__(self, store: EventStore, engine: Engine, commands: CommandService,
+                 settings: Settings, page_size: int = 500, interval: float = 0.5) -> None:
+        super().__init__(interval)
+        self.store = store
+        self.engine = engine
+        self.commands = commands
+        self.settings = settings
+        self.page_size = page_size
+        self.positions = build_positions()
+        with engine.begin() as conn:
+            self.positions.create(conn, checkfirst=True)
+            insert_missing(conn, self.positions, {
+                "name": self.POSITION, "position": 0, "generation": "-",
+                "updated_at": datetime.now(UTC)})
+
+    def position(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(self.positions.c.position).where(
+                self.positions.c.name == self.POSITION)).scalar_one())
+
+    def once(self) -> int:
+        start = self.position()
+        notifications = self.store.select_notifications(start, self.page_size)
+        if not notifications:
+            return 0
+        sends: list[Send] = []
+        for n in notifications:
+            name = n.topic.rpartition(":")[2]
+            if name == "ObservationResult.RunStarted":
+                sends.extend(self._run_started(self.store.decode(n)))
+            elif name in ("ProcessingJob.Succeeded", "ProcessingJob.Failed",
+                          "ProcessingJob.Cancelled"):
+                sends.extend(self._job_ended(self.store.decode(n)))
+        if sends:
+            asyncio.run(self._send_all(sends))
+        with self.engine.begin() as conn:
+            conn.execute(update(self.positions).where(self.positions.c.name == self.POSITION)
+                         .values(position=notifications[-1].id, updated_at=datetime.now(UTC)))
+        return len(notifications)
+
+    async def _send_all(self, sends: list[Send]) -> None:
+        for command_type, request, path, key, correlation in sends:
+            with command_context(key, correlation):
+                try:
+                    await self.commands.submit(command_type, request, path=path, actor=ACTOR,
+                                               correlation_id=correlation,
+                                               idempotency_key=key)
+                except DomainRejection as e:  # refused at once: nothing to do
+                    log.info("%s %s not sent: %s", command_type, path, e)
+
+    def _run_started(self, e: Any) -> list[Send]:
+        result = self.store.get(e.originator_id)
+        if not isinstance(result, ObservationResult):
+            return []
+        run_id = UUID(str(e.run_id))
+        if e.actor != SCHEDULER or str(result.current_processing_run_id) != str(run_id):
+            # a run someone else started (they end it), or one that ended already (an old
+            # event, read again from the start)
+            return []
+        files = sorted(self.store.existing(raw_files(result.assets)))
+        correlation = f"processing_run:{run_id}"
+        if not files:
+            return [("observation_result.end_run",
+                     EndProcessingRunRequest(end="skipped", error=None),
+                     {"id": result.id, "run_id": run_id}, f"pm:run:{run_id}:end", correlation)]
+        name = self.settings.processing_default_algorithm
+        try:
+            version = algorithm(name).version
+        except DomainRejection as exc:
+            return [("observation_result.end_run",
+                     EndProcessingRunRequest(end="failed", error=str(exc)),
+                     {"id": result.id, "run_id": run_id}, f"pm:run:{run_id}:end", correlation)]
+        catalog = self.settings.processing_catalog_runs
+        request = RequestProcessingJob(
+            id=job_id_of_run(run_id), kind=JobKind.PROCESS.value, file_ids=files,
+            algorithm=name, algorithm_version=version, parameters={}, result_id=result.id,
+            run_id=run_id, catalog=catalog, publish=catalog, archive=False,
+            max_attempts=self.settings.processing_max_attempts)
+        return [("processing_job.request", request, {}, f"pm:run:{run_id}:job", correlation)]
+
+    def _job_ended(self, e: Any) -> list[Send]:
+        job = self.store.get(e.originator_id)
+        if not isinstance(job, ProcessingJob) or job.run_id is None or job.result_id is None:
+            return []
+        run_id = job.run_id
+        path = {"id": job.result_id, "run_id": run_id}
+        key, correlation = f"pm:run:{run_id}:end", f"processing_run:{run_id}"
+        if job.status != "succeeded":
+            what = "cancelled" if job.status == "cancelled" else "failed"
+            request = EndProcessingRunRequest(
+                end="failed", error=f"processing job {job.id} {what}: {job.reason}"[:4000])
+            return [("observation_result.end_run", request, path, key, correlation)]
+        outputs = []
+        for o in job.outputs:
+            product = self.store.get(data_product_id(job.id, o["kind"]))
+            outputs.append(ProductOutput(
+                name=o["name"], kind=o["kind"], uri=o.get("uri"), size=o["size"],
+                checksum=Checksum(algorithm="sha256", value=o["sha256"]),
+                metadata={"product_id": str(data_product_id(job.id, o["kind"])),
+                          "job_id": str(job.id), "key": o["key"],
+                          "media_type": o["media_type"], "metrics": o.get("metrics") or {},
+                          "status": product.status if isinstance(product, DataProduct)
+                          else "built"}))
+        return [("observation_result.end_run",
+                 EndProcessingRunRequest(end="completed", outputs=outputs), path, key,
+                 correlation)]
