@@ -23,6 +23,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from email.utils import formatdate
 from typing import Any
 
@@ -37,6 +38,7 @@ class MastTestServer:
         self.faults: dict[str, dict[str, Any]] = {}
         self.modified: dict[str, float] = {}
         self.sent: dict[str, int] = {}
+        self.serving: dict[str, int] = {}  # answers being written, per file
         self.requests: list[tuple[str, str | None, int]] = []
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -92,7 +94,23 @@ class MastTestServer:
             self._thread.join(10)
 
     # -- the download service --------------------------------------------------------------
+    def wait_idle(self, name: str, timeout: float = 10.0) -> None:
+        """Wait until no answer for ``name`` is being written: the answer to a client that
+        was killed goes on until a write fails, and its last blocks still count in ``sent``."""
+        deadline = time.monotonic() + timeout
+        while self.serving.get(name, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not self.serving.get(name, 0), f"{name} is still being served"
+
     async def _download(self, request: web.Request) -> web.StreamResponse:
+        name = request.query.get("uri", "").rsplit("/", 1)[-1]
+        self.serving[name] = self.serving.get(name, 0) + 1
+        try:
+            return await self._answer(request)
+        finally:
+            self.serving[name] -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         uri = request.query.get("uri", "")
         name = uri.rsplit("/", 1)[-1]
         rng = request.headers.get("Range")

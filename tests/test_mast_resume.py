@@ -107,6 +107,7 @@ def test_sigkill_mid_file_resumes_from_the_checkpoint(
         checkpoint = _checkpoint(client, job_id)
         assert 0 < checkpoint <= on_disk
         assert on_disk - checkpoint <= CHECKPOINT_BYTES  # at most one checkpoint's worth
+        server.wait_idle("big.bin")  # the killed downloader's answer has stopped
         served_before = len(server.requests)
         sent_before = server.sent["big.bin"]
         server.faults["big.bin"] = {}
