@@ -19,16 +19,16 @@ journal answers from its record.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Engine, select, update
+from eventsourcing.persistence import Notification
+from sqlalchemy import Engine
 
 from commands.algorithms import algorithm
 from commands.models import Checksum, EndProcessingRunRequest, ProductOutput
+from commands.process_manager import LogProcessManager, Send
 from commands.processing import RequestProcessingJob
 from commands.result_automation import ACTOR as SCHEDULER
 from commands.service import CommandService
@@ -42,18 +42,13 @@ from domain.processing import (
 )
 from domain.results import ObservationResult
 from infra.event_store import EventStore
-from infra.logs import command_context
-from infra.read_model_db import insert_missing
 from infra.settings import Settings
-from infra.worker import PollingWorker
-from projections.tables import build_positions
 
 log = logging.getLogger("obsledger.processing")
 
 ACTOR = "obsledger:processing"
 RAW_ASSET = "raw_data_file:"
 
-Send = tuple[str, Any, dict[str, Any], str, str]
 
 
 def raw_files(assets: set[str]) -> list[UUID]:
@@ -68,61 +63,26 @@ def raw_files(assets: set[str]) -> list[UUID]:
     return out
 
 
-class ProcessingRunManager(PollingWorker):
+class ProcessingRunManager(LogProcessManager):
     """Runs started → process jobs; those jobs ended → runs ended."""
 
     name = "processing-run-manager"
     POSITION = "process_manager:processing"
+    ACTOR = ACTOR
 
     def __init__(self, store: EventStore, engine: Engine, commands: CommandService,
                  settings: Settings, page_size: int = 500, interval: float = 0.5) -> None:
-        super().__init__(interval)
-        self.store = store
-        self.engine = engine
-        self.commands = commands
+        super().__init__(store, engine, commands, page_size, interval)
         self.settings = settings
-        self.page_size = page_size
-        self.positions = build_positions()
-        with engine.begin() as conn:
-            self.positions.create(conn, checkfirst=True)
-            insert_missing(conn, self.positions, {
-                "name": self.POSITION, "position": 0, "generation": "-",
-                "updated_at": datetime.now(UTC)})
 
-    def position(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(self.positions.c.position).where(
-                self.positions.c.name == self.POSITION)).scalar_one())
-
-    def once(self) -> int:
-        start = self.position()
-        notifications = self.store.select_notifications(start, self.page_size)
-        if not notifications:
-            return 0
-        sends: list[Send] = []
-        for n in notifications:
-            name = n.topic.rpartition(":")[2]
-            if name == "ObservationResult.RunStarted":
-                sends.extend(self._run_started(self.store.decode(n)))
-            elif name in ("ProcessingJob.Succeeded", "ProcessingJob.Failed",
-                          "ProcessingJob.Cancelled"):
-                sends.extend(self._job_ended(self.store.decode(n)))
-        if sends:
-            asyncio.run(self._send_all(sends))
-        with self.engine.begin() as conn:
-            conn.execute(update(self.positions).where(self.positions.c.name == self.POSITION)
-                         .values(position=notifications[-1].id, updated_at=datetime.now(UTC)))
-        return len(notifications)
-
-    async def _send_all(self, sends: list[Send]) -> None:
-        for command_type, request, path, key, correlation in sends:
-            with command_context(key, correlation):
-                try:
-                    await self.commands.submit(command_type, request, path=path, actor=ACTOR,
-                                               correlation_id=correlation,
-                                               idempotency_key=key)
-                except DomainRejection as e:  # refused at once: nothing to do
-                    log.info("%s %s not sent: %s", command_type, path, e)
+    def react(self, notification: Notification) -> list[Send]:
+        name = notification.topic.rpartition(":")[2]
+        if name == "ObservationResult.RunStarted":
+            return self._run_started(self.store.decode(notification))
+        if name in ("ProcessingJob.Succeeded", "ProcessingJob.Failed",
+                    "ProcessingJob.Cancelled"):
+            return self._job_ended(self.store.decode(notification))
+        return []
 
     def _run_started(self, e: Any) -> list[Send]:
         result = self.store.get(e.originator_id)

@@ -17,24 +17,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Engine, select, update
+from eventsourcing.persistence import Notification
+from sqlalchemy import Engine, select
 
 from commands.models import (
     ContributeAssetRequest,
     StartProcessingRunRequest,
     TaskOutcomeRequest,
 )
+from commands.process_manager import LogProcessManager, Send, send_command
 from commands.service import CommandService
-from domain.errors import DomainRejection
 from infra.event_store import EventStore
-from infra.logs import command_context
-from infra.read_model_db import insert_missing
 from infra.worker import PollingWorker
-from projections.tables import build_positions, build_tables
+from projections.tables import build_tables
 from queries.service import QueryService
 
 log = logging.getLogger("obsledger.results")
@@ -44,74 +43,30 @@ ACTOR = "obsledger:results"
 TASK_OUTCOME_OF_EXECUTION = {"success": "succeeded", "failed": "failed", "aborted": "canceled"}
 
 
-async def _send(commands: CommandService, command_type: str, request: Any,
-                path: dict[str, Any], key: str, correlation_id: str) -> None:
-    with command_context(key, correlation_id):
-        try:
-            await commands.submit(command_type, request, path=path, actor=ACTOR,
-                                  correlation_id=correlation_id, idempotency_key=key)
-        except DomainRejection as e:  # refused at once (unknown or final): nothing to do
-            log.info("%s %s not sent: %s", command_type, path, e)
-
-
-class ResultsProcessManager(PollingWorker):
+class ResultsProcessManager(LogProcessManager):
     """Raw data files → assets of results; finished executions → task outcomes."""
 
     name = "results-process-manager"
     POSITION = "process_manager:results"
+    ACTOR = ACTOR  # the module's: the scheduler sends as the same actor
 
     def __init__(self, store: EventStore, engine: Engine, queries: QueryService,
                  commands: CommandService, page_size: int = 500,
                  interval: float = 0.5) -> None:
-        super().__init__(interval)
-        self.store = store
-        self.engine = engine
+        super().__init__(store, engine, commands, page_size, interval)
         self.queries = queries
-        self.commands = commands
-        self.page_size = page_size
-        self.positions = build_positions()
         self.tasks = build_tables().observation_result_tasks
-        with engine.begin() as conn:
-            self.positions.create(conn, checkfirst=True)
-            insert_missing(conn, self.positions, {
-                "name": self.POSITION, "position": 0, "generation": "-",
-                "updated_at": datetime.now(UTC)})
 
-    def position(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(self.positions.c.position).where(
-                self.positions.c.name == self.POSITION)).scalar_one())
+    def horizon(self) -> int:
+        return self.queries.read_model_position()  # the tasks it looks up are projected
 
-    def _record_position(self, position: int) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(update(self.positions).where(self.positions.c.name == self.POSITION)
-                         .values(position=position, updated_at=datetime.now(UTC)))
-
-    def once(self) -> int:
-        """Handle the next page of events the read models already show; return its size."""
-        start = self.position()
-        horizon = self.queries.read_model_position()  # the tasks it looks up are projected
-        if horizon <= start:
-            return 0
-        notifications = [n for n in self.store.select_notifications(start, self.page_size)
-                         if n.id <= horizon]
-        if not notifications:
-            return 0
-        sends: list[tuple[str, Any, dict[str, Any], str, str]] = []
-        for n in notifications:
-            name = n.topic.rpartition(":")[2]
-            if name == "RawDataFile.Registered":
-                sends.extend(self._assets(self.store.decode(n)))
-            elif name == "ExecutedObsUnit.Finished":
-                sends.extend(self._outcomes(self.store.decode(n)))
-        if sends:
-            asyncio.run(self._send_all(sends))
-        self._record_position(notifications[-1].id)
-        return len(notifications)
-
-    async def _send_all(self, sends: list[tuple[str, Any, dict[str, Any], str, str]]) -> None:
-        for command_type, request, path, key, correlation in sends:
-            await _send(self.commands, command_type, request, path, key, correlation)
+    def react(self, notification: Notification) -> list[Send]:
+        name = notification.topic.rpartition(":")[2]
+        if name == "RawDataFile.Registered":
+            return self._assets(self.store.decode(notification))
+        if name == "ExecutedObsUnit.Finished":
+            return self._outcomes(self.store.decode(notification))
+        return []
 
     def _tasks_of(self, executed_obs_unit_id: str, open_only: bool) -> list[dict[str, Any]]:
         t = self.tasks
@@ -121,7 +76,7 @@ class ResultsProcessManager(PollingWorker):
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
-    def _assets(self, e: Any) -> list[tuple[str, Any, dict[str, Any], str, str]]:
+    def _assets(self, e: Any) -> list[Send]:
         if e.executed_obs_unit_id is None:
             return []
         asset = f"raw_data_file:{e.originator_id}"
@@ -130,7 +85,7 @@ class ResultsProcessManager(PollingWorker):
                  f"pm:asset:{e.originator_id}:{task['result_id']}", e.correlation_id)
                 for task in self._tasks_of(str(e.executed_obs_unit_id), open_only=False)]
 
-    def _outcomes(self, e: Any) -> list[tuple[str, Any, dict[str, Any], str, str]]:
+    def _outcomes(self, e: Any) -> list[Send]:
         outcome = TASK_OUTCOME_OF_EXECUTION.get(e.status)
         if outcome is None:
             return []
@@ -172,8 +127,8 @@ class ResultsScheduler(PollingWorker):
 
     async def _send_all(self, runs: list[tuple[str, str]]) -> None:
         for result_id, key in runs:
-            await _send(self.commands, "observation_result.start_run",
-                        StartProcessingRunRequest(), {"id": UUID(result_id)}, key, key)
+            await send_command(self.commands, ACTOR, "observation_result.start_run",
+                               StartProcessingRunRequest(), {"id": UUID(result_id)}, key, key)
 
 
 class ResultsAutomation:

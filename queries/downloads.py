@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from domain.downloads import download_file_id
 from infra.journal import JournalEntry
+from queries.overlay import mark_pending
 from queries.service import PENDING_SCAN_LIMIT, QueryService
 
 COMMAND_TYPES = tuple(f"download_job.{c}" for c in (
@@ -106,11 +107,7 @@ def _overlay(job: dict[str, Any] | None, e: JournalEntry) -> dict[str, Any] | No
         control = _CONTROL.get(e.command_type)
         if control is not None and job["status"] in control[0]:
             job["status"] = control[1]
-    job["pending"] = True
-    job["command_status"] = e.status
-    if e.command_id not in job["pending_command_ids"]:
-        job["pending_command_ids"].append(e.command_id)
-    return job
+    return mark_pending(job, e)
 
 
 class DownloadQueries:

@@ -24,6 +24,16 @@ Kind = str  # "executed_obs_unit" | "raw_data_file" | "raw_data_package" | "stag
 Loader = Callable[[Kind, str], dict[str, Any] | None]
 
 
+def mark_pending(row: dict[str, Any], entry: JournalEntry) -> dict[str, Any]:
+    """``row`` as changed by ``entry``, a command not yet visible in the read model."""
+    row["pending"] = True
+    row["command_status"] = entry.status
+    ids = row.setdefault("pending_command_ids", [])
+    if entry.command_id not in ids:
+        ids.append(entry.command_id)
+    return row
+
+
 class Overlay:
     def __init__(self, load: Loader) -> None:
         self._load = load
@@ -39,11 +49,7 @@ class Overlay:
         return cache[entity_id]
 
     def _mark(self, kind: Kind, entity_id: str, row: dict[str, Any], entry: JournalEntry) -> None:
-        row["pending"] = True
-        row["command_status"] = entry.status
-        ids = row.setdefault("pending_command_ids", [])
-        if entry.command_id not in ids:
-            ids.append(entry.command_id)
+        mark_pending(row, entry)
         self.rows[kind][entity_id] = row
         if entity_id not in self.touched[kind]:
             self.touched[kind].append(entity_id)

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 
 from infra.journal import JournalEntry
+from queries.overlay import mark_pending
 from queries.service import PENDING_SCAN_LIMIT, QueryService
 
 COMMAND_TYPES = tuple(f"processing_job.{c}" for c in (
@@ -111,11 +112,7 @@ def _overlay(job: dict[str, Any] | None, e: JournalEntry) -> dict[str, Any] | No
             job["cancel_requested"] = True
     else:
         return job
-    job["pending"] = True
-    job["command_status"] = e.status
-    if e.command_id not in job["pending_command_ids"]:
-        job["pending_command_ids"].append(e.command_id)
-    return job
+    return mark_pending(job, e)
 
 
 class ProcessingQueries:

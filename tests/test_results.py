@@ -294,12 +294,12 @@ def test_the_process_manager_links_files_and_finished_executions_exactly_once(
     pm = lg.results.process_manager
     crashes = iter([True])  # the first page "crashes" after its commands were sent
 
-    def record(position: int, original: Any = pm._record_position) -> None:
+    def record(position: int, original: Any = pm.record_position) -> None:
         if next(crashes, False):
             raise RuntimeError("killed before recording the position")
         original(position)
 
-    monkeypatch.setattr(pm, "_record_position", record)
+    monkeypatch.setattr(pm, "record_position", record)
     with pytest.raises(RuntimeError):
         pm.once()
     assert pm.position() == 0
