@@ -7,6 +7,7 @@ reachable they skip, except with OBSLEDGER_REQUIRE_SERVICES=1 (CI), where they f
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -183,6 +184,27 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The OBSLEDGER_* environment that reproduces ``settings`` in another process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OBSLEDGER_")}
     return {**env, **settings.environment()}
+
+
+class CliProcess:
+    """``obsledger <command> <args>`` in its own process with ``settings``' environment."""
+
+    def __init__(self, settings: Settings, command: str, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", command, *args],
+                                     env=settings_env(settings), cwd=ROOT)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 class ServerProcess:

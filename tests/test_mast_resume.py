@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,8 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from infra.settings import Settings
-from tests.conftest import ROOT, grant, settings_env
+from tests.conftest import ROOT, CliProcess, grant, settings_env
 from tests.mast_server import MastTestServer
 from tests.test_mast_downloads import FITS_DIR, download_settings, product, start, wait_status
 
@@ -42,27 +40,6 @@ def server() -> Iterator[MastTestServer]:
     s.start()
     yield s
     s.stop()
-
-
-class Downloader:
-    """``obsledger downloader`` in its own process."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "downloader"],
-                                     env=settings_env(settings), cwd=ROOT)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def _checkpoint(client: TestClient, job_id: str) -> int:
@@ -88,7 +65,7 @@ def test_sigkill_mid_file_resumes_from_the_checkpoint(
     with TestClient(create_app(settings), headers=grant(settings)) as client:
         job_id = start(client, [product("test0.fits"), product("big.bin", BIG)],
                        destination="kill", chunked=mode == "chunked", register_files=False)
-        first = Downloader(settings)
+        first = CliProcess(settings, "downloader")
         try:
             deadline = time.monotonic() + 30
             done = 0
@@ -111,7 +88,7 @@ def test_sigkill_mid_file_resumes_from_the_checkpoint(
         served_before = len(server.requests)
         sent_before = server.sent["big.bin"]
         server.faults["big.bin"] = {}
-        second = Downloader(settings)
+        second = CliProcess(settings, "downloader")
         try:
             job = wait_status(client, job_id, {"completed"}, timeout=60)
         finally:

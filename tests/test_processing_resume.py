@@ -6,9 +6,6 @@ and PostgreSQL. SIGTERM releases the job at once."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,33 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from infra.settings import Settings
-from tests.conftest import ROOT, grant, settings_env
+from tests.conftest import CliProcess, grant
 from tests.test_processing import SAAO, proc_settings, register, submit, wait_job
 
 pytestmark = pytest.mark.slow
 LEASE_S = 3.0
-
-
-class Worker:
-    """``obsledger worker`` in its own process."""
-
-    def __init__(self, settings: Settings, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "worker", *args],
-                                     env=settings_env(settings), cwd=ROOT)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def _time(value: str) -> datetime:
@@ -59,7 +34,7 @@ def test_sigkill_mid_job_then_another_worker_takes_over(
         files = [register(client, settings, SAAO, f"kill_{i}.fits") for i in range(5)]
         job_id = submit(client, "/ops/process", {
             "file_ids": files, "parameters": {"chunk_rows": 1}, "catalog": True})
-        first = Worker(settings)
+        first = CliProcess(settings, "worker")
         try:
             job = wait_job(client, job_id, {"running"}, timeout=60, current_step="combine")
             first.kill()
@@ -74,8 +49,8 @@ def test_sigkill_mid_job_then_another_worker_takes_over(
         assert stuck["lease"]["worker"] == dead and stuck["attempts"] == 1
         expired_at = _time(stuck["lease"]["expires_at"])
         # the next worker as on another host: its own journal, applied by its own dispatcher
-        second = Worker(settings.model_copy(update={
-            "journal_path": tmp_path / "worker-journal.sqlite3"}), "--with-dispatcher")
+        second = CliProcess(settings.model_copy(update={
+            "journal_path": tmp_path / "worker-journal.sqlite3"}), "worker", "--with-dispatcher")
         try:
             done = wait_job(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
         finally:
@@ -108,7 +83,7 @@ def test_sigterm_releases_the_job_at_once(tmp_path: Path, store_kind: str) -> No
         files = [register(client, settings, SAAO, f"term_{i}.fits") for i in range(5)]
         job_id = submit(client, "/ops/process", {"file_ids": files,
                                                  "parameters": {"chunk_rows": 1}})
-        worker = Worker(settings)
+        worker = CliProcess(settings, "worker")
         try:
             wait_job(client, job_id, {"running"}, timeout=60, current_step="combine")
         finally:
