@@ -71,6 +71,12 @@ PARTIAL_SUFFIX = ".part"
 DEFAULT_INSTRUMENT = "MAST"
 
 
+#: Commands after which a job's running task must stop at once, not at the next projection,
+#: and the events that say it stopped.
+STOPPING = ("download_job.pause", "download_job.cancel")
+STOPPED_TOPICS = (".Paused", ".Cancelled")
+
+
 class _Stop(Exception):
     """The job must stop here (a command was refused: cancelled, …)."""
 
@@ -113,6 +119,7 @@ class Downloader:
         self.running = False
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.live: dict[tuple[str, int], int] = {}  # (job, file) → bytes written (not yet ckpt)
+        self.read_version: dict[str, int] = {}  # job → the version its running task read
         self.bytes_fetched = 0  # this process's, for tests and the bench
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -197,8 +204,10 @@ class Downloader:
         for job_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[job_id]
-            elif job_id not in active and not self._pending(job_id, ("download_job.request",
-                                                                     "download_job.resume")):
+            elif (job_id not in active or self._pending(job_id, STOPPING)
+                  or await asyncio.to_thread(self._stopped_since_read, job_id)):
+                # paused or cancelled, even if resumed since: a resumed job gets a new task
+                # that reads the job again (its files may have changed on the server meanwhile)
                 task.cancel()
         for job_id in active:
             if job_id not in self.tasks:
@@ -207,6 +216,14 @@ class Downloader:
         if time.monotonic() - self._last_purge > 60:
             self._last_purge = time.monotonic()
             await self.purge_expired()
+
+    def _stopped_since_read(self, job_id: str) -> bool:
+        """Whether the job was paused or cancelled after its task read it (the read model
+        shows only the latest status: a pause and a resume between two ticks leave no
+        trace there)."""
+        version = self.read_version.get(job_id)
+        return version is not None and any(
+            t.endswith(STOPPED_TOPICS) for t in self.store.topics_since(UUID(job_id), version))
 
     def _pending(self, job_id: str, types: tuple[str, ...] = ()) -> bool:
         entries = self.commands.journal.unprojected(sys.maxsize, f"download_job:{job_id}")
@@ -251,6 +268,7 @@ class Downloader:
             if not isinstance(job, DownloadJob) or job.status not in (
                     JobStatus.REQUESTED, JobStatus.RUNNING):
                 return
+            self.read_version[str(job_id)] = job.version
             todo = [i for i, f in enumerate(job.files) if f["status"] != FileStatus.COMPLETE]
             tasks = [asyncio.create_task(self.run_file(job, i)) for i in todo]
             try:
@@ -268,6 +286,7 @@ class Downloader:
         except _Stop as e:
             log.info("download job %s stopped: %s", job_id, e)
         finally:
+            self.read_version.pop(str(job_id), None)
             self.wake()
 
     async def run_file(self, job: DownloadJob, index: int) -> None:
@@ -300,7 +319,9 @@ class Downloader:
                 offset, known = 0, None
                 restarts += 1
         changed_once = False
-        expected_size = f.get("size")  # the archive's, or the server's when started
+        # the archive's size, or the server's when started; a file started again from 0 is
+        # whatever the server sends now (its size is recorded when it starts)
+        expected_size = f.get("size") if restart_reason is None else None
         while True:
             reason = restart_reason
 

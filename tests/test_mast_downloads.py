@@ -243,6 +243,28 @@ def test_changed_file_restarts_from_zero(dl_client: TestClient, dl_settings: Set
     assert sha(on_disk) == sha(new)
 
 
+def test_a_pause_and_resume_in_quick_succession_stop_the_running_transfer(
+        dl_client: TestClient, dl_settings: Settings, mast_server: MastTestServer) -> None:
+    """A pause followed at once by a resume (the read model may never show the pause) still
+    stops the transfer under way: the resumed job reads the file again and sees it changed."""
+    mast_server.faults["generated.bin"] = {"delay": 0.03}
+    job_id = start(dl_client, [product("generated.bin")], chunked=False, register_files=False)
+    deadline = time.monotonic() + 20
+    while dl_client.get(f"/mast/download/progress/{job_id}").json()["bytes_done"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    new = os.urandom(2 * 1024 * 1024)
+    mast_server.add("generated.bin", new, modified=1_800_000_000.0)  # the old body goes on
+    assert dl_client.post(f"/mast/download/pause/{job_id}").status_code == 202
+    assert dl_client.post(f"/mast/download/resume/{job_id}").status_code == 202
+    mast_server.faults["generated.bin"] = {}
+    job = wait_status(dl_client, job_id, {"completed", "failed"})
+    assert job["status"] == "completed", job
+    assert job["files"][0]["restarts"] == 1 and job["files"][0]["size"] == len(new)
+    on_disk = (dl_settings.download_dir / "hst/run1/generated.bin").read_bytes()
+    assert sha(on_disk) == sha(new)
+
+
 def test_a_damaged_fits_file_fails_the_job(dl_client: TestClient,
                                            mast_server: MastTestServer) -> None:
     data = bytearray(mast_server.files["test0.fits"])
