@@ -137,7 +137,7 @@ class Ledger:
                                                   self.settings, self.objects)
         self.dispatcher = Dispatcher(self.journal, self.store, self.settings,
                                      on_applied=self._applied, clock=self.clock,
-                                     metrics=self.metrics)
+                                     metrics=self.metrics, accepted=self.commands.accepted)
         self.journal.on_append(self.dispatcher.wake)
         return True
 

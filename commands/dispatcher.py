@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from commands.handlers import COMMANDS, CommandSpec, Policy
 from commands.models import JOURNALED
+from commands.service import AcceptedCommands
 from commands.unit_of_work import UnitOfWork
 from domain.errors import DomainRejection, TargetNotFound
 from domain.provenance import Provenance
@@ -50,9 +51,11 @@ class Dispatcher:
         on_applied: Callable[[int], None] | None = None,
         clock: Callable[[], datetime] | None = None,
         metrics: Metrics | None = None,
+        accepted: AcceptedCommands | None = None,
     ) -> None:
         self.journal = journal
         self.store = store
+        self.accepted = accepted  # the commands as this process accepted them
         self.settings = settings
         self.policy = Policy.from_settings(settings, clock)
         self.metrics = metrics
@@ -192,11 +195,13 @@ class Dispatcher:
         if spec is None:
             return Outcome(entry.seq, REJECTED, reason=f"unknown command type "
                            f"{entry.command_type}", reason_code="invalid")
-        try:
-            command = spec.model.model_validate(entry.payload, context=JOURNALED)
-        except ValidationError as e:
-            return Outcome(entry.seq, REJECTED, reason=f"invalid command: {e}",
-                           reason_code="invalid")
+        command = self.accepted.take(entry.seq) if self.accepted is not None else None
+        if command is None or type(command) is not spec.model:
+            try:
+                command = spec.model.model_validate(entry.payload, context=JOURNALED)
+            except ValidationError as e:
+                return Outcome(entry.seq, REJECTED, reason=f"invalid command: {e}",
+                               reason_code="invalid")
         return _Parsed(entry, spec, command, Provenance(
             actor=entry.actor, command_id=entry.command_id,
             correlation_id=entry.correlation_id, observed_at=entry.observed_at))

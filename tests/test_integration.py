@@ -30,6 +30,7 @@ from commands.downloads import (
 )
 from commands.handlers import COMMANDS
 from commands.models import (
+    JOURNALED,
     AddFilesToPackageRequest,
     BulkRegisterRawDataFilesRequest,
     CancelObservationResultRequest,
@@ -367,6 +368,35 @@ def test_every_command_type_is_applied_and_projected(ledger: Ledger) -> None:
     product = ledger.processing.product(ids["product"])
     assert product is not None and product["status"] == "published"
     assert {i["name"] for i in product["inputs"]} == {"single.fits", "b1.fits"}
+
+
+def test_commands_are_applied_as_they_were_accepted(ledger: Ledger) -> None:
+    """The dispatcher applies the object a command was accepted as instead of validating its
+    journaled payload again: for every command type the two are equal."""
+    ids = build_night(ledger)
+    entries = [status(ledger, c) for k, c in ids.items() if k.startswith("cmd:")]
+    accepted = ledger.commands.accepted
+    assert len(accepted) == len(entries)
+    for e in entries:
+        spec = COMMANDS[e.command_type]
+        assert accepted.get(e.seq) == spec.model.model_validate(e.payload, context=JOURNALED)
+    settle(ledger)
+    assert all(status(ledger, e.command_id).status == APPLIED for e in entries)
+    assert len(accepted) == 0
+
+
+def test_commands_evicted_from_memory_are_validated_from_the_journal(ledger: Ledger) -> None:
+    ledger.commands.accepted.capacity = 4  # a unit (1) and a 3-file bulk (4): the unit goes
+    unit = start(ledger, "OU-evicted")
+    bulk = submit(ledger, "raw_data_file.register_bulk", BulkRegisterRawDataFilesRequest
+                  .model_validate({"files": [file_spec(f"ev{i}.fits", unit=unit)
+                                             for i in range(3)]}))
+    assert len(ledger.commands.accepted) == 1
+    settle(ledger)
+    assert status(ledger, bulk.entry.command_id).status == APPLIED
+    assert ledger.queries.execution(unit) is not None
+    assert {f: ledger.queries.file(fid(f)) is not None for f in ("ev0.fits", "ev2.fits")} == {
+        "ev0.fits": True, "ev2.fits": True}
 
 
 def test_events_carry_the_commands_provenance(ledger: Ledger) -> None:
