@@ -60,6 +60,8 @@ request_audit = Table(
 COLUMNS = ("at", "principal", "method", "route", "path", "resource_id", "client", "status",
            "duration_ms", "command_id")
 
+_PG_COPY = f"COPY request_audit ({', '.join(COLUMNS)}) FROM STDIN"
+
 _PG_APPEND_ONLY = """
 CREATE OR REPLACE FUNCTION obsledger_request_audit_append_only() RETURNS trigger AS $$
 BEGIN RAISE EXCEPTION 'request_audit is append-only'; END $$ LANGUAGE plpgsql;
@@ -150,8 +152,14 @@ class RequestAuditLog:
             try:
                 self.create_table()
                 with self.engine.begin() as conn:
-                    conn.execute(request_audit.insert(),
-                                 [dict(zip(COLUMNS, row, strict=True)) for row in batch])
+                    raw: Any = conn.connection.driver_connection
+                    if is_postgres(self.engine):  # COPY: far less CPU than an executemany
+                        with raw.cursor() as cur, cur.copy(_PG_COPY) as copy:
+                            for row in batch:
+                                copy.write_row(row)
+                    else:
+                        conn.execute(request_audit.insert(),
+                                     [dict(zip(COLUMNS, row, strict=True)) for row in batch])
             except SQLAlchemyError as e:
                 if not self.failing:
                     log.warning("request audit log not written (%d held): %s", len(batch), e)
