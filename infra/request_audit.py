@@ -2,8 +2,8 @@
 client address, status, duration, command id — in the append-only ``request_audit`` table of
 the read-model database.
 
-Recording a request appends a tuple to a buffer; a writer thread inserts the buffer in one
-statement every ``flush_s``. A request never waits for the database. While the database is
+Recording a request appends a tuple to a buffer; a writer thread inserts the buffer every
+``flush_s`` (one ``COPY`` on PostgreSQL, one multi-row INSERT on SQLite). A request never waits for the database. While the database is
 unreachable the buffer keeps up to ``capacity`` records (the oldest beyond that are dropped
 and counted in ``dropped``). Triggers refuse UPDATE and DELETE on the table (SQLite and
 PostgreSQL), so rows cannot be edited through SQL without dropping the triggers first.
