@@ -119,7 +119,7 @@ class Downloader:
         self.running = False
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.live: dict[tuple[str, int], int] = {}  # (job, file) → bytes written (not yet ckpt)
-        self.read_version: dict[str, int] = {}  # job → the version its running task read
+        self.read_version: dict[str, int] = {}  # job → its events its running task has seen
         self.bytes_fetched = 0  # this process's, for tests and the bench
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -220,10 +220,15 @@ class Downloader:
     def _stopped_since_read(self, job_id: str) -> bool:
         """Whether the job was paused or cancelled after its task read it (the read model
         shows only the latest status: a pause and a resume between two ticks leave no
-        trace there)."""
-        version = self.read_version.get(job_id)
-        return version is not None and any(
-            t.endswith(STOPPED_TOPICS) for t in self.store.topics_since(UUID(job_id), version))
+        trace there). Each call reads only the events the previous one did not see."""
+        seen = self.read_version.get(job_id)
+        if seen is None:
+            return False
+        for version, topic in self.store.topics_since(UUID(job_id), seen):
+            if topic.endswith(STOPPED_TOPICS):
+                return True
+            self.read_version[job_id] = version
+        return False
 
     def _pending(self, job_id: str, types: tuple[str, ...] = ()) -> bool:
         entries = self.commands.journal.unprojected(sys.maxsize, f"download_job:{job_id}")

@@ -248,11 +248,12 @@ class EventStore:
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"event store unavailable: {e}") from e
 
-    def topics_since(self, aggregate_id: UUID, version: int) -> list[str]:
-        """The topics of the aggregate's events after ``version``, oldest first (not decoded:
-        a cheap way to learn what happened to it since it was read)."""
+    def topics_since(self, aggregate_id: UUID, version: int) -> list[tuple[int, str]]:
+        """(version, topic) of the aggregate's events after ``version``, oldest first (not
+        decoded: a cheap way to learn what happened to it since it was read)."""
         try:
-            return [e.topic for e in self.recorder.select_events(aggregate_id, gt=version)]
+            return [(e.originator_version, e.topic)
+                    for e in self.recorder.select_events(aggregate_id, gt=version)]
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"event store unavailable: {e}") from e
 

@@ -3,10 +3,11 @@ client address, status, duration, command id — in the append-only ``request_au
 the read-model database.
 
 Recording a request appends a tuple to a buffer; a writer thread inserts the buffer every
-``flush_s`` (one ``COPY`` on PostgreSQL, one multi-row INSERT on SQLite). A request never waits for the database. While the database is
-unreachable the buffer keeps up to ``capacity`` records (the oldest beyond that are dropped
-and counted in ``dropped``). Triggers refuse UPDATE and DELETE on the table (SQLite and
-PostgreSQL), so rows cannot be edited through SQL without dropping the triggers first.
+``flush_s`` (one ``COPY`` on PostgreSQL, an executemany INSERT on SQLite). A request never
+waits for the database. While the database is unreachable the buffer keeps up to
+``capacity`` records (the oldest beyond that are dropped and counted in ``dropped``).
+Triggers refuse UPDATE and DELETE on the table (SQLite and PostgreSQL), so rows cannot be
+edited through SQL without dropping the triggers first.
 """
 
 from __future__ import annotations
