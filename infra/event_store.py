@@ -7,7 +7,7 @@ global notification log (the "log position" of every event), which projectors fo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
@@ -236,7 +236,8 @@ class EventStore:
     # -- reading -------------------------------------------------------------------------
     def get(self, aggregate_id: UUID) -> Aggregate | None:
         try:
-            return cast(Aggregate, self.app.repository.get(aggregate_id))
+            return cast(Aggregate, self.app.repository.get(aggregate_id,
+                                                           projector_func=_replay))
         except AggregateNotFoundError:
             return None
         except _UNAVAILABLE as e:
@@ -343,6 +344,16 @@ class EventStore:
 
     def close(self) -> None:
         self.app.close()
+
+
+def _replay(aggregate: Any, events: Iterable[Any]) -> Any:
+    """eventsourcing's ``project_aggregate`` without its per-event runtime protocol check
+    (``isinstance(event, CanMutateProtocol)``, ~13 µs: as much as decoding the event), which
+    made replaying a long-lived aggregate (a download job's checkpoints) cost twice as much.
+    Every event of the store is one of the domain's aggregate events."""
+    for event in events:
+        aggregate = event.mutate(aggregate)
+    return aggregate
 
 
 def _recorded_at(stamp: Any) -> datetime | None:
