@@ -18,6 +18,7 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -96,12 +97,16 @@ class RequestAuditLog:
     def record(self, at: datetime, principal: str | None, method: str, route: str, path: str,
                resource_id: str | None, client: str | None, status: int, duration_ms: float,
                command_id: str | None) -> None:
-        """Hold one request for the next batch (never blocks)."""
+        """Hold one request for the next batch (never blocks). Text longer than its column is
+        cut (a 5,000-character path or a made-up method must not make PostgreSQL refuse the
+        whole batch, again and again)."""
         if len(self._buffer) >= self.capacity:
             self._buffer.popleft()
             self.dropped += 1
-        self._buffer.append((at, principal, method, route, path, resource_id, client, status,
-                             duration_ms, command_id))
+        self._buffer.append((
+            at, principal and principal[:120], method[:10], route[:300], path[:1000],
+            resource_id and resource_id[:200], client and client[:100], status, duration_ms,
+            command_id and command_id[:200]))
 
     # -- the writer ------------------------------------------------------------------------
     def start(self) -> None:
@@ -161,7 +166,7 @@ class RequestAuditLog:
                     else:
                         conn.execute(request_audit.insert(),
                                      [dict(zip(COLUMNS, row, strict=True)) for row in batch])
-            except SQLAlchemyError as e:
+            except (SQLAlchemyError, psycopg.Error) as e:  # COPY raises psycopg's own errors
                 if not self.failing:
                     log.warning("request audit log not written (%d held): %s", len(batch), e)
                 self.failing = True

@@ -345,6 +345,23 @@ def test_request_audit_log(bare: TestClient, settings: Settings) -> None:
             conn.execute(text(statement))
 
 
+def test_oversized_requests_are_audited_cut_and_the_log_goes_on(bare: TestClient,
+                                                                 settings: Settings) -> None:
+    """Text longer than its column is cut: PostgreSQL would refuse the whole batch forever."""
+    robot = grant(settings, "robot", ("automation", "viewer"))
+    auditor = grant(settings, "inspector", ("auditor",), kind="user")
+    audit = bare.app.state.ledger.request_audit  # type: ignore[attr-defined]
+    audit.flush()
+    long_path = "/raw_data_files/" + "f" * 5000
+    assert bare.get(long_path, headers=robot).status_code < 500
+    assert bare.request("PROPPATCHEXTENDED", "/raw_data_files", headers=robot).status_code < 500
+    audit.flush()  # (the writer thread may have written them already)
+    assert audit.pending == 0 and not audit.failing
+    rows = bare.get("/audit/requests", headers=auditor).json()["items"]
+    assert {(r["method"], r["path"]) for r in rows} >= {("PROPPATCHE", "/raw_data_files"),
+                                                        ("GET", long_path[:1000])}
+
+
 def test_a_verified_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     import infra.accounts as accounts
 
