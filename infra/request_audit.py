@@ -79,6 +79,14 @@ _SQLITE_APPEND_ONLY = [
 ]
 
 
+def _text(value: str | None, limit: int) -> Any:
+    if value is None:
+        return None
+    if not value.isascii():  # lone surrogates (undecodable bytes of a path) cannot be stored
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value[:limit].replace("\x00", "\ufffd")
+
+
 class RequestAuditLog:
     def __init__(self, engine: Engine, flush_s: float = 0.5, capacity: int = 100_000) -> None:
         self.engine = engine
@@ -97,16 +105,17 @@ class RequestAuditLog:
     def record(self, at: datetime, principal: str | None, method: str, route: str, path: str,
                resource_id: str | None, client: str | None, status: int, duration_ms: float,
                command_id: str | None) -> None:
-        """Hold one request for the next batch (never blocks). Text longer than its column is
-        cut (a 5,000-character path or a made-up method must not make PostgreSQL refuse the
-        whole batch, again and again)."""
+        """Hold one request for the next batch (never blocks). Text is made storable: cut to
+        its column, NUL and unencodable characters replaced (a 5,000-character path, a
+        made-up method or a ``%00`` in a path must not make PostgreSQL refuse the whole batch,
+        again and again)."""
         if len(self._buffer) >= self.capacity:
             self._buffer.popleft()
             self.dropped += 1
         self._buffer.append((
-            at, principal and principal[:120], method[:10], route[:300], path[:1000],
-            resource_id and resource_id[:200], client and client[:100], status, duration_ms,
-            command_id and command_id[:200]))
+            at, _text(principal, 120), _text(method, 10), _text(route, 300), _text(path, 1000),
+            _text(resource_id, 200), _text(client, 100), status, duration_ms,
+            _text(command_id, 200)))
 
     # -- the writer ------------------------------------------------------------------------
     def start(self) -> None:

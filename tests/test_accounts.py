@@ -355,11 +355,13 @@ def test_oversized_requests_are_audited_cut_and_the_log_goes_on(bare: TestClient
     long_path = "/raw_data_files/" + "f" * 5000
     assert bare.get(long_path, headers=robot).status_code < 500
     assert bare.request("PROPPATCHEXTENDED", "/raw_data_files", headers=robot).status_code < 500
+    assert bare.get("/raw_data_files/a%00b%ff", headers=robot).status_code < 500
     audit.flush()  # (the writer thread may have written them already)
     assert audit.pending == 0 and not audit.failing
     rows = bare.get("/audit/requests", headers=auditor).json()["items"]
     assert {(r["method"], r["path"]) for r in rows} >= {("PROPPATCHE", "/raw_data_files"),
                                                         ("GET", long_path[:1000])}
+    assert any(r["path"].startswith("/raw_data_files/a\ufffdb") for r in rows)
 
 
 def test_a_verified_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -832,6 +832,9 @@ def test_fuzz_command_endpoints(client: TestClient) -> None:
         time.sleep(0.05)
     assert h["projector"]["last_error"] is None and h["dispatcher"]["last_error"] is None
     assert "internal" not in json.dumps(h)
+    audit = client.app.state.ledger.request_audit  # type: ignore[attr-defined]
+    audit.flush()  # every fuzzed request is in the request audit log, none holds it up
+    assert audit.pending == 0 and not audit.failing
 
 
 # -- the plain command lane ------------------------------------------------------------------
