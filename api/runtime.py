@@ -79,7 +79,9 @@ class Ledger:
         self._anchor_publisher: AnchorPublisher | None = None
         self.metrics = Metrics()
         self.metrics.watch(self.metrics_state)
-        self.commands = CommandService(self.journal, None, self.metrics)
+        # with embedded workers this process applies what it accepts: keep the objects
+        self.commands = CommandService(self.journal, None, self.metrics,
+                                       keep_accepted=self.workers)
         self._stopping = threading.Event()
         self._connect_store()
 

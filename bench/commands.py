@@ -132,6 +132,7 @@ def measure_applied(args: argparse.Namespace, settings: Any) -> None:
 
     n = args.commands
     ledger = Ledger(settings, workers=False)
+    ledger.commands.accepted.enabled = True  # as in bulk (below)
     try:
         reqs = [StartExecutedObsUnitRequest(obs_unit_id=f"OU-{i % 97}", instrument="HARPS",
                                             metadata={"airmass": 1.12, "seq": i})
@@ -188,6 +189,8 @@ def measure_bulk(args: argparse.Namespace, settings: Any) -> None:
 
     per, count = args.bulk_files, args.bulk_commands
     ledger = Ledger(settings, workers=False)
+    # this process applies what it journals, as the API with its embedded dispatcher does
+    ledger.commands.accepted.enabled = True
     try:
         reqs = [BulkRegisterRawDataFilesRequest.model_validate({"files": [{
             "name": f"HARPS.bench.{c}.{i:05d}.fits",

@@ -112,17 +112,22 @@ class AcceptedCommands:
     fifth of a bulk registration's dispatch. What is not here (a restart, another process's
     commands, evicted) is validated from the journal as before.
 
-    Bounded by weight (a command, plus one per element of its lists: files of a bulk
-    registration), the oldest evicted first; used by the event loop and the dispatcher's
-    thread."""
+    Kept only when ``enabled``: in a process whose dispatcher applies what it accepts (the
+    API with its embedded workers); a process that only journals (``serve --no-workers``,
+    ``obsledger downloader``, ``obsledger worker``) keeps nothing. Bounded by weight (a
+    command, plus one per element of its lists: files of a bulk registration), the oldest
+    evicted first; used by the event loop and the dispatcher's thread."""
 
-    def __init__(self, capacity: int = 200_000) -> None:
+    def __init__(self, enabled: bool = False, capacity: int = 200_000) -> None:
+        self.enabled = enabled
         self.capacity = capacity
         self._commands: dict[int, tuple[CommandModel, int]] = {}
         self._weight = 0
         self._lock = threading.Lock()
 
     def put(self, seq: int, command: CommandModel) -> None:
+        if not self.enabled:
+            return
         weight = 1 + sum(len(v) for v in command.__dict__.values() if isinstance(v, list))
         with self._lock:
             self._commands[seq] = (command, weight)
@@ -149,11 +154,11 @@ class AcceptedCommands:
 
 class CommandService:
     def __init__(self, journal: Journal, store: EventStore | None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, keep_accepted: bool = False) -> None:
         self.journal = journal
         self.store = store
         self.metrics = metrics
-        self.accepted = AcceptedCommands()
+        self.accepted = AcceptedCommands(enabled=keep_accepted)
 
     async def submit(
         self,

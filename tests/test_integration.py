@@ -373,6 +373,7 @@ def test_every_command_type_is_applied_and_projected(ledger: Ledger) -> None:
 def test_commands_are_applied_as_they_were_accepted(ledger: Ledger) -> None:
     """The dispatcher applies the object a command was accepted as instead of validating its
     journaled payload again: for every command type the two are equal."""
+    ledger.commands.accepted.enabled = True  # as in a process with embedded workers
     ids = build_night(ledger)
     entries = [status(ledger, c) for k, c in ids.items() if k.startswith("cmd:")]
     accepted = ledger.commands.accepted
@@ -385,7 +386,24 @@ def test_commands_are_applied_as_they_were_accepted(ledger: Ledger) -> None:
     assert len(accepted) == 0
 
 
+def test_a_process_that_only_journals_keeps_no_accepted_command(settings: Settings) -> None:
+    """``serve --no-workers``, ``obsledger downloader``: another process applies what they
+    journal, so holding the objects would only fill memory."""
+    journaling = Ledger(settings, workers=False)
+    try:
+        start(journaling, "OU-elsewhere")
+        assert len(journaling.commands.accepted) == 0
+    finally:
+        journaling.stop()
+    with_workers = Ledger(settings, workers=True)
+    try:
+        assert with_workers.commands.accepted.enabled
+    finally:
+        with_workers.stop()
+
+
 def test_commands_evicted_from_memory_are_validated_from_the_journal(ledger: Ledger) -> None:
+    ledger.commands.accepted.enabled = True
     ledger.commands.accepted.capacity = 4  # a unit (1) and a 3-file bulk (4): the unit goes
     unit = start(ledger, "OU-evicted")
     bulk = submit(ledger, "raw_data_file.register_bulk", BulkRegisterRawDataFilesRequest
