@@ -216,6 +216,7 @@ class Ledger:
             "obsledger_event_store_head_position": gauge(c["head_position"]),
             "obsledger_request_audit_pending": gauge(self.request_audit.pending),
             "obsledger_request_audit_dropped": gauge(self.request_audit.dropped),
+            "obsledger_request_audit_refused": gauge(self.request_audit.refused),
         }
         if c["projector_lag_events"] is not None:
             # every read model is projected in the same transactions: one lag for all

@@ -34,6 +34,8 @@ STATE_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "obsledger_request_audit_pending": ("Request audit records not yet written.", ()),
     "obsledger_request_audit_dropped": ("Request audit records dropped (buffer full while the "
                                         "database was unreachable).", ()),
+    "obsledger_request_audit_refused": ("Request audit records the database refused (left "
+                                        "out).", ()),
     "obsledger_download_active_jobs": ("MAST download jobs this process is running.", ()),
     "obsledger_download_files_in_flight": ("MAST files being fetched by this process.", ()),
     "obsledger_processing_jobs": ("Processing jobs by status (read model).", ("status",)),

@@ -34,7 +34,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from infra.read_model_db import is_postgres, utc_row
 
@@ -79,6 +79,12 @@ _SQLITE_APPEND_ONLY = [
 ]
 
 
+#: The database refuses the data of a row (COPY raises psycopg's errors, not SQLAlchemy's).
+_REFUSED = (DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityError)
+#: Anything else that leaves the buffer unwritten (the database unreachable, …).
+_UNWRITTEN = (SQLAlchemyError, psycopg.Error)
+
+
 def _text(value: str | None, limit: int) -> Any:
     if value is None:
         return None
@@ -94,6 +100,7 @@ class RequestAuditLog:
         self._buffer: deque[tuple[Any, ...]] = deque()
         self.capacity = capacity
         self.dropped = 0
+        self.refused = 0  # records the database refused (left out)
         self.failing = False  # the last write failed (logged once per outage)
         self.written = 0
         self._ready = False
@@ -159,32 +166,56 @@ class RequestAuditLog:
 
     def flush(self) -> int:
         """Write what is buffered; returns the number of rows written (0 if the database is
-        unreachable: the rows stay buffered)."""
+        unreachable: the rows stay buffered). A row the database refuses (bad data) is
+        counted in ``refused`` and left out, not allowed to hold back the others."""
         with self._flush_lock:
             if not self._buffer:
                 return 0
             batch = list(self._buffer)
             try:
                 self.create_table()
-                with self.engine.begin() as conn:
-                    raw: Any = conn.connection.driver_connection
-                    if is_postgres(self.engine):  # COPY: far less CPU than an executemany
-                        with raw.cursor() as cur, cur.copy(_PG_COPY) as copy:
-                            for row in batch:
-                                copy.write_row(row)
-                    else:
-                        conn.execute(request_audit.insert(),
-                                     [dict(zip(COLUMNS, row, strict=True)) for row in batch])
-            except (SQLAlchemyError, psycopg.Error) as e:  # COPY raises psycopg's own errors
+                try:
+                    self._insert(batch)
+                    done = written = len(batch)
+                except _REFUSED:  # one row at a time, leaving out what is refused
+                    done, written = self._insert_each(batch)
+            except _UNWRITTEN as e:
                 if not self.failing:
                     log.warning("request audit log not written (%d held): %s", len(batch), e)
                 self.failing = True
                 return 0
-            self.failing = False
-            for _ in batch:  # record() only appends on the right: these are the oldest
+            self.failing = done < len(batch)  # the database went away part way
+            for _ in range(done):  # record() only appends on the right: these are the oldest
                 self._buffer.popleft()
-            self.written += len(batch)
-            return len(batch)
+            self.written += written
+            return written
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        with self.engine.begin() as conn:
+            raw: Any = conn.connection.driver_connection
+            if is_postgres(self.engine):  # COPY: far less CPU than an executemany
+                with raw.cursor() as cur, cur.copy(_PG_COPY) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            else:
+                conn.execute(request_audit.insert(),
+                             [dict(zip(COLUMNS, row, strict=True)) for row in rows])
+
+    def _insert_each(self, rows: list[tuple[Any, ...]]) -> tuple[int, int]:
+        """(rows handled, rows written), stopping at the first error that is not a refusal
+        of the row itself (the database gone: the rest stays buffered)."""
+        written = 0
+        for i, row in enumerate(rows):
+            try:
+                self._insert([row])
+                written += 1
+            except _REFUSED as e:
+                self.refused += 1
+                log.warning("request audit record refused by the database, left out: %s %s "
+                            "(%s)", row[2], row[4][:200], e)
+            except _UNWRITTEN:
+                return i, written
+        return len(rows), written
 
     @property
     def pending(self) -> int:

@@ -364,6 +364,22 @@ def test_oversized_requests_are_audited_cut_and_the_log_goes_on(bare: TestClient
     assert any(r["path"].startswith("/raw_data_files/a\ufffdb") for r in rows)
 
 
+def test_a_record_the_database_refuses_is_left_out_not_holding_the_rest(
+        bare: TestClient, settings: Settings) -> None:
+    audit = bare.app.state.ledger.request_audit  # type: ignore[attr-defined]
+    audit.flush()
+    now = datetime.now(UTC)
+    good = (now, None, "GET", "/health", "/health", None, "10.0.0.1", 200, 1.0, None)
+    bad = (now, None, "GET", "/health", "/health", None, "10.0.0.2", None, 1.0, None)  # NULL
+    audit._buffer.extend([good, bad, good])  # as record() holds them (it cannot make this one)
+    assert audit.flush() == 2
+    assert audit.pending == 0 and audit.refused == 1 and not audit.failing
+    with bare.app.state.ledger.engine.connect() as conn:  # type: ignore[attr-defined]
+        clients = conn.execute(text("SELECT client FROM request_audit WHERE client "
+                                    "LIKE '10.0.0.%'")).scalars().all()
+    assert clients == ["10.0.0.1", "10.0.0.1"]
+
+
 def test_a_verified_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     import infra.accounts as accounts
 
