@@ -196,7 +196,7 @@ class Dispatcher:
             return Outcome(entry.seq, REJECTED, reason=f"unknown command type "
                            f"{entry.command_type}", reason_code="invalid")
         command = self.accepted.take(entry.seq) if self.accepted is not None else None
-        if command is None or type(command) is not spec.model:
+        if command is None:
             try:
                 command = spec.model.model_validate(entry.payload, context=JOURNALED)
             except ValidationError as e:

@@ -85,10 +85,19 @@ _REFUSED = (DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityError
 _UNWRITTEN = (SQLAlchemyError, psycopg.Error)
 
 
-def _text(value: str | None, limit: int) -> Any:
-    if value is None:
-        return None
-    if not value.isascii():  # lone surrogates (undecodable bytes of a path) cannot be stored
+#: Each column's length (None: not text), from the table.
+_LENGTHS = tuple(getattr(request_audit.c[name].type, "length", None) for name in COLUMNS)
+
+
+def _storable(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``row`` with its text cut to its column, NUL and unencodable characters (lone
+    surrogates: undecodable bytes of a path) replaced."""
+    return tuple(v if length is None or v is None else _text(v, length)
+                 for v, length in zip(row, _LENGTHS, strict=True))
+
+
+def _text(value: str, limit: int) -> str:
+    if not value.isascii():
         value = value.encode("utf-8", "replace").decode("utf-8")
     return value[:limit].replace("\x00", "\ufffd")
 
@@ -112,17 +121,12 @@ class RequestAuditLog:
     def record(self, at: datetime, principal: str | None, method: str, route: str, path: str,
                resource_id: str | None, client: str | None, status: int, duration_ms: float,
                command_id: str | None) -> None:
-        """Hold one request for the next batch (never blocks). Text is made storable: cut to
-        its column, NUL and unencodable characters replaced (a 5,000-character path, a
-        made-up method or a ``%00`` in a path must not make PostgreSQL refuse the whole batch,
-        again and again)."""
+        """Hold one request for the next batch (never blocks)."""
         if len(self._buffer) >= self.capacity:
             self._buffer.popleft()
             self.dropped += 1
-        self._buffer.append((
-            at, _text(principal, 120), _text(method, 10), _text(route, 300), _text(path, 1000),
-            _text(resource_id, 200), _text(client, 100), status, duration_ms,
-            _text(command_id, 200)))
+        self._buffer.append((at, principal, method, route, path, resource_id, client, status,
+                             duration_ms, command_id))
 
     # -- the writer ------------------------------------------------------------------------
     def start(self) -> None:
@@ -166,12 +170,14 @@ class RequestAuditLog:
 
     def flush(self) -> int:
         """Write what is buffered; returns the number of rows written (0 if the database is
-        unreachable: the rows stay buffered). A row the database refuses (bad data) is
-        counted in ``refused`` and left out, not allowed to hold back the others."""
+        unreachable: the rows stay buffered). Text is made storable here, in the writer, not
+        on the request's path (a 5,000-character path, a made-up method or a ``%00`` in a
+        path must not make PostgreSQL refuse the whole batch, again and again); a row the
+        database still refuses is counted in ``refused`` and left out."""
         with self._flush_lock:
             if not self._buffer:
                 return 0
-            batch = list(self._buffer)
+            batch = [_storable(row) for row in self._buffer]
             try:
                 self.create_table()
                 try:
@@ -192,8 +198,8 @@ class RequestAuditLog:
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         with self.engine.begin() as conn:
-            raw: Any = conn.connection.driver_connection
             if is_postgres(self.engine):  # COPY: far less CPU than an executemany
+                raw: Any = conn.connection.driver_connection
                 with raw.cursor() as cur, cur.copy(_PG_COPY) as copy:
                     for row in rows:
                         copy.write_row(row)

@@ -113,18 +113,20 @@ def test_an_event_stored_as_version_1_is_read_by_the_new_code(ledger: Ledger) ->
 
 
 # -- the bytes of a stored event ------------------------------------------------------------
+def _transcoder(cls: type[JSONTranscoder]) -> JSONTranscoder:
+    """``cls`` with the transcodings the ledger registers (UUIDs, decimals, datetimes)."""
+    transcoder = cls()
+    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
+        transcoder.register(transcoding)
+    return transcoder
+
+
 def _stock() -> JSONTranscoder:
-    stock = JSONTranscoder()
-    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
-        stock.register(transcoding)
-    return stock
+    return _transcoder(JSONTranscoder)
 
 
-def _ours() -> EventStateTranscoder:
-    ours = EventStateTranscoder()
-    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
-        ours.register(transcoding)
-    return ours
+def _ours() -> JSONTranscoder:
+    return _transcoder(EventStateTranscoder)
 
 
 _leaves = (st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.text()
