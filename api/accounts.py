@@ -9,20 +9,28 @@ without one of the roles → 403; both in the error format.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Form, Path, Query, Request, Security
+from fastapi import APIRouter, Depends, Form, Path, Query, Request, Response, Security
 from fastapi.security import OAuth2PasswordBearer, SecurityScopes
 from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, EmailStr, Field
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import ApiError, ErrorResponse, QueryTime, as_utc
-from api.runtime import Ledger
+from api.errors import RETRY_AFTER_DOC, ApiError, ErrorResponse, QueryTime, as_utc
+from api.paging import LINK_HEADER, PageRequest, paged, paging_with_skip
+from api.routing import GuardedRoute
+from bootstrap.ledger import Ledger
 from domain.accounts import (
     ADMINS,
     AUDITORS,
@@ -33,9 +41,11 @@ from domain.accounts import (
     Principal,
     Role,
 )
-from infra.accounts import AccountExists, AuthError
+from infra.accounts import AccountExists, AuthError, AuthUnavailable, password_problem
+from infra.metrics import Metrics
 
 TAG = "accounts"
+log = logging.getLogger("obsledger.accounts")
 oauth2 = OAuth2PasswordBearer(tokenUrl="/auth/token", scopes=ROLE_DESCRIPTIONS,
                               auto_error=False,
                               description="A user token from POST /auth/token, or a service "
@@ -53,7 +63,11 @@ ACCOUNT_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Unknown account or token"},
     409: {"model": ErrorResponse, "description": "Conflicts with the account's state"},
     422: {"model": ErrorResponse, "description": "Validation failed"},
-    429: {"model": ErrorResponse, "description": "Too many failed attempts"},
+    429: {"model": ErrorResponse, "description": "Too many failed attempts",
+          "headers": {"Retry-After": RETRY_AFTER_DOC}},
+    503: {"model": ErrorResponse, "description": "Accounts database unavailable, or too many "
+          "password checks at once (Retry-After)",
+          "headers": {"Retry-After": RETRY_AFTER_DOC}},
 }
 
 
@@ -67,6 +81,12 @@ def unauthorized(reason: str) -> ApiError:
                     headers={"WWW-Authenticate": "Bearer"})
 
 
+def accounts_unavailable(reason: str, retry_after_s: int = 2) -> ApiError:
+    return ApiError(503, f"Service unavailable: {reason}",
+                    [{"field": "Authorization", "message": f"retry in {retry_after_s} s"}],
+                    headers={"Retry-After": str(retry_after_s)})
+
+
 async def authenticate(request: Request, token: str) -> Principal:
     """The token's principal; raises 401. A stale accounts snapshot is refreshed in the
     background; one that can be read but does not know the token yet is refreshed first."""
@@ -78,6 +98,8 @@ async def authenticate(request: Request, token: str) -> Principal:
         if principal is None:
             await run_in_threadpool(auth.refresh)
             principal = auth.authenticate(token, refreshed=True)
+    except AuthUnavailable as e:  # fail closed: never trusted on its signature alone
+        raise accounts_unavailable(str(e), auth.retry_after_s()) from None
     except AuthError as e:
         raise unauthorized(str(e)) from None
     assert principal is not None
@@ -88,7 +110,12 @@ async def _authorize(request: Request, required: SecurityScopes,
                      token: Annotated[str | None, Depends(oauth2)]) -> Principal:
     if token is None:
         raise unauthorized("no bearer token")
-    principal = await authenticate(request, token)
+    return authorize(request, await authenticate(request, token), required)
+
+
+def authorize(request: Request, principal: Principal, required: SecurityScopes) -> Principal:
+    """``principal``, recorded on the request, if it holds one of the ``required`` roles;
+    else 403 naming the roles it has."""
     request.state.principal = principal
     if not principal.may(frozenset(required.scopes)):
         raise ApiError(403, f"Forbidden: needs one of the roles {', '.join(required.scopes)}",
@@ -111,15 +138,22 @@ def principal_of(request: Request) -> Principal:
 
 
 # -- rate limits ---------------------------------------------------------------------------
+T = TypeVar("T")
+
+
 class AuthRateLimits:
-    """Moving-window limits on failed authentication: per username or principal, and per
-    client address. Once a limit is reached every attempt is refused (429), the right
-    password included, until the window moves on."""
+    """Moving-window limits on failed password checks (logins, password changes): per
+    username, and per client address. An attempt is counted *before* its password is
+    checked: it takes one of the budget's remaining failures while it runs (released if the
+    password was right, kept as a failure if not), so concurrent guesses can never check more
+    passwords than the limit allows. Once a limit is reached every attempt is refused (429),
+    the right password included, until the window moves on."""
 
     def __init__(self, per_name: str, per_client: str) -> None:
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
         self.per_name: RateLimitItem = parse(per_name)
         self.per_client: RateLimitItem = parse(per_client)
+        self._running: Counter[tuple[str, str]] = Counter()  # attempts being checked
 
     def _checks(self, name: str, client: str | None) -> list[tuple[RateLimitItem, str, str]]:
         checks = [(self.per_name, "name", name)]
@@ -127,25 +161,124 @@ class AuthRateLimits:
             checks.append((self.per_client, "client", client))
         return checks
 
-    def check(self, name: str, client: str | None = None) -> None:
-        """429 when ``name`` or ``client`` has used up its failures."""
-        for item, kind, key in self._checks(name, client):
-            if not self._limiter.test(item, kind, key):
-                reset = self._limiter.get_window_stats(item, kind, key).reset_time
-                retry = max(1, int(reset - datetime.now(UTC).timestamp()) + 1)
+    def begin(self, name: str, client: str | None = None) -> None:
+        """Count an attempt (429 when ``name`` or ``client`` has no failure left, those
+        being checked included). Runs on the event loop: no other attempt interleaves."""
+        checks = self._checks(name, client)
+        for item, kind, key in checks:
+            stats = self._limiter.get_window_stats(item, kind, key)
+            if stats.remaining - self._running[(kind, key)] <= 0:
+                retry = 1  # attempts being checked hold the rest of the budget: a moment
+                if stats.remaining <= 0:
+                    retry = max(1, int(stats.reset_time - datetime.now(UTC).timestamp()) + 1)
                 raise ApiError(429, f"Too many failed attempts: at most {item} per {kind}",
                                [{"field": "username" if kind == "name" else "client",
                                  "message": f"retry in {retry} s"}],
                                headers={"Retry-After": str(retry)})
+        for _item, kind, key in checks:
+            self._running[(kind, key)] += 1
 
-    def failed(self, name: str, client: str | None = None) -> None:
+    def end(self, name: str, client: str | None, *, failed: bool) -> None:
+        """The attempt :meth:`begin` counted is over; a failure stays in the window."""
         for item, kind, key in self._checks(name, client):
-            self._limiter.hit(item, kind, key)
+            self._running[(kind, key)] -= 1
+            if self._running[(kind, key)] <= 0:
+                del self._running[(kind, key)]
+            if failed:
+                self._limiter.hit(item, kind, key)
+
+    @asynccontextmanager
+    async def attempt(self, name: str, client: str | None) -> AsyncIterator[list[bool]]:
+        """``begin`` … ``end``; the body sets ``outcome[0] = True`` when the password was
+        wrong. An error of ours (503, …) is not counted as a failure."""
+        self.begin(name, client)
+        outcome = [False]
+        try:
+            yield outcome
+        finally:
+            self.end(name, client, failed=outcome[0])
+
+
+class PasswordChecks:
+    """Bounds the argon2 work (~64 MiB and tens of ms of a core each) running at once:
+    ``concurrent`` checks or hashes run, ``queue`` more wait; beyond, 503 with Retry-After
+    rather than an unbounded queue (memory) or a thread per guess."""
+
+    def __init__(self, concurrent: int, queue: int, metrics: Metrics | None = None) -> None:
+        self.concurrent = concurrent
+        self.queue = queue
+        self.metrics = metrics
+        self._slots = asyncio.Semaphore(concurrent)
+        self.waiting = 0
+        self.running = 0
+        self.peak = 0
+
+    async def run(self, kind: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread once a slot is free (``kind`` labels the metric:
+        login, password_change, hash)."""
+        if self._slots.locked() and self.waiting >= self.queue:
+            if self.metrics is not None:
+                self.metrics.password_checks_refused.inc()
+            raise ApiError(503, "Service unavailable: too many password checks at once",
+                           [{"field": "password", "message": "retry in 1 s"}],
+                           headers={"Retry-After": "1"})
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        if self.metrics is not None:
+            self.metrics.password_checks.labels(kind).inc()
+        try:
+            return await run_in_threadpool(fn, *args)
+        finally:
+            self.running -= 1
+            self._slots.release()
 
 
 def _limits(request: Request) -> AuthRateLimits:
     limits: AuthRateLimits = request.app.state.auth_limits
     return limits
+
+
+def _password_checks(request: Request) -> PasswordChecks:
+    checks: PasswordChecks = request.app.state.password_checks
+    return checks
+
+
+def _client(request: Request) -> str | None:
+    """The client address: the peer, or what a configured proxy said
+    (OBSLEDGER_FORWARDED_ALLOW_IPS; no header is trusted otherwise)."""
+    return request.client.host if request.client else None
+
+
+async def _strong(password: str, username: str, field: str = "password") -> None:
+    """422 unless ``password`` passes the one rule of every password."""
+    problem = await run_in_threadpool(password_problem, password, username)
+    if problem is not None:
+        raise ApiError(422, "Validation failed", [{"field": field, "message": problem}])
+
+
+class _AccountsRoute(GuardedRoute):
+    """A route of this router (authenticated before its body is read, as every route): the
+    accounts database unreachable or unreadable (an error of SQLAlchemy) is 503 with
+    Retry-After, never a 500."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except SQLAlchemyError as e:
+                log.warning("%s %s: accounts database: %s", request.method, request.url.path,
+                            e)
+                raise ApiError(503, "Service unavailable: the accounts database cannot be "
+                               f"read ({type(e).__name__})", headers={"Retry-After": "2"}
+                               ) from None
+        return handle
 
 
 # -- models --------------------------------------------------------------------------------
@@ -166,6 +299,7 @@ class AccountView(BaseModel):
     created_at: datetime
     created_by: str
     disabled_at: datetime | None = None
+    email: str | None = Field(None, description="A user's e-mail address, when given.")
 
 
 class Me(AccountView):
@@ -173,15 +307,22 @@ class Me(AccountView):
     token_id: str | None = None
 
 
+PASSWORD_RULE = (f"At least {MIN_PASSWORD_LENGTH} characters, and not easy to guess: zxcvbn's "
+                 "strength estimate (the username counting as a known word) must be at least "
+                 "3 of 4; a weak one answers 422 saying why.")
+
+
 class RegisterUser(BaseModel):
     username: str = Field(pattern=USERNAME_PATTERN, examples=["night-operator"])
     password: str = Field(min_length=MIN_PASSWORD_LENGTH, max_length=200,
-                          examples=["correct horse battery staple"])
+                          examples=["correct horse battery staple"], description=PASSWORD_RULE)
     roles: list[RoleName] = Field(min_length=1, examples=[["operator"]])
+    email: EmailStr | None = Field(None, max_length=320, description="The user's e-mail "
+                                   "address, kept with the account (optional).")
 
     model_config = {"json_schema_extra": {"examples": [{
         "username": "night-operator", "password": "correct horse battery staple",
-        "roles": ["operator"]}]}}
+        "roles": ["operator"], "email": "night-operator@observatory.example.org"}]}}
 
 
 class NewServiceAccount(BaseModel):
@@ -210,14 +351,15 @@ class IssuedServiceToken(ServiceTokenView):
 
 
 class NewPassword(BaseModel):
-    password: str = Field(min_length=MIN_PASSWORD_LENGTH, max_length=200)
+    current_password: str = Field(min_length=1, max_length=200,
+                                  description="Your password now (checked like a login, and "
+                                  "rate limited with logins).")
+    password: str = Field(min_length=MIN_PASSWORD_LENGTH, max_length=200,
+                          description="The new password. " + PASSWORD_RULE)
 
-    @field_validator("password")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
-        return v
+    model_config = {"json_schema_extra": {"examples": [{
+        "current_password": "correct horse battery staple",
+        "password": "quasar sextant umbra meridian"}]}}
 
 
 class RequestRecord(BaseModel):
@@ -237,7 +379,9 @@ class RequestRecord(BaseModel):
 class RequestRecordPage(BaseModel):
     items: list[RequestRecord]
     total: int
-    skip: int
+    offset: int = Field(description="Rows skipped (the `Link` header has the neighbouring "
+                        "pages).")
+    skip: int = Field(description="Deprecated: the same as `offset`.")
     limit: int
 
 
@@ -258,25 +402,27 @@ def _account(ledger: Ledger, account_id: UUID, kind: str | None = None) -> dict[
 
 # -- routes --------------------------------------------------------------------------------
 def accounts_router() -> APIRouter:
-    r = APIRouter(tags=[TAG], responses=ACCOUNT_ERRORS)
+    r = APIRouter(tags=[TAG], responses=ACCOUNT_ERRORS, route_class=_AccountsRoute)
 
     @r.post("/auth/token", response_model=TokenResponse,
-            responses={401: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+            responses={401: {"model": ErrorResponse}, 429: ACCOUNT_ERRORS[429],
+                       503: ACCOUNT_ERRORS[503]},
             summary="A user token (OAuth2 password form; expires after 30 minutes by default)",
-            description="Form fields `username` and `password`. Repeated failures are limited "
-            "per username and per client address (429 with Retry-After).")
+            description="Form fields `username` and `password`. Failures are limited per "
+            "username and per client address (429 with Retry-After), an attempt counting "
+            "from before its password is checked; at most OBSLEDGER_AUTH_PASSWORD_CHECKS "
+            "passwords are checked at once, a few more wait, beyond that 503 with "
+            "Retry-After.")
     async def token(request: Request, username: Annotated[str, Form(max_length=100)],
                     password: Annotated[str, Form(max_length=200)]) -> Any:
-        client = request.client.host if request.client else None
-        limits = _limits(request)
-        limits.check(username, client)
         auth = _ledger(request).auth
-        try:
-            access, expires_in = await run_in_threadpool(auth.password_login, username,
-                                                         password)
-        except AuthError as e:
-            limits.failed(username, client)
-            raise unauthorized(str(e)) from None
+        async with _limits(request).attempt(username, _client(request)) as wrong:
+            try:
+                access, expires_in = await _password_checks(request).run(
+                    "login", auth.password_login, username, password)
+            except AuthError as e:
+                wrong[0] = True
+                raise unauthorized(str(e)) from None
         return TokenResponse(access_token=access, expires_in=expires_in)
 
     @r.get("/auth/me", response_model=Me, dependencies=[allow(READERS)],
@@ -287,13 +433,24 @@ def accounts_router() -> APIRouter:
         return Me(**_view(row).model_dump(), actor=p.actor, token_id=p.token_id)
 
     @r.put("/auth/me/password", status_code=204, dependencies=[allow(READERS)],
-           summary="Change your password (your earlier tokens stop working)")
+           summary="Change your password (your earlier tokens stop working)",
+           description="Needs `current_password` (a wrong one answers 403; failures count "
+           "with failed logins of the same username and client: 429 beyond the limit). The "
+           "new password must pass the same rule as at registration (422 saying why).")
     async def change_password(request: Request, body: NewPassword) -> None:
         p = principal_of(request)
         if p.kind != "user":
             raise ApiError(409, "A service account has no password")
         ledger = _ledger(request)
-        hashed = await run_in_threadpool(ledger.auth.passwords.hash, body.password)
+        checks = _password_checks(request)
+        async with _limits(request).attempt(p.name, _client(request)) as wrong:
+            if not await checks.run("password_change", ledger.auth.check_password,
+                                    p.account_id, body.current_password):
+                wrong[0] = True
+                raise ApiError(403, "Forbidden: the current password is not right",
+                               [{"field": "current_password", "message": "incorrect"}])
+        await _strong(body.password, p.name)
+        hashed = await checks.run("hash", ledger.auth.passwords.hash, body.password)
         await run_in_threadpool(ledger.auth.store.set_password, p.account_id, hashed)
         await run_in_threadpool(ledger.auth.refresh)
 
@@ -303,8 +460,11 @@ def accounts_router() -> APIRouter:
             summary="Create a user account with its roles (admin)")
     async def register(request: Request, body: RegisterUser) -> Any:
         ledger = _ledger(request)
-        hashed = await run_in_threadpool(ledger.auth.passwords.hash, body.password)
-        return _view(await _create(request, body.username, "user", body.roles, hashed))
+        await _strong(body.password, body.username)
+        hashed = await _password_checks(request).run("hash", ledger.auth.passwords.hash,
+                                                     body.password)
+        return _view(await _create(request, body.username, "user", body.roles, hashed,
+                                   body.email))
 
     @r.get("/auth/accounts", response_model=list[AccountView], dependencies=[allow(ADMINS)],
            summary="Every account (admin)")
@@ -367,11 +527,13 @@ def accounts_router() -> APIRouter:
         await run_in_threadpool(ledger.auth.refresh)
 
     @r.get("/audit/requests", response_model=RequestRecordPage, dependencies=[allow(AUDITORS)],
+           responses={200: {"description": "A page of the log.", "headers": LINK_HEADER}},
            tags=["audit"], summary="The request audit log, newest first (auditor)",
            description="Every request: time, principal, method, route, resource id, client "
            "address, status, duration, command id. Written in batches (within about a second).")
     async def requests(
-        request: Request,
+        request: Request, response: Response,
+        page: Annotated[PageRequest, Depends(paging_with_skip)],
         principal: Annotated[str | None, Query(max_length=120)] = None,
         method: Annotated[str | None, Query(pattern="^[A-Za-z]{1,10}$")] = None,
         route: Annotated[str | None, Query(max_length=300,
@@ -381,28 +543,29 @@ def accounts_router() -> APIRouter:
         command_id: Annotated[str | None, Query(max_length=200)] = None,
         since: Annotated[QueryTime | None, Query()] = None,
         until: Annotated[QueryTime | None, Query()] = None,
-        skip: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> Any:
         log = _ledger(request).request_audit
         await run_in_threadpool(log.flush)
         items, total = await run_in_threadpool(
             lambda: log.query(principal=principal, method=method, route=route, status=status,
                               resource_id=resource_id, command_id=command_id,
-                              since=as_utc(since), until=as_utc(until), skip=skip,
-                              limit=limit))
-        return {"items": items, "total": total, "skip": skip, "limit": limit}
+                              since=as_utc(since), until=as_utc(until), skip=page.offset,
+                              limit=page.limit))
+        paged(request, response, page, total)
+        return {"items": items, "total": total, "offset": page.offset, "skip": page.offset,
+                "limit": page.limit}
 
     return r
 
 
 async def _create(request: Request, name: str, kind: Literal["user", "service"],
-                  roles: list[RoleName], password_hash: str | None) -> dict[str, Any]:
+                  roles: list[RoleName], password_hash: str | None,
+                  email: str | None = None) -> dict[str, Any]:
     ledger = _ledger(request)
     try:
         row = await run_in_threadpool(ledger.auth.store.create, name, kind,
                                       [Role(r) for r in roles], password_hash,
-                                      principal_of(request).actor)
+                                      principal_of(request).actor, email)
     except AccountExists:
         raise ApiError(409, f"An account named {name!r} exists",
                        [{"field": "username" if kind == "user" else "name",

@@ -10,16 +10,18 @@ from datetime import datetime
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
-from api.app import ERRORS, _ledger, _not_found
+from api.deps import ERRORS, ledger_of, not_found
 from api.errors import ApiError, QueryTime, as_utc
+from api.paging import LINK_HEADER, next_after
+from api.routing import GuardedRoute
 from domain.accounts import AUDITORS
 from infra.audit_chain import AnchorLog, verify
-from infra.event_store import _UNAVAILABLE, EventStore, StoreUnavailable
+from infra.event_store import STORE_UNREACHABLE, EventStore, StoreUnavailable
 from queries.audit import EventFilter, replay, state_at, trail
 
 TAG = "audit"
@@ -49,9 +51,15 @@ class AuditEventView(BaseModel):
     actor: str | None
     command_id: str | None
     correlation_id: str | None
-    data: dict[str, Any] = Field(description="The event's fields as stored.")
+    data: dict[str, Any] = Field(description="The event's fields as stored (empty when the "
+                                 "event is `unreadable`).")
     schema_version: int = Field(description="The event class version it was stored in "
                                 "(docs/EVENT_SCHEMA.md).")
+    unreadable: str | None = Field(None, description="Why the stored state cannot be shown "
+                                   "as JSON (e.g. a NaN written by an older version); "
+                                   "absent otherwise.")
+    raw_state: str | None = Field(None, description="With `unreadable`: the stored state's "
+                                  "bytes, base64.")
 
 
 class AuditEventPage(BaseModel):
@@ -75,6 +83,9 @@ class AuditStateView(BaseModel):
     state: dict[str, Any] = Field(description="The aggregate as it was (today's model: old "
                                   "events are upcast).")
     events: list[AuditEventView] = Field(description="The events that produced it.")
+    incomplete: str | None = Field(None, description="Why `state` stops before the last of "
+                                   "`events` (an event that cannot be applied); absent "
+                                   "otherwise.")
 
 
 class AuditTrailRow(AuditEventView):
@@ -113,10 +124,7 @@ class VerificationView(BaseModel):
 
 
 def _store(request: Request) -> EventStore:
-    store = _ledger(request).store
-    if store is None:
-        raise StoreUnavailable("event store unavailable")
-    return store
+    return ledger_of(request).event_store()
 
 
 async def _read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -126,7 +134,7 @@ async def _read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             return fn(*args, **kwargs)
         except StoreUnavailable:
             raise
-        except _UNAVAILABLE as e:
+        except STORE_UNREACHABLE as e:
             raise StoreUnavailable(f"event store unavailable: {e}") from e
     return await run_in_threadpool(call)
 
@@ -139,15 +147,17 @@ AggregatePath = Annotated[UUID, Path(description="Aggregate (entity) id")]
 
 
 def audit_router() -> APIRouter:
-    r = APIRouter(prefix="/audit", tags=[TAG], dependencies=[allow(AUDITORS)])
+    r = APIRouter(route_class=GuardedRoute, prefix="/audit", tags=[TAG],
+                  dependencies=[allow(AUDITORS)])
 
-    @r.get("/events", response_model=AuditEventPage, responses=ERRORS,
+    @r.get("/events", response_model=AuditEventPage, responses={
+               **ERRORS, 200: {"description": "A page of the log.", "headers": LINK_HEADER}},
            summary="The event log in order, filtered (replay), a page at a time",
            description="Every filter given must hold; times are inclusive from, exclusive "
            "to. Pages follow the log: pass `next_after` as `after`. A narrow filter over a "
            "long log scans it, so it may take a while.")
     async def events(
-        request: Request,
+        request: Request, response: Response,
         aggregate_id: UUID | None = None,
         aggregate_type: Annotated[str | None, Query(max_length=100,
                                                     examples=["ExecutedObsUnit"])] = None,
@@ -178,34 +188,32 @@ def audit_router() -> APIRouter:
         page = await _read(lambda: list(itertools.islice(replay(store, f), limit + 1)))
         more = len(page) > limit
         items = [e.as_json() for e in page[:limit]]
-        return {"items": items, "limit": limit,
-                "next_after": items[-1]["position"] if more else None}
+        position = items[-1]["position"] if more else None
+        next_after(request, response, position)
+        return {"items": items, "limit": limit, "next_after": position}
 
     @r.get("/state/{aggregate_id}", response_model=AuditStateView, responses=ERRORS,
            summary="An aggregate as it was: after `version` events, as known at "
-           "`recorded_at`, or as it had happened by `observed_at`",
-           description="At most one of `version`, `recorded_at`, `observed_at`; none gives "
-           "the current state. 404 when the aggregate had no events by then.")
+           "`recorded_at`, as it had happened by `observed_at`",
+           description="The longest prefix of the aggregate's events that meets every bound "
+           "given (`version`, `recorded_at`, `observed_at`); none gives the current state. "
+           "404 when the aggregate had no events by then.")
     async def state(
         request: Request, aggregate_id: AggregatePath,
         version: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
         recorded_at: Annotated[QueryTime | None, _time("What the system knew at")] = None,
         observed_at: Annotated[QueryTime | None, _time("What had happened by")] = None,
     ) -> Any:
-        given = [n for n, v in (("version", version), ("recorded_at", recorded_at),
-                                ("observed_at", observed_at)) if v is not None]
-        if len(given) > 1:
-            raise ApiError(422, "Validation failed", [
-                {"field": name, "message": "give at most one of version, recorded_at, "
-                 "observed_at"} for name in given])
+        given = any(v is not None for v in (version, recorded_at, observed_at))
         store = _store(request)
-        found, used = await _read(state_at, store, str(aggregate_id), version=version,
-                                  recorded_at=as_utc(recorded_at), observed_at=as_utc(observed_at))
-        if found is None:
+        found = await _read(state_at, store, str(aggregate_id), version=version,
+                            recorded_at=as_utc(recorded_at), observed_at=as_utc(observed_at))
+        if found.state is None and found.incomplete is None:
             raise ApiError(404, f"aggregate {aggregate_id} had no events by then"
-                           if used or given else f"aggregate {aggregate_id} not found")
-        return {"aggregate_id": str(aggregate_id), "state": found,
-                "events": [e.as_json() for e in used]}
+                           if found.events or given else f"aggregate {aggregate_id} not found")
+        return {"aggregate_id": str(aggregate_id), "state": found.state or {},
+                "events": [e.as_json() for e in found.events],
+                "incomplete": found.incomplete}
 
     @r.get("/trail/{entity_id}", response_model=AuditTrailView, responses=ERRORS,
            summary="Every event and command that touched an entity, oldest first",
@@ -216,7 +224,7 @@ def audit_router() -> APIRouter:
         store = _store(request)
         rows = await _read(trail, store, str(entity_id))
         if not rows:
-            raise _not_found("entity", entity_id)
+            raise not_found("entity", entity_id)
         return {"entity_id": str(entity_id), "items": rows}
 
     @r.get("/verify", response_model=VerificationView, responses=ERRORS,
@@ -225,7 +233,7 @@ def audit_router() -> APIRouter:
            "written outside the database. 200 either way: `ok` false names the first "
            "modified, deleted, inserted or reordered position. Reads the whole log.")
     async def verify_chain(request: Request) -> Any:
-        ledger = _ledger(request)
+        ledger = ledger_of(request)
         store = _store(request)
         result = await _read(verify, store, ledger.engine,
                              AnchorLog(ledger.settings.anchors_file))

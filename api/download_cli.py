@@ -12,27 +12,38 @@ from uuid import UUID
 
 import orjson
 
+from api.cli_common import (
+    cli_actor,
+    connected_ledger,
+    human_bytes,
+    positive_int,
+    print_json,
+    print_table,
+    run_worker,
+    store_problem,
+    unreachable,
+)
+from domain.downloads import JobStatus
 from infra.settings import Settings
 
 FINAL = {"completed", "failed", "cancelled", "paused"}
+#: Every status a download job can be in.
+JOB_STATUSES = {s.value for s in JobStatus}
 
 
 def _downloader(args: argparse.Namespace, settings: Settings) -> int:
-    from api.cli import CONNECT_TIMEOUT_S, _run_worker
-
     if not args.once:  # until SIGINT/SIGTERM; a dispatcher elsewhere applies its commands
-        return _run_worker(args, settings, "downloader", lambda d: "")
-    from api.runtime import Ledger
-
+        return run_worker(args, settings, "downloader", lambda d: "")
     # --once: self-sufficient, with this process's dispatcher and projector
-    ledger = Ledger(settings.model_copy(update={
+    ledger = connected_ledger(settings.model_copy(update={
         "embedded_downloader": True, "embedded_projector": True,
         "embedded_results_automation": False, "embedded_audit_chain": False,
         "embedded_relay": False}), workers=True)
+    if ledger is None:
+        return 2
     try:
-        if not ledger.connect(CONNECT_TIMEOUT_S) or ledger.downloader is None:
-            print("event store unreachable", file=sys.stderr)
-            return 2
+        if ledger.downloader is None:
+            return unreachable(settings)
         ledger.start_workers()
         print(ledger.downloader.wait_idle(timeout=args.timeout))
         return 0
@@ -40,8 +51,16 @@ def _downloader(args: argparse.Namespace, settings: Settings) -> int:
         ledger.stop()
 
 
-def _ledger(settings: Settings, here: bool) -> Any:
-    from api.runtime import Ledger
+def _ledger(settings: Settings, here: bool, reads: bool) -> Any:
+    """A ledger to submit commands to (its journal: accepted while the event store is down)
+    and, with ``reads``, read the downloads from; with ``here``, one running the dispatcher,
+    projector and downloader too. None (after one line) when ``here`` or ``reads`` and the
+    database does not answer."""
+    problem = store_problem(settings) if here or reads else None
+    if problem is not None:
+        unreachable(settings, problem)
+        return None
+    from bootstrap.ledger import Ledger
 
     ledger = Ledger(settings, workers=here)
     if here:
@@ -51,7 +70,7 @@ def _ledger(settings: Settings, here: bool) -> Any:
 
 def _submit(ledger: Any, command_type: str, body: Any, path: dict[str, Any] | None = None,
             key: str | None = None) -> dict[str, Any]:
-    sub = asyncio.run(ledger.commands.submit(command_type, body, path=path, actor="cli",
+    sub = asyncio.run(ledger.commands.submit(command_type, body, path=path, actor=cli_actor(),
                                              correlation_id=None, idempotency_key=key))
     return dict(sub.body)
 
@@ -100,8 +119,35 @@ def follow(ledger: Any, job_id: str, timeout: float | None = None,
     return job
 
 
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What makes the command line's arguments unusable (the HTTP API's rules), or None."""
+    from pydantic import ValidationError
+
+    from api.deps import HEADER_VALUE
+    from commands.downloads import CancelDownloadRequest
+
+    key = getattr(args, "idempotency_key", None)
+    if key is not None and not HEADER_VALUE.match(key):
+        return "--idempotency-key: 1-200 characters of letters, digits and ._:@/+=-"
+    job_id = getattr(args, "job_id", None)
+    if job_id is not None:
+        try:
+            UUID(job_id)
+        except ValueError:
+            return f"{job_id!r} is not a job id (a UUID)"
+    if getattr(args, "reason", None) is not None:
+        try:
+            CancelDownloadRequest(reason=args.reason)
+        except ValidationError as e:
+            return _option_errors(e)
+    return None
+
+
 def _download(args: argparse.Namespace, settings: Settings) -> int:
-    from api.mast import _NoBody, _resolve_files
+    from pydantic import ValidationError
+
+    from api.deps import NoBody
+    from api.mast import resolve_files
     from commands.downloads import (
         CancelDownloadRequest,
         ProductFilters,
@@ -112,7 +158,14 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
     from infra.mast_archive import ArchiveError
 
     here = getattr(args, "here", False)
-    ledger = _ledger(settings, here)
+    problem = _argument_problem(args)
+    if problem is not None:  # refused before anything is opened
+        print(f"obsledger download {args.action}: {problem}", file=sys.stderr)
+        return 2
+    ledger = _ledger(settings, here, reads=args.action in ("list", "progress")
+                     or getattr(args, "follow", False))
+    if ledger is None:
+        return 2
     try:
         if args.action == "start":
             try:
@@ -123,9 +176,12 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
                                            extension=args.extension or None),
                     destination=args.destination, chunk_size=args.chunk_size,
                     register_files=not args.no_register)
-                files = _resolve_files(ledger, request)
+                files = resolve_files(ledger, request)
+            except ValidationError as e:  # the HTTP API's rules, named by option
+                print(f"obsledger download start: {_option_errors(e)}", file=sys.stderr)
+                return 2
             except (ValueError, ArchiveError) as e:
-                print(f"obsledger download: {e}", file=sys.stderr)
+                print(f"obsledger download start: {e}", file=sys.stderr)
                 return 2
             command = RequestDownload.model_construct(
                 id=None, files=files, destination=request.destination,
@@ -140,7 +196,7 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
         elif args.action in ("pause", "resume", "cancel"):
             job_id = str(UUID(args.job_id))
             model: Any = (CancelDownloadRequest(reason=args.reason) if args.action == "cancel"
-                          else _NoBody())
+                          else NoBody())
             try:
                 body = _submit(ledger, f"download_job.{args.action}", model, {"id": job_id})
             except Exception as e:  # refused at once: unknown or final job
@@ -151,9 +207,13 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
         elif args.action == "list":
             _, _, items = ledger.downloads.list_jobs(
                 (args.status,) if args.status else None, args.limit, 0)
-            for j in items:
-                print(f"{j['id']}  {j['status']:<10} {j['files_completed']}/{j['file_count']} "
-                      f"files  {j['bytes_done']}/{j['bytes_total']} B  {j['destination']}")
+            if args.format == "json":
+                print_json(items)
+            else:
+                print_table(LIST_COLUMNS, (
+                    (j["id"], j["status"], f"{j['files_completed']}/{j['file_count']}",
+                     f"{human_bytes(j['bytes_done'])} / {human_bytes(j['bytes_total'])}",
+                     j["destination"] or ".") for j in items))
             return 0
         else:  # progress
             job_id = str(UUID(args.job_id))
@@ -174,12 +234,35 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
         ledger.stop()
 
 
+#: ``download list``'s table: (header, justification).
+LIST_COLUMNS = (("job", "left"), ("status", "left"), ("files", "right"), ("bytes", "right"),
+                ("destination", "left"))
+
+#: The command line's option of each field of the download request (for messages).
+_OPTION = {"products": "--uri", "data_uri": "--uri", "obs_id": "--obs-id",
+           "product_type": "--product-type", "extension": "--extension",
+           "destination": "--destination", "chunk_size": "--chunk-size", "reason": "--reason"}
+
+
+def _option_errors(e: Any) -> str:
+    """A pydantic ValidationError as ``--option: message; …`` (no documentation URL)."""
+    from api.errors import field_errors
+
+    parts = []
+    for x in field_errors(e.errors()):
+        names = [n for n in str(x["field"]).split(".") if not n.isdigit()]
+        option = next((_OPTION[n] for n in reversed(names) if n in _OPTION), None)
+        parts.append(f"{option or x['field'] or 'request'}: {x['message']}")
+    return "; ".join(parts)
+
+
 def add_download_commands(sub: Any) -> None:
     p = sub.add_parser("downloader", help="run the MAST downloader: fetch requested download "
                        "jobs, resuming from their checkpoints")
     p.add_argument("--once", action="store_true",
                    help="run the active jobs until none is left, then exit")
-    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="with --once: give up after this many seconds (default: %(default)s)")
     p.set_defaults(func=_downloader)
 
     p = sub.add_parser("download", help="MAST downloads: start (with progress bars), "
@@ -193,24 +276,29 @@ def add_download_commands(sub: Any) -> None:
     s.add_argument("--extension", action="append", help="with --obs-id: e.g. fits")
     s.add_argument("--destination", default="", help="below OBSLEDGER_DOWNLOAD_ROOT")
     s.add_argument("--chunked", action="store_true", help="Range requests of --chunk-size")
-    s.add_argument("--chunk-size", type=int)
+    s.add_argument("--chunk-size", type=positive_int,
+                   help="bytes per Range request (default: OBSLEDGER_DOWNLOAD_CHUNK_BYTES)")
     s.add_argument("--no-register", action="store_true",
                    help="do not register FITS files as raw data files")
-    s.add_argument("--idempotency-key")
+    s.add_argument("--idempotency-key", help="the same key again returns the first answer "
+                   "instead of starting a second job")
     s.add_argument("--follow", action="store_true", help="show progress bars until it ends")
     s.add_argument("--here", action="store_true", help="run the dispatcher, projector and "
                    "downloader in this process (no API running); implies --follow")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
     for name in ("pause", "resume", "cancel"):
         c = actions.add_parser(name, help=f"{name} a job")
-        c.add_argument("job_id")
+        c.add_argument("job_id", help="the download job's id (a UUID)")
         if name == "cancel":
-            c.add_argument("--reason")
+            c.add_argument("--reason", help="why, recorded on the job")
     c = actions.add_parser("progress", help="a job's progress (JSON), or bars with --follow")
-    c.add_argument("job_id")
-    c.add_argument("--follow", action="store_true")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("job_id", help="the download job's id (a UUID)")
+    c.add_argument("--follow", action="store_true", help="progress bars until the job ends")
+    c.add_argument("--quiet", action="store_true", help="with --follow: no progress bars")
     c = actions.add_parser("list", help="download jobs, newest first")
-    c.add_argument("--status")
-    c.add_argument("--limit", type=int, default=50)
+    c.add_argument("--status", choices=sorted(JOB_STATUSES), help="only jobs in this status")
+    c.add_argument("--limit", type=positive_int, default=50,
+                   help="at most this many jobs (default: %(default)s)")
+    c.add_argument("--format", choices=["table", "json"], default="table",
+                   help="a table (default) or a JSON array (for scripts)")
     p.set_defaults(func=_download)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -20,9 +20,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from domain.errors import DomainRejection
+from infra.availability import (
+    EVENT_STORE,
+    LABELS,
+    READ_MODEL_DB,
+    UNAVAILABLE_ERRORS,
+    end_request,
+    note_unavailable,
+    short_error,
+    track_request,
+    unavailable_part,
+)
 from infra.event_store import StoreUnavailable
+from infra.read_model_db import ReadModelsUnavailable
 
 log = logging.getLogger("obsledger.api")
+
+#: Retry-After of a 503 while a store does not answer (seconds).
+RETRY_AFTER_S = "2"
+#: The header of an answer given without the read models (from the journal alone, or 503).
+READ_MODELS_HEADER = "X-Read-Models"
+#: ``Retry-After`` as documented on the answers that may send it (503, 429).
+RETRY_AFTER_DOC: dict[str, Any] = {"description": "Seconds to wait before retrying.",
+                                   "schema": {"type": "integer", "minimum": 0}}
+_READ_MODELS_UNAVAILABLE = (READ_MODELS_HEADER.lower().encode(), b"unavailable")
 
 #: HTTP status for each domain refusal code.
 STATUS_OF_CODE = {
@@ -67,6 +88,13 @@ def error_response(status: int, detail: str, errors: list[dict[str, str]] | None
     )
 
 
+def method_not_allowed(methods: Iterable[str]) -> ORJSONResponse:
+    """405 with ``Allow`` listing ``methods``."""
+    allow = ", ".join(sorted(methods))
+    return error_response(405, "Method Not Allowed", [
+        {"field": "method", "message": f"this path answers {allow}"}], headers={"Allow": allow})
+
+
 class ApiError(Exception):
     def __init__(self, status: int, detail: str, errors: list[dict[str, str]] | None = None,
                  headers: dict[str, str] | None = None):
@@ -91,15 +119,15 @@ QueryTime = Annotated[datetime, BeforeValidator(_iso_time)]
 
 
 def as_utc(v: datetime | None) -> datetime | None:
-    """A query parameter's time in UTC (naive means UTC); 422 when it cannot be."""
+    """A query parameter's time in UTC (naive means UTC). A time before the first or after
+    the last one UTC can hold (0001-01-01T00:00:00+01:00) is that first or last time: as a
+    bound of a filter it selects the same."""
     if v is None:
         return None
     try:
         return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
-        raise ApiError(422, "Validation failed", [{
-            "field": "query", "message": f"{v.isoformat()} is not representable in UTC"}],
-        ) from None
+    except OverflowError:
+        return (datetime.min if v.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -107,6 +135,21 @@ def _field(loc: tuple[Any, ...]) -> str:
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:] if parts[0] == "body" else parts
     return ".".join(str(p) for p in parts) or "body"
+
+
+def field_errors(errors: Sequence[Any]) -> list[dict[str, str]]:
+    """pydantic's (or FastAPI's) validation errors as the error format's ``errors``: the
+    field each names (with the path inside it of unstorable input) and the message."""
+    out = []
+    for e in errors:
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        field = _field(tuple(e.get("loc", ())))
+        ctx = e.get("ctx") or {}
+        if e.get("type") == "unstorable":  # commands.models.unstorable_error
+            inner, msg = str(ctx["field"]), str(ctx["message"])
+            field = inner if field == "body" else f"{field}.{inner}"
+        out.append({"field": field, "message": msg})
+    return out
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -119,9 +162,7 @@ def install_error_handlers(app: FastAPI) -> None:
                 malformed = True
                 errors.append({"field": "body", "message": f"malformed JSON: {e.get('msg')}"})
                 continue
-            msg = str(e.get("msg", "invalid"))
-            msg = msg.removeprefix("Value error, ")
-            errors.append({"field": _field(tuple(e.get("loc", ()))), "message": msg})
+            errors.extend(field_errors([e]))
         if malformed:
             return error_response(400, "Malformed JSON", errors)
         return error_response(422, "Validation failed", errors)
@@ -135,12 +176,32 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api(_: Request, exc: ApiError) -> ORJSONResponse:
         return error_response(exc.status, exc.detail, exc.errors, headers=exc.headers)
 
-    @app.exception_handler(StoreUnavailable)
-    async def _unavailable(_: Request, exc: StoreUnavailable) -> ORJSONResponse:
-        return error_response(503, f"Service unavailable: {exc}", headers={"Retry-After": "2"})
+    async def _unavailable(request: Request, exc: Exception) -> ORJSONResponse:
+        """A store that does not answer, wherever it surfaced: 503 with Retry-After (never
+        a 500, which would also cost the client its keep-alive connection: uvicorn closes it
+        after an error that reaches the server-error middleware)."""
+        part = unavailable_part(exc) or EVENT_STORE
+        ledger = getattr(request.app.state, "ledger", None)
+        if ledger is not None and not isinstance(exc, (StoreUnavailable,
+                                                       ReadModelsUnavailable)):
+            ledger.availability.failed(part, exc)  # requests stop trying it at once
+        if part == READ_MODEL_DB:
+            note_unavailable(READ_MODEL_DB)
+        detail = str(exc) if isinstance(exc, (StoreUnavailable, ReadModelsUnavailable)) \
+            else f"{LABELS[part]} does not answer ({short_error(exc)})"
+        return error_response(503, f"Service unavailable: {detail}",
+                              headers={"Retry-After": RETRY_AFTER_S})
+
+    for error in UNAVAILABLE_ERRORS:
+        app.add_exception_handler(error, _unavailable)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+        if exc.status_code == 405:  # Allow: every method of the path, not one route's
+            allowed = getattr(request.app, "allowed_methods", None)
+            methods = allowed(request.url.path) if allowed is not None else None
+            if methods:
+                return method_not_allowed(methods)
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
@@ -203,3 +264,29 @@ class BodySizeLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class ReadModelsHeader:
+    """``X-Read-Models: unavailable`` on the answer of a request served without the read
+    models (a smart query answered from the journal alone, or its 503). The query service
+    notes it on the request's context (``infra.availability.note_unavailable``)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        reads, token = track_request()
+
+        async def marked_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and READ_MODEL_DB in reads.unavailable:
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  _READ_MODELS_UNAVAILABLE]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, marked_send)
+        finally:
+            end_request(token)

@@ -5,38 +5,62 @@ Included by ``api.app.create_app``."""
 from __future__ import annotations
 
 import posixpath
+import re
+from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    StrictFloat,
+    StrictStr,
+    WithJsonSchema,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
-from api.app import (
+from api.deps import (
     COMMAND_RESPONSES,
+    COUNT_RESPONSES,
     ERRORS,
+    LIST_RESPONSES,
+    QUERY_RESPONSES,
+    CancelBody,
     CommandAccepted,
     Ctx,
     IdPath,
     MinPosition,
-    _caught_up,
-    _ledger,
-    _not_found,
-    _submit,
+    NoBody,
+    Paging,
+    RequestedFrom,
+    RequestedTo,
+    command_route,
+    ledger_of,
+    smart_row,
+    submit,
 )
-from api.errors import ApiError, ErrorResponse
-from api.runtime import Ledger
-from commands.download_automation import job_dir
+from api.errors import RETRY_AFTER_DOC, ApiError, ErrorResponse, as_utc
+from api.paging import paged
+from api.routing import GuardedRoute
+from bootstrap.ledger import Ledger
 from commands.downloads import (
     DEFAULT_CHUNK_SIZE,
+    DownloadCommand,
     DownloadFileSpec,
     ProductFilters,
     RequestDownload,
     StartDownloadRequest,
 )
-from commands.models import CommandModel
+from commands.models import document_storable
 from domain.accounts import CRITICAL_WRITERS, OPERATORS, READERS
+from infra.availability import read_models_state
 from infra.mast_archive import (
     ArchiveError,
     MastArchive,
@@ -44,15 +68,21 @@ from infra.mast_archive import (
     parse_coordinates,
     table_rows,
 )
+from queries.counts import download_counts
+from queries.downloads import with_live
+from queries.models import READ_MODELS_DESCRIPTION, ReadModelsState, SizedStatusCounts
+from workers.download_automation import job_dir
 
 SEARCH_TAG = "MAST search"
 DOWNLOAD_TAG = "MAST downloads"
 SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "Unknown target (the resolver knows no "
-          "such name)"},
+    404: {"model": ErrorResponse, "description": "Unknown target (MAST's name lookup knows "
+          "no such name)"},
     422: {"model": ErrorResponse, "description": "Bad coordinates, radius or filters; or "
           "MAST refused the query"},
-    503: {"model": ErrorResponse, "description": "MAST unreachable or failing"},
+    503: {"model": ErrorResponse, "description": "MAST unreachable or failing; or a store of "
+          "the ledger does not answer (then with Retry-After)",
+          "headers": {"Retry-After": RETRY_AFTER_DOC}},
 }
 
 
@@ -79,6 +109,13 @@ class SearchFilters(BaseModel):
 class _Search(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = super().__get_pydantic_json_schema__(core_schema, handler)
+        document_storable(handler.resolve_ref_schema(schema), command=False)  # not blank
+        return schema
+
     filters: SearchFilters = Field(default_factory=SearchFilters)
     include_products: bool = Field(False, description="Also list each observation's products.")
     limit: int = Field(100, ge=1, le=5000, description="At most this many observations.")
@@ -96,12 +133,49 @@ class TargetSearch(_Search):
          "include_products": True}]})
 
 
+# Coordinates as text: decimal degrees, or sexagesimal (RA in hours, Dec in degrees), within
+# range; the forms documented and no others (astropy parses every one of them).
+_RA_DEGREES = (r"\+?(?:(?:[0-9]|[1-9][0-9]|[12][0-9][0-9]|3[0-5][0-9])(?:\.[0-9]{0,12})?"
+               r"|\.[0-9]{1,12})")
+_RA_HOURS = (r"(?:[01]?[0-9]|2[0-3])(?::[0-5]?[0-9]:[0-5]?[0-9](?:\.[0-9]{0,9})?"
+             r"|h ?[0-5]?[0-9] ?m ?[0-5]?[0-9](?:\.[0-9]{0,9})? ?s)")
+_DEC_DEGREES = r"[+-]?(?:[0-8]?[0-9](?:\.[0-9]{0,12})?|\.[0-9]{1,12}|90(?:\.0{0,12})?)"
+_DEC_DMS = (r"[+-]?(?:[0-8]?[0-9](?::[0-5]?[0-9]:[0-5]?[0-9](?:\.[0-9]{0,9})?"
+            r"|d ?[0-5]?[0-9] ?m ?[0-5]?[0-9](?:\.[0-9]{0,9})? ?s)"
+            r"|90(?::0?0:0?0(?:\.0{0,9})?|d ?0?0 ?m ?0?0(?:\.0{0,9})? ?s))")
+RA_TEXT = rf"^\s*(?:{_RA_DEGREES}|{_RA_HOURS})\s*$"
+DEC_TEXT = rf"^\s*(?:{_DEC_DEGREES}|{_DEC_DMS})\s*$"
+
+
+def _angle_check(pattern: str, low: float, high: float, high_included: bool) -> Any:
+    def check(value: float | str) -> float | str:
+        if isinstance(value, str):
+            if len(value) > 40 or not re.match(pattern, value):
+                raise ValueError("not an angle in a documented form (see the description)")
+        elif not (low <= value <= high if high_included else low <= value < high):
+            raise ValueError(f"must be in [{low}, {high}{']' if high_included else ')'}")
+        return value
+    return check
+
+
+#: A coordinate: a number in range, or text of one of the documented forms.
+RightAscension = Annotated[StrictFloat | StrictStr, AfterValidator(
+    _angle_check(RA_TEXT, 0, 360, False)), WithJsonSchema({"anyOf": [
+        {"type": "number", "minimum": 0, "exclusiveMaximum": 360},
+        {"type": "string", "maxLength": 40, "pattern": RA_TEXT}]})]
+Declination = Annotated[StrictFloat | StrictStr, AfterValidator(
+    _angle_check(DEC_TEXT, -90, 90, True)), WithJsonSchema({"anyOf": [
+        {"type": "number", "minimum": -90, "maximum": 90},
+        {"type": "string", "maxLength": 40, "pattern": DEC_TEXT}]})]
+
+
 class CoordinateSearch(_Search):
-    ra: float | Annotated[str, Field(max_length=40)] = Field(
-        description="Degrees, or sexagesimal hours: 05:35:17.3 / 5h35m17.3s",
-        examples=[83.822, "05:35:17.3"])
-    dec: float | Annotated[str, Field(max_length=40)] = Field(
-        description="Degrees, or sexagesimal degrees: -05:23:28", examples=[-5.391, "-05:23:28"])
+    ra: RightAscension = Field(
+        description="Degrees in [0, 360) (a number or its text), or sexagesimal hours: "
+        "05:35:17.3 / 5h35m17.3s", examples=[83.822, "05:35:17.3"])
+    dec: Declination = Field(
+        description="Degrees in [-90, 90] (a number or its text), or sexagesimal degrees: "
+        "-05:23:28 / -05d23m28s", examples=[-5.391, "-05:23:28"])
     radius_deg: Radius = 0.2
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
@@ -163,20 +237,24 @@ class DownloadFileView(BaseModel):
     obsid: str | None
     product_type: str | None
     instrument: str | None
-    status: str
+    status: str = Field(description="pending, downloading, complete, failed; a file in "
+                        "progress of a job that is not running: paused, stopped (the job "
+                        "failed: resumable from its checkpoint) or cancelled.")
     size: int | None
     bytes_done: int
     percent: float | None
-    bytes_per_s: float | None = Field(description="At the last checkpoint.")
+    bytes_per_s: float | None = Field(description="At the last checkpoint, or live.")
     eta_s: float | None
+    live: bool = Field(False, description="bytes_done, speed and ETA are the downloader's "
+                       "in-memory figures, ahead of the last checkpoint.")
     etag: str | None
     last_modified: str | None
     sha256: str | None
     fits: dict[str, Any] | None
     restarts: int
-    started_at: Any = None
-    checkpoint_at: Any = None
-    completed_at: Any = None
+    started_at: datetime | None = None
+    checkpoint_at: datetime | None = None
+    completed_at: datetime | None = None
 
 
 class DownloadJobView(BaseModel):
@@ -193,16 +271,21 @@ class DownloadJobView(BaseModel):
     percent: float | None
     bytes_per_s: float | None = Field(description="Sum of the downloading files' speeds.")
     eta_s: float | None
+    live: bool = Field(False, description="bytes_done, speed and ETA are the downloader's "
+                       "in-memory figures (this server runs the job), ahead of the last "
+                       "checkpoint.")
     reason: str | None
     partials_purged: bool
-    requested_at: Any = None
-    finished_at: Any = None
-    updated_at: Any = None
+    requested_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
     last_position: int | None
     pending: bool
     command_status: str | None
     pending_command_ids: list[str]
     files: list[DownloadFileView]
+    read_model_position: int | None = None
+    read_models: ReadModelsState = Field("available", description=READ_MODELS_DESCRIPTION)
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": "0b7f8a52-1c1e-4a53-8f0e-2f8e0d7c9a11", "status": "running",
@@ -216,18 +299,13 @@ class DownloadJobView(BaseModel):
 
 class DownloadJobPage(BaseModel):
     items: list[DownloadJobView]
-    total: int = Field(description="Projected jobs matching (pending ones not counted).")
+    total: int | None = Field(description="Projected jobs matching (pending ones not counted; "
+                              "null while the read models are unavailable).")
     limit: int
-    offset: int
-    read_model_position: int
-
-
-class _NoBody(CommandModel):
-    pass
-
-
-class _CancelBody(CommandModel):
-    reason: str | None = None
+    offset: int = Field(description="Rows skipped (the `Link` header has the neighbouring "
+                        "pages).")
+    read_model_position: int | None
+    read_models: ReadModelsState = Field("available", description=READ_MODELS_DESCRIPTION)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -273,7 +351,7 @@ def _search_answer(ledger: Ledger, table: Any, body: _Search) -> dict[str, Any]:
 
 
 async def _search(request: Request, body: _Search, run: Any) -> Any:
-    ledger = _ledger(request)
+    ledger = ledger_of(request)
     try:
         return await run_in_threadpool(lambda: _search_answer(ledger, run(archive(ledger)), body))
     except ArchiveError as e:
@@ -286,7 +364,7 @@ def _filters(body: _Search) -> dict[str, Any]:
             "calib_level": f.calib_level, "dataproduct_type": f.dataproduct_type}
 
 
-def _resolve_files(ledger: Ledger, body: StartDownloadRequest) -> list[DownloadFileSpec]:
+def resolve_files(ledger: Ledger, body: StartDownloadRequest) -> list[DownloadFileSpec]:
     """The files of a download request: its products, or the products of its obs_id."""
     base = ledger.settings.mast_base_url
     if body.products is not None:
@@ -323,33 +401,47 @@ def _resolve_files(ledger: Ledger, body: StartDownloadRequest) -> list[DownloadF
 
 async def _start(request: Request, body: StartDownloadRequest, ctx: Any,
                  mode: Literal["stream", "chunked"]) -> Response:
-    ledger = _ledger(request)
+    ledger = ledger_of(request)
     try:
         job_dir(ledger.settings, body.destination)
     except ValueError as e:
         raise ApiError(422, "Validation failed", [{"field": "destination",
                                                     "message": str(e)}]) from None
     try:
-        files = await run_in_threadpool(_resolve_files, ledger, body)
+        files = await run_in_threadpool(resolve_files, ledger, body)
     except ArchiveError as e:
         raise _archive_error(e) from None
     command = RequestDownload.model_construct(
         id=body.id, files=files, destination=body.destination, mode=mode,
         chunk_size=body.chunk_size or ledger.settings.download_chunk_bytes,
         register_files=body.register_files)
-    return await _submit(ledger, ctx, "download_job.request", command)
+    return await submit(ledger, ctx, DownloadCommand.DOWNLOAD_JOB_REQUEST, command)
 
 
 # -- routes ----------------------------------------------------------------------------------
 def mast_router() -> APIRouter:
-    r = APIRouter()
+    r = APIRouter(route_class=GuardedRoute)
+
+    @r.get("/mast/download/counts", dependencies=[allow(READERS)], tags=["MAST downloads"],
+           response_model=SizedStatusCounts, responses=COUNT_RESPONSES,
+           summary="MAST download jobs by status, with their bytes")
+    async def download_job_counts(
+        request: Request,
+        requested_from: RequestedFrom = None,
+        requested_to: RequestedTo = None,
+    ) -> Any:
+        return await run_in_threadpool(download_counts, ledger_of(request).queries,
+                                       as_utc(requested_from), as_utc(requested_to))
 
     @r.post("/mast/search/target", dependencies=[allow(READERS)],
             tags=[SEARCH_TAG], response_model=SearchResult,
             responses={**ERRORS, **SEARCH_ERRORS},
             summary="Observations around a named target (resolved by MAST)",
-            description="astroquery's `Observations.query_object` (or `query_criteria` with "
-            "filters). An unknown name answers 404, MAST unreachable 503.")
+            description="The name is resolved by the configured MAST server's name-lookup "
+            "service (`Mast.Name.Lookup`, the first resolver that knows it), then the "
+            "observations in a cone around that position are astroquery's "
+            "`Observations.query_region` (or `query_criteria` with filters), from the same "
+            "server. An unknown name answers 404, MAST unreachable 503.")
     async def by_target(request: Request, body: TargetSearch) -> Any:
         return await _search(request, body, lambda a: a.by_target(
             body.target, body.radius_deg, _filters(body)))
@@ -415,58 +507,56 @@ def mast_router() -> APIRouter:
 
     @r.get("/mast/download/progress/{job_id}", dependencies=[allow(READERS)],
            tags=[DOWNLOAD_TAG],
-           response_model=DownloadJobView, responses=ERRORS,
+           response_model=DownloadJobView, responses=QUERY_RESPONSES,
            summary="A job's progress: per file and total bytes, speed (B/s) and ETA",
            description="Smart query: commands not yet in the read model show as "
-           "`pending: true`. Bytes are those of the last checkpoint.")
+           "`pending: true`. While this server's downloader runs the job, bytes, speed and "
+           "ETA are its live figures (`live: true`, refreshed as data arrives; also pushed "
+           "every second on `GET /stream` as `download_progress`); otherwise those of the "
+           "last checkpoint, the durable record.")
     async def progress(request: Request, job_id: IdPath,
                        min_position: MinPosition = None) -> Any:
-        await _caught_up(request, min_position)
-        row = await run_in_threadpool(_ledger(request).downloads.job, str(job_id))
-        if row is None:
-            raise _not_found("download job", job_id)
-        return row
+        ledger = ledger_of(request)
+        row = await smart_row(request, min_position, ledger.downloads.job, "download job",
+                              job_id)
+        return with_live(row, ledger.downloader.progress.job(str(job_id))
+                         if ledger.downloader is not None else None)
 
-    @r.post("/mast/download/pause/{job_id}", dependencies=[allow(OPERATORS)],
-            tags=[DOWNLOAD_TAG], status_code=202,
-            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
-            summary="Pause a job (its partial files and checkpoints stay)")
-    async def pause(request: Request, job_id: IdPath, ctx: Ctx) -> Response:
-        return await _submit(_ledger(request), ctx, "download_job.pause", _NoBody(),
-                             {"id": job_id})
-
-    @r.post("/mast/download/resume/{job_id}", dependencies=[allow(OPERATORS)],
-            tags=[DOWNLOAD_TAG], status_code=202,
-            response_model=CommandAccepted, responses=COMMAND_RESPONSES,
-            summary="Resume a paused or failed job from its last checkpoints")
-    async def resume(request: Request, job_id: IdPath, ctx: Ctx) -> Response:
-        return await _submit(_ledger(request), ctx, "download_job.resume", _NoBody(),
-                             {"id": job_id})
+    command_route(r, "POST", "/mast/download/pause/{job_id}", DownloadCommand.DOWNLOAD_JOB_PAUSE,
+                  None, name="pause", tag=DOWNLOAD_TAG, roles=OPERATORS,
+                  path_names={"job_id": "id"},
+                  summary="Pause a job (its partial files and checkpoints stay)")
+    command_route(r, "POST", "/mast/download/resume/{job_id}",
+                  DownloadCommand.DOWNLOAD_JOB_RESUME, None, name="resume", tag=DOWNLOAD_TAG,
+                  roles=OPERATORS, path_names={"job_id": "id"},
+                  summary="Resume a paused or failed job from its last checkpoints")
 
     @r.get("/mast/download/resumable", dependencies=[allow(READERS)],
            tags=[DOWNLOAD_TAG], response_model=DownloadJobPage,
-           responses=ERRORS, summary="Jobs that can be resumed (paused or failed)")
-    async def resumable(request: Request,
-                        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> Any:
+           responses=LIST_RESPONSES, summary="Jobs that can be resumed (paused or failed)")
+    async def resumable(request: Request, response: Response,
+                        page: Paging) -> Any:
         pos, total, items = await run_in_threadpool(
-            _ledger(request).downloads.list_jobs, ("paused", "failed"), limit, offset)
-        return {"items": items, "total": total, "limit": limit, "offset": offset,
-                "read_model_position": pos}
+            ledger_of(request).downloads.list_jobs, ("paused", "failed"), page.limit,
+            page.offset)
+        paged(request, response, page, total)
+        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
+                "read_model_position": pos, "read_models": read_models_state()}
 
     @r.get("/mast/download/jobs", dependencies=[allow(READERS)],
            tags=[DOWNLOAD_TAG], response_model=DownloadJobPage,
-           responses=ERRORS, summary="Download jobs, newest first (smart query)")
-    async def jobs(request: Request,
+           responses=LIST_RESPONSES, summary="Download jobs, newest first (smart query)")
+    async def jobs(request: Request, response: Response,
+                   page: Paging,
                    status: Annotated[Literal["requested", "running", "paused", "failed",
-                                             "completed", "cancelled"] | None, Query()] = None,
-                   limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                   offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> Any:
+                                             "completed", "cancelled"] | None, Query()] = None
+                   ) -> Any:
         pos, total, items = await run_in_threadpool(
-            _ledger(request).downloads.list_jobs, (status,) if status else None, limit,
-            offset)
-        return {"items": items, "total": total, "limit": limit, "offset": offset,
-                "read_model_position": pos}
+            ledger_of(request).downloads.list_jobs, (status,) if status else None, page.limit,
+            page.offset)
+        paged(request, response, page, total)
+        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
+                "read_model_position": pos, "read_models": read_models_state()}
 
     @r.delete("/mast/download/{job_id}", dependencies=[allow(OPERATORS)],
               tags=[DOWNLOAD_TAG], status_code=202,
@@ -475,8 +565,8 @@ def mast_router() -> APIRouter:
     async def cancel(request: Request, job_id: IdPath, ctx: Ctx,
                      reason: Annotated[str | None, Query(
                          max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
-        body = _CancelBody(reason=reason) if reason else _NoBody()
-        return await _submit(_ledger(request), ctx, "download_job.cancel", body,
+        body = CancelBody(reason=reason) if reason else NoBody()
+        return await submit(ledger_of(request), ctx, DownloadCommand.DOWNLOAD_JOB_CANCEL, body,
                              {"id": job_id})
 
     return r

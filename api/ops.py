@@ -5,53 +5,79 @@ Included by ``api.app.create_app``."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import orjson
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
-from api.app import (
+from api.deps import (
     COMMAND_RESPONSES,
+    COUNT_RESPONSES,
     ERRORS,
+    LIST_RESPONSES,
+    QUERY_RESPONSES,
     CommandAccepted,
     Ctx,
     IdPath,
     MinPosition,
-    _caught_up,
-    _ledger,
-    _not_found,
-    _submit,
+    RequestedFrom,
+    RequestedTo,
+    caught_up,
+    ledger_of,
+    not_found,
+    smart_row,
+    submit,
 )
-from api.errors import ApiError, ErrorResponse
-from api.runtime import Ledger
-from commands.algorithms import AlgorithmInput, describe, registered_algorithms, validate_inputs
+from api.errors import RETRY_AFTER_DOC, ApiError, ErrorResponse, as_utc
+from api.paging import LINK_HEADER, PageRequest, paged, paging_with_skip
+from api.routing import GuardedRoute
+from bootstrap.ledger import Ledger
+from commands.algorithms import (
+    AlgorithmInput,
+    algorithm,
+    describe,
+    registered_algorithms,
+    validate_inputs,
+)
 from commands.processing import (
     CancelJobRequest,
     CatalogRequest,
     IngestRequest,
     PlanRequest,
+    ProcessingCommand,
     ProcessRequest,
     RequestProcessingJob,
 )
 from domain.accounts import OPERATORS, READERS
 from domain.raw_data import RawDataFile
+from infra.availability import read_models_state
 from infra.lineage import to_prov_json
 from infra.object_store import Area, ObjectStoreUnavailable, content_disposition
+from infra.read_model_db import ReadModelsUnavailable
+from queries.counts import job_counts
 from queries.lineage import product_lineage
+from queries.models import READ_MODELS_DESCRIPTION, ProcessingJobCounts, ReadModelsState
+from queries.service import Reading
 
 JOBS_TAG = "processing jobs"
 PRODUCTS_TAG = "data products"
+#: Data products are read from the read models alone (no pending rows): ``Link`` on the 200.
+PRODUCT_LIST_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERRORS, 200: {"description": "A page of products.", "headers": LINK_HEADER}}
 JOB_STATUSES = Literal["requested", "running", "succeeded", "failed", "cancelled"]
 JOB_KINDS = Literal["ingest", "process", "catalog"]
 PRODUCT_STATUSES = Literal["built", "catalogued", "published", "archived"]
 STORE_ERRORS: dict[int | str, dict[str, Any]] = {
-    503: {"model": ErrorResponse, "description": "Object store or event store unavailable"},
+    503: {"model": ErrorResponse, "description": "Object store or event store unavailable",
+          "headers": {"Retry-After": RETRY_AFTER_DOC}},
 }
 
 
@@ -77,15 +103,15 @@ class StepView(BaseModel):
     attempt: int
     status: str = Field(description="running, completed or interrupted (the lease expired, "
                         "the job was released or cancelled).")
-    started_at: Any = None
-    completed_at: Any = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
     duration_s: float | None
 
 
 class LeaseView(BaseModel):
     worker: str
     attempt: int
-    expires_at: Any = None
+    expires_at: datetime | None = None
 
 
 class JobView(BaseModel):
@@ -118,20 +144,21 @@ class JobView(BaseModel):
     reason: str | None = Field(description="Why it failed or was cancelled.")
     requested_by: str = Field(description="Who requested it (the principal's actor).")
     completed_by: str | None = Field(description="The worker whose attempt succeeded.")
-    requested_at: Any = None
-    started_at: Any = None
-    finished_at: Any = None
+    requested_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
     duration_s: float | None
-    updated_at: Any = None
+    updated_at: datetime | None = None
     last_position: int | None
     pending: bool
     command_status: str | None
     pending_command_ids: list[str]
     read_model_position: int | None = None
+    read_models: ReadModelsState = Field("available", description=READ_MODELS_DESCRIPTION)
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": "9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d", "kind": "process", "status": "running",
-        "algorithm": "ccd_stack", "algorithm_version": "1.0.0", "parameters": {"sigma": 3.0},
+        "algorithm": "ccd_stack", "algorithm_version": "1.1.0", "parameters": {"sigma": 3.0},
         "inputs": [], "product_ids": [], "input_count": 3, "input_bytes": 1672320,
         "result_id": None, "run_id": None, "catalog": True, "publish": True,
         "archive": False, "attempts": 1, "max_attempts": 3,
@@ -149,14 +176,23 @@ class JobView(BaseModel):
 
 class JobPage(BaseModel):
     items: list[JobView]
-    total: int = Field(description="Projected jobs matching (pending ones not counted).")
+    total: int | None = Field(description="Projected jobs matching (pending ones not counted; "
+                              "null while the read models are unavailable).")
     limit: int
-    skip: int
-    read_model_position: int
+    offset: int = Field(description="Rows skipped (the `Link` header has the neighbouring "
+                        "pages).")
+    skip: int = Field(description="Deprecated: the same as `offset`.")
+    read_model_position: int | None
+    read_models: ReadModelsState = Field("available", description=READ_MODELS_DESCRIPTION)
 
 
 class ProductInputView(JobInputView):
-    pass
+    role: str | None = Field(None, description=(
+        "How the algorithm used the file for this product: bias, dark, flat or science "
+        "(null for products built before roles were recorded)."), examples=["bias"])
+    classified_from: str | None = Field(None, description=(
+        "What gave the role: the raw data file's file_type, or the FITS header keyword and "
+        "its value."), examples=["IMAGETYP 'ZERO'"])
 
 
 class ProductView(BaseModel):
@@ -180,8 +216,10 @@ class ProductView(BaseModel):
     software: dict[str, str]
     result_id: str | None
     run_id: str | None
-    built_at: Any = None
-    catalogued_at: Any = None
+    built_at: datetime | None = None
+    catalogued_at: datetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict, description=(
+        "What the catalog jobs recorded on the product (POST /ops/catalog's metadata)."))
     last_position: int | None
     inputs: list[ProductInputView] = Field(default_factory=list)
 
@@ -194,7 +232,7 @@ class ProductView(BaseModel):
         "key": "9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d/combined_image.fits", "uri": None,
         "metrics": {"noise": 4.1, "background": 102.3, "source_count": 12,
                     "rejected_pixels": 311, "nframes": 3},
-        "algorithm": "ccd_stack", "algorithm_version": "1.0.0", "parameters": {},
+        "algorithm": "ccd_stack", "algorithm_version": "1.1.0", "parameters": {},
         "software": {"obsledger": "0.1.0", "numpy": "2.3.5"}, "result_id": None,
         "run_id": None, "last_position": 130, "inputs": []}]})
 
@@ -203,7 +241,9 @@ class ProductPage(BaseModel):
     items: list[ProductView]
     total: int
     limit: int
-    skip: int
+    offset: int = Field(description="Rows skipped (the `Link` header has the neighbouring "
+                        "pages).")
+    skip: int = Field(description="Deprecated: the same as `offset`.")
     read_model_position: int
 
 
@@ -226,7 +266,7 @@ class PlanView(BaseModel):
     notes: list[str]
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "algorithm": "ccd_stack", "algorithm_version": "1.0.0", "parameters": {"sigma": 3.0},
+        "algorithm": "ccd_stack", "algorithm_version": "1.1.0", "parameters": {"sigma": 3.0},
         "steps": ["classify", "master_bias", "combine", "background", "detect",
                   "write_products"], "inputs": [], "input_count": 3, "input_bytes": 1672320,
         "products": [{"kind": "combined_image", "name": "combined_image.fits",
@@ -244,7 +284,7 @@ class AlgorithmView(BaseModel):
     steps: list[str] = Field(default_factory=list)
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
-        "name": "ccd_stack", "version": "1.0.0",
+        "name": "ccd_stack", "version": "1.1.0",
         "summary": "Calibrate CCD frames, sigma-clip combine, detect sources",
         "parameters": {"type": "object", "properties": {"sigma": {"type": "number",
                                                                   "default": 3.0}}},
@@ -277,8 +317,9 @@ class LineageEdgeView(BaseModel):
     source: str
     target: str
     relation: str
-    attributes: dict[str, Any] | None = Field(None, description="e.g. the role of a used "
-                                              "file (its file_type).")
+    attributes: dict[str, Any] | None = Field(None, description=(
+        "e.g. on `used`: the role the algorithm gave the file (bias, dark, flat, science) and "
+        "`classified_from`, what said so (its file_type, or a FITS header keyword and value)."))
 
 
 class LineageView(BaseModel):
@@ -294,18 +335,19 @@ class LineageView(BaseModel):
         "root": "product:5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162",
         "nodes": [{"id": "product:5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162", "kind": "product",
                    "label": "combined_image.fits", "attributes": {"sha256": "ab" * 32}},
-                  {"id": "algorithm:ccd_stack:1.0.0", "kind": "algorithm",
-                   "label": "ccd_stack 1.0.0", "attributes": {"version": "1.0.0"}}],
+                  {"id": "algorithm:ccd_stack:1.1.0", "kind": "algorithm",
+                   "label": "ccd_stack 1.1.0", "attributes": {"version": "1.1.0"}}],
         "edges": [{"source": "job:9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d",
-                   "target": "algorithm:ccd_stack:1.0.0", "relation": "wasAssociatedWith"}]}]})
+                   "target": "algorithm:ccd_stack:1.1.0", "relation": "wasAssociatedWith"},
+                  {"source": "job:9d4a3c1e-6b2f-4e8a-9c1d-2f3e4a5b6c7d",
+                   "target": "raw_data_file:1c49d49d-34d9-5c36-be8c-62dcce3da68c",
+                   "relation": "used", "attributes": {
+                       "role": "bias", "classified_from": "IMAGETYP 'BIAS'"}}]}]})
 
 
 # -- helpers ----------------------------------------------------------------------------------
 def _store(ledger: Ledger) -> Any:
-    if ledger.store is None:
-        raise ApiError(503, "Service unavailable: the event store is not connected",
-                       headers={"Retry-After": "2"})
-    return ledger.store
+    return ledger.event_store()
 
 
 def _file_input(ledger: Ledger, file_id: UUID, field: str) -> dict[str, Any]:
@@ -339,8 +381,8 @@ def resolve_inputs(ledger: Ledger, file_ids: list[UUID], result_ids: list[UUID],
                            [{"field": f"result_ids.{i}", "message": "unknown result"}])
         files = sorted(a.split(":", 1)[1] for a in result.assets
                        if a.startswith("raw_data_file:"))
-        if not files:
-            raise ApiError(422, "Validation failed", [{
+        if not files:  # the result's state, not the request: 409
+            raise ApiError(409, f"observation result {rid} has no raw data files yet", [{
                 "field": f"result_ids.{i}",
                 "message": f"observation result {rid} has no raw data files yet"}])
         ids.extend((UUID(f), f"result_ids.{i}") for f in files)
@@ -370,10 +412,50 @@ def _local_path(ledger: Ledger, i: dict[str, Any]) -> Path:
         ledger.settings.raw_data_dir / i["relative_path"]
 
 
+#: The most raw data files a plan's time window may select (a request's file_ids' limit).
+WINDOW_MAX_FILES = 1000
+
+
+def files_written_in(ledger: Ledger, start: datetime | None, end: datetime | None,
+                     ) -> list[UUID]:
+    """The raw data files written (``created_at``) in [start, end), oldest first, as the read
+    models show them; 422 beyond :data:`WINDOW_MAX_FILES`, 503 while they do not answer."""
+    f = ledger.queries.t.raw_data_files
+    conds = ([f.c.created_at >= start] if start else []) + (
+        [f.c.created_at < end] if end else [])
+
+    def query(r: Reading) -> list[UUID]:
+        if not r.available:
+            raise ReadModelsUnavailable("the read-model database does not answer")
+        return [UUID(x["id"]) for x in r.rows(select(f.c.id).where(*conds).order_by(
+            f.c.created_at, f.c.id).limit(WINDOW_MAX_FILES + 1))]
+
+    found = ledger.queries.read(query)
+    if len(found) > WINDOW_MAX_FILES:
+        raise ApiError(422, "Validation failed", [{
+            "field": "start_time" if start else "end_time",
+            "message": f"the time window selects more than {WINDOW_MAX_FILES} raw data "
+            "files: narrow it"}])
+    return found
+
+
 def plan(ledger: Ledger, body: PlanRequest | ProcessRequest) -> dict[str, Any]:
-    """What a process job would do (records nothing): 404 for unknown files, results or
-    algorithm; 422 for bad parameters or inputs the algorithm cannot use."""
-    inputs = resolve_inputs(ledger, body.file_ids, body.result_ids)
+    """What a process job would do (records nothing): 422 for an unknown algorithm or bad
+    parameters (what the request says, checked first), 404 for unknown files or results (or a
+    time window in which no raw data file was written), 422 for inputs the algorithm cannot
+    use."""
+    algorithm(body.algorithm, body.algorithm_version).parameters(body.parameters)
+    file_ids = list(body.file_ids)
+    start, end = getattr(body, "start_time", None), getattr(body, "end_time", None)
+    if start or end:
+        written = files_written_in(ledger, start, end)
+        if not written and not (file_ids or body.result_ids):
+            raise ApiError(404, "no raw data file was written in the time window", [{
+                "field": "start_time" if start else "end_time",
+                "message": "no raw data file was written in the time window"}])
+        named = set(file_ids)
+        file_ids += [i for i in written if i not in named]
+    inputs = resolve_inputs(ledger, file_ids, body.result_ids)
     local = [AlgorithmInput(
         file_id=UUID(i["file_id"]), name=i["name"], path=_local_path(ledger, i),
         size=int(i["size"]), checksum=(i["checksum_algorithm"], i["checksum_value"]),
@@ -391,7 +473,18 @@ def plan(ledger: Ledger, body: PlanRequest | ProcessRequest) -> dict[str, Any]:
 
 # -- routes -----------------------------------------------------------------------------------
 def ops_router() -> APIRouter:
-    r = APIRouter()
+    r = APIRouter(route_class=GuardedRoute)
+
+    @r.get("/ops/jobs/counts", dependencies=[allow(READERS)], tags=["processing jobs"],
+           response_model=ProcessingJobCounts, responses=COUNT_RESPONSES,
+           summary="Processing jobs by status and kind")
+    async def processing_job_counts(
+        request: Request,
+        requested_from: RequestedFrom = None,
+        requested_to: RequestedTo = None,
+    ) -> Any:
+        return await run_in_threadpool(job_counts, ledger_of(request).queries,
+                                       as_utc(requested_from), as_utc(requested_to))
 
     @r.get("/ops/algorithms", dependencies=[allow(READERS)], tags=[JOBS_TAG],
            response_model=list[AlgorithmView], responses=ERRORS,
@@ -404,12 +497,14 @@ def ops_router() -> APIRouter:
             response_model=PlanView, responses={**ERRORS, **STORE_ERRORS},
             summary="Plan a process job: ordered steps, inputs with sizes, products — "
             "without running anything",
-            description="Give raw data files (`file_ids`) and/or observation results "
-            "(`result_ids`, their raw data files) and an algorithm with parameters. Nothing "
+            description="Give raw data files (`file_ids`), observation results "
+            "(`result_ids`, their raw data files) and/or a time window (`start_time`, "
+            "`end_time`: the raw data files written in it, at most 1000) and an algorithm "
+            "with parameters. Nothing "
             "is recorded. 404: unknown file, result or algorithm; 422: bad parameters (the "
             "algorithm's schema, `GET /ops/algorithms`) or inputs it cannot use.")
     async def plan_job(request: Request, body: PlanRequest) -> Any:
-        return await run_in_threadpool(plan, _ledger(request), body)
+        return await run_in_threadpool(plan, ledger_of(request), body)
 
     @r.post("/ops/ingest", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG], status_code=202,
             response_model=CommandAccepted, responses={**COMMAND_RESPONSES, **STORE_ERRORS},
@@ -420,13 +515,13 @@ def ops_router() -> APIRouter:
             "shape and BUNIT (`RawDataFile.Ingested`, and in the job's outputs). A file that "
             "fails fails the job with the reason.")
     async def ingest(request: Request, body: IngestRequest, ctx: Ctx) -> Response:
-        ledger = _ledger(request)
+        ledger = ledger_of(request)
         inputs = await run_in_threadpool(resolve_inputs, ledger, body.file_ids,
                                          body.result_ids)
         command = RequestProcessingJob(
             id=body.id, kind="ingest", file_ids=[UUID(i["file_id"]) for i in inputs],
             max_attempts=ledger.settings.processing_max_attempts)
-        return await _submit(ledger, ctx, "processing_job.request", command)
+        return await submit(ledger, ctx, ProcessingCommand.PROCESSING_JOB_REQUEST, command)
 
     @r.post("/ops/process", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
             status_code=202, response_model=CommandAccepted,
@@ -436,7 +531,7 @@ def ops_router() -> APIRouter:
             "job, runs the algorithm and uploads the products. With `catalog` the products "
             "are catalogued (`publish`, `archive`) as soon as they are built.")
     async def process(request: Request, body: ProcessRequest, ctx: Ctx) -> Response:
-        ledger = _ledger(request)
+        ledger = ledger_of(request)
         planned = await run_in_threadpool(plan, ledger, body)
         command = RequestProcessingJob(
             id=body.id, kind="process",
@@ -446,7 +541,7 @@ def ops_router() -> APIRouter:
             archive=body.archive, max_attempts=ledger.settings.processing_max_attempts,
             # the products of one result's files belong to it (GET /products?result_id=)
             result_id=body.result_ids[0] if len(body.result_ids) == 1 else None)
-        return await _submit(ledger, ctx, "processing_job.request", command)
+        return await submit(ledger, ctx, ProcessingCommand.PROCESSING_JOB_REQUEST, command)
 
     @r.post("/ops/catalog", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
             status_code=202, response_model=CommandAccepted, responses=COMMAND_RESPONSES,
@@ -454,41 +549,40 @@ def ops_router() -> APIRouter:
             description="A worker checks each product's object (size and sha256) and "
             "catalogues it; the products then list in `GET /products`.")
     async def catalog(request: Request, body: CatalogRequest, ctx: Ctx) -> Response:
-        ledger = _ledger(request)
+        ledger = ledger_of(request)
         for i, pid in enumerate(body.product_ids):
             if await run_in_threadpool(ledger.processing.product, str(pid)) is None:
                 raise ApiError(404, f"data product {pid} not found",
                                [{"field": f"product_ids.{i}", "message": "unknown product"}])
         command = RequestProcessingJob(
             id=body.id, kind="catalog", product_ids=body.product_ids, publish=body.publish,
-            archive=body.archive, max_attempts=ledger.settings.processing_max_attempts)
-        return await _submit(ledger, ctx, "processing_job.request", command)
+            archive=body.archive, metadata=body.metadata,
+            max_attempts=ledger.settings.processing_max_attempts)
+        return await submit(ledger, ctx, ProcessingCommand.PROCESSING_JOB_REQUEST, command)
 
     @r.get("/ops/jobs", dependencies=[allow(READERS)], tags=[JOBS_TAG],
-           response_model=JobPage, responses=ERRORS,
+           response_model=JobPage, responses=LIST_RESPONSES,
            summary="Processing jobs, newest first (smart query: requested ones not yet "
            "projected lead the first page)")
-    async def jobs(request: Request,
+    async def jobs(request: Request, response: Response,
+                   page: Annotated[PageRequest, Depends(paging_with_skip)],
                    status: Annotated[JOB_STATUSES | None, Query()] = None,
                    kind: Annotated[JOB_KINDS | None, Query()] = None,
-                   skip: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-                   limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                    min_position: MinPosition = None) -> Any:
-        await _caught_up(request, min_position)
+        await caught_up(request, min_position)
         pos, total, items = await run_in_threadpool(
-            _ledger(request).processing.list_jobs, status, kind, limit, skip)
-        return {"items": items, "total": total, "limit": limit, "skip": skip,
-                "read_model_position": pos}
+            ledger_of(request).processing.list_jobs, status, kind, page.limit, page.offset)
+        paged(request, response, page, total)
+        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
+                "skip": page.offset, "read_model_position": pos,
+                "read_models": read_models_state()}
 
     @r.get("/ops/jobs/{id}", dependencies=[allow(READERS)], tags=[JOBS_TAG],
-           response_model=JobView, responses=ERRORS,
+           response_model=JobView, responses=QUERY_RESPONSES,
            summary="One job: steps, progress, timings, lease, outputs, errors (smart query)")
     async def job(request: Request, id: IdPath, min_position: MinPosition = None) -> Any:
-        await _caught_up(request, min_position)
-        row = await run_in_threadpool(_ledger(request).processing.job, str(id))
-        if row is None:
-            raise _not_found("processing job", id)
-        return row
+        return await smart_row(request, min_position, ledger_of(request).processing.job,
+                               "processing job", id)
 
     @r.delete("/ops/jobs/{id}", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
               status_code=202, response_model=CommandAccepted, responses=COMMAND_RESPONSES,
@@ -499,42 +593,42 @@ def ops_router() -> APIRouter:
     async def cancel(request: Request, id: IdPath, ctx: Ctx,
                      reason: Annotated[str | None, Query(
                          max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
-        return await _submit(_ledger(request), ctx, "processing_job.cancel",
+        return await submit(ledger_of(request), ctx, ProcessingCommand.PROCESSING_JOB_CANCEL,
                              CancelJobRequest(reason=reason), {"id": id})
 
     # -- products --------------------------------------------------------------------------
     @r.get("/products", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
-           response_model=ProductPage, responses=ERRORS,
+           response_model=ProductPage, responses=PRODUCT_LIST_RESPONSES,
            summary="Catalogued data products, newest first",
            description="Without `status`: catalogued, published and archived products; "
            "`status=built` lists those not catalogued yet.")
-    async def products(request: Request,
+    async def products(request: Request, response: Response,
+                       page: Annotated[PageRequest, Depends(paging_with_skip)],
                        status: Annotated[PRODUCT_STATUSES | None, Query()] = None,
                        kind: Annotated[str | None, Query(max_length=50)] = None,
                        job_id: UUID | None = None, result_id: UUID | None = None,
-                       skip: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-                       limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                        min_position: MinPosition = None) -> Any:
-        await _caught_up(request, min_position)
+        await caught_up(request, min_position)
         pos, total, items = await run_in_threadpool(
-            lambda: _ledger(request).processing.list_products(
+            lambda: ledger_of(request).processing.list_products(
                 status=status, kind=kind, job_id=None if job_id is None else str(job_id),
                 result_id=None if result_id is None else str(result_id),
-                catalogued_only=True, limit=limit, offset=skip))
-        return {"items": items, "total": total, "limit": limit, "skip": skip,
-                "read_model_position": pos}
+                catalogued_only=True, limit=page.limit, offset=page.offset))
+        paged(request, response, page, total)
+        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
+                "skip": page.offset, "read_model_position": pos}
 
     async def _product(request: Request, product_id: UUID) -> dict[str, Any]:
-        row = await run_in_threadpool(_ledger(request).processing.product, str(product_id))
+        row = await run_in_threadpool(ledger_of(request).processing.product, str(product_id))
         if row is None:
-            raise _not_found("data product", product_id)
+            raise not_found("data product", product_id)
         return row
 
     @r.get("/products/{id}", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
            response_model=ProductView, responses=ERRORS,
            summary="One data product: type, size, checksum, metrics, status, inputs")
     async def product(request: Request, id: IdPath, min_position: MinPosition = None) -> Any:
-        await _caught_up(request, min_position)
+        await caught_up(request, min_position)
         return await _product(request, id)
 
     @r.get("/products/{id}/download", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
@@ -547,7 +641,7 @@ def ops_router() -> APIRouter:
            "object store)")
     async def download(request: Request, id: IdPath) -> Any:
         row = await _product(request, id)
-        objects = _ledger(request).objects
+        objects = ledger_of(request).objects
         area = Area(row["area"])
         try:
             url = await run_in_threadpool(lambda: objects.presigned_url(
@@ -574,9 +668,9 @@ def ops_router() -> APIRouter:
     async def lineage(request: Request, id: IdPath,
                       format: Annotated[Literal["json", "prov-json"], Query()] = "json",
                       ) -> Any:
-        graph = await run_in_threadpool(product_lineage, _ledger(request).processing, str(id))
+        graph = await run_in_threadpool(product_lineage, ledger_of(request).processing, str(id))
         if graph is None:
-            raise _not_found("data product", id)
+            raise not_found("data product", id)
         if format == "prov-json":
             return Response(_dumps(to_prov_json(graph)), media_type="application/json")
         return graph.to_json()

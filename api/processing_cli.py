@@ -4,35 +4,33 @@ leases). Added to ``api.cli``'s parser."""
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
+from api.cli_common import connected_ledger, run_until_signal, run_worker, unreachable
+from infra.heartbeat import heartbeat_path
 from infra.settings import Settings
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from api.cli import CONNECT_TIMEOUT_S, _run_until_signal, _run_worker
-
     if not args.once and not args.with_dispatcher:
         # until SIGINT/SIGTERM; the API's dispatcher applies its commands (same journal)
-        return _run_worker(args, settings, "processing_worker", lambda w: "")
-    from api.runtime import Ledger
-
+        return run_worker(args, settings, "processing_worker", lambda w: "")
     # a dispatcher of this process's journal beside the worker (and with --once a projector:
     # self-sufficient); nothing else
-    ledger = Ledger(settings.model_copy(update={
+    ledger = connected_ledger(settings.model_copy(update={
         "embedded_processing_worker": True, "embedded_projector": args.once,
         "embedded_downloader": False, "embedded_results_automation": False,
         "embedded_audit_chain": False, "embedded_relay": False}), workers=True)
+    if ledger is None:
+        return 2
     try:
-        if not ledger.connect(CONNECT_TIMEOUT_S) or ledger.processing_worker is None:
-            print("event store unreachable", file=sys.stderr)
-            return 2
+        if ledger.processing_worker is None:
+            return unreachable(settings)
         if args.once:
             ledger.start_workers()
             print(ledger.processing_worker.wait_idle(timeout=args.timeout))
         else:
-            _run_until_signal(_Started(ledger))
+            run_until_signal(_Started(ledger), heartbeat_path(settings.data_dir, "worker"))
         return 0
     finally:
         ledger.stop()
@@ -60,5 +58,6 @@ def add_processing_commands(sub: Any) -> None:
     p.add_argument("--with-dispatcher", action="store_true",
                    help="also apply this process's journal (a worker on its own host or "
                    "container, whose journal no API process dispatches)")
-    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="with --once: give up after this many seconds (default: %(default)s)")
     p.set_defaults(func=_worker)

@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: a throw-away PostgreSQL database, settings, server processes,
 the HTTP load generator and the ``BENCH <name> <value>`` output.
 
-Run by hand (``make bench``), never from the test suite. ``python bench/common.py noop
+Run by hand (``make bench``), never from the test suite. ``python -m bench.common noop
 --port P`` serves the no-op baseline app with the same uvicorn settings as ``obsledger serve``.
 """
 
@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/, not the project, on sys.path
+if str(ROOT) not in sys.path:  # `python -m bench.x` puts bench/, not the project, on sys.path
     sys.path.insert(0, str(ROOT))
+
+from tests.support.processes import free_port as free_port  # noqa: E402  (bench/ servers use it too)
+from tests.support.processes import stop_process, wait_for_port  # noqa: E402
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -110,6 +112,15 @@ def make_settings(pg: Pg, dbname: str, data_dir: Path, **overrides: Any) -> Any:
     return Settings(**values)
 
 
+@contextmanager
+def fresh_settings(args: argparse.Namespace, prefix: str, **overrides: Any) -> Iterator[Any]:
+    """Settings on a fresh database (``prefix``_…) and data directory from ``add_pg_args``'
+    arguments; both are removed at the end (the directory kept with ``--keep-dir``)."""
+    pg = pg_from_args(args)
+    with temp_database(pg, prefix) as db, temp_dir(args.keep_dir) as tmp:
+        yield make_settings(pg, db, tmp, **overrides)
+
+
 def settings_env(settings: Any) -> dict[str, str]:
     """The OBSLEDGER_* environment that reproduces ``settings`` in another process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OBSLEDGER_")}
@@ -117,12 +128,6 @@ def settings_env(settings: Any) -> dict[str, str]:
 
 
 # -- servers ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     """A server process on a free port: ``obsledger serve`` or the no-op app."""
 
@@ -140,28 +145,15 @@ class Server:
                     "--no-access-log", *extra], settings_env(settings))
 
     @classmethod
-    def noop(cls) -> Server:
-        return cls([sys.executable, str(Path(__file__).resolve()), "noop"])
+    def noop(cls, workers: int = 1) -> Server:
+        return cls([sys.executable, str(Path(__file__).resolve()), "noop",
+                    "--workers", str(workers)])
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("server did not start")
+        wait_for_port(self.port, self.proc, timeout)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 30)
 
     def __enter__(self) -> Server:
         return self
@@ -190,10 +182,16 @@ def _serve_noop(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)
     # Exactly how api/cli.py `serve --log-level warning --no-access-log` runs uvicorn.
-    uvicorn.run(noop_app(), host=args.host, port=args.port, log_level="warning",
-                access_log=False)
+    # (no trusted proxy configured: no forwarded headers middleware)
+    options: dict[str, Any] = dict(host=args.host, port=args.port, log_level="warning",
+                                   access_log=False, proxy_headers=False)
+    if args.workers > 1:  # as `serve --workers N`: uvicorn's processes on one socket
+        uvicorn.run("bench.common:noop_app", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.run(noop_app(), **options)
     return 0
 
 
@@ -320,6 +318,53 @@ def _run_aiohttp(url: str, body: bytes, seconds: float, connections: int,
     return LoadResult(ok + bad, took, bad, f"aiohttp (1 process) -c{connections}")
 
 
+async def _aiohttp_steady(url: str, body: bytes, rate: int, seconds: float,
+                          authorization: str) -> list[float]:
+    """Open loop: request i is sent at ``i / rate`` s whatever the answers before it; its
+    latency counts from that scheduled time (a late send is the server's delay too)."""
+    import asyncio
+
+    import aiohttp
+
+    latencies: list[float] = []
+    failures = [0]
+    headers = {"Content-Type": "application/json", "Authorization": authorization}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+        async def one(due: float) -> None:
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+                if not 200 <= r.status < 300:
+                    failures[0] += 1
+            latencies.append((time.perf_counter() - due) * 1000)
+
+        tasks = []
+        start = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(due)))
+        await asyncio.gather(*tasks)
+    if failures[0]:
+        raise SystemExit(f"steady load: {failures[0]} failed requests")
+    return latencies
+
+
+def steady_load(url: str, body: bytes, rate: int, seconds: float, token: str) -> list[float]:
+    """Milliseconds per request at a steady ``rate`` (aiohttp in its own process)."""
+    args = ", ".join(repr(a) for a in (url, body, rate, seconds, f"Bearer {token}"))
+    code = (
+        f"import sys, json, asyncio; sys.path.insert(0, {str(ROOT)!r});"
+        f"from bench import common;"
+        f"print(json.dumps(asyncio.run(common._aiohttp_steady({args}))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=seconds + 120).stdout
+    latencies: list[float] = json.loads(out.strip().splitlines()[-1])
+    return latencies
+
+
 def http_load(url: str, body: bytes, seconds: float, connections: int,
               client: str = "auto", token: str = "") -> LoadResult:
     """Requests per second sustained against ``url`` by POSTing ``body`` (with ``token`` as
@@ -351,4 +396,4 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "noop":
         sys.exit(_serve_noop(sys.argv[2:]))
-    sys.exit("usage: python bench/common.py noop --port PORT")
+    sys.exit("usage: python -m bench.common noop --port PORT")

@@ -13,7 +13,7 @@
    mark, includes the interpreter and imports — the baseline of each is a ``#`` note).
 
 Each measurement runs ``--rounds`` times (alternating); the best time and the highest peak are
-reported. Usage: ``python bench/processing.py [--frames 50] [--size 2048] [--rounds 1]``
+reported. Usage: ``python -m bench.processing [--frames 50] [--size 2048] [--rounds 1]``
 """
 
 from __future__ import annotations

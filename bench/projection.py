@@ -16,7 +16,7 @@ Both figures count every notification in the log (command receipts included: the
 reads and decodes them, then has nothing to write). Both read models are compared row by row
 at the end, so the speed-up is never bought with a different result.
 
-Usage: ``python bench/projection.py [--units N] [--files-per-unit F] [--pg-host H ...]``
+Usage: ``python -m bench.projection [--units N] [--files-per-unit F] [--pg-host H ...]``
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-# `python bench/x.py` puts bench/ on sys.path; the benchmarks import the project and bench.common
+# `python -m bench.x` puts bench/ on sys.path; the benchmarks import the project and bench.common
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
@@ -46,6 +46,9 @@ from bench.common import (
     temp_database,
     temp_dir,
 )
+from commands.obs_units import ObsUnitCommand
+from commands.raw_data import RawDataCommand
+from commands.staging import StagingCommand
 
 NIGHT = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
 
@@ -74,7 +77,7 @@ def night_of_operations(units: int, files_per_unit: int) -> list[list[Command]]:
         instrument = instruments[u % len(instruments)]
         unit_id, package_id, staging_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         t0 = NIGHT + timedelta(minutes=7 * u)
-        start.append(("executed_obs_unit.start", StartExecutedObsUnitRequest(
+        start.append((ObsUnitCommand.EXECUTED_OBS_UNIT_START, StartExecutedObsUnitRequest(
             id=unit_id, obs_unit_id=f"OU-2026-{u % 400:04d}", instrument=instrument,
             start_time=t0, metadata={"airmass": 1.0 + (u % 50) / 100, "seeing": 0.8}), None))
         files = [{
@@ -86,21 +89,23 @@ def night_of_operations(units: int, files_per_unit: int) -> list[list[Command]]:
             "file_type": "raw_science" if i else "raw_calibration",
             "created_at": (t0 + timedelta(seconds=30 * i)).isoformat(),
         } for i in range(files_per_unit)]
-        create.append(("raw_data_package.create", CreateRawDataPackageRequest.model_validate({
+        create.append((RawDataCommand.RAW_DATA_PACKAGE_CREATE,
+                       CreateRawDataPackageRequest.model_validate({
             "id": str(package_id), "name": f"{instrument}-{t0:%Y-%m-%d}-{u:05d}",
             "executed_obs_unit_id": str(unit_id), "files": files}), None))
-        finish.append(("executed_obs_unit.finish", FinishExecutedObsUnitRequest(
+        finish.append((ObsUnitCommand.EXECUTED_OBS_UNIT_FINISH, FinishExecutedObsUnitRequest(
             status="success" if u % 10 else "aborted", end_time=t0 + timedelta(minutes=6),
             metadata={"exposures": files_per_unit}), {"id": unit_id}))
-        finish.append(("raw_data_package.finalize", CommandModel(), {"id": package_id}))
+        finish.append((RawDataCommand.RAW_DATA_PACKAGE_FINALIZE, CommandModel(),
+                       {"id": package_id}))
         packages.append(package_id)
-        stage.append(("staging.stage", StageRequest(
+        stage.append((StagingCommand.STAGING_STAGE, StageRequest(
             id=staging_id, package_ids=[package_id], destination="archive-garching"), None))
         total = sum(f["size"] for f in files)  # type: ignore[misc]
-        progress.append(("staging.report_progress", StagingProgressRequest(
+        progress.append((StagingCommand.STAGING_REPORT_PROGRESS, StagingProgressRequest(
             status="in_progress", bytes_transferred=total // 2,
             files_transferred=files_per_unit // 2), {"id": staging_id}))
-        done.append(("staging.report_progress", StagingProgressRequest(
+        done.append((StagingCommand.STAGING_REPORT_PROGRESS, StagingProgressRequest(
             status="completed", bytes_transferred=total, files_transferred=files_per_unit),
             {"id": staging_id}))
     return [start, create, finish, stage, progress, done]
@@ -108,7 +113,7 @@ def night_of_operations(units: int, files_per_unit: int) -> list[list[Command]]:
 
 def fill_event_store(settings: Any, units: int, files_per_unit: int) -> int:
     """Journal and apply the night; return the log's head position."""
-    from api.runtime import Ledger
+    from bootstrap.ledger import Ledger
 
     ledger = Ledger(settings, workers=False)
     try:

@@ -5,12 +5,13 @@ PyPI, as the tests do) or ``--bootstrap host:port``, and a PostgreSQL event stor
    send with acks=all, flush, record the position), beside ``producer_per_s``: a plain
    kafka-python producer with the same settings sending the same serialized records in the
    same run, best of ``--rounds`` alternating rounds. ``relay_ratio`` = relay / producer
-   (target >= 0.8).
+   (target >= 0.8). ``check_kafka_per_s``: ``obsledger check-kafka`` over what the last relay
+   round published (the log read, then every record read back and compared), events per second.
 2. ``e2e_p50_ms`` / ``e2e_p99_ms``: from an event's recorded timestamp (when the dispatcher
    applied its command) until a consumer reads it from Kafka, with the dispatcher and the
    relay running and start commands arriving at a steady ``--rate`` (500/s) (target p99 <= 250).
 
-Usage: ``python bench/relay.py [--events N] [--rate R --seconds S] [--bootstrap H:P]``
+Usage: ``python -m bench.relay [--events N] [--rate R --seconds S] [--bootstrap H:P]``
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-# `python bench/x.py` puts bench/ on sys.path; the benchmarks import the project and bench.common
+from commands.obs_units import ObsUnitCommand
+
+# `python -m bench.x` puts bench/ on sys.path; the benchmarks import the project and bench.common
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
@@ -55,15 +58,18 @@ def start_requests(n: int) -> list[Any]:
 def measure_throughput(args: argparse.Namespace, settings: Any) -> None:
     from kafka import KafkaProducer
 
-    from api.runtime import Ledger
+    from bootstrap.ledger import Ledger
+    from infra.kafka_consumer import KafkaCheck
     from infra.kafka_relay import EventRelay, ensure_topics, event_message, producer_config
 
     ledger = Ledger(settings, workers=False)
+    published = settings
     relay_rates: list[float] = []
     plain_rates: list[float] = []
     try:
         n = args.events // 2  # each start command stores the unit's event and a receipt
-        asyncio.run(journal_commands(ledger, "executed_obs_unit.start", start_requests(n)))
+        asyncio.run(journal_commands(ledger, ObsUnitCommand.EXECUTED_OBS_UNIT_START,
+                                     start_requests(n)))
         drain_journal(ledger, n, "fill")
         assert ledger.store is not None
         events = list(ledger.store.select_notifications(0, 10 ** 9))
@@ -82,6 +88,7 @@ def measure_throughput(args: argparse.Namespace, settings: Any) -> None:
             relay.catch_up(timeout=600)
             relay_rates.append((len(events) - warm) / (time.perf_counter() - t))
             relay.stop()
+            published = fresh
 
             # the plain producer: the same records, serialized beforehand, the same settings
             plain = settings.model_copy(update={"kafka_topic_prefix": "plain" +
@@ -100,18 +107,25 @@ def measure_throughput(args: argparse.Namespace, settings: Any) -> None:
             plain_rates.append(len(messages) / (time.perf_counter() - t))
             producer.close()
             note(f"round: relay {relay_rates[-1]:.0f}/s, plain producer {plain_rates[-1]:.0f}/s")
+        # check-kafka over what the last relay published: the log, then every record read back
+        t = time.perf_counter()
+        report = KafkaCheck(ledger.store, published, events[-1].id).run()
+        check_rate = len(events) / (time.perf_counter() - t)
+        if not report["ok"]:
+            raise SystemExit(f"check-kafka found differences: {report}")
     finally:
         ledger.stop()
     bench("relay_per_s", round(max(relay_rates), 1))
     bench("producer_per_s", round(max(plain_rates), 1))
     bench("relay_ratio", round(max(relay_rates) / max(plain_rates), 3))
+    bench("check_kafka_per_s", round(check_rate, 1))
 
 
 def measure_e2e(args: argparse.Namespace, settings: Any) -> None:
     import orjson
     from kafka import KafkaConsumer
 
-    from api.runtime import Ledger
+    from bootstrap.ledger import Ledger
     from infra.kafka_relay import ensure_topics, kafka_topic
 
     ensure_topics(settings)
@@ -152,7 +166,7 @@ def measure_e2e(args: argparse.Namespace, settings: Any) -> None:
                 delay = t0 + i / args.rate - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await ledger.commands.submit("executed_obs_unit.start", req, path=None,
+                await ledger.commands.submit(ObsUnitCommand.EXECUTED_OBS_UNIT_START, req, path=None,
                                              actor="bench", correlation_id=str(uuid.uuid4()),
                                              idempotency_key=None)
 
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only or ["throughput", "e2e"])
     pg = pg_from_args(args)
 
-    from tests.kafka_broker import KafkaBroker
+    from tests.support.kafka_broker import KafkaBroker
 
     with tempfile.TemporaryDirectory(prefix="obsledger-broker-") as broker_dir:
         broker = (KafkaBroker("external", Path(broker_dir), args.bootstrap) if args.bootstrap

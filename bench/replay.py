@@ -13,15 +13,24 @@ over the whole log (not timed in the ratios). Then, in the same run, over the sa
 - ``verify_per_s``: ``obsledger verify`` (every event hashed, the chain recomputed and
   compared with the chain table and the anchors);
 - ``rebuild_per_s``: ``obsledger rebuild --all`` (fresh read models from position 0, then
-  the switch);
-- ``verify_ratio``, ``rebuild_ratio``: over ``plain_read_per_s`` (targets 0.5 and 0.25).
+  the switch), events decoded by ``--rebuild-workers`` processes (default: as configured,
+  CPUs - 1);
+- ``rebuild_one_process_per_s``: the same rebuild decoding in the rebuilding process
+  (``OBSLEDGER_REBUILD_WORKERS=1``: the way it ran before decoder processes), for comparison;
+- ``verify_ratio``, ``rebuild_ratio``: over ``plain_read_per_s`` (targets 0.5 and 0.35),
+  and ``rebuild_one_process_ratio``.
 
-Usage: ``python bench/replay.py [--events N] [--files-per-unit F] [--pg-host H ...]``
+``--rebuild-only`` skips the audit chain, the replay and the verification (a shorter run:
+plain reads and the two rebuilds).
+
+Usage: ``python -m bench.replay [--events N] [--files-per-unit F] [--rebuild-workers W]
+[--rebuild-only] [--pg-host H ...]``
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import uuid
@@ -30,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-# `python bench/x.py` puts bench/ on sys.path; the benchmarks import the project and bench.common
+# `python -m bench.x` puts bench/ on sys.path; the benchmarks import the project and bench.common
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
@@ -113,11 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     add_pg_args(p)
     p.add_argument("--events", type=int, default=1_000_000, help="events in the log")
     p.add_argument("--files-per-unit", type=int, default=20)
+    p.add_argument("--rebuild-workers", type=int, default=None,
+                   help="decoder processes of the rebuild (default: OBSLEDGER_REBUILD_WORKERS, "
+                   "else CPUs - 1)")
+    p.add_argument("--rebuild-only", action="store_true",
+                   help="skip the audit chain, replay and verify (plain reads and rebuilds)")
     args = p.parse_args(argv)
     pg = pg_from_args(args)
 
-    from api.runtime import Ledger
+    from bootstrap.ledger import Ledger
     from infra.audit_chain import AnchorLog, verify
+    from projections.parallel_decode import default_workers
     from queries.audit import EventFilter, replay
 
     with temp_database(pg, "obsledger_bench_replay") as db, temp_dir(args.keep_dir) as tmp:
@@ -129,9 +144,15 @@ def main(argv: list[str] | None = None) -> int:
             took = fill(store, args.events, args.files_per_unit)
             head = store.max_position()
             note(f"bulk load: {head} events in {took:.1f}s ({head / took:,.0f}/s)")
-            t = time.perf_counter()
-            chain.catch_up()
-            note(f"audit chain extended over {head} events in {time.perf_counter() - t:.1f}s")
+            if not args.rebuild_only:
+                t = time.perf_counter()
+                chain.catch_up()
+                note(f"audit chain extended over {head} events in "
+                     f"{time.perf_counter() - t:.1f}s")
+            if args.rebuild_workers is not None:
+                projector.rebuild_workers = args.rebuild_workers
+            workers = projector.rebuild_workers or default_workers()
+            note(f"rebuild decoder processes: {workers} (os.cpu_count() = {os.cpu_count()})")
 
             def plain() -> None:  # eventsourcing's own read, not the lean one obsledger uses
                 from eventsourcing.postgres import PostgresApplicationRecorder
@@ -157,20 +178,35 @@ def main(argv: list[str] | None = None) -> int:
             def rebuild_all() -> None:
                 assert projector.rebuild() == head
 
+            def rebuild_one_process() -> None:
+                projector.rebuild_workers = 1
+                try:
+                    assert projector.rebuild() == head
+                finally:
+                    projector.rebuild_workers = workers
+
             plain_rate = timed("plain read", head, plain)
-            replay_rate = timed("replay to JSON Lines", head, replay_jsonl)
-            verify_rate = timed("verify", head, verify_all)
-            rebuild_rate = timed("rebuild --all", head, rebuild_all)
+            if not args.rebuild_only:
+                replay_rate = timed("replay to JSON Lines", head, replay_jsonl)
+                verify_rate = timed("verify", head, verify_all)
+            rebuild_rate = timed(f"rebuild --all, {workers} decoder processes", head,
+                                 rebuild_all)
+            one_rate = timed("rebuild --all, decoding in the rebuilding process", head,
+                             rebuild_one_process)
             plain_rate = max(plain_rate, timed("plain read, again", head, plain))
         finally:
             ledger.stop()
 
     bench("plain_read_per_s", round(plain_rate, 1))
-    bench("replay_per_s", round(replay_rate, 1))
-    bench("verify_per_s", round(verify_rate, 1))
+    if not args.rebuild_only:
+        bench("replay_per_s", round(replay_rate, 1))
+        bench("verify_per_s", round(verify_rate, 1))
     bench("rebuild_per_s", round(rebuild_rate, 1))
-    bench("verify_ratio", round(verify_rate / plain_rate, 3))
+    bench("rebuild_one_process_per_s", round(one_rate, 1))
+    if not args.rebuild_only:
+        bench("verify_ratio", round(verify_rate / plain_rate, 3))
     bench("rebuild_ratio", round(rebuild_rate / plain_rate, 3))
+    bench("rebuild_one_process_ratio", round(one_rate / plain_rate, 3))
     return 0
 
 

@@ -3,7 +3,7 @@ schema: ``algorithm(name, version)`` finds one, ``describe`` tells clients about
 (``GET /ops/algorithms``), ``plan`` checks inputs without touching data, ``run`` makes the
 products in a work directory.
 
-``ccd_stack`` 1.0.0: classify the frames (bias, dark, flat, science), build master calibration
+``ccd_stack`` 1.1.0: classify the frames (bias, dark, flat, science), build master calibration
 frames, calibrate the science frames, sigma-clip combine them band by band, estimate background
 and noise, detect sources, and write the combined image (FITS) and the source catalogue (ECSV).
 """
@@ -36,6 +36,7 @@ from domain.reduction import (
 )
 from infra.fits_check import is_fits_name
 from infra.fits_products import (
+    InputRecord,
     ProductProvenance,
     open_image_rows,
     read_header,
@@ -84,6 +85,8 @@ class ProductFile:
     path: Path
     media_type: str
     metrics: dict[str, float | int | str]
+    #: the inputs it was made from, each with the role the algorithm gave it
+    inputs: list[InputRecord] = field(default_factory=list)
 
 
 class StepReporter(Protocol):
@@ -194,7 +197,7 @@ class _Frame:
     shape: tuple[int, int] | None  # None: not known before the file is read
     exptime: float | None
     unit: str | None
-    how: str  # how the kind was found, for plan notes
+    how: str  # what said the kind: "file_type 'raw_bias'", "IMAGETYP 'ZERO'", ...
 
 
 class CcdStackParameters(BaseModel):
@@ -217,7 +220,7 @@ class CcdStackParameters(BaseModel):
 
 class CcdStack(Algorithm):
     name = "ccd_stack"
-    version = "1.0.0"
+    version = "1.1.0"
     summary = ("Calibrate CCD frames with master bias, dark and flat frames found among the "
                "inputs, sigma-clip combine the science frames band by band, estimate "
                "background and noise, and detect sources")
@@ -251,10 +254,11 @@ class CcdStack(Algorithm):
                                          field="inputs") from e
             kind, how = frame_kind(inp.file_type), f"file_type {inp.file_type!r}"
             if kind is None:
+                keyword = meta.get("frame_type_keyword") or "header"  # ingested before 1.1.0
                 kind, how = frame_kind(meta.get("frame_type")), \
-                    f"header {meta.get('frame_type')!r}"
+                    f"{keyword} {meta.get('frame_type')!r}"
             if kind is None:
-                kind, how = "science", "no known frame type"
+                kind, how = "science", "no known frame type: taken as science"
                 notes.append(f"{inp.name}: no known frame type (file_type {inp.file_type!r}, "
                              f"header {meta.get('frame_type')!r}): taken as a science frame")
             if kind == "unusable":
@@ -326,11 +330,13 @@ class CcdStack(Algorithm):
     def _run(self, inputs: list[AlgorithmInput], params: BaseModel, workdir: Path,
              reporter: StepReporter, provenance: ProductProvenance) -> list[ProductFile]:
         p = CcdStackParameters.model_validate(params.model_dump())
+        classified = self._classify(inputs)[0]
+        records = [dataclasses.replace(r, role=f.kind, classified_from=f.how)
+                   for r, f in zip(input_records(inputs), classified, strict=True)]
         provenance = dataclasses.replace(
             provenance, algorithm=self.name, algorithm_version=self.version,
-            parameters=p.model_dump(),
-            inputs=provenance.inputs or input_records(inputs))
-        steps = self._steps(self._classify(inputs)[0])
+            parameters=p.model_dump(), inputs=records)
+        steps = self._steps(classified)
         done = 0
 
         def check() -> None:
@@ -413,9 +419,9 @@ class CcdStack(Algorithm):
             write_source_catalog(catalog_path, sources, provenance=provenance)
         reporter.progress(1.0)
         return [ProductFile(self.products[0].kind, image_path, self.products[0].media_type,
-                            dict(metrics)),
+                            dict(metrics), records),
                 ProductFile(self.products[1].kind, catalog_path, self.products[1].media_type,
-                            {"source_count": len(sources)})]
+                            {"source_count": len(sources)}, records)]
 
     def _read_frames(self, inputs: list[AlgorithmInput], files: ExitStack
                      ) -> list[tuple[_Frame, FrameRows]]:
@@ -479,10 +485,11 @@ def describe(a: Algorithm) -> dict[str, Any]:
             "products": [dataclasses.asdict(p) for p in getattr(a, "products", ())]}
 
 
-def input_records(inputs: list[AlgorithmInput]) -> list[tuple[str, str, str]]:
-    """Provenance records of the inputs: (file_id, name, "algorithm:value")."""
-    return [(str(i.file_id), i.name,
-             f"{i.checksum[0]}:{i.checksum[1]}" if i.checksum else "unknown")
+def input_records(inputs: list[AlgorithmInput]) -> list[InputRecord]:
+    """Provenance records of the inputs (file id, name, "algorithm:value"; no role yet: the
+    algorithm gives each one its role when it classifies them)."""
+    return [InputRecord(str(i.file_id), i.name,
+                        f"{i.checksum[0]}:{i.checksum[1]}" if i.checksum else "unknown")
             for i in inputs]
 
 

@@ -15,18 +15,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from pydantic import ValidationError
 
-from commands.handlers import COMMANDS, CommandSpec, Policy
 from commands.models import JOURNALED
+from commands.registry import COMMANDS
 from commands.service import AcceptedCommands
+from commands.spec import CommandSpec, Policy
 from commands.unit_of_work import UnitOfWork
 from domain.errors import DomainRejection, TargetNotFound
 from domain.provenance import Provenance
+from domain.raw_data import RawDataFile
 from domain.receipts import CommandReceipt, receipt_id
 from infra.event_store import EventStore, IntegrityError, StoreUnavailable
 from infra.journal import ACCEPTED, APPLIED, REJECTED, Journal, JournalEntry, Outcome
+from infra.journal_slots import PeerJournals
 from infra.logs import command_context
 from infra.metrics import Metrics
 from infra.settings import Settings
@@ -52,8 +56,12 @@ class Dispatcher:
         clock: Callable[[], datetime] | None = None,
         metrics: Metrics | None = None,
         accepted: AcceptedCommands | None = None,
+        peers: PeerJournals | None = None,
     ) -> None:
         self.journal = journal
+        #: the other API processes' journals: a command waits for their earlier ones on
+        #: the same entity (``_in_order``)
+        self.peers = peers
         self.store = store
         self.accepted = accepted  # the commands as this process accepted them
         self.settings = settings
@@ -138,6 +146,14 @@ class Dispatcher:
             elif o.status == REJECTED:
                 self.metrics.commands_rejected.labels(types[o.seq], o.reason_code or "").inc()
 
+    def _count_registered(self, events: list[Any]) -> None:
+        """Files registered by the transaction just committed (its registration events)."""
+        assert self.metrics is not None
+        registered = RawDataFile.Registered
+        sizes = [e.size for e in events if type(e) is registered]
+        if sizes:
+            self.metrics.registered(len(sizes), sum(sizes))
+
     def _apply(self, entries: list[JournalEntry]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         parsed: list[_Parsed] = []
@@ -147,6 +163,8 @@ class Dispatcher:
                 outcomes.append(item)
             else:
                 parsed.append(item)
+        if self.peers is not None and parsed:
+            parsed = self._in_order(parsed, outcomes)
         while parsed:
             uow = UnitOfWork(self.store)
             events: list[Any] = []
@@ -177,6 +195,7 @@ class Dispatcher:
                 recordings = self.store.save(*events)
                 if self.metrics is not None:
                     self.metrics.append_seconds.observe(time.perf_counter() - started)
+                    self._count_registered(events)
             except IntegrityError:
                 if len(parsed) == 1:
                     outcomes.append(self._resolve_collision(parsed[0], events))
@@ -189,6 +208,37 @@ class Dispatcher:
                                         position=recordings[end - 1].notification.id))
             break
         return outcomes
+
+    def _in_order(self, parsed: list[_Parsed], outcomes: list[Outcome]) -> list[_Parsed]:
+        """Per-entity order across API processes: a command waits (deferred, like a
+        missing target) while another process holds an earlier-received command on one of
+        its entities that is not applied or rejected yet; so do this journal's later
+        commands on the same entities. A client that waited for an acknowledgement from
+        process A before sending the next command to process B gets them applied in that
+        order (received_at is taken before the acknowledgement)."""
+        assert self.peers is not None
+        subjects = [item.spec.subjects(item.command) for item in parsed]
+        earliest = self.peers.earliest_pending(s for subs in subjects for s in subs)
+        if not earliest:
+            return parsed
+        blocked: set[str] = set()
+        ready: list[_Parsed] = []
+        now = time.time()
+        for item, subs in zip(parsed, subjects, strict=True):
+            received = item.entry.received_at
+            waits_for = next((s for s in subs if s in blocked
+                              or (s in earliest and earliest[s] < received)), None)
+            if waits_for is None:
+                ready.append(item)
+                continue
+            blocked.update(subs)
+            entry = item.entry
+            outcomes.append(Outcome(
+                entry.seq, ACCEPTED, reason=f"waiting: an earlier command on {waits_for} is "
+                "not applied yet", reason_code="waiting",
+                not_before=now + min(0.02 * 2 ** min(entry.attempts, 8), 1.0),
+                first_deferred_at=entry.first_deferred_at))
+        return ready
 
     def _parse(self, entry: JournalEntry) -> _Parsed | Outcome:
         spec = COMMANDS.get(entry.command_type)
@@ -212,7 +262,7 @@ class Dispatcher:
         if isinstance(error, DomainRejection) and self.store.exists(rid):
             # A replay of an applied command (crash before the journal heard of it): the
             # domain now refuses it (finishing twice, ...), but its receipt says it was applied.
-            return Outcome(entry.seq, APPLIED, position=self.store.position_of(rid))
+            return self._replayed(entry, rid)
         if isinstance(error, TargetNotFound):
             now = time.time()
             first = entry.first_deferred_at or now
@@ -230,12 +280,22 @@ class Dispatcher:
         return Outcome(entry.seq, REJECTED, reason=f"internal error: {error!r}",
                        reason_code="internal")
 
+    def _replayed(self, entry: JournalEntry, rid: UUID) -> Outcome:
+        """A command whose receipt is stored: applied before, when the same principal sent
+        it. The same key from another principal (through another process's journal, which
+        did not know the key) is refused: keys are scoped to their principal."""
+        if self.store.recorded_by(rid) not in (None, entry.actor):
+            return Outcome(entry.seq, REJECTED, reason=f"Idempotency-Key {entry.command_id} "
+                           "is already used by another principal; choose another key",
+                           reason_code="idempotency_conflict", reason_field="Idempotency-Key")
+        return Outcome(entry.seq, APPLIED, position=self.store.position_of(rid))
+
     def _resolve_collision(self, item: _Parsed, events: list[Any]) -> Outcome:
         """A single command's transaction collided with stored events: say why."""
         entry = item.entry
         rid = receipt_id(entry.command_id)
         if self.store.exists(rid):  # applied before (crash before the journal heard of it)
-            return Outcome(entry.seq, APPLIED, position=self.store.position_of(rid))
+            return self._replayed(entry, rid)
         for e in events:
             if e.originator_version == 1 and self.store.exists(e.originator_id):
                 what = _describe(e)

@@ -1,43 +1,101 @@
 """MAST download jobs: the commands (pydantic models), their handlers and ``CommandSpec``s.
 
 People send ``request``, ``pause``, ``resume`` and ``cancel``; the downloader
-(``commands/download_automation.py``) reports ``start_file``, ``checkpoint``,
+(``workers/download_automation.py``) reports ``start_file``, ``checkpoint``,
 ``complete_file``, ``fail`` and ``purge_partials`` through the same journal → dispatcher path.
 """
 
 from __future__ import annotations
 
 import posixpath
+import re
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
-from commands.handlers import COMMANDS, CommandSpec, Policy
 from commands.models import CommandModel
+from commands.spec import CommandSpec, Policy, Target
 from commands.unit_of_work import UnitOfWork
 from domain.downloads import DownloadJob
 from domain.provenance import Provenance
+
+
+class DownloadCommand(StrEnum):
+    """The command types of this feature, as the journal stores them."""
+
+    DOWNLOAD_JOB_CANCEL = "download_job.cancel"
+    DOWNLOAD_JOB_CHECKPOINT = "download_job.checkpoint"
+    DOWNLOAD_JOB_COMPLETE_FILE = "download_job.complete_file"
+    DOWNLOAD_JOB_FAIL = "download_job.fail"
+    DOWNLOAD_JOB_PAUSE = "download_job.pause"
+    DOWNLOAD_JOB_PURGE_PARTIALS = "download_job.purge_partials"
+    DOWNLOAD_JOB_REQUEST = "download_job.request"
+    DOWNLOAD_JOB_RESUME = "download_job.resume"
+    DOWNLOAD_JOB_START_FILE = "download_job.start_file"
+
+
+#: what commands/registry.py checks: every one of these has a CommandSpec below
+COMMAND_TYPES = DownloadCommand
 
 #: Default chunk (one HTTP Range request) of chunked downloads: 5 MB.
 DEFAULT_CHUNK_SIZE = 5 * 1024 * 1024
 
 Reason = Annotated[str, Field(min_length=1, max_length=2000)]
 
+#: The longest name a file system takes (NAME_MAX, in bytes), and the suffix of partial files.
+NAME_MAX_BYTES = 255
+PARTIAL_SUFFIX = ".part"
+#: The longest file name of a download: its partial file ``<name>.part`` must fit NAME_MAX.
+MAX_FILENAME_BYTES = NAME_MAX_BYTES - len(PARTIAL_SUFFIX)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _name_bytes(value: str, what: str) -> int:
+    if _CONTROL.search(value):
+        raise ValueError(f"{what} must not contain control characters (NUL, newline, …)")
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} must be valid Unicode (no lone surrogates)") from None
+
 
 def check_relative(value: str, what: str = "destination") -> str:
-    """A path below the download root: relative, no ``..``, no backslashes or NULs."""
+    """A path below the download root: relative, no ``..``, no backslashes, control
+    characters or directory names longer than the file system takes."""
     if value.startswith("/") or "\\" in value or ":" in value.split("/")[0]:
         raise ValueError(f"{what} must be a relative path below the download root")
     parts = [p for p in value.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
         raise ValueError(f"{what} must not contain '..'")
+    for part in parts:
+        if _name_bytes(part, what) > NAME_MAX_BYTES:
+            raise ValueError(f"{what}: a directory name is at most {NAME_MAX_BYTES} bytes")
     return posixpath.join(*parts) if parts else ""
+
+
+#: A directory below the download root (checked by ``check_relative``).
+Destination = Annotated[str, Field(max_length=1024), AfterValidator(check_relative)]
+
+#: check_relative's rule as a JSON schema pattern (on the text before whitespace is stripped;
+#: schema only: pydantic's patterns have no look-ahead).
+RELATIVE_DIRECTORY = (r"^(?!\s*/)(?![^\x00]*\\)(?![^/]*:)(?!\s*\.\.(?:/|\s*$))"
+                      r"(?![^\x00]*/\.\.(?:/|\s*$))[^\x00-\x1f\x7f]*$")
+#: check_filename's rule as a pattern (after an optional MAST path).
+_PLAIN_NAME = r"(?!\s*\.)[^/\\\x00-\x1f\x7f]*[^\s/\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]*"
+FILE_NAME = f"^{_PLAIN_NAME}$"
+#: A MAST dataURI whose last part is a plain file name.
+DATA_URI = r"^\s*mast:(?:[^\s\x00]*/(?![.]))?[^\s/\\\x00-\x1f\x7f]+\s*$"
 
 
 def check_filename(value: str) -> str:
     if "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
         raise ValueError("must be a plain file name (no directories, not hidden)")
+    if _name_bytes(value, "the file name") > MAX_FILENAME_BYTES:
+        raise ValueError(f"must be at most {MAX_FILENAME_BYTES} bytes in UTF-8 (its partial "
+                         f"file, <name>{PARTIAL_SUFFIX}, must fit the file system's "
+                         f"{NAME_MAX_BYTES})")
     return value
 
 
@@ -47,8 +105,10 @@ class DownloadFileSpec(CommandModel):
     url: Annotated[str, Field(min_length=8, max_length=4096, pattern=r"^https?://",
                               examples=["https://mast.stsci.edu/api/v0.1/Download/file?uri="
                                         "mast:HST/product/u9o40504m_c3m.fits"])]
-    filename: Annotated[str, Field(min_length=1, max_length=255,
-                                   examples=["u9o40504m_c3m.fits"])]
+    filename: Annotated[str, Field(min_length=1, max_length=MAX_FILENAME_BYTES,
+                                   examples=["u9o40504m_c3m.fits"],
+                                   description="A plain file name of at most 250 bytes in "
+                                   "UTF-8 (<name>.part must fit the file system).")]
     data_uri: Annotated[str, Field(max_length=1024)] | None = None
     obs_id: Annotated[str, Field(max_length=255)] | None = None
     obsid: Annotated[str, Field(max_length=64)] | None = Field(
@@ -68,15 +128,10 @@ class RequestDownload(CommandModel):
 
     id: UUID | None = None  # pre-generated before journaling
     files: list[DownloadFileSpec] = Field(min_length=1, max_length=10_000)
-    destination: Annotated[str, Field(max_length=1024)]
+    destination: Destination
     mode: Literal["stream", "chunked"] = "chunked"
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=64 * 1024, le=1024 * 1024 * 1024)
     register_files: bool = True
-
-    @field_validator("destination")
-    @classmethod
-    def _relative(cls, v: str) -> str:
-        return check_relative(v)
 
     @model_validator(mode="after")
     def _unique(self) -> RequestDownload:
@@ -90,8 +145,14 @@ class ProductRef(CommandModel):
     """A product from a search answer (``products`` of a search with ``include_products``)."""
 
     data_uri: Annotated[str, Field(min_length=6, max_length=1024, pattern=r"^mast:[^\s]+$",
-                                   examples=["mast:HST/product/u9o40504m_c3m.fits"])]
-    filename: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+                                   json_schema_extra={"pattern": DATA_URI},
+                                   examples=["mast:HST/product/u9o40504m_c3m.fits"],
+                                   description="Ends in a plain file name (the file's name "
+                                   "unless filename is given).")]
+    filename: Annotated[str, Field(min_length=1, max_length=MAX_FILENAME_BYTES,
+                                   json_schema_extra={"pattern": FILE_NAME},
+                                   description="Default: the data_uri's last part. A plain "
+                                   "file name of at most 250 bytes in UTF-8.")] | None = None
     size: int | None = Field(None, ge=0)
     obs_id: Annotated[str, Field(max_length=255)] | None = None
     obsid: Annotated[str, Field(max_length=64)] | None = None
@@ -102,6 +163,12 @@ class ProductRef(CommandModel):
     @classmethod
     def _plain(cls, v: str | None) -> str | None:
         return None if v is None else check_filename(v)
+
+    @field_validator("data_uri")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        check_filename(posixpath.basename(v))
+        return v
 
 
 class ProductFilters(CommandModel):
@@ -125,24 +192,24 @@ class StartDownloadRequest(CommandModel):
     obs_id: Annotated[str, Field(min_length=1, max_length=255)] | None = Field(
         None, examples=["U9O40504M"], description="Fetch this observation's products.")
     filters: ProductFilters = Field(default_factory=lambda: ProductFilters())
-    destination: Annotated[str, Field(max_length=1024, examples=["hst/u9o40504m"])] = Field(
-        "", description="A directory below OBSLEDGER_DOWNLOAD_ROOT.")
+    destination: Annotated[Destination, Field(
+        examples=["hst/u9o40504m"], json_schema_extra={"pattern": RELATIVE_DIRECTORY})] = Field(
+        "", description="A directory below OBSLEDGER_DOWNLOAD_ROOT: relative, no `..`, no "
+        "backslash, no drive letter.")
     chunk_size: int | None = Field(None, ge=64 * 1024, le=1024 * 1024 * 1024,
                                    description="Bytes per Range request (chunked mode).")
     register_files: bool = Field(
         True, description="Register completed FITS files as raw data files.")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"properties": {"products": {"type": "array"}}, "required": ["products"]},
+                  {"properties": {"obs_id": {"type": "string"}}, "required": ["obs_id"]}],
+        "examples": [
         {"products": [{"data_uri": "mast:HST/product/u9o40504m_c3m.fits", "size": 207360,
                        "obs_id": "U9O40504M", "product_type": "AUXILIARY"}],
          "destination": "hst/u9o40504m"},
         {"obs_id": "U9O40504M", "filters": {"product_type": ["SCIENCE"], "extension": ["fits"]},
          "destination": "hst/u9o40504m"}]})
-
-    @field_validator("destination")
-    @classmethod
-    def _relative(cls, v: str) -> str:
-        return check_relative(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> StartDownloadRequest:
@@ -275,21 +342,25 @@ def _subjects(cmd: Any) -> list[str]:
     return [f"download_job:{cmd.id}"]
 
 
-DOWNLOAD_COMMANDS: dict[str, CommandSpec] = {
-    spec.name: spec for spec in [
-        CommandSpec("download_job.request", RequestDownload, request_download, _subjects),
-        CommandSpec("download_job.start_file", DownloadFileStart, start_file, _subjects,
-                    generated=()),
-        CommandSpec("download_job.checkpoint", DownloadCheckpoint, checkpoint, _subjects,
-                    generated=()),
-        CommandSpec("download_job.complete_file", DownloadFileComplete, complete_file,
-                    _subjects, generated=()),
-        CommandSpec("download_job.fail", DownloadFail, fail, _subjects, generated=()),
-        CommandSpec("download_job.pause", DownloadControl, pause, _subjects, generated=()),
-        CommandSpec("download_job.resume", DownloadControl, resume, _subjects, generated=()),
-        CommandSpec("download_job.cancel", CancelDownload, cancel, _subjects, generated=()),
-        CommandSpec("download_job.purge_partials", PurgeDownloadPartials, purge_partials,
-                    _subjects, generated=()),
-    ]
-}
-COMMANDS.update(DOWNLOAD_COMMANDS)
+JOB = "download_job"
+_UNFINISHED = Target(JOB, "download job", frozenset({"completed", "cancelled"}))
+
+SPECS = [
+    CommandSpec(DownloadCommand.DOWNLOAD_JOB_REQUEST, RequestDownload, request_download, _subjects,
+                creates=JOB),
+    CommandSpec(DownloadCommand.DOWNLOAD_JOB_START_FILE, DownloadFileStart, start_file, _subjects,
+                generated=()),
+    CommandSpec(DownloadCommand.DOWNLOAD_JOB_CHECKPOINT, DownloadCheckpoint, checkpoint, _subjects,
+                generated=()),
+    CommandSpec(DownloadCommand.DOWNLOAD_JOB_COMPLETE_FILE, DownloadFileComplete, complete_file,
+                _subjects, generated=()),
+    CommandSpec(DownloadCommand.DOWNLOAD_JOB_FAIL, DownloadFail, fail, _subjects, generated=()),
+    CommandSpec(DownloadCommand.DOWNLOAD_JOB_PAUSE, DownloadControl, pause, _subjects,
+                generated=(), target=_UNFINISHED),
+    CommandSpec(DownloadCommand.DOWNLOAD_JOB_RESUME, DownloadControl, resume, _subjects,
+                generated=(), target=_UNFINISHED),
+    CommandSpec(DownloadCommand.DOWNLOAD_JOB_CANCEL, CancelDownload, cancel, _subjects,
+                generated=(), target=_UNFINISHED),
+    CommandSpec(DownloadCommand.DOWNLOAD_JOB_PURGE_PARTIALS, PurgeDownloadPartials, purge_partials,
+                _subjects, generated=()),
+]

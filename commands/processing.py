@@ -1,7 +1,7 @@
 """Processing jobs: the commands (pydantic models), their handlers and ``CommandSpec``s.
 
 Operators request ``ingest``, ``process`` and ``catalog`` jobs and cancel them; workers
-(``commands/processing_worker.py``) claim a job (a lease), renew the lease, report steps and
+(``workers/processing_worker.py``) claim a job (a lease), renew the lease, report steps and
 progress, and end the job (succeed, fail, confirm a cancel) through the same journal →
 dispatcher path, each command carrying the worker id and attempt that holds the lease.
 """
@@ -9,13 +9,14 @@ dispatcher path, each command carrying the worker id and attempt that holds the 
 from __future__ import annotations
 
 from datetime import timedelta
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import ConfigDict, Field, model_validator
 
-from commands.handlers import COMMANDS, CommandSpec, Policy
-from commands.models import CommandModel
+from commands.models import CommandModel, FreeJson, UtcDatetime, document_storable
+from commands.spec import CommandSpec, Policy, Target
 from commands.unit_of_work import UnitOfWork
 from domain.errors import InvalidCommand
 from domain.processing import (
@@ -27,23 +28,87 @@ from domain.processing import (
 from domain.provenance import Provenance
 from domain.raw_data import RawDataFile
 
+
+class ProcessingCommand(StrEnum):
+    """The command types of this feature, as the journal stores them."""
+
+    PROCESSING_JOB_CANCEL = "processing_job.cancel"
+    PROCESSING_JOB_CLAIM = "processing_job.claim"
+    PROCESSING_JOB_COMPLETE_STEP = "processing_job.complete_step"
+    PROCESSING_JOB_CONFIRM_CANCEL = "processing_job.confirm_cancel"
+    PROCESSING_JOB_FAIL = "processing_job.fail"
+    PROCESSING_JOB_PROGRESS = "processing_job.progress"
+    PROCESSING_JOB_RENEW = "processing_job.renew"
+    PROCESSING_JOB_REQUEST = "processing_job.request"
+    PROCESSING_JOB_START_STEP = "processing_job.start_step"
+    PROCESSING_JOB_SUCCEED = "processing_job.succeed"
+
+
+#: what commands/registry.py checks: every one of these has a CommandSpec below
+COMMAND_TYPES = ProcessingCommand
+
 Reason = Annotated[str, Field(min_length=1, max_length=4000)]
 WorkerId = Annotated[str, Field(min_length=1, max_length=200, examples=["host-1:4242:ab12"])]
 AlgorithmName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$",
                                      examples=["ccd_stack"])]
 VersionText = Annotated[str, Field(min_length=1, max_length=50, pattern=r"^[A-Za-z0-9_.+-]+$",
-                                   examples=["1.0.0"])]
+                                   examples=["1.1.0"])]
 StepName = Annotated[str, Field(min_length=1, max_length=200)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Parameters = Annotated[dict[str, Any], Field(
+Parameters = Annotated[FreeJson, Field(
     default_factory=dict, description="The algorithm's parameters (its JSON schema: "
     "GET /ops/algorithms).", examples=[{"sigma": 3.0}])]
+
+
+def _algorithm_variants(default: str) -> list[dict[str, Any]]:
+    """One schema per registered algorithm version (its parameters), and one per algorithm
+    for its latest version (no algorithm_version); the default algorithm's need no name."""
+    from commands.algorithms import registered_algorithms
+
+    variants: list[dict[str, Any]] = []
+    latest: dict[str, dict[str, Any]] = {}
+    for a in registered_algorithms():  # in version order: the last of a name is its latest
+        params = a.Parameters.model_json_schema()
+        document_storable(params)
+        named = [] if a.name == default else ["algorithm"]
+        variants.append({"properties": {"algorithm": {"const": a.name},
+                                        "algorithm_version": {"const": a.version},
+                                        "parameters": params},
+                         "required": [*named, "algorithm_version"]})
+        latest[a.name] = {"properties": {"algorithm": {"const": a.name},
+                                         "algorithm_version": {"type": "null"},
+                                         "parameters": params},
+                          **({"required": named} if named else {})}
+    return variants + list(latest.values())
+
+
+def _inputs_schema(examples: list[dict[str, Any]], algorithms: bool = False,
+                   window: bool = False) -> Any:
+    """The JSON schema additions of a request naming inputs (and an algorithm; with
+    ``window``, or selecting them by the time they were written)."""
+    def extra(schema: dict[str, Any]) -> None:
+        schema["examples"] = examples
+        # file_ids and/or result_ids (or a bound of the time window)
+        schema["anyOf"] = [{"properties": {name: {"minItems": 1}}, "required": [name]}
+                           for name in ("file_ids", "result_ids")]
+        if window:
+            schema["anyOf"] += [{"required": [name]} for name in ("start_time", "end_time")]
+        if algorithms:
+            default = schema["properties"]["algorithm"]["default"]
+            schema["oneOf"] = _algorithm_variants(default)
+    return extra
 
 _FILES: Any = Field(default_factory=list, max_length=1000,
                description="Raw data file ids (GET /raw_data_files).")
 _RESULTS: Any = Field(default_factory=list, max_length=100,
                  description="Observation result ids: their assets (raw data files) are used.")
 
+
+#: What a catalog job records on its products: free JSON.
+CatalogMetadata = Annotated[FreeJson, Field(
+    description="Recorded on every product catalogued (a key given "
+    "again replaces its value); GET /products/{id} shows it.",
+    examples=[{"release": "DR1", "pi": "A. Observer"}])]
 
 # -- what operators send (HTTP bodies) --------------------------------------------------------
 class _Inputs(CommandModel):
@@ -63,10 +128,25 @@ class PlanRequest(_Inputs):
     algorithm: AlgorithmName = "ccd_stack"
     algorithm_version: VersionText | None = Field(None, description="Latest when absent.")
     parameters: Parameters
+    start_time: UtcDatetime | None = Field(None, description=(
+        "With end_time, or alone: the raw data files written (created_at) from this time on "
+        "are inputs too (the processing seed's time window)."))
+    end_time: UtcDatetime | None = Field(None, description=(
+        "The raw data files written before this time (after start_time)."))
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_inputs_schema([
         {"file_ids": ["1c49d49d-34d9-5c36-be8c-62dcce3da68c"], "algorithm": "ccd_stack",
-         "parameters": {"sigma": 3.0}}]})
+         "parameters": {"sigma": 3.0}},
+        {"start_time": "2026-11-21T20:00:00Z", "end_time": "2026-11-22T06:00:00Z",
+         "parameters": {"sigma": 3.0}}], algorithms=True, window=True))
+
+    @model_validator(mode="after")
+    def _some(self) -> PlanRequest:  # replaces _Inputs': a time window selects inputs too
+        if not (self.file_ids or self.result_ids or self.start_time or self.end_time):
+            raise ValueError("give file_ids, result_ids and/or start_time/end_time")
+        if self.start_time and self.end_time and self.end_time <= self.start_time:
+            raise ValueError("end_time must be after start_time")
+        return self
 
 
 class IngestRequest(_Inputs):
@@ -74,8 +154,8 @@ class IngestRequest(_Inputs):
 
     id: UUID | None = Field(None, description="Pre-generated job id (the server's if absent).")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"file_ids": ["1c49d49d-34d9-5c36-be8c-62dcce3da68c"]}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_inputs_schema([
+        {"file_ids": ["1c49d49d-34d9-5c36-be8c-62dcce3da68c"]}]))
 
 
 class ProcessRequest(_Inputs):
@@ -89,9 +169,9 @@ class ProcessRequest(_Inputs):
     publish: bool = Field(False, description="With catalog: publish them.")
     archive: bool = Field(False, description="With catalog: archive them.")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_inputs_schema([
         {"file_ids": ["1c49d49d-34d9-5c36-be8c-62dcce3da68c"], "algorithm": "ccd_stack",
-         "parameters": {"sigma": 3.0}, "catalog": True, "publish": True}]})
+         "parameters": {"sigma": 3.0}, "catalog": True, "publish": True}], algorithms=True))
 
 
 class CatalogRequest(CommandModel):
@@ -101,9 +181,11 @@ class CatalogRequest(CommandModel):
     product_ids: list[UUID] = Field(min_length=1, max_length=1000)
     publish: bool = False
     archive: bool = False
+    metadata: CatalogMetadata = Field(default_factory=dict)
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"product_ids": ["5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162"], "publish": True}]})
+        {"product_ids": ["5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162"], "publish": True,
+         "metadata": {"release": "DR1", "pi": "A. Observer"}}]})
 
 
 class CancelJobRequest(CommandModel):
@@ -125,6 +207,7 @@ class RequestProcessingJob(CommandModel):
     publish: bool = False
     archive: bool = False
     max_attempts: int = Field(DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
+    metadata: CatalogMetadata = Field(default_factory=dict)
 
 
 class ClaimProcessingJob(CommandModel):
@@ -151,6 +234,16 @@ class ProcessingProgress(_Held):
     fraction: float = Field(ge=0.0, le=1.0)
 
 
+class ProductInputUse(CommandModel):
+    """How a process job used one of its inputs for a product."""
+
+    file_id: UUID
+    role: Annotated[str, Field(min_length=1, max_length=30, pattern=r"^[a-z][a-z0-9_]*$",
+                               examples=["bias", "science"])]
+    classified_from: Annotated[str, Field(max_length=255, examples=["IMAGETYP 'ZERO'"])] | None \
+        = None
+
+
 class ProductOutputFile(CommandModel):
     """A product a process job built and uploaded."""
 
@@ -163,6 +256,8 @@ class ProductOutputFile(CommandModel):
     sha256: Sha256
     media_type: Annotated[str, Field(min_length=1, max_length=100)]
     metrics: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[ProductInputUse] = Field(default_factory=list, max_length=1000, description=(
+        "The role the algorithm gave each input (bias, dark, flat, science) and what said so."))
 
 
 class IngestedFile(CommandModel):
@@ -219,7 +314,8 @@ def request_job(cmd: RequestProcessingJob, uow: UnitOfWork, prov: Provenance,
     job = ProcessingJob.request(
         cmd.id, JobKind(cmd.kind), [input_of(f) for f in files], cmd.product_ids,
         cmd.algorithm, cmd.algorithm_version, cmd.parameters, cmd.result_id, cmd.run_id,
-        cmd.catalog, cmd.publish, cmd.archive, cmd.max_attempts, policy.clock(), prov)
+        cmd.catalog, cmd.publish, cmd.archive, cmd.max_attempts, policy.clock(), prov,
+        metadata=cmd.metadata)
     uow.add(job, "processing job")
     return [job.id]
 
@@ -267,10 +363,15 @@ def succeed(cmd: SucceedProcessingJob, uow: UnitOfWork, prov: Provenance,
     job = _job(uow, cmd.id)
     now = policy.clock()
     kind = JobKind(job.kind)
+    known = {i["file_id"] for i in job.inputs}
     if kind is JobKind.PROCESS:
+        for i, p in enumerate(cmd.products):
+            for j, use in enumerate(p.inputs):
+                if str(use.file_id) not in known:
+                    raise InvalidCommand(f"raw data file {use.file_id} is not an input of the "
+                                         "job", field=f"products.{i}.inputs.{j}.file_id")
         outputs = [p.model_dump(mode="json") for p in cmd.products]
     elif kind is JobKind.INGEST:
-        known = {i["file_id"] for i in job.inputs}
         for i, f in enumerate(cmd.files):
             if str(f.file_id) not in known:
                 raise InvalidCommand(f"raw data file {f.file_id} is not an input of the job",
@@ -296,7 +397,8 @@ def succeed(cmd: SucceedProcessingJob, uow: UnitOfWork, prov: Provenance,
         for i, pid in enumerate(job.product_ids):
             product = uow.for_update(DataProduct, UUID(pid), "data product",
                                      f"product_ids.{i}")
-            product.catalog(job.id, job.publish, job.archive, now, prov)
+            product.catalog(job.id, job.publish, job.archive, now, prov,
+                            job.metadata)
             touched.append(product.id)
     return touched
 
@@ -333,27 +435,28 @@ def _request_subjects(cmd: RequestProcessingJob) -> list[str]:
     return out
 
 
-PROCESSING_COMMANDS: dict[str, CommandSpec] = {
-    spec.name: spec for spec in [
-        CommandSpec("processing_job.request", RequestProcessingJob, request_job,
-                    _request_subjects),
-        CommandSpec("processing_job.claim", ClaimProcessingJob, claim, _subjects,
-                    generated=()),
-        CommandSpec("processing_job.renew", RenewProcessingLease, renew, _subjects,
-                    generated=()),
-        CommandSpec("processing_job.start_step", ProcessingStep, start_step, _subjects,
-                    generated=()),
-        CommandSpec("processing_job.complete_step", ProcessingStep, complete_step, _subjects,
-                    generated=()),
-        CommandSpec("processing_job.progress", ProcessingProgress, progress, _subjects,
-                    generated=()),
-        CommandSpec("processing_job.succeed", SucceedProcessingJob, succeed, _subjects,
-                    generated=()),
-        CommandSpec("processing_job.fail", FailProcessingJob, fail, _subjects, generated=()),
-        CommandSpec("processing_job.cancel", CancelProcessingJob, cancel, _subjects,
-                    generated=()),
-        CommandSpec("processing_job.confirm_cancel", ConfirmProcessingCancel, confirm_cancel,
-                    _subjects, generated=()),
-    ]
-}
-COMMANDS.update(PROCESSING_COMMANDS)
+JOB = "processing_job"
+
+SPECS = [
+    CommandSpec(ProcessingCommand.PROCESSING_JOB_REQUEST, RequestProcessingJob, request_job,
+                _request_subjects, creates=JOB),
+    CommandSpec(ProcessingCommand.PROCESSING_JOB_CLAIM, ClaimProcessingJob, claim, _subjects,
+                generated=()),
+    CommandSpec(ProcessingCommand.PROCESSING_JOB_RENEW, RenewProcessingLease, renew, _subjects,
+                generated=()),
+    CommandSpec(ProcessingCommand.PROCESSING_JOB_START_STEP, ProcessingStep, start_step, _subjects,
+                generated=()),
+    CommandSpec(ProcessingCommand.PROCESSING_JOB_COMPLETE_STEP, ProcessingStep, complete_step,
+                _subjects, generated=()),
+    CommandSpec(ProcessingCommand.PROCESSING_JOB_PROGRESS, ProcessingProgress, progress, _subjects,
+                generated=()),
+    CommandSpec(ProcessingCommand.PROCESSING_JOB_SUCCEED, SucceedProcessingJob, succeed, _subjects,
+                generated=()),
+    CommandSpec(ProcessingCommand.PROCESSING_JOB_FAIL, FailProcessingJob, fail, _subjects,
+                generated=()),
+    CommandSpec(ProcessingCommand.PROCESSING_JOB_CANCEL, CancelProcessingJob, cancel, _subjects,
+                generated=(), target=Target(JOB, "processing job",
+                                            frozenset({"succeeded", "failed", "cancelled"}))),
+    CommandSpec(ProcessingCommand.PROCESSING_JOB_CONFIRM_CANCEL, ConfirmProcessingCancel,
+                confirm_cancel, _subjects, generated=()),
+]

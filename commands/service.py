@@ -7,21 +7,35 @@ import hashlib
 import sys
 import threading
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 import orjson
 
-from commands.handlers import COMMANDS
 from commands.models import CommandModel, observed_at_of
+from commands.registry import COMMANDS, CREATES
+from commands.spec import CommandSpec
 from domain.errors import DomainRejection, IllegalTransition, TargetNotFound
+from infra.availability import EVENT_STORE, Availability
 from infra.event_store import EventStore, StoreUnavailable
 from infra.journal import APPLIED, REJECTED, Journal, JournalEntry, NewCommand
+from infra.journal_slots import PeerJournals
 from infra.metrics import Metrics
 
 #: Longest the quick check before acceptance waits for the event store.
 PRECHECK_STORE_TIMEOUT_S = 0.5
+
+#: The namespace of ids pre-generated for a command sent with an Idempotency-Key.
+KEYED_IDS = UUID("6d0c3f0e-2b8a-5c1e-9a47-0b5e1f7d2c94")
+
+
+def keyed_id(actor: str, idempotency_key: str, name: str) -> UUID:
+    """The id ``name`` of the command a principal sends under ``idempotency_key``: the same
+    in every API process, so a retry that another process journals too answers the same
+    ids, and the dispatcher's receipt makes the two one command."""
+    return uuid.uuid5(KEYED_IDS, f"{actor}\n{idempotency_key}\n{name}")
 
 
 class IdempotencyConflict(DomainRejection):
@@ -37,73 +51,9 @@ class Submission:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """An existing entity a command changes, for the quick check before acceptance."""
-
-    kind: str
-    what: str
-    final_statuses: frozenset[str] = frozenset()
-    one_pending: bool = True  # a second such command while one is pending is refused
-
-
-_TARGETS: dict[str, _Target] = {
-    "executed_obs_unit.finish": _Target(
-        "executed_obs_unit", "executed obs unit", frozenset({"success", "failed", "aborted"})),
-    "raw_data_package.add_files": _Target(
-        "raw_data_package", "raw data package", frozenset({"complete"})),
-    "raw_data_package.finalize": _Target(
-        "raw_data_package", "raw data package", frozenset({"complete"})),
-    "staging.report_progress": _Target(
-        "staging", "staging request", frozenset({"completed", "failed", "cancelled"}),
-        one_pending=False),
-    "staging.cancel": _Target(
-        "staging", "staging request", frozenset({"completed", "failed", "cancelled"})),
-    **{f"observation_result.{name}": _Target("observation_result", "observation result",
-                                             one_pending=False)
-       for name in ("dispatch", "report_task", "cancel", "contribute_asset", "start_run",
-                    "end_run")},
-    "processing_job.cancel": _Target(
-        "processing_job", "processing job", frozenset({"succeeded", "failed", "cancelled"})),
-    **{f"download_job.{name}": _Target("download_job", "download job",
-                                       frozenset({"completed", "cancelled"}))
-       for name in ("pause", "resume", "cancel")},
-}
-_CREATES = {
-    "executed_obs_unit": {"executed_obs_unit.start"},
-    "raw_data_package": {"raw_data_package.create"},
-    "staging": {"staging.stage"},
-    "observation_result": {"observation_result.materialize"},
-    "download_job": {"download_job.request"},
-    "processing_job": {"processing_job.request"},
-}
-
-
 def request_hash(command_type: str, path: dict[str, Any], body: dict[str, Any]) -> str:
     raw = orjson.dumps([command_type, path, body], option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(raw).hexdigest()
-
-
-def response_ids(command_type: str, cmd: Any) -> dict[str, Any]:
-    """The pre-generated ids a client gets back, so it can refer to what it created."""
-    if command_type == "raw_data_file.register":
-        return {"raw_data_file_id": str(cmd.file_id)}
-    if command_type == "raw_data_file.register_bulk":
-        return {"raw_data_file_ids": [str(f.file_id) for f in cmd.files]}
-    if command_type == "raw_data_package.create":
-        return {"raw_data_package_id": str(cmd.id),
-                "raw_data_file_ids": [str(f.file_id) for f in cmd.files]}
-    if command_type == "observation_result.materialize":
-        return {"observation_result_ids": [str(rid) for rid, *_ in cmd.cells()]}
-    if command_type == "observation_result.dispatch":
-        return {"observation_result_id": str(cmd.id), "task_id": str(cmd.task_id)}
-    if command_type == "observation_result.start_run":
-        return {"observation_result_id": str(cmd.id), "run_id": str(cmd.run_id)}
-    key = {"executed_obs_unit": "executed_obs_unit_id", "raw_data_package": "raw_data_package_id",
-           "staging": "staging_id", "observation_result": "observation_result_id",
-           "download_job": "download_job_id", "processing_job": "processing_job_id",
-           }[command_type.split(".")[0]]
-    return {key: str(cmd.id)}
 
 
 class AcceptedCommands:
@@ -154,11 +104,18 @@ class AcceptedCommands:
 
 class CommandService:
     def __init__(self, journal: Journal, store: EventStore | None,
-                 metrics: Metrics | None = None, keep_accepted: bool = False) -> None:
+                 metrics: Metrics | None = None, keep_accepted: bool = False,
+                 availability: Availability | None = None,
+                 peers: PeerJournals | None = None) -> None:
         self.journal = journal
+        #: the other API processes' journals (journal slots): a key one of them journaled
+        self.peers = peers
         self.store = store
         self.metrics = metrics
         self.accepted = AcceptedCommands(enabled=keep_accepted)
+        self.availability = availability
+        #: command type → a check of a new command against the world (raises a rejection)
+        self.prechecks: dict[str, Callable[[Any], Awaitable[None]]] = {}
 
     async def submit(
         self,
@@ -178,8 +135,10 @@ class CommandService:
             digest = request_hash(command_type, path,
                                   request.model_dump(mode="json", exclude_unset=True))
             previous = self.journal.get(command_id)
+            if previous is None and self.peers is not None:
+                previous = self.peers.get(command_id)
             if previous is not None:
-                return self._repeat(previous, digest)
+                return self._repeat(previous, actor, digest)
         else:
             command_id, digest = str(uuid.uuid4()), ""
 
@@ -190,10 +149,11 @@ class CommandService:
         values.update((k, UUID(v)) for k, v in path.items())
         for name in spec.generated:  # the pre-generated ids
             if name in spec.model.model_fields and values.get(name) is None:
-                values[name] = uuid.uuid4()
+                values[name] = keyed_id(actor, command_id, name) if idempotency_key \
+                    else uuid.uuid4()
         cmd = spec.model.model_construct(**values)
-        await self._precheck(command_type, cmd)
-        ids = response_ids(command_type, cmd)
+        await self._precheck(spec, cmd)
+        ids = spec.response_ids(cmd)
         body = {"command_id": command_id, "status": "accepted", "ids": ids}
         result = await self.journal.append(NewCommand(
             command_id=command_id,
@@ -207,22 +167,33 @@ class CommandService:
             observed_at=observed_at_of(cmd),
         ))
         if not result.created:  # the same key raced in concurrently
-            return self._repeat(result.entry, digest)
+            return self._repeat(result.entry, actor, digest)
         self.accepted.put(result.entry.seq, cmd)
         if self.metrics is not None:
             self.metrics.accepted(command_type)
         return Submission(result.entry, replayed=False, body=body)
 
-    def _repeat(self, previous: JournalEntry, digest: str) -> Submission:
+    def _repeat(self, previous: JournalEntry, actor: str, digest: str) -> Submission:
+        """The first answer to a key's repeat by the principal who used it first. A key is
+        scoped to its principal: another's reuse is refused, and learns nothing of the
+        command (type, ids, outcome)."""
+        if previous.actor != actor:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {previous.command_id} is already used by another principal; "
+                "choose another key", field="Idempotency-Key")
         if previous.request_hash != digest:
             raise IdempotencyConflict(
                 f"Idempotency-Key {previous.command_id} was already used for a different "
                 f"request ({previous.command_type})", field="Idempotency-Key")
         return Submission(previous, replayed=True, body=dict(previous.response))
 
-    async def _precheck(self, command_type: str, cmd: Any) -> None:
+    async def _precheck(self, spec: CommandSpec, cmd: Any) -> None:
         """Refuse at once what is certainly wrong; anything uncertain is accepted."""
-        target = _TARGETS.get(command_type)
+        command_type = spec.name
+        extra = self.prechecks.get(command_type)
+        if extra is not None:
+            await extra(cmd)
+        target = spec.target
         if target is None:
             return
         target_id = str(cmd.id)
@@ -231,10 +202,11 @@ class CommandService:
             raise IllegalTransition(
                 f"a {command_type} command for {target.what} {target_id} is already pending",
                 field="id")
-        if any(e.command_type in _CREATES[target.kind] for e in pending):
+        if any(e.command_type in CREATES.get(target.kind, ()) for e in pending):
             return
-        if self.store is None:
-            return
+        if self.store is None or (self.availability is not None
+                                  and self.availability.down(EVENT_STORE)):
+            return  # cannot tell now: accept, the dispatcher decides
         try:
             # Bounded: while the store is down a lookup blocks for its retries (~10 x the
             # connect timeout), and acknowledging must not wait for the store.

@@ -20,6 +20,7 @@ from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition, InvalidCommand
 from domain.provenance import Provenance, utc
+from domain.transitions import require_transition
 
 
 def download_file_id(job_id: UUID, index: int) -> UUID:
@@ -131,14 +132,21 @@ class DownloadJob(Aggregate):
         return self.files[index]
 
     def _move(self, target: JobStatus) -> None:
-        current = JobStatus(self.status)
-        if target not in JOB_TRANSITIONS[current]:
-            raise IllegalTransition(f"download job {self.id} is {current.value}; it cannot "
-                                    f"become {target.value}", field="status")
+        require_transition(JOB_TRANSITIONS, JobStatus(self.status), target,
+                           f"download job {self.id}")
 
     def _recording(self) -> None:
         if JobStatus(self.status) not in _RECORDING:
             raise IllegalTransition(f"download job {self.id} is {self.status}", field="status")
+
+    def _downloading(self, index: int) -> dict[str, Any]:
+        """File ``index``, which the downloader may report on only while it downloads it."""
+        self._recording()
+        f = self.file(index)
+        if f["status"] != FileStatus.DOWNLOADING:
+            raise IllegalTransition(f"file {index} of download job {self.id} is "
+                                    f"{f['status']}", field="index")
+        return f
 
     # -- the downloader's reports ----------------------------------------------------------
     def start_file(self, index: int, size: int | None, etag: str | None,
@@ -176,11 +184,7 @@ class DownloadJob(Aggregate):
     def checkpoint(self, index: int, bytes_done: int, bytes_per_s: float | None,
                    now: datetime, provenance: Provenance) -> None:
         """``bytes_done`` bytes of the file are durably on disk (fsynced)."""
-        self._recording()
-        f = self.file(index)
-        if f["status"] != FileStatus.DOWNLOADING:
-            raise IllegalTransition(f"file {index} of download job {self.id} is "
-                                    f"{f['status']}", field="index")
+        f = self._downloading(index)
         if bytes_done < 0 or (f.get("size") is not None and bytes_done > f["size"]):
             raise InvalidCommand(f"checkpoint {bytes_done} is outside file {index}",
                                  field="bytes_done")
@@ -199,11 +203,7 @@ class DownloadJob(Aggregate):
     def complete_file(self, index: int, size: int, sha256: str, fits: dict[str, Any] | None,
                       now: datetime, provenance: Provenance) -> None:
         """The file is whole, verified and in place; the last one completes the job."""
-        self._recording()
-        f = self.file(index)
-        if f["status"] != FileStatus.DOWNLOADING:
-            raise IllegalTransition(f"file {index} of download job {self.id} is "
-                                    f"{f['status']}", field="index")
+        f = self._downloading(index)
         if f.get("size") is not None and size != f["size"]:
             raise InvalidCommand(f"file {index} has {size} bytes, {f['size']} expected",
                                  field="size")

@@ -9,8 +9,9 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
 
-from domain.errors import IllegalTransition, InvalidCommand
+from domain.errors import IllegalTransition
 from domain.provenance import Provenance, utc
+from domain.transitions import require_transition
 
 
 class ExecutionStatus(StrEnum):
@@ -82,16 +83,12 @@ class ExecutedObsUnit(Aggregate):
         metadata: dict[str, Any],
         provenance: Provenance,
     ) -> None:
-        current = ExecutionStatus(self.status)
         target = ExecutionStatus(status)
-        if target not in ALLOWED_TRANSITIONS[current]:
-            raise IllegalTransition(
-                f"executed obs unit {self.id} is {current.value}; it cannot become {target.value}",
-                field="status",
-            )
+        require_transition(ALLOWED_TRANSITIONS, ExecutionStatus(self.status), target,
+                           f"executed obs unit {self.id}")
         end_time = utc(end_time)
-        if end_time < self.start_time:
-            raise InvalidCommand(
+        if end_time < self.start_time:  # the request is well formed: it conflicts with the record
+            raise IllegalTransition(
                 f"end_time {end_time.isoformat()} is before start_time "
                 f"{self.start_time.isoformat()}",
                 field="end_time",

@@ -41,6 +41,7 @@ from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition, InvalidCommand
 from domain.provenance import Provenance, utc
+from domain.transitions import require_transition
 
 #: Namespace of the process job a results scheduler's processing run creates.
 RUN_JOB_NAMESPACE = UUID("5d0b6a2e-3c41-4f7a-9e2b-7a1c0e9f4b31")
@@ -87,7 +88,36 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 class ProcessingJob(Aggregate):
     """One job: what it works on, who holds it (the lease), its steps, progress, outputs."""
 
-    @event("Requested")
+    class Requested(Aggregate.Created):
+        """Version 2 added ``metadata``: what a catalog job records on its products
+        (``docs/EVENT_SCHEMA.md``). Jobs requested before could not carry any: ``{}``."""
+
+        class_version = 2
+
+        kind: str
+        inputs: list[dict[str, Any]]
+        product_ids: list[str]
+        algorithm: str | None
+        algorithm_version: str | None
+        parameters: dict[str, Any]
+        result_id: UUID | None
+        run_id: UUID | None
+        catalog: bool
+        publish: bool
+        archive: bool
+        max_attempts: int
+        requested_at: datetime
+        actor: str
+        command_id: str
+        correlation_id: str
+        observed_at: datetime | None
+        metadata: dict[str, Any]
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["metadata"] = {}
+
+    @event(Requested)
     def __init__(
         self,
         id: UUID,
@@ -108,8 +138,10 @@ class ProcessingJob(Aggregate):
         command_id: str,
         correlation_id: str,
         observed_at: datetime | None,
+        metadata: dict[str, Any],
     ) -> None:
         self.kind = kind
+        self.metadata = metadata
         self.inputs = inputs
         self.product_ids = product_ids
         self.algorithm = algorithm
@@ -141,7 +173,8 @@ class ProcessingJob(Aggregate):
                 product_ids: list[UUID], algorithm: str | None, algorithm_version: str | None,
                 parameters: dict[str, Any], result_id: UUID | None, run_id: UUID | None,
                 catalog: bool, publish: bool, archive: bool, max_attempts: int, now: datetime,
-                provenance: Provenance) -> ProcessingJob:
+                provenance: Provenance, metadata: dict[str, Any] | None = None,
+                ) -> ProcessingJob:
         if kind is JobKind.CATALOG:
             if not product_ids:
                 raise InvalidCommand("a catalog job needs at least one product",
@@ -169,7 +202,7 @@ class ProcessingJob(Aggregate):
                    algorithm_version=algorithm_version, parameters=parameters,
                    result_id=result_id, run_id=run_id, catalog=catalog, publish=publish,
                    archive=archive, max_attempts=max_attempts, requested_at=utc(now),
-                   **provenance.event_fields())
+                   metadata=dict(metadata or {}), **provenance.event_fields())
 
     # -- reading ---------------------------------------------------------------------------
     @property
@@ -185,10 +218,8 @@ class ProcessingJob(Aggregate):
                 and self.attempts == attempt)
 
     def _move(self, target: JobStatus) -> None:
-        current = JobStatus(self.status)
-        if target not in JOB_TRANSITIONS[current]:
-            raise IllegalTransition(f"processing job {self.id} is {current.value}; it cannot "
-                                    f"become {target.value}", field="status")
+        require_transition(JOB_TRANSITIONS, JobStatus(self.status), target,
+                           f"processing job {self.id}")
 
     def _holder(self, worker: str, attempt: int) -> None:
         if not self.held_by(worker, attempt):
@@ -426,6 +457,17 @@ class ProcessingJob(Aggregate):
         self._interrupt_steps()
 
 
+def _inputs_as_used(inputs: list[dict[str, Any]], uses: list[dict[str, Any]]
+                    ) -> list[dict[str, Any]]:
+    """The job's inputs, each with the ``role`` the algorithm gave it for the product (bias,
+    dark, flat, science) and what said so (``classified_from``) — None where it said
+    nothing."""
+    by_file = {str(u["file_id"]): u for u in uses}
+    return [{**i, "role": by_file.get(str(i["file_id"]), {}).get("role"),
+             "classified_from": by_file.get(str(i["file_id"]), {}).get("classified_from")}
+            for i in inputs]
+
+
 class ProductStatus(StrEnum):
     BUILT = "built"
     CATALOGUED = "catalogued"
@@ -483,6 +525,7 @@ class DataProduct(Aggregate):
         self.status = ProductStatus.BUILT.value
         self.published = False
         self.archived = False
+        self.metadata: dict[str, Any] = {}
 
     @classmethod
     def build(cls, job: ProcessingJob, output: dict[str, Any], now: datetime,
@@ -496,23 +539,48 @@ class DataProduct(Aggregate):
                    sha256=output["sha256"], media_type=output["media_type"],
                    metrics=dict(output.get("metrics") or {}),
                    algorithm=job.algorithm or "", algorithm_version=job.algorithm_version or "",
-                   parameters=job.parameters, software=job.software, inputs=job.inputs,
+                   parameters=job.parameters, software=job.software,
+                   inputs=_inputs_as_used(job.inputs, output.get("inputs") or []),
                    result_id=job.result_id, run_id=job.run_id, built_at=utc(now),
                    **provenance.event_fields())
 
     def catalog(self, job_id: UUID, publish: bool, archive: bool, now: datetime,
-                provenance: Provenance) -> None:
-        """Make the product queryable (published, archived as asked)."""
+                provenance: Provenance, metadata: dict[str, Any] | None = None) -> None:
+        """Make the product queryable (published, archived as asked); ``metadata`` (the
+        catalog job's) joins the product's, a key given again taking the new value."""
         status = (ProductStatus.ARCHIVED if archive else ProductStatus.PUBLISHED if publish
                   else ProductStatus.CATALOGUED)
         self._catalogued(job_id=job_id, status=status.value, published=publish or self.published,
                          archived=archive or self.archived, catalogued_at=utc(now),
+                         metadata={**self.metadata, **(metadata or {})},
                          **provenance.event_fields())
 
-    @event("Catalogued")
+    class Catalogued(Aggregate.Event):
+        """Version 2 added ``metadata``: the product's catalog metadata from this event on
+        (``docs/EVENT_SCHEMA.md``). Products catalogued before had none: ``{}``."""
+
+        class_version = 2
+
+        job_id: UUID
+        status: str
+        published: bool
+        archived: bool
+        catalogued_at: datetime
+        metadata: dict[str, Any]
+        actor: str
+        command_id: str
+        correlation_id: str
+        observed_at: datetime | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["metadata"] = {}
+
+    @event(Catalogued)
     def _catalogued(self, job_id: UUID, status: str, published: bool, archived: bool,
-                    catalogued_at: datetime, actor: str, command_id: str, correlation_id: str,
-                    observed_at: datetime | None) -> None:
+                    catalogued_at: datetime, metadata: dict[str, Any], actor: str,
+                    command_id: str, correlation_id: str, observed_at: datetime | None) -> None:
         self.status = status
         self.published = published
         self.archived = archived
+        self.metadata = metadata

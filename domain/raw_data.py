@@ -94,7 +94,7 @@ class RawDataFile(Aggregate):
         Registration hands out the event, not the aggregate: a bulk registration creates
         thousands of files that nothing in the same command reads again, and building each
         aggregate (which eventsourcing does by applying the event it just made) was half the
-        cost of registering one (tests/test_domain.py checks both give the same event).
+        cost of registering one (tests/unit/test_domain.py checks both give the same event).
         """
         if size < 0:
             raise InvalidCommand(f"size of {name} must be >= 0", field="size")

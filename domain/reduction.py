@@ -9,6 +9,7 @@ time, so its memory is bounded by the band, never by the whole stack.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,6 +47,7 @@ class CombineResult:
     rejected_pixels: int  # frame values rejected by the clip, summed over the image
     nframes: int
     chunk_rows: int
+    noise: NoiseModel | None = None  # the cosmic-ray guard's noise model (None: no guard)
 
 
 @dataclass(frozen=True)
@@ -182,11 +184,145 @@ def master_flat(frames: Sequence[FrameRows], *, bias: NDArray[Any] | None = None
     return (combined / np.float32(norm)).astype(np.float32)
 
 
-# -- the sigma-clipped combine -----------------------------------------------------------------
+# -- the noise model of a stack ----------------------------------------------------------------
 #: the standard deviation of a normal distribution per unit of median absolute deviation
 MAD_TO_STD = 1.482602218505602
-#: the first clip iteration's bound, in MAD-based standard deviations (at least ``sigma``)
-MAD_SIGMA = 5.0
+#: the cosmic-ray guard's bound, in standard deviations (at least ``sigma``)
+GUARD_SIGMA = 5.0
+#: the noise model reads this many bands of rows spread over the frames ...
+NOISE_BANDS = 16
+#: ... of about this many bytes in all (float32, every frame)
+NOISE_BYTES = 16 * 1024 * 1024
+#: fewest frame differences a noise model is made from (else the combine has no guard)
+NOISE_MIN_SAMPLES = 200
+#: fewest frame differences in a level bin of the noise model
+NOISE_MIN_BIN = 100
+#: a bin's differences are sigma-clipped at this bound before their standard deviation
+NOISE_CLIP_SIGMA = 5.0
+#: neighbouring level bins closer than this many of their sigmas are one bin
+NOISE_MERGE_SIGMA = 5.0
+#: the level bins' edges, as quantiles of the pixels' median levels: fine at the top, where
+#: the few bright pixels (stars) are
+NOISE_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999,
+                   0.9995, 0.9998, 0.9999, 1.0)
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """The noise of one frame's pixel as a function of its level (the pixel's median over the
+    frames), measured on the stack itself: ``sigma`` at each of ``levels`` (increasing), taken
+    between them by linear interpolation and held flat beyond the ends.
+
+    ``sigmas`` never decrease with the level (a running maximum): CCD noise grows with the
+    signal (read noise, then photon noise), and a bin that seems quieter than a fainter one
+    (saturated pixels) must not lower the guard of the pixels above it."""
+
+    levels: tuple[float, ...]
+    sigmas: tuple[float, ...]
+    samples: int  # frame differences measured
+
+    def sigma(self, level: NDArray[Any]) -> NDArray[np.float32]:
+        return np.interp(level, self.levels, self.sigmas).astype(np.float32)
+
+
+def _sample_bands(nrows: int, ncols: int, nframes: int) -> list[tuple[int, int]]:
+    """Row bands ``(r0, r1)`` the noise model reads: all rows when they fit in
+    ``NOISE_BYTES``, else ``NOISE_BANDS`` bands spread evenly over the frames."""
+    rows = max(1, NOISE_BYTES // max(1, ncols * nframes * 4))
+    if rows >= nrows:
+        return [(0, nrows)]
+    per_band = max(1, rows // NOISE_BANDS)
+    starts = np.unique(np.linspace(0, nrows - per_band, min(NOISE_BANDS, nrows)).astype(int))
+    return [(int(r0), int(r0) + per_band) for r0 in starts]
+
+
+def estimate_noise(frames: Sequence[FrameRows]) -> NoiseModel | None:
+    """The noise model of equally shaped frames (None: fewer than three frames, or fewer than
+    ``NOISE_MIN_SAMPLES`` finite pixels to measure it on).
+
+    Rows spread over the frames (``_sample_bands``) are read; a pixel's level is its median
+    over the frames (one cosmic ray does not move it); the frames are paired (0-1, 2-3, ...)
+    and each pair's difference, less its median over the sampled pixels (a change of sky
+    level between the exposures), has twice a frame's variance. The differences are binned
+    by level (``NOISE_QUANTILES``, at least ``NOISE_MIN_BIN`` a bin); neighbouring bins whose
+    levels lie within ``NOISE_MERGE_SIGMA`` of their noise are one bin (their levels differ by
+    noise, not by signal, and a level picked by noise would bias the differences' spread). A
+    bin's sigma is the standard deviation of its differences sigma-clipped at
+    ``NOISE_CLIP_SIGMA`` (astropy's ``sigma_clipped_stats``: cosmic rays, a small minority of
+    any bin, are clipped; integer data do not collapse it to 0 as a MAD would) over sqrt(2)."""
+    from astropy.stats import sigma_clipped_stats
+
+    n = len(frames)
+    if n < 3:
+        return None
+    nrows, ncols = frame_shape(frames[0])
+    pairs = n // 2
+    levels: list[NDArray[np.float32]] = []
+    diffs: list[list[NDArray[np.float32]]] = [[] for _ in range(pairs)]
+    for r0, r1 in _sample_bands(nrows, ncols, n):
+        block = np.empty((n, (r1 - r0) * ncols), dtype=np.float32)
+        for i, f in enumerate(frames):
+            block[i] = np.asarray(f[r0:r1], dtype=np.float32).reshape(-1)
+        with warnings.catch_warnings():  # a pixel NaN in every frame
+            warnings.simplefilter("ignore", RuntimeWarning)
+            level = np.nanmedian(block, axis=0)
+        for j in range(pairs):
+            d = block[2 * j] - block[2 * j + 1]
+            ok = np.isfinite(d) & np.isfinite(level)
+            levels.append(level[ok])
+            diffs[j].append(d[ok])
+    offsets = []  # each pair's, over all sampled pixels
+    for parts in diffs:
+        joined = np.concatenate(parts)
+        offsets.append(np.float32(np.median(joined)) if joined.size else np.float32(0.0))
+    level_all = np.concatenate(levels)
+    diff_all = np.concatenate([d - offsets[j] for parts in zip(*diffs, strict=True)
+                               for j, d in enumerate(parts)])
+    if diff_all.size < NOISE_MIN_SAMPLES:
+        return None
+    order = np.argsort(level_all, kind="stable")
+    level_all, diff_all = level_all[order], diff_all[order]
+
+    def sigma_of(a: int, b: int) -> float:
+        _, _, std = sigma_clipped_stats(diff_all[a:b], sigma=NOISE_CLIP_SIGMA, maxiters=10,
+                                        cenfunc="median", stdfunc="std")
+        return float(std) / float(np.sqrt(2.0))
+
+    edges = np.unique((np.asarray(NOISE_QUANTILES) * diff_all.size).astype(np.int64))
+    bins: list[tuple[int, int]] = []
+    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        if bins and bins[-1][1] - bins[-1][0] < NOISE_MIN_BIN:
+            bins[-1] = (bins[-1][0], b)  # too few: joined with the next
+        else:
+            bins.append((a, b))
+    if len(bins) > 1 and bins[-1][1] - bins[-1][0] < NOISE_MIN_BIN:
+        last = bins.pop()
+        bins[-1] = (bins[-1][0], last[1])
+    # bins whose levels differ by less than a few sigma are one bin
+    merged: list[tuple[int, int]] = []
+    base_level = base_sigma = 0.0
+    for a, b in bins:
+        bin_level = float(np.median(level_all[a:b]))
+        if merged and bin_level - base_level <= NOISE_MERGE_SIGMA * base_sigma:
+            merged[-1] = (merged[-1][0], b)
+            continue
+        merged.append((a, b))
+        base_level, base_sigma = bin_level, sigma_of(a, b)
+    bin_levels: list[float] = []
+    bin_sigmas: list[float] = []
+    for a, b in merged:
+        bin_level, bin_sigma = float(np.median(level_all[a:b])), sigma_of(a, b)
+        if bin_levels and bin_level <= bin_levels[-1]:  # tied levels (integer data)
+            bin_sigmas[-1] = max(bin_sigmas[-1], bin_sigma)
+            continue
+        bin_levels.append(bin_level)
+        bin_sigmas.append(bin_sigma)
+    sigmas = np.maximum.accumulate(np.asarray(bin_sigmas))
+    return NoiseModel(levels=tuple(bin_levels), sigmas=tuple(float(x) for x in sigmas),
+                      samples=int(diff_all.size))
+
+
+# -- the sigma-clipped combine -----------------------------------------------------------------
 
 
 def _run_median(sa: NDArray[np.float32], la: NDArray[np.intp], ha: NDArray[np.intp]
@@ -258,19 +394,28 @@ def _run_means(s: NDArray[np.float32], lo: NDArray[np.intp], hi: NDArray[np.intp
     return means
 
 
-def _clip_sorted(s: NDArray[np.float32], sigma: float, maxiters: int
-                 ) -> tuple[NDArray[np.float32], int]:
+def _clip_sorted(s: NDArray[np.float32], sigma: float, maxiters: int,
+                 noise: NoiseModel | None = None) -> tuple[NDArray[np.float32], int]:
     """Sigma-clipped mean along axis 1 of ``s`` (pixels x frames), sorted along axis 1 with
     NaNs last. Per pixel:
 
-    1. pre-clip: reject values outside ``median ± max(sigma, 5)·1.4826·MAD`` — robust even
-       with a few frames, where one cosmic ray inflates a standard deviation enough to hide
-       itself, and wide enough to leave Gaussian tails alone;
-    2. up to ``maxiters`` times: bounds ``median ± sigma·std`` of the surviving values, reject
-       the values outside; stop when nothing more is rejected;
-    3. as in astropy's ``sigma_clip``, the last bounds decide over all values; the result is
-       the mean of the values inside them.
+    1. the cosmic-ray guard (with a ``noise`` model; for a pixel with 3 values or more):
+       reject values outside ``median ± max(sigma, 5)·max(MAD-std, noise.sigma(median))``.
+       The noise model, measured over the whole stack, is what makes this work with few
+       frames: one cosmic ray inflates a pixel's standard deviation enough to hide itself
+       (with fewer than 8 frames a lone outlier never lies 3 standard deviations out), and
+       the MAD of 3 or 5 values is often far below the noise (a bound on it alone rejected
+       2.8 % of Gaussian values at 5 frames). With the noise known, 5 sigma leaves Gaussian
+       tails alone; the pixel's own MAD-std keeps the bound wide where the frames differ
+       by more than the noise (a star's core under changing seeing);
+    2. astropy's ``sigma_clip`` (median centre, standard deviation, ``sigma``, ``maxiters``),
+       on the values the guard kept: up to ``maxiters`` times, bounds ``median ± sigma·std``
+       of the surviving values, reject the values outside; stop when nothing more is rejected
+       (or nothing is left);
+    3. as in astropy's ``sigma_clip`` (its C path, used with an ``axis``), the last bounds
+       decide over all values; the result is the mean of the values inside them.
 
+    Without the guard this is ``sigma_clip(s, sigma, maxiters, axis=1)`` followed by the mean.
     Since the data are sorted, the survivors of each pixel are the contiguous run ``[lo, hi)``,
     and later iterations only revisit the pixels whose run still changes."""
     npix, n = s.shape
@@ -283,14 +428,18 @@ def _clip_sorted(s: NDArray[np.float32], sigma: float, maxiters: int
     lower_final = np.full(npix, -np.inf, dtype=np.float32)
     upper_final = np.full(npix, np.inf, dtype=np.float32)
     active = np.flatnonzero(hi > lo)
-    for iteration in range(maxiters + 1):
+    guard = noise is not None and n >= 3
+    for iteration in range(maxiters + 1 if guard else maxiters):
         if active.size == 0:
             break
         sa = s if active.size == npix else s[active]
         la, ha = lo[active], hi[active]
-        if iteration == 0:
+        if guard and iteration == 0:
+            assert noise is not None
             med, std = _median_and_mad_std(sa, la, ha, full=n_missing == 0)
-            k = np.float32(max(sigma, MAD_SIGMA))
+            std = np.maximum(std, noise.sigma(med))
+            std[ha - la < 3] = np.inf  # two values: either may be the odd one
+            k = np.float32(max(sigma, GUARD_SIGMA))
         else:
             med, std = _median_and_std(sa, la, ha)
             k = np.float32(sigma)
@@ -303,7 +452,7 @@ def _clip_sorted(s: NDArray[np.float32], sigma: float, maxiters: int
         new_hi = np.maximum(new_hi, new_lo)
         changed = (new_lo != la) | (new_hi != ha)
         lo[active], hi[active] = new_lo, new_hi
-        if iteration > 0:  # after the pre-clip every pixel gets its first sigma iteration
+        if iteration > 0 or not guard:  # after the guard every pixel gets a sigma iteration
             active = active[changed & (new_hi > new_lo)]
     # the last bounds over all values (a value clipped early may be back inside them)
     touched = np.flatnonzero((lo > 0) | (hi < end))
@@ -319,13 +468,18 @@ def _clip_sorted(s: NDArray[np.float32], sigma: float, maxiters: int
 def combine_frames(frames: Sequence[FrameRows], *, sigma: float = 3.0, maxiters: int = 5,
                    chunk_rows: int | None = None,
                    progress: Callable[[float], None] | None = None,
-                   cancelled: Callable[[], bool] | None = None) -> CombineResult:
+                   cancelled: Callable[[], bool] | None = None, guard: bool = True,
+                   noise: NoiseModel | None = None) -> CombineResult:
     """Sigma-clipped mean of equally shaped frames, a band of rows at a time.
 
+    With ``guard`` (and 3 frames or more) a cosmic-ray guard comes first, on ``noise`` (by
+    default ``estimate_noise`` of the frames: one pass over bands of rows spread over them);
+    without it the combine is astropy's ``sigma_clip`` and a mean (see ``_clip_sorted``).
     Each band of all frames is read into one float32 block (pixels x frames), sorted along
     the frames, and clipped (``_clip_sorted``) in slices of ``CLIP_BYTES``. Memory: one band,
     ``chunk_rows x ncols x nframes x 4`` bytes (default: ``CHUNK_BYTES``, 64 MB), a few
-    clip temporaries of ``CLIP_BYTES`` (16 MB), and the output image.
+    clip temporaries of ``CLIP_BYTES`` (16 MB), the noise model's sample (``NOISE_BYTES``,
+    16 MB, freed before the first band) and the output image.
     ``cancelled()`` is polled before every band; ``progress(fraction)`` after each."""
     if not frames:
         raise ValueError("no frames to combine")
@@ -340,6 +494,9 @@ def combine_frames(frames: Sequence[FrameRows], *, sigma: float = 3.0, maxiters:
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(n, ncols)
     if rows < 1:
         raise ValueError("chunk_rows must be at least 1")
+    model = None
+    if guard and n >= 3:
+        model = noise if noise is not None else estimate_noise(frames)
     image = np.empty(shape, dtype=np.float32)
     rejected = 0
     block: NDArray[np.float32] | None = None
@@ -355,11 +512,12 @@ def combine_frames(frames: Sequence[FrameRows], *, sigma: float = 3.0, maxiters:
         out = image[r0:r1].reshape(-1)
         step = max(1, CLIP_BYTES // (4 * n))
         for p0 in range(0, npix, step):  # pixels are independent: clip slice by slice
-            out[p0:p0 + step], rej = _clip_sorted(block[p0:p0 + step], sigma, maxiters)
+            out[p0:p0 + step], rej = _clip_sorted(block[p0:p0 + step], sigma, maxiters, model)
             rejected += rej
         if progress is not None:
             progress(r1 / nrows)
-    return CombineResult(image=image, rejected_pixels=rejected, nframes=n, chunk_rows=rows)
+    return CombineResult(image=image, rejected_pixels=rejected, nframes=n, chunk_rows=rows,
+                         noise=model)
 
 
 # -- background, noise, sources ----------------------------------------------------------------

@@ -27,6 +27,7 @@ from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition, InvalidCommand
 from domain.provenance import Provenance, utc
+from domain.transitions import require_transition
 
 #: Namespace of observation result ids: uuid5 of the leaf cell, so materializing is idempotent.
 RESULT_NAMESPACE = UUID("6b0f3a52-2f4e-5b8e-9a57-0c1d0b7e4e21")
@@ -200,11 +201,8 @@ class ObservationResult(Aggregate):
 
     # -- fulfillment -----------------------------------------------------------------------
     def _move(self, target: Fulfillment) -> None:
-        current = Fulfillment(self.fulfillment_status)
-        if target not in FULFILLMENT_TRANSITIONS[current]:
-            raise IllegalTransition(
-                f"observation result {self.id} is {current.value}; it cannot become "
-                f"{target.value}", field="fulfillment_status")
+        require_transition(FULFILLMENT_TRANSITIONS, Fulfillment(self.fulfillment_status),
+                           target, f"observation result {self.id}", field="fulfillment_status")
 
     def dispatch(self, task_id: UUID, instrument_id: str | None,
                  executed_obs_unit_id: UUID | None, now: datetime,

@@ -12,6 +12,7 @@ from eventsourcing.domain import Aggregate, event
 from domain.errors import IllegalTransition, InvalidCommand
 from domain.provenance import Provenance
 from domain.raw_data import PackageStatus, RawDataPackage
+from domain.transitions import require_transition
 
 
 class StagingStatus(StrEnum):
@@ -63,6 +64,7 @@ class StagingRequest(Aggregate):
         self.files_transferred = 0
         self.message: str | None = None
         self.cancelled_from: str | None = None
+        self.retries = 0
 
     @classmethod
     def request(
@@ -139,6 +141,31 @@ class StagingRequest(Aggregate):
         self.files_transferred = files_transferred
         self.message = message
 
+    def retry(self, reason: str | None, provenance: Provenance) -> None:
+        """Start a failed request again: pending, its progress back to zero (the transfer
+        agent copies the packages anew). Only a failed request can be retried."""
+        if self.status != StagingStatus.FAILED.value:
+            raise IllegalTransition(
+                f"staging request {self.id} is {self.status}; only a failed request can be "
+                "retried", field="status")
+        self._retried(reason=reason, attempt=self.retries + 1, **provenance.event_fields())
+
+    @event("Retried")
+    def _retried(
+        self,
+        reason: str | None,
+        attempt: int,
+        actor: str,
+        command_id: str,
+        correlation_id: str,
+        observed_at: datetime | None,
+    ) -> None:
+        self.status = StagingStatus.PENDING.value
+        self.bytes_transferred = 0
+        self.files_transferred = 0
+        self.message = reason
+        self.retries = attempt
+
     def cancel(self, reason: str | None, provenance: Provenance) -> None:
         self._require_transition(StagingStatus.CANCELLED)
         self._cancelled(reason=reason, previous_status=self.status,
@@ -178,9 +205,5 @@ class StagingRequest(Aggregate):
         self.cancelled_from = previous_status
 
     def _require_transition(self, target: StagingStatus) -> None:
-        current = StagingStatus(self.status)
-        if target not in ALLOWED_TRANSITIONS[current]:
-            raise IllegalTransition(
-                f"staging request {self.id} is {current.value}; it cannot become {target.value}",
-                field="status",
-            )
+        require_transition(ALLOWED_TRANSITIONS, StagingStatus(self.status), target,
+                           f"staging request {self.id}")

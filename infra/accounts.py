@@ -10,9 +10,14 @@ Every token is a JWT signed with the configured secret (HS256):
   must name an unrevoked row of ``service_tokens``.
 
 Checking a token is a signature check plus a lookup in an in-memory snapshot of the accounts
-(refreshed at most every ``refresh_s``; a process that changes an account refreshes at once).
-While the database cannot be read, the last snapshot stands and tokens it does not know are
-trusted as signed, so automation keeps recording while the database is down.
+and of every service token, revoked ones included (refreshed at most every ``refresh_s``; a
+process that changes an account refreshes at once). While the database cannot be read, the
+last snapshot stands: a token it knows as valid keeps working (automation keeps recording), a
+revoked one stays refused, and one it does not know cannot be checked (:class:`AuthUnavailable`,
+503): nothing is trusted on its signature alone.
+
+Passwords (and the JWT secret) must pass one strength rule, :func:`password_problem`:
+zxcvbn's estimate, with the username as a word an attacker would try first.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 from uuid import UUID
 
 import jwt
+import orjson
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import (
@@ -47,9 +53,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from zxcvbn import zxcvbn
 
-from domain.accounts import AccountKind, Principal, Role
+from domain.accounts import MIN_PASSWORD_LENGTH, AccountKind, Principal, Role
 from infra.read_model_db import create_read_model_engine, utc_row
+from infra.schema import migrate
 
 log = logging.getLogger("obsledger.accounts")
 
@@ -67,7 +75,9 @@ accounts = Table(
     Column("disabled_at", TZ),
     Column("disabled_by", String(120)),
     Column("tokens_valid_after", TZ),  # user tokens issued before this are refused
+    Column("email", String(320)),  # a user's address, when given at registration
 )
+#: Columns added to ``accounts`` after its first release: an existing table gains them.
 service_tokens = Table(
     "service_tokens", metadata,
     Column("id", String(40), primary_key=True),  # the token's jti
@@ -81,11 +91,18 @@ service_tokens = Table(
 )
 
 ISSUER = "obsledger"
+#: The audience of stream tickets (``TokenSigner.stream_ticket``), refused as tokens.
+STREAM_AUDIENCE = "obsledger-stream"
 DEV_SECRET_FILE = "jwt-secret"
 
 
 class AuthError(Exception):
     """A token or password that does not authenticate (→ 401)."""
+
+
+class AuthUnavailable(AuthError):
+    """A token that cannot be checked now: the accounts cannot be read and the last snapshot
+    does not know it (→ 503 with Retry-After; never trusted on its signature alone)."""
 
 
 class AccountExists(Exception):
@@ -98,10 +115,64 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
+#: zxcvbn's score (0-4) a password must reach; it reads at most the first 72 characters.
+MIN_PASSWORD_SCORE = 3
+ZXCVBN_MAX_LENGTH = 72
+#: The JWT secret: at least this many characters and 10**this many guesses (~80 bits).
+MIN_SECRET_LENGTH = 32
+MIN_SECRET_GUESSES_LOG10 = 24.0
+
+
+def password_problem(password: str, username: str | None = None) -> str | None:
+    """Why ``password`` is too weak (None: strong enough) — the one rule of every password
+    (registration, password change, ``OBSLEDGER_ADMIN_PASSWORD``): at least
+    ``MIN_PASSWORD_LENGTH`` characters and a zxcvbn score of at least ``MIN_PASSWORD_SCORE``,
+    the username counting as a word an attacker tries first."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"must be at least {MIN_PASSWORD_LENGTH} characters"
+    if username and password.strip().lower() == username.strip().lower():
+        return "must not be the username"
+    estimate = zxcvbn(password[:ZXCVBN_MAX_LENGTH], user_inputs=[username] if username else [])
+    if estimate["score"] >= MIN_PASSWORD_SCORE:
+        return None
+    feedback = estimate["feedback"]
+    hints = [feedback.get("warning") or "", *feedback.get("suggestions", ())]
+    hint = " ".join(h for h in hints if h) or "use a longer passphrase of unrelated words"
+    return f"too easy to guess: {hint}"
+
+
+def secret_problem(secret: str) -> str | None:
+    """Why a JWT signing secret is too weak (None: strong enough)."""
+    if len(secret) < MIN_SECRET_LENGTH:
+        return f"must be at least {MIN_SECRET_LENGTH} characters"
+    guesses = zxcvbn(secret[:ZXCVBN_MAX_LENGTH])["guesses_log10"]
+    if guesses < MIN_SECRET_GUESSES_LOG10:
+        return ("is too easy to guess (repeated, sequential or dictionary text): use a random "
+                "one, e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
+    return None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` as a new file created with mode 0600 (never readable by others, not even
+    for a moment), replacing any earlier one atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
 def development_secret(data_dir: Path) -> str:
     """The development signing secret: random, made once, kept in ``<data_dir>/jwt-secret``."""
     path = data_dir / DEV_SECRET_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():  # written aside, then linked: a reader never sees half a secret
         tmp = data_dir / f".{DEV_SECRET_FILE}.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -150,6 +221,7 @@ class AccountState:
 class Snapshot:
     accounts: dict[UUID, AccountState] = field(default_factory=dict)
     tokens: dict[str, tuple[UUID, datetime | None]] = field(default_factory=dict)  # live only
+    revoked: set[str] = field(default_factory=set)  # ids of revoked service tokens
     taken: float = 0.0  # monotonic
     readable: bool = False  # the last refresh reached the database
 
@@ -162,18 +234,19 @@ class AccountStore:
         self._created = False
 
     def create_tables(self) -> None:
+        """The accounts tables at the schema's head revision (infra/schema.py: created, or an
+        older database migrated, once per process; other processes may do it at once)."""
         if not self._created:
-            # another process may create them at the same moment
-            with contextlib.suppress(IntegrityError):
-                metadata.create_all(self.engine, checkfirst=True)
+            migrate(self.engine)
             self._created = True
 
     def create(self, username: str, kind: AccountKind, roles: Iterable[str],
-               password_hash: str | None, created_by: str) -> dict[str, Any]:
+               password_hash: str | None, created_by: str,
+               email: str | None = None) -> dict[str, Any]:
         self.create_tables()
         row = {"id": uuid.uuid4(), "username": username, "kind": kind,
                "roles": sorted(set(roles)), "password_hash": password_hash,
-               "created_at": datetime.now(UTC), "created_by": created_by}
+               "created_at": datetime.now(UTC), "created_by": created_by, "email": email}
         try:
             with self.engine.begin() as conn:
                 conn.execute(accounts.insert().values(**row))
@@ -254,16 +327,34 @@ class AccountStore:
                     a["id"], a["username"], a["kind"], frozenset(a["roles"]),
                     a["disabled_at"] is not None, _utc(a["tokens_valid_after"]))
             for t in conn.execute(select(service_tokens.c.id, service_tokens.c.account_id,
-                                         service_tokens.c.expires_at).where(
-                    service_tokens.c.revoked_at.is_(None))):
-                snap.tokens[t.id] = (t.account_id, _utc(t.expires_at))
+                                         service_tokens.c.expires_at,
+                                         service_tokens.c.revoked_at)):
+                if t.revoked_at is None:
+                    snap.tokens[t.id] = (t.account_id, _utc(t.expires_at))
+                else:  # kept: a revocation must still apply while the tables are unreadable
+                    snap.revoked.add(t.id)
         return snap
 
 
+class RolesDiffer(AccountExists):
+    """The service account exists with other roles than those asked for: its tokens carry
+    the account's roles, so a token is not issued (the roles are not changed silently)."""
+
+
 def provision_service_token(store: AccountStore, signer: TokenSigner, name: str,
-                            roles: Iterable[str], *, token_name: str, created_by: str) -> str:
-    """An API token for the service account ``name`` (created with ``roles`` if missing)."""
+                            roles: Iterable[str], *, token_name: str, created_by: str,
+                            same_roles: bool = False) -> str:
+    """An API token for the service account ``name`` (created with ``roles`` if missing).
+    With ``same_roles``, an existing account whose roles are not exactly ``roles`` raises
+    :class:`RolesDiffer`."""
+    roles = sorted(set(roles))
     account = store.find(username=name)
+    if same_roles and account is not None and account["kind"] == "service" \
+            and sorted(account["roles"]) != roles:
+        raise RolesDiffer(
+            f"service account {name} exists with the roles {', '.join(sorted(account['roles']))}"
+            f"; its tokens carry those, not {', '.join(roles)}: no token issued (ask for "
+            f"exactly its roles, or use another account name)")
     if account is None:
         try:
             account = store.create(name, "service", roles, None, created_by=created_by)
@@ -276,14 +367,21 @@ def provision_service_token(store: AccountStore, signer: TokenSigner, name: str,
 
 
 def issue_service_token(database_url: str, secret: str, name: str, roles: Iterable[str], *,
-                        token_name: str, created_by: str) -> str:
+                        token_name: str, created_by: str, cache: Path | None = None,
+                        same_roles: bool = False) -> str:
     """:func:`provision_service_token` against the accounts of ``database_url`` (for the
-    command line and the benchmarks, which have no ledger)."""
+    command line and the benchmarks, which have no ledger). With ``cache`` (the accounts
+    snapshot file of an API process on this machine), the snapshot is refreshed there too:
+    that API, restarted while the database is down, still knows the new token."""
     engine = create_read_model_engine(database_url)
     try:
-        return provision_service_token(AccountStore(engine), TokenSigner(secret, ttl_s=1800),
-                                       name, roles, token_name=token_name,
-                                       created_by=created_by)
+        store = AccountStore(engine)
+        signer = TokenSigner(secret, ttl_s=1800)
+        token = provision_service_token(store, signer, name, roles, token_name=token_name,
+                                        created_by=created_by, same_roles=same_roles)
+        if cache is not None:
+            Authenticator(store, signer, cache=cache).refresh()
+        return token
     finally:
         engine.dispose()
 
@@ -333,6 +431,31 @@ class TokenSigner:
         self._verified[token] = claims
         return claims
 
+    def stream_ticket(self, claims: dict[str, Any], ttl_s: float) -> tuple[str, int]:
+        """A ticket for the live stream only (``aud`` obsledger-stream), carrying the claims
+        of the token it was made from, expiring within ``ttl_s`` and never after that token:
+        what a browser's EventSource, which cannot send headers, presents as a cookie."""
+        now = time.time()
+        exp = min(now + ttl_s, float(claims.get("exp", now + ttl_s)))
+        ticket = {k: v for k, v in claims.items() if k not in ("exp", "aud")}
+        ticket.update(aud=STREAM_AUDIENCE, exp=exp)
+        return jwt.encode(ticket, self._secret, algorithm="HS256"), max(0, int(exp - now))
+
+    def decode_stream_ticket(self, ticket: str) -> dict[str, Any]:
+        """A stream ticket's claims; raises AuthError (a token is no ticket, nor the reverse:
+        ``_decode`` refuses any ``aud``)."""
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                ticket, self._secret, algorithms=["HS256"], issuer=ISSUER,
+                audience=STREAM_AUDIENCE, leeway=self.LEEWAY_S,
+                options={"require": ["sub", "iat", "jti", "kind", "name", "iss", "aud",
+                                     "exp"]})
+        except jwt.ExpiredSignatureError as e:
+            raise AuthError("stream ticket expired") from e
+        except jwt.InvalidTokenError as e:
+            raise AuthError(f"stream ticket invalid: {e}") from e
+        return claims
+
     def _decode(self, token: str) -> dict[str, Any]:
         try:
             claims: dict[str, Any] = jwt.decode(
@@ -350,17 +473,86 @@ class TokenSigner:
         return claims
 
 
-class Authenticator:
-    """Turns a bearer token into a :class:`Principal` (or :class:`AuthError`)."""
+def _snapshot_json(snap: Snapshot) -> bytes:
+    """The snapshot as kept on disk: who may act and which tokens are live or revoked; no
+    password hash (only ids, names, roles and dates)."""
+    def when(value: datetime | None) -> str | None:
+        return value.isoformat() if value is not None else None
 
-    def __init__(self, store: AccountStore, signer: TokenSigner, refresh_s: float = 1.0) -> None:
+    return orjson.dumps({
+        "version": 1,
+        "accounts": [{"id": str(a.id), "username": a.username, "kind": a.kind,
+                      "roles": sorted(a.roles), "disabled": a.disabled,
+                      "tokens_valid_after": when(a.tokens_valid_after)}
+                     for a in sorted(snap.accounts.values(), key=lambda a: str(a.id))],
+        "tokens": {jti: [str(account), when(expires)]
+                   for jti, (account, expires) in sorted(snap.tokens.items())},
+        "revoked": sorted(snap.revoked)})
+
+
+def _snapshot_from_json(data: bytes) -> Snapshot:
+    def when(value: str | None) -> datetime | None:
+        return datetime.fromisoformat(value) if value is not None else None
+
+    raw = orjson.loads(data)
+    if raw.get("version") != 1:
+        raise ValueError(f"unknown version {raw.get('version')!r}")
+    snap = Snapshot(readable=False)  # taken 0: stale, refreshed at the first chance
+    for a in raw["accounts"]:
+        snap.accounts[UUID(a["id"])] = AccountState(
+            UUID(a["id"]), a["username"], a["kind"], frozenset(a["roles"]),
+            bool(a["disabled"]), when(a["tokens_valid_after"]))
+    for jti, (account, expires) in raw["tokens"].items():
+        snap.tokens[jti] = (UUID(account), when(expires))
+    snap.revoked = set(raw["revoked"])
+    return snap
+
+
+class Authenticator:
+    """Turns a bearer token into a :class:`Principal` (or :class:`AuthError`).
+
+    With a ``cache`` file, every snapshot read from the database that differs from the last
+    one is also written there (mode 0600, no password hashes), and a process starting while
+    the database cannot be read begins with it: a restart during an outage keeps the tokens
+    and revocations it knew."""
+
+    def __init__(self, store: AccountStore, signer: TokenSigner, refresh_s: float = 1.0,
+                 cache: Path | None = None) -> None:
         self.store = store
         self.signer = signer
         self.refresh_s = refresh_s
         self.passwords = Passwords()
-        self._snapshot = Snapshot()
+        self.cache = cache
+        self._cached: bytes | None = None
+        self._snapshot = self._load_cache()
         self._lock = threading.Lock()
         self._background = threading.Lock()
+
+    def _load_cache(self) -> Snapshot:
+        if self.cache is None:
+            return Snapshot()
+        try:
+            data = self.cache.read_bytes()
+            snapshot = _snapshot_from_json(data)
+        except FileNotFoundError:
+            return Snapshot()
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("accounts cache %s unusable, ignored: %s", self.cache, e)
+            return Snapshot()
+        self._cached = data
+        return snapshot
+
+    def _save_cache(self, snap: Snapshot) -> None:
+        if self.cache is None:
+            return
+        data = _snapshot_json(snap)
+        if data == self._cached:
+            return
+        try:
+            write_private(self.cache, data.decode())
+            self._cached = data
+        except OSError as e:  # the database answered: the cache is only for outages
+            log.warning("could not write the accounts cache %s: %s", self.cache, e)
 
     # -- the snapshot -------------------------------------------------------------------------
     def stale(self) -> bool:
@@ -382,17 +574,36 @@ class Authenticator:
         with self._lock:
             try:
                 self._snapshot = self.store.snapshot()
+                self._save_cache(self._snapshot)
             except SQLAlchemyError as e:
                 if self._snapshot.readable:
                     log.warning("accounts unreadable, last snapshot stands: %s", e)
                 self._snapshot = Snapshot(self._snapshot.accounts, self._snapshot.tokens,
-                                          taken=time.monotonic(), readable=False)
+                                          self._snapshot.revoked, taken=time.monotonic(),
+                                          readable=False)
+
+    def snapshot_status(self) -> dict[str, Any]:
+        """Whether the last refresh read the accounts (``reachable``; when not, tokens are
+        checked against the last snapshot read). A stale snapshot is refreshed in the
+        background, so that asking again soon tells the present."""
+        if self.stale():
+            self.refresh_soon()
+        return {"reachable": self._snapshot.readable}
 
     # -- tokens ------------------------------------------------------------------------------
+    def retry_after_s(self) -> int:
+        """When a token that could not be checked is worth sending again."""
+        return max(1, int(self.refresh_s + 0.999))
+
     def authenticate(self, token: str, *, refreshed: bool = False) -> Principal | None:
         """The principal, or None when the snapshot does not know the account or token yet
-        (refresh, then ask again with ``refreshed=True``). Raises :class:`AuthError`."""
-        claims = self.signer.decode(token)
+        (refresh, then ask again with ``refreshed=True``). Raises :class:`AuthError`, or
+        :class:`AuthUnavailable` for a token the last snapshot does not know while the
+        accounts cannot be read."""
+        return self.principal(self.signer.decode(token), refreshed=refreshed)
+
+    def principal(self, claims: dict[str, Any], *, refreshed: bool = False) -> Principal | None:
+        """:meth:`authenticate` for claims already verified (a token's, a stream ticket's)."""
         try:
             account_id = UUID(claims["sub"])
         except (ValueError, TypeError) as e:
@@ -402,10 +613,13 @@ class Authenticator:
         kind = claims["kind"]
         jti = str(claims["jti"])
         if kind == "service":
+            if jti in snap.revoked:
+                raise AuthError("token revoked")
             live = snap.tokens.get(jti)
             if live is None or account is None:
-                if not snap.readable:  # the database is down: trust the signature
-                    return self._from_claims(claims, account_id)
+                if not snap.readable:  # the database is down: this token cannot be checked
+                    raise AuthUnavailable("the accounts database cannot be read and this "
+                                          "token is not known here yet")
                 if not refreshed:
                     return None
                 raise AuthError("token revoked or unknown")
@@ -414,7 +628,8 @@ class Authenticator:
         elif kind == "user":
             if account is None:
                 if not snap.readable:
-                    return self._from_claims(claims, account_id)
+                    raise AuthUnavailable("the accounts database cannot be read and this "
+                                          "account is not known here yet")
                 if not refreshed:
                     return None
                 raise AuthError("unknown account")
@@ -427,11 +642,6 @@ class Authenticator:
             raise AuthError("account disabled")
         return Principal(account.id, account.username, account.kind, account.roles, jti)
 
-    @staticmethod
-    def _from_claims(claims: dict[str, Any], account_id: UUID) -> Principal:
-        return Principal(account_id, str(claims["name"]), claims["kind"],
-                         frozenset(claims.get("roles", ())), str(claims["jti"]))
-
     def password_login(self, username: str, password: str) -> tuple[str, int]:
         """A user token for a valid username and password (slow by design: argon2)."""
         account = self.store.find(username=username)
@@ -442,6 +652,12 @@ class Authenticator:
             raise AuthError("account disabled")
         return self.signer.user_token(account)
 
+    def check_password(self, account_id: UUID, password: str) -> bool:
+        """Whether ``password`` is the account's current one (argon2, like a login)."""
+        account = self.store.find(account_id=account_id)
+        hashed = account["password_hash"] if account and account["kind"] == "user" else None
+        return self.passwords.verify(hashed, password)
+
     def ensure_admin(self, password: str | None, data_dir: Path) -> str | None:
         """Create the local ``admin`` account when no enabled admin exists. Returns the
         password file written (a random password), or None when nothing was created."""
@@ -451,8 +667,7 @@ class Authenticator:
         if password is None:
             password = secrets.token_urlsafe(18)
             path = data_dir / "admin-password"
-            path.write_text(password + "\n")
-            path.chmod(0o600)
+            write_private(path, password + "\n")  # created 0600, never chmod-ed afterwards
             written = str(path)
         try:
             self.store.create("admin", "user", [Role.admin, Role.operator, Role.auditor],

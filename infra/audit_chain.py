@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, Column, DateTime, Engine, MetaData, String, Table, select
+from sqlalchemy import BigInteger, Column, DateTime, Engine, MetaData, String, Table, func, select
 
 from infra.event_store import EventStore
 from infra.prefetch import prefetched
@@ -137,6 +137,12 @@ class ChainKeeper(PollingWorker):
         self.position, self.link = self._head()
         last = self.anchors.read()
         self._anchored = int(last[-1]["position"]) if last else 0
+
+    def read_position(self) -> int:
+        """The last chained position as recorded (by this or another keeper process)."""
+        t = self.table
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(t.c.position))).scalar() or 0)
 
     def _head(self) -> tuple[int, str]:
         t = self.table

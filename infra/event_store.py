@@ -1,11 +1,14 @@
 """The event store: one ``eventsourcing`` application holding every aggregate.
 
-SQLite is the embedded default, PostgreSQL the production store. One application means one
-global notification log (the "log position" of every event), which projectors follow.
+SQLite is the embedded default, PostgreSQL the production store; ``EventStore.in_memory()``
+(eventsourcing's POPO recorder) keeps the same contract in this process's memory, for the
+handler unit tests. One application means one global notification log (the "log position"
+of every event), which projectors follow.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -18,16 +21,21 @@ import psycopg_pool
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
+    DatetimeAsISO,
+    DecimalAsStr,
     Environment,
     IntegrityError,
     JSONTranscoder,
+    Mapper,
     Notification,
     PersistenceError,
     ProgrammingError,
     Recording,
     StoredEvent,
     Transcoder,
+    UUIDAsHex,
 )
+from eventsourcing.popo import POPOApplicationRecorder, POPOFactory
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import EnvType, retry
 from psycopg.rows import tuple_row
@@ -36,8 +44,10 @@ from psycopg.sql import SQL, Composed, Identifier
 from infra.settings import Settings
 
 __all__ = [
+    "MEMORY",
     "EventStore",
     "IntegrityError",
+    "MemoryRecorder",
     "ObservatoryLedger",
     "PersistenceError",
     "StoreUnavailable",
@@ -49,8 +59,8 @@ class StoreUnavailable(Exception):
 
 
 #: Errors that mean "the database is not reachable now" rather than "this write is wrong".
-_UNAVAILABLE: tuple[type[BaseException], ...] = (PersistenceError, OSError, psycopg.Error,
-                                                psycopg_pool.PoolTimeout)
+STORE_UNREACHABLE: tuple[type[BaseException], ...] = (
+    PersistenceError, OSError, psycopg.Error, psycopg_pool.PoolTimeout)
 
 
 class ChunkedInsertRecorder(PostgresApplicationRecorder):
@@ -132,6 +142,37 @@ class ChunkedInsertRecorder(PostgresApplicationRecorder):
     _page_sql: Composed | None = None
 
 
+class MemoryRecorder(POPOApplicationRecorder):
+    """eventsourcing's in-memory (POPO) recorder, answering the two look-ups the SQL
+    recorders answer with a query: an event's log position, and which aggregates exist.
+
+    The log position of the n-th stored event is n, as in the SQL stores (from 1, no gaps).
+    """
+
+    def position_of(self, aggregate_id: UUID, version: int) -> int | None:
+        with self._database_lock:
+            index = self._stored_events_index.get(str(aggregate_id), {}).get(version)
+            return None if index is None else index + 1
+
+    def existing(self, aggregate_ids: Iterable[UUID]) -> set[UUID]:
+        """Which of ``aggregate_ids`` have a first event."""
+        with self._database_lock:
+            events = self._stored_events_index
+            return {a for a in aggregate_ids if 1 in events.get(str(a), {})}
+
+
+class MemoryFactory(POPOFactory):
+    """eventsourcing's POPO persistence module, with :class:`MemoryRecorder`."""
+
+    def application_recorder(self) -> MemoryRecorder:
+        return MemoryRecorder()
+
+
+#: The kind of the in-memory event store (:meth:`EventStore.in_memory`).
+MEMORY = "memory"
+_MEMORY_ENV = {"PERSISTENCE_MODULE": f"{__name__}:{MemoryFactory.__qualname__}"}
+
+
 #: Types orjson writes exactly as the json module does.
 _AS_IS = frozenset({str, int, bool, type(None)})
 
@@ -185,15 +226,42 @@ class EventStateTranscoder(JSONTranscoder):
         return o
 
 
+def stored_fields(state: bytes) -> dict[str, Any]:
+    """A stored event state's fields, however it was written: what orjson reads, else what
+    Python's json module reads (``NaN`` and infinities, which older versions let through),
+    else nothing. For provenance and headers; the audit tools show such an event raw."""
+    try:
+        fields = orjson.loads(state)
+    except orjson.JSONDecodeError:
+        try:
+            fields = json.loads(state)
+        except (ValueError, RecursionError):
+            return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def event_transcoder() -> EventStateTranscoder:
+    """The application's transcoder: eventsourcing's transcodings (UUIDs, decimals,
+    datetimes), written by orjson."""
+    transcoder = EventStateTranscoder()
+    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
+        transcoder.register(transcoding)
+    return transcoder
+
+
+def event_mapper() -> Mapper[UUID]:
+    """The application's mapper (stored event ⇄ domain event, upcasting on the way), without
+    an application or a database: what a rebuild's decoder processes decode with."""
+    return Mapper(transcoder=event_transcoder())
+
+
 class ObservatoryLedger(Application[UUID]):
     """The single application whose notification log is the ledger of all operations."""
 
     name = "ObsLedger"
 
     def construct_transcoder(self) -> Transcoder:
-        transcoder = EventStateTranscoder()
-        self.register_transcodings(transcoder)
-        return transcoder
+        return event_transcoder()
 
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
         # Only the configuration we pass: never pick up stray eventsourcing variables.
@@ -201,17 +269,37 @@ class ObservatoryLedger(Application[UUID]):
 
 
 class EventStore:
-    """What the rest of obsledger needs from the event store, whichever database backs it."""
+    """What the rest of obsledger needs from the event store, whichever database backs it:
+    SQLite or PostgreSQL as ``settings.store`` says, or this process's memory
+    (:meth:`in_memory`)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, in_memory: bool = False) -> None:
         self.settings = settings
-        self.kind = settings.store
+        self.kind: str = MEMORY if in_memory else settings.store
+        env = _MEMORY_ENV if in_memory else settings.event_store_env()
         try:
-            self.app = ObservatoryLedger(env=settings.event_store_env())
+            self.app = ObservatoryLedger(env=env)
         except PersistenceError as e:
             raise StoreUnavailable(str(e)) from e
         self.recorder: Any = self.app.recorder
         self.mapper = self.app.mapper
+        if isinstance(self.recorder, PostgresApplicationRecorder):
+            # psycopg_pool retries a lost connection after 1, 2, 4, 8, 16… s for 5 minutes:
+            # after an outage of 45 s its next try came ~18 s after the database was back,
+            # and nothing was applied meanwhile. Given up after the connect timeout instead,
+            # a connection is made again as soon as someone asks for one (the dispatcher
+            # retries every few seconds at most), so the backlog drains within ~1-2 s.
+            self.recorder.datastore.pool.reconnect_timeout = float(
+                settings.postgres_connect_timeout)
+
+    @classmethod
+    def in_memory(cls, settings: Settings | None = None) -> EventStore:
+        """An event store held in this process's memory (eventsourcing's POPO recorder), with
+        the same contract as the SQL stores: atomic saves, ``IntegrityError`` on a collision
+        (a replayed command's receipt, a duplicate id), log positions from 1, notifications.
+        Nothing survives the process: for handler unit tests (tests/unit) and experiments,
+        never beside a journal or read models that outlive it."""
+        return cls(settings if settings is not None else Settings(), in_memory=True)
 
     # -- writing -------------------------------------------------------------------------
     def save(self, *events: Any) -> list[Recording[UUID]]:
@@ -230,7 +318,7 @@ class EventStore:
             return self.app.events.put(list(events))
         except IntegrityError:
             raise
-        except _UNAVAILABLE as e:
+        except STORE_UNREACHABLE as e:
             raise StoreUnavailable(f"event store unavailable: {e}") from e
 
     # -- reading -------------------------------------------------------------------------
@@ -240,13 +328,13 @@ class EventStore:
                                                            projector_func=_replay))
         except AggregateNotFoundError:
             return None
-        except _UNAVAILABLE as e:
+        except STORE_UNREACHABLE as e:
             raise StoreUnavailable(f"event store unavailable: {e}") from e
 
     def exists(self, aggregate_id: UUID) -> bool:
         try:
             return bool(self.recorder.select_events(aggregate_id, limit=1))
-        except _UNAVAILABLE as e:
+        except STORE_UNREACHABLE as e:
             raise StoreUnavailable(f"event store unavailable: {e}") from e
 
     def topics_since(self, aggregate_id: UUID, version: int) -> list[tuple[int, str]]:
@@ -255,11 +343,26 @@ class EventStore:
         try:
             return [(e.originator_version, e.topic)
                     for e in self.recorder.select_events(aggregate_id, gt=version)]
-        except _UNAVAILABLE as e:
+        except STORE_UNREACHABLE as e:
             raise StoreUnavailable(f"event store unavailable: {e}") from e
+
+    def recorded_by(self, aggregate_id: UUID) -> str | None:
+        """The actor of an aggregate's first event (of a command receipt: who sent the
+        command), None if it has none."""
+        stored = self.recorder.select_events(aggregate_id, limit=1)
+        actor = stored_fields(bytes(stored[0].state)).get("actor") if stored else None
+        return actor if isinstance(actor, str) else None
 
     def position_of(self, aggregate_id: UUID, version: int = 1) -> int | None:
         """The log position of one stored event (used to answer a replayed command)."""
+        try:
+            return self._position_of(aggregate_id, version)
+        except STORE_UNREACHABLE as e:
+            raise StoreUnavailable(f"event store unavailable: {e}") from e
+
+    def _position_of(self, aggregate_id: UUID, version: int) -> int | None:
+        if isinstance(self.recorder, MemoryRecorder):
+            return self.recorder.position_of(aggregate_id, version)
         table = self.recorder.events_table_name
         if self.kind == "sqlite":
             with self.recorder.datastore.transaction(commit=False) as curs:
@@ -281,6 +384,14 @@ class EventStore:
 
     def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
         """Which of ``aggregate_ids`` the store holds (one query per thousand ids)."""
+        try:
+            return self._existing(aggregate_ids)
+        except STORE_UNREACHABLE as e:  # the dispatcher retries the batch: not this command's fault
+            raise StoreUnavailable(f"event store unavailable: {e}") from e
+
+    def _existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
+        if isinstance(self.recorder, MemoryRecorder):
+            return self.recorder.existing(aggregate_ids)
         table = self.recorder.events_table_name
         found: set[UUID] = set()
         for i in range(0, len(aggregate_ids), 1000):
@@ -309,7 +420,7 @@ class EventStore:
         if events:
             first = self.select_notifications(position, 1)
             if first:
-                recorded = _recorded_at(orjson.loads(bytes(first[0].state)).get("timestamp"))
+                recorded = _recorded_at(stored_fields(bytes(first[0].state)).get("timestamp"))
                 if recorded is not None:
                     seconds = max(0.0, (datetime.now(UTC) - recorded).total_seconds())
         return {"events": events, "seconds": round(seconds, 3)}
@@ -339,7 +450,7 @@ class EventStore:
 
     @property
     def notify_channel(self) -> str | None:
-        """PostgreSQL channel NOTIFYed on every insert (None for SQLite)."""
+        """PostgreSQL channel NOTIFYed on every insert (None for SQLite and memory)."""
         return cast(str, self.recorder.channel_name) if self.kind == "postgres" else None
 
     def close(self) -> None:

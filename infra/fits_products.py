@@ -52,21 +52,37 @@ class FitsIngestReport:
 
 
 @dataclass(frozen=True)
+class InputRecord:
+    """One input of a product: the raw data file, its checksum, and how the algorithm used it
+    (``role``: bias, dark, flat, science) and what said so (``classified_from``: ``file_type
+    'raw_bias'``, ``IMAGETYP 'ZERO'``, ...); both None until the algorithm has classified it."""
+
+    file_id: str
+    name: str
+    checksum: str  # "algorithm:value", or "unknown"
+    role: str | None = None
+    classified_from: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file_id": self.file_id, "name": self.name, "checksum": self.checksum,
+                "role": self.role, "classified_from": self.classified_from}
+
+
+@dataclass(frozen=True)
 class ProductProvenance:
     """Where a product comes from: written into its FITS header and catalogue metadata."""
 
     algorithm: str
     algorithm_version: str
     parameters: dict[str, Any]
-    inputs: list[tuple[str, str, str]]  # (file_id, name, checksum "algo:value")
+    inputs: list[InputRecord]
     software: dict[str, str] = field(default_factory=lambda: software_versions())
     job_id: str | None = None
     run_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"algorithm": self.algorithm, "algorithm_version": self.algorithm_version,
-                "parameters": self.parameters,
-                "inputs": [{"file_id": f, "name": n, "checksum": c} for f, n, c in self.inputs],
+                "parameters": self.parameters, "inputs": [i.to_json() for i in self.inputs],
                 "software": self.software, "job_id": self.job_id, "run_id": self.run_id}
 
 
@@ -238,10 +254,12 @@ def _frame_facts(hdul: Any) -> dict[str, Any]:
     index = _image_hdu_index(hdul)
     headers = [hdul[0].header] if index is None else [hdul[index].header, hdul[0].header]
     meta: dict[str, Any] = {k: _header_fact(headers, kw) for k, kw in HEADER_FACTS.items()}
-    frame_type = None
+    meta["frame_type"] = meta["frame_type_keyword"] = None
     for kw in FRAME_TYPE_KEYWORDS:
-        frame_type = frame_type or _header_fact(headers, kw)
-    meta["frame_type"] = frame_type
+        frame_type = _header_fact(headers, kw)
+        if frame_type is not None:
+            meta["frame_type"], meta["frame_type_keyword"] = frame_type, kw
+            break
     meta["image_hdu"] = index
     image = None if index is None else hdul[index]
     meta["image_extname"] = None if image is None else (image.name or None)
@@ -262,7 +280,25 @@ def read_header(path: Path) -> dict[str, Any]:
 
 
 # -- writing -----------------------------------------------------------------------------------
+#: the text of a HISTORY card (80 characters less "HISTORY ")
+HISTORY_WIDTH = 72
+#: calibration roles and the keyword counting the frames of each in a combined image
+CALIBRATION_KEYWORDS = {"bias": "NBIAS", "dark": "NDARK", "flat": "NFLAT"}
+
+
+def fits_text(text: str) -> str:
+    """Text as FITS headers and tables hold it (printable ASCII): anything else escaped as
+    Python does (``café`` → ``caf\\xe9``)."""
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in escaped)
+
+
 def _history(header: Any, provenance: ProductProvenance) -> None:
+    """HISTORY cards, one fact a card. Each input takes its own cards: ``input i/n <role>
+    <name>``, ``input i/n from <what classified it>``, ``input i/n file_id=<id>``, then its
+    checksum alone on a card (``sha256:<64 hex digits>``, 71 characters), whole, so that a
+    search of the header for a hash finds it (a longer one — sha512 — cannot fit a card: it
+    is whole in the PROVENANCE table)."""
     header.add_history(f"obsledger {provenance.algorithm} {provenance.algorithm_version}")
     if provenance.job_id:
         header.add_history(f"job {provenance.job_id}")
@@ -270,23 +306,57 @@ def _history(header: Any, provenance: ProductProvenance) -> None:
         header.add_history(f"processing run {provenance.run_id}")
     for name, value in sorted(provenance.parameters.items()):
         header.add_history(f"parameter {name}={json.dumps(value)}")
-    for file_id, name, checksum in provenance.inputs:
-        header.add_history(f"input {name} {checksum} file_id={file_id}")
+    total = len(provenance.inputs)
+    for n, i in enumerate(provenance.inputs, start=1):
+        tag = f"input {n}/{total}"
+        header.add_history(f"{tag} {i.role or 'input'} {fits_text(i.name)}")
+        if i.classified_from:
+            header.add_history(f"{tag} from {fits_text(i.classified_from)}"[:HISTORY_WIDTH])
+        header.add_history(f"{tag} file_id={fits_text(i.file_id)}")
+        if len(i.checksum) <= HISTORY_WIDTH:
+            header.add_history(fits_text(i.checksum))
+        else:
+            header.add_history(f"{tag} {i.checksum.split(':')[0]}: see the PROVENANCE table")
     for dist, version in sorted(provenance.software.items()):
         header.add_history(f"software {dist} {version}")
+
+
+def provenance_table(provenance: ProductProvenance) -> Any:
+    """The inputs as a binary table HDU named PROVENANCE: one row an input, with its role,
+    what classified it, name, file id and checksum (algorithm and hex value, whole)."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    rows = [(n, i.role or "", fits_text(i.classified_from or ""), fits_text(i.name),
+             fits_text(i.file_id), *(fits_text(i.checksum).split(":", 1)
+                                     if ":" in i.checksum else ("", fits_text(i.checksum))))
+            for n, i in enumerate(provenance.inputs, start=1)]
+    table = Table(rows=rows or None, names=("INDEX", "ROLE", "CLASSIFIED_FROM", "NAME",
+                                            "FILE_ID", "CHECKSUM_ALGORITHM", "CHECKSUM"),
+                  dtype=(np.int32, str, str, str, str, str, str))
+    hdu = fits.table_to_hdu(table)
+    hdu.name = "PROVENANCE"
+    return hdu
 
 
 def write_combined_image(path: Path, image: NDArray[Any], *, provenance: ProductProvenance,
                          metrics: Mapping[str, float | int | str] | None = None,
                          unit: str | None = None) -> None:
-    """The combined image as a float32 primary HDU with DATASUM/CHECKSUM; HISTORY cards give
-    the algorithm, parameters, every input with its checksum and the software versions;
-    NCOMBINE, the algorithm keywords and the quality metrics are header keywords."""
+    """The combined image as a float32 primary HDU, and the PROVENANCE table
+    (``provenance_table``), each with DATASUM/CHECKSUM. HISTORY cards give the algorithm,
+    parameters, every input with its role and checksum and the software versions; NCOMBINE
+    (the science frames combined: inputs whose role is science — all inputs when none has a
+    role), NBIAS, NDARK, NFLAT (the calibration frames of each kind), the algorithm keywords
+    and the quality metrics are header keywords."""
     from astropy.io import fits
 
     hdu = fits.PrimaryHDU(np.asarray(image, dtype=np.float32))
     h = hdu.header
-    h["NCOMBINE"] = (len(provenance.inputs), "input frames (with calibration frames)")
+    roles = [i.role for i in provenance.inputs]
+    science = roles.count("science") if any(roles) else len(roles)
+    h["NCOMBINE"] = (science, "science frames combined")
+    for role, keyword in CALIBRATION_KEYWORDS.items():
+        h[keyword] = (roles.count(role), f"{role} frames in the master {role}")
     h["ALGNAME"] = (provenance.algorithm, "obsledger algorithm")
     h["ALGVERS"] = (provenance.algorithm_version, "algorithm version")
     if unit:
@@ -297,7 +367,8 @@ def write_combined_image(path: Path, image: NDArray[Any], *, provenance: Product
         card = ("Q" + key.upper().replace("_", ""))[:8]
         h[card] = (value, f"quality metric {key}")
     _history(h, provenance)
-    hdu.writeto(path, overwrite=True, checksum=True)
+    fits.HDUList([hdu, provenance_table(provenance)]).writeto(path, overwrite=True,
+                                                              checksum=True)
 
 
 def write_source_catalog(path: Path, sources: Sequence[DetectedSource], *,

@@ -60,6 +60,8 @@ _COLUMNS = (
     "received_at, observed_at, status, position, reason, reason_code, reason_field, attempts, "
     "not_before, first_deferred_at, finished_at"
 )
+#: The columns ``JournalEntry.from_row`` reads, in order (other processes' journals too).
+JOURNAL_COLUMNS = _COLUMNS
 
 
 _INSERT_COMMANDS = (
@@ -396,6 +398,28 @@ class Journal:
         else:
             sql = f"SELECT {_COLUMNS} FROM commands c WHERE {where} ORDER BY c.seq"
         return [JournalEntry.from_row(r) for r in self._conn().execute(sql, params).fetchall()]
+
+    def last_seq(self) -> int:
+        """The sequence number of the newest journaled command (0: none)."""
+        row = self._conn().execute("SELECT MAX(seq) FROM commands").fetchone()
+        return int(row[0] or 0)
+
+    def entries_after(self, seq: int, limit: int) -> list[JournalEntry]:
+        """Commands journaled after ``seq``, oldest first (the live stream's acceptances)."""
+        rows = self._conn().execute(
+            f"SELECT {_COLUMNS} FROM commands WHERE seq>? ORDER BY seq LIMIT ?", (seq, limit)
+        ).fetchall()
+        return [JournalEntry.from_row(r) for r in rows]
+
+    def outcomes_of(self, seqs: Sequence[int]) -> list[JournalEntry]:
+        """The commands ``seqs`` that are no longer waiting (applied or rejected)."""
+        out: list[JournalEntry] = []
+        for i in range(0, len(seqs), 900):
+            chunk = list(seqs[i:i + 900])
+            out.extend(JournalEntry.from_row(r) for r in self._conn().execute(
+                f"SELECT {_COLUMNS} FROM commands WHERE status!='accepted' AND seq IN "
+                f"({','.join('?' * len(chunk))}) ORDER BY seq", chunk).fetchall())
+        return out
 
     def depth(self) -> int:
         row = self._conn().execute(

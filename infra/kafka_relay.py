@@ -10,12 +10,26 @@ there: delivery is at-least-once and duplicates are confined to the batch in fli
 
 A broker outage never blocks commands: the dispatcher keeps applying them to the event store,
 the relay backs off and retries, and catches up when the broker returns.
+
+An acknowledgement is not a proof that Kafka still holds a record: a broker restarted on a log
+it had not synced (or a memory-only broker) loses acknowledged records, and later records take
+their offsets. So the relay verifies (``EventRelay.verify``): at start, after any failure and
+every ``relay_verify_s``, it reads back, on every partition it has written to, the record just
+below the end it recorded and checks it is the one it wrote there. A partition that ends below
+that, or holds another record there, a record acknowledged at an offset below a recorded end,
+and the producer's sequence errors (``OutOfOrderSequenceNumberError`` and kin) all mean the
+broker lost data: the relay rewinds to the last watermark whose offsets the broker still holds
+and re-publishes everything after it (duplicates are allowed by the contract, gaps are not).
+What was last proven present is the *verified* position, beside the *sent* (acknowledged and
+recorded) one. ``obsledger check-kafka`` (``infra.kafka_consumer.check_kafka``) reads every
+record back and compares it with the log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import random
 import re
@@ -29,9 +43,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    DuplicateSequenceNumberError,
+    InvalidProducerEpochError,
+    InvalidProducerIdMappingError,
+    KafkaError,
+    KafkaTimeoutError,
+    OffsetOutOfRangeError,
+    OutOfOrderSequenceNumberError,
+    TopicAlreadyExistsError,
+    UnknownProducerIdError,
+)
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -48,7 +72,7 @@ from sqlalchemy import (
     update,
 )
 
-from infra.event_store import EventStore
+from infra.event_store import EventStore, stored_fields
 from infra.read_model_db import insert_missing
 from infra.settings import Settings
 
@@ -102,7 +126,7 @@ def event_message(prefix: str, n: Any) -> EventMessage:
     """The Kafka record for a stored notification (see ``docs/KAFKA.md``)."""
     aggregate_type, event_type = event_type_of(n.topic)
     state = bytes(n.state)
-    fields = orjson.loads(state)
+    fields = stored_fields(state)
     aggregate_id = str(n.originator_id)
     envelope = orjson.dumps({
         "schema": SCHEMA,
@@ -126,6 +150,27 @@ def event_message(prefix: str, n: Any) -> EventMessage:
             headers.append((name, str(value).encode()))
     return EventMessage(kafka_topic(prefix, aggregate_type), aggregate_id.encode(), envelope,
                         headers, n.id)
+
+
+def record_digest(topic: str, key: bytes | None, value: bytes | None,
+                  headers: Sequence[tuple[str, bytes]]) -> int:
+    """64 bits that change with the topic or any byte of a record's key, value or headers
+    (``check-kafka`` compares what it reads with what the relay writes); never 0."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in (topic.encode(), key or b"", value or b""):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    for name, v in headers:
+        raw = name.encode()
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+        h.update(len(v).to_bytes(8, "little"))
+        h.update(v)
+    return int.from_bytes(h.digest(), "little") or 1
+
+
+def message_digest(m: EventMessage) -> int:
+    return record_digest(m.topic, m.key, m.value, m.headers)
 
 
 def murmur2(data: bytes) -> int:
@@ -182,8 +227,43 @@ def build_relay_watermarks(md: MetaData | None = None) -> Table:
     )
 
 
+def build_relay_verification(md: MetaData | None = None) -> Table:
+    """What the relay has proven about Kafka: per partition, the log position of the record
+    just below its recorded end (the record it reads back), the position last verified, and
+    the broker data losses it has detected."""
+    return Table(
+        "kafka_relay_verification", md or MetaData(),
+        Column("name", String(200), primary_key=True),
+        Column("partition_tails", Text, nullable=False),  # {"<topic>:<partition>": position}
+        Column("verified_position", BigInteger, nullable=False),
+        Column("verified_at", DateTime(timezone=True)),
+        Column("data_losses", BigInteger, nullable=False),
+        Column("last_loss", Text),  # JSON: when, what was found, where the relay went back to
+    )
+
+
 #: Watermarks the relay keeps when no Kafka projector prunes them (one per flushed batch).
 WATERMARKS_KEPT = 10_000
+
+#: Producer errors that say the broker no longer has the producer's state or sequence: it
+#: lost (or never kept) what it acknowledged.
+SEQUENCE_ERRORS = (OutOfOrderSequenceNumberError, UnknownProducerIdError,
+                   DuplicateSequenceNumberError, InvalidProducerEpochError,
+                   InvalidProducerIdMappingError)
+
+
+def split_partition_key(key: str) -> tuple[str, int]:
+    topic, _, partition = key.rpartition(":")
+    return topic, int(partition)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionCheck:
+    """What reading a partition back showed: its end (high watermark) and whether the record
+    just below the recorded end is the one the relay wrote there."""
+
+    end: int
+    tail_ok: bool
 
 
 def partition_key(topic: str, partition: int) -> str:
@@ -254,15 +334,26 @@ class EventRelay:
         self.batch_size = settings.relay_batch_size
         self.positions = build_relay_positions()
         self.watermarks = build_relay_watermarks()
+        self.verification = build_relay_verification()
         self.name = self.prefix
         self.partition_ends: dict[str, int] = {}
+        # per partition, the log position of the record at partition_ends - 1
+        self.partition_tails: dict[str, int] = {}
         self._recorded = 0
-        self.position = 0
+        self.position = 0  # sent: acknowledged and recorded
+        self.verified_position = 0  # proven present in Kafka when last verified
+        self.verified_at: datetime | None = None
+        self.data_losses = 0
+        self.last_loss: dict[str, Any] | None = None
+        self.sequence_errors = 0
         self.published = 0
         self.broker_reachable: bool | None = None
         self.last_error: str | None = None
         self._producer: KafkaProducer | None = None
         self._topics_ready = False
+        self._verify_due = True  # before the first send: the broker may have lost data since
+        self._verify_reason = "verification at start"
+        self._next_verify = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -274,6 +365,7 @@ class EventRelay:
         with self.engine.begin() as conn:
             self.positions.create(conn, checkfirst=True)
             self.watermarks.create(conn, checkfirst=True)
+            self.verification.create(conn, checkfirst=True)
             row = conn.execute(select(self.positions.c.position)
                                .where(self.positions.c.name == self.name)).first()
             if row is None:
@@ -285,26 +377,49 @@ class EventRelay:
                 .where(self.watermarks.c.name == self.name)
                 .order_by(self.watermarks.c.position.desc()).limit(1)).first()
             self.partition_ends = orjson.loads(last[0]) if last else {}
+            v = self.verification.c
+            checked = conn.execute(select(v.partition_tails, v.verified_position, v.verified_at,
+                                          v.data_losses, v.last_loss)
+                                   .where(v.name == self.name)).first()
+            if checked is None:
+                insert_missing(conn, self.verification, {
+                    "name": self.name, "partition_tails": "{}", "verified_position": 0,
+                    "verified_at": None, "data_losses": 0, "last_loss": None})
+            else:
+                self.partition_tails = orjson.loads(checked[0])
+                self.verified_position = int(checked[1])
+                self.verified_at = checked[2]
+                self.data_losses = int(checked[3])
+                self.last_loss = orjson.loads(checked[4]) if checked[4] else None
 
-    def _record(self, position: int, partition_ends: dict[str, int]) -> None:
+    def _record(self, position: int, partition_ends: dict[str, int],
+                partition_tails: dict[str, int]) -> None:
         """The batch up to ``position`` is acknowledged: its position and watermark, at once."""
         now = datetime.now(UTC)
         with self.engine.begin() as conn:
-            conn.execute(update(self.positions).where(self.positions.c.name == self.name)
-                         .values(position=position, updated_at=now))
-            # a relay set back to re-publish (or a new cluster under the same name) replaces
-            # the watermarks it passes again; the older ones stay true, the new ones too
-            conn.execute(delete(self.watermarks).where(self.watermarks.c.name == self.name,
-                                                       self.watermarks.c.position >= position))
-            conn.execute(insert(self.watermarks).values(
-                name=self.name, position=position, recorded_at=now,
-                partition_ends=orjson.dumps(partition_ends, option=orjson.OPT_SORT_KEYS)
-                .decode()))
+            self._write_position(conn, position, partition_ends, partition_tails, now)
             self._recorded += 1
             if self._recorded % 100 == 0:
                 self._prune_watermarks(conn)
         self.position = position
         self.partition_ends = partition_ends
+        self.partition_tails = partition_tails
+
+    def _write_position(self, conn: Connection, position: int, partition_ends: dict[str, int],
+                        partition_tails: dict[str, int], now: datetime) -> None:
+        conn.execute(update(self.positions).where(self.positions.c.name == self.name)
+                     .values(position=position, updated_at=now))
+        # a relay set back to re-publish (or a new cluster under the same name) replaces
+        # the watermarks it passes again; the older ones stay true, the new ones too
+        conn.execute(delete(self.watermarks).where(self.watermarks.c.name == self.name,
+                                                   self.watermarks.c.position >= position))
+        conn.execute(insert(self.watermarks).values(
+            name=self.name, position=position, recorded_at=now,
+            partition_ends=orjson.dumps(partition_ends, option=orjson.OPT_SORT_KEYS)
+            .decode()))
+        conn.execute(update(self.verification).where(self.verification.c.name == self.name)
+                     .values(partition_tails=orjson.dumps(
+                         partition_tails, option=orjson.OPT_SORT_KEYS).decode()))
 
     def _prune_watermarks(self, conn: Connection) -> None:
         w = self.watermarks
@@ -319,6 +434,26 @@ class EventRelay:
             row = conn.execute(select(self.positions.c.position)
                                .where(self.positions.c.name == self.name)).first()
         return int(row[0]) if row else 0
+
+    def read_state(self) -> dict[str, Any]:
+        """Sent and verified positions, and the broker data losses detected, as recorded (by
+        this or another relay process): what ``/health`` and ``/metrics`` show."""
+        v = self.verification.c
+        with self.engine.connect() as conn:
+            sent = conn.execute(select(self.positions.c.position)
+                                .where(self.positions.c.name == self.name)).scalar()
+            row = conn.execute(select(v.verified_position, v.verified_at, v.data_losses,
+                                      v.last_loss).where(v.name == self.name)).first()
+        verified_at = row[1] if row else None
+        if verified_at is not None and verified_at.tzinfo is None:  # SQLite
+            verified_at = verified_at.replace(tzinfo=UTC)
+        return {
+            "sent_position": int(sent or 0),
+            "verified_position": int(row[0]) if row else 0,
+            "verified_at": verified_at,
+            "data_losses": int(row[2]) if row else 0,
+            "last_loss": orjson.loads(row[3]) if row and row[3] else None,
+        }
 
     # -- running -------------------------------------------------------------------------
     def wake(self, _position: int | None = None) -> None:
@@ -350,7 +485,8 @@ class EventRelay:
                     idle_probe = now
                     self.broker_reachable = broker_reachable(
                         self.settings.kafka_bootstrap_servers)
-                self._wake.wait(self.settings.relay_poll_s)
+                self._wake.wait(max(0.0, min(self.settings.relay_poll_s,
+                                             self._next_verify - now)))
                 self._wake.clear()
 
     def _failed(self, error: Exception) -> None:
@@ -358,6 +494,13 @@ class EventRelay:
         self.last_error = f"{type(error).__name__}: {error}"
         if isinstance(error, KafkaError):
             self.broker_reachable = False
+        # before sending again, prove that Kafka still holds what was recorded
+        self._verify_due = True
+        self._verify_reason = f"verification after {type(error).__name__}"
+        if isinstance(error, SEQUENCE_ERRORS):
+            self.sequence_errors += 1
+            log.error("the broker refused the producer's sequence (%s): it may have lost "
+                      "acknowledged records; verifying before re-sending", self.last_error)
         # drop whatever is buffered: the batch is re-sent, in order, from the recorded position
         self._close_producer(timeout=0)
         delay = min(self.settings.relay_retry_max_s, 0.2 * 2 ** min(self._failures, 8))
@@ -381,7 +524,10 @@ class EventRelay:
                 log.debug("closing the producer: %s", e)
 
     def relay_once(self) -> int:
-        """Publish the next batch and record its last position; return how many were sent."""
+        """Publish the next batch and record its last position; return how many were sent
+        (verifying first when due: at start, after a failure, every ``relay_verify_s``)."""
+        if self._verify_due or time.monotonic() >= self._next_verify:
+            self.verify(reason=self._verify_reason if self._verify_due else "verification")
         notifications = self.store.select_notifications(self.position, self.batch_size)
         if not notifications:
             return 0
@@ -397,26 +543,188 @@ class EventRelay:
             futures.append(producer.send(m.topic, key=m.key, value=m.value, headers=m.headers,
                                          partition=key_partition(m.key, count)))
         producer.flush(timeout=self.settings.relay_flush_timeout_s)
-        ends = dict(self.partition_ends)
-        for f in futures:
+        recorded = self.partition_ends
+        ends = dict(recorded)
+        tails = dict(self.partition_tails)
+        reused: dict[str, int] = {}
+        for n, f in zip(notifications, futures, strict=True):
             meta = f.get(timeout=0)  # raises the delivery error of any record of the batch
             key = partition_key(meta.topic, meta.partition)
+            if meta.offset < recorded.get(key, 0):  # acknowledged before, for another record
+                reused[key] = min(meta.offset, reused.get(key, meta.offset))
             if meta.offset + 1 > ends.get(key, 0):
                 ends[key] = meta.offset + 1
-        self._record(notifications[-1].id, ends)
+                tails[key] = n.id
+        if reused:  # the broker lost the records it had at those offsets
+            self.verify(known_ends=reused, reason="offsets acknowledged before were "
+                        "given to new records")
+            return len(notifications)
+        self._record(notifications[-1].id, ends, tails)
         self.published += len(notifications)
         self.broker_reachable = True
         self.last_error = None
         self._failures = 0
         return len(notifications)
 
+    # -- verification ----------------------------------------------------------------------
+    def verify(self, known_ends: dict[str, int] | None = None,
+               reason: str = "verification") -> bool:
+        """Prove that every partition still holds what the relay recorded: it ends at or
+        beyond the recorded end and the record just below that end is the one written there.
+        True: the recorded position is now the verified one. False: the broker lost data (or
+        ``known_ends`` says so), and the relay went back to re-publish what it may have lost.
+        Raises when the broker does not answer (the caller retries)."""
+        position = self.position
+        ends = dict(self.partition_ends)
+        checks = self._read_back(ends, self.partition_tails)
+        lost = {key: c.end if c.tail_ok else 0 for key, c in checks.items()
+                if c.end < ends[key] or not c.tail_ok}
+        for key, end in (known_ends or {}).items():
+            lost[key] = min(end, lost.get(key, end))
+        if lost:
+            self._rewind(position, ends, lost, reason)
+            return False
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            conn.execute(update(self.verification)
+                         .where(self.verification.c.name == self.name)
+                         .values(verified_position=position, verified_at=now))
+        self.verified_position, self.verified_at = position, now
+        self._verify_due = False
+        self._next_verify = time.monotonic() + self.settings.relay_verify_s
+        return True
+
+    def _read_back(self, ends: dict[str, int],
+                   tails: dict[str, int]) -> dict[str, PartitionCheck]:
+        """Read, on every partition the relay has written to, the record at its recorded end
+        minus one (a missing topic reads as empty). The end is the high watermark of the
+        fetch responses: ListOffsets is not answered right by every Kafka-protocol broker."""
+        wanted = {key: end for key, end in ends.items() if end > 0}
+        if not wanted:
+            return {}
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            client_id="obsledger-relay-verify", group_id=None, enable_auto_commit=False,
+            auto_offset_reset="none",  # an offset beyond the end raises: the log is shorter
+            fetch_max_wait_ms=50, max_partition_fetch_bytes=64 * 1024,
+            request_timeout_ms=10_000, bootstrap_timeout_ms=5_000)
+        try:
+            existing = consumer.topics()
+            checks: dict[str, PartitionCheck] = {}
+            parts: dict[TopicPartition, str] = {}
+            for key in wanted:
+                topic, partition = split_partition_key(key)
+                if topic in existing:
+                    parts[TopicPartition(topic, partition)] = key
+                else:  # the topic is gone: the broker lost everything in it
+                    checks[key] = PartitionCheck(0, True)
+            if not parts:
+                return checks
+            consumer.assign(list(parts))
+            for tp, key in parts.items():
+                consumer.seek(tp, wanted[key] - 1)
+            pending, from_start = set(parts), set()
+            deadline = time.monotonic() + self.settings.relay_flush_timeout_s
+            while pending:
+                if time.monotonic() > deadline:
+                    raise KafkaTimeoutError(f"verification: {len(pending)} partitions did "
+                                            "not answer")
+                try:
+                    batches = consumer.poll(timeout_ms=200)
+                except OffsetOutOfRangeError as e:  # below the recorded end: find the end
+                    out = e.args[0] if e.args and isinstance(e.args[0], dict) else pending
+                    for tp in out:
+                        if tp in pending and tp not in from_start:
+                            from_start.add(tp)
+                            consumer.seek_to_beginning(tp)
+                    continue
+                for tp, records in batches.items():
+                    key = parts[tp]
+                    if tp not in pending or tp in from_start:
+                        continue
+                    for r in records:
+                        if r.offset == wanted[key] - 1:
+                            checks[key] = PartitionCheck(
+                                max(consumer.highwater(tp) or 0, r.offset + 1),
+                                self._is_tail(r, tails.get(key)))
+                            pending.discard(tp)
+                            consumer.pause(tp)
+                            break
+                for tp in list(pending):
+                    end = consumer.highwater(tp)
+                    if end is not None and (tp in from_start or end < wanted[parts[tp]]):
+                        checks[parts[tp]] = PartitionCheck(end, True)
+                        pending.discard(tp)
+                        consumer.pause(tp)
+            return checks
+        finally:
+            consumer.close()
+
+    def _is_tail(self, record: Any, expected: int | None) -> bool:
+        """Whether ``record`` is the one the relay wrote there (its log position; without a
+        recorded one, any record of an event the relay has sent)."""
+        try:
+            position = int(dict(record.headers)["log_position"])
+        except (KeyError, ValueError, TypeError):
+            return False
+        return position == expected if expected is not None else position <= self.position
+
+    def _rewind(self, position: int, ends: dict[str, int], lost: dict[str, int],
+                reason: str) -> None:
+        """Go back to the last watermark whose offsets the broker still holds on the
+        partitions that lost records, and re-publish everything after it."""
+        w = self.watermarks
+        target, base = 0, None
+        with self.engine.connect() as conn:
+            for wm_position, wm_ends in conn.execute(
+                    select(w.c.position, w.c.partition_ends)
+                    .where(w.c.name == self.name, w.c.position <= position)
+                    .order_by(w.c.position.desc())).yield_per(500):
+                found = orjson.loads(wm_ends)
+                if all(found.get(key, 0) <= end for key, end in lost.items()):
+                    target, base = int(wm_position), found
+                    break
+        new_ends = {**ends, **lost}
+        tails = {k: v for k, v in self.partition_tails.items() if k not in lost}
+        now = datetime.now(UTC)
+        loss = {
+            "detected_at": now.isoformat(), "reason": reason,
+            "partitions": {key: {"recorded_end": ends.get(key, 0), "found_end": end}
+                           for key, end in sorted(lost.items())},
+            "sent_position": position, "rewound_to": target,
+            "watermark_found": base is not None,
+        }
+        with self.engine.begin() as conn:
+            self._write_position(conn, target, new_ends, tails, now)
+            conn.execute(update(self.verification)
+                         .where(self.verification.c.name == self.name)
+                         .values(verified_position=target, verified_at=now,
+                                 data_losses=self.verification.c.data_losses + 1,
+                                 last_loss=orjson.dumps(loss).decode()))
+        log.error("Kafka lost records it had acknowledged (%s) on %s: re-publishing from log "
+                  "position %d (sent up to %d)", reason,
+                  ", ".join(f"{k} ends at {e}, recorded {ends.get(k, 0)}"
+                            for k, e in sorted(lost.items())), target, position)
+        self.position, self.partition_ends, self.partition_tails = target, new_ends, tails
+        self.verified_position, self.verified_at = target, now
+        self.data_losses += 1
+        self.last_loss = loss
+        self._topics_ready = False  # a broker that lost its log may have lost the topics
+        self._close_producer(timeout=0)
+        self._verify_due = False
+        self._next_verify = time.monotonic() + self.settings.relay_verify_s
+
     def catch_up(self, timeout: float = 60.0) -> int:
-        """Publish up to the log's head as it is now (tests, command line)."""
+        """Publish up to the log's head as it is now, and verify it (tests, command line)."""
         deadline = time.monotonic() + timeout
-        while self.relay_once():
+        while True:
+            while self.relay_once():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the relay did not catch up in time")
+            if self.verify():
+                return self.position
             if time.monotonic() > deadline:
                 raise TimeoutError("the relay did not catch up in time")
-        return self.position
 
     @property
     def running(self) -> bool:

@@ -251,23 +251,13 @@ def to_prov_json(graph: LineageGraph) -> dict[str, Any]:
             key = PROV["role"] if name == "role" else ns[_LOCAL_NAME.sub("_", name)]
             extra.append((key, _prov_value(value)))
         other = extra or None
-        match edge.relation:
-            case "wasGeneratedBy":
-                doc.wasGeneratedBy(source, target, other_attributes=other)
-            case "used":
-                doc.used(source, target, other_attributes=other)
-            case "wasAssociatedWith":
-                doc.wasAssociatedWith(source, target, other_attributes=other)
-            case "wasDerivedFrom":
-                doc.wasDerivedFrom(source, target, other_attributes=other)
-            case "wasAttributedTo":
-                doc.wasAttributedTo(source, target, other_attributes=other)
-            case "wasInformedBy":
-                doc.wasInformedBy(source, target, other_attributes=other)
-            case "hadMember":
-                doc.hadMember(source, target)
-            case "actedOnBehalfOf":
-                doc.actedOnBehalfOf(source, target, other_attributes=other)
+        # each relation (checked against RELATIONS when the graph was built) is the name of
+        # the ProvDocument method that records it; a membership takes no attributes
+        relate = getattr(doc, edge.relation)
+        if edge.relation == "hadMember":
+            relate(source, target)
+        else:
+            relate(source, target, other_attributes=other)
     text = doc.serialize(format="json")
     assert text is not None  # serialize() returns the text when given no destination
     result: dict[str, Any] = json.loads(text)

@@ -1,8 +1,11 @@
 """Searches of the MAST archive through astroquery's ``Observations`` API.
 
 Each search builds its own ``ObservationsClass`` (cheap; no state shared between threads)
-pointed at ``OBSLEDGER_MAST_BASE_URL``. Answers are astropy tables, returned as JSON-safe
-rows. Failures are ``ArchiveError`` with an HTTP status for the API: an unknown target 404, a
+pointed at ``OBSLEDGER_MAST_BASE_URL``. A target name is resolved by the same MAST server's
+name-lookup service (``Mast.Name.Lookup`` through the portal API), not by astroquery's
+resolver, which lives at a fixed STScI address: a mirror or an offline replay of MAST then
+serves target searches too. Answers are astropy tables, returned as JSON-safe rows.
+Failures are ``ArchiveError`` with an HTTP status for the API: an unknown target 404, a
 query MAST refuses 422, MAST unreachable or failing 503.
 """
 
@@ -68,14 +71,17 @@ class MastArchive:
     def _observations(self) -> Any:
         from astroquery.mast import ObservationsClass
 
-        obs = ObservationsClass()
-        portal = obs._portal_api_connection
+        return self._pointed(ObservationsClass())
+
+    def _pointed(self, query: Any) -> Any:
+        """An astroquery MAST query object whose portal connection uses the configured base."""
+        portal = query._portal_api_connection
         portal.MAST_REQUEST_URL = self.base_url + "/api/v0/invoke"
         portal.COLUMNS_CONFIG_URL = self.base_url + "/portal/Mashup/Mashup.asmx/columnsconfig"
         portal.MAST_DOWNLOAD_URL = self.base_url + "/api/v0.1/Download/file"
         portal.MAST_BUNDLE_URL = self.base_url + "/api/v0.1/Download/bundle"
         portal.TIMEOUT = self.timeout_s
-        return obs
+        return query
 
     def _call(self, what: str, fn: Any, field: str | None = None) -> Any:
         import requests
@@ -107,29 +113,56 @@ class MastArchive:
                                f"{type(e).__name__}: {e}") from e
 
     # -- searches --------------------------------------------------------------------------
+    def resolve(self, target: str) -> Any:
+        """The sky position (a SkyCoord) MAST's ``Mast.Name.Lookup`` service gives ``target``:
+        the first of its resolvers that knows the name, as astroquery's resolver answers.
+        An unknown name is ``ArchiveError`` 404 on the field ``target``."""
+        from astropy.coordinates import SkyCoord
+        from astroquery.exceptions import RemoteServiceError
+        from astroquery.mast import MastClass
+
+        mast = self._pointed(MastClass())
+
+        def lookup() -> list[dict[str, Any]]:
+            responses = mast.service_request_async(
+                "Mast.Name.Lookup", {"input": target, "format": "json"})
+            answer = responses[0].json()
+            if answer.get("status") == "ERROR":
+                raise RemoteServiceError(answer.get("msg") or "name lookup failed")
+            return list(answer.get("resolvedCoordinate") or [])
+
+        found = self._call("name lookup", lookup, "target")
+        if not found:
+            raise ArchiveError(404, f"unknown target: MAST's name lookup does not know "
+                               f"{target!r}", "target")
+        first = found[0]
+        try:
+            return SkyCoord(float(first["ra"]), float(first["decl"]), unit="deg",
+                            frame="icrs")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArchiveError(503, f"MAST's name lookup answered no position for "
+                               f"{target!r}: {first!r}") from e
+
     def by_target(self, target: str, radius_deg: float, filters: dict[str, Any],
                   ) -> Any:
-        import astropy.units as u
-
-        obs = self._observations()
-        criteria = _criteria(filters)
-        if criteria:
-            return self._call("target search", lambda: obs.query_criteria(
-                objectname=target, radius=radius_deg * u.deg, **criteria), "target")
-        return self._call("target search", lambda: obs.query_object(
-            target, radius=radius_deg * u.deg), "target")
+        return self._around("target search", self.resolve(target), radius_deg, filters,
+                            "target")
 
     def by_coordinates(self, coordinates: Any, radius_deg: float,
                        filters: dict[str, Any]) -> Any:
+        return self._around("coordinate search", coordinates, radius_deg, filters)
+
+    def _around(self, what: str, coordinates: Any, radius_deg: float,
+                filters: dict[str, Any], field: str | None = None) -> Any:
         import astropy.units as u
 
         obs = self._observations()
         criteria = _criteria(filters)
         if criteria:
-            return self._call("coordinate search", lambda: obs.query_criteria(
-                coordinates=coordinates, radius=radius_deg * u.deg, **criteria))
-        return self._call("coordinate search", lambda: obs.query_region(
-            coordinates, radius=radius_deg * u.deg))
+            return self._call(what, lambda: obs.query_criteria(
+                coordinates=coordinates, radius=radius_deg * u.deg, **criteria), field)
+        return self._call(what, lambda: obs.query_region(
+            coordinates, radius=radius_deg * u.deg), field)
 
     def by_criteria(self, what: str, field: str, **criteria: Any) -> Any:
         obs = self._observations()

@@ -13,29 +13,46 @@ What a hostile server gets (``docs/ARCHITECTURE.md``, "MAST downloads"):
 - a truncated body, a connection reset, a timeout, a 5xx or 429: retried from the first byte
   not yet written, after ``base * 2**n`` seconds with full jitter, up to ``retries`` times in a
   row (bytes arriving reset the count); then ``TransferError``;
-- any other 4xx: ``TransferError`` at once.
+- any other 4xx: ``TransferError`` at once;
+- a redirect (301, 302, 303, 307, 308) is followed only to an allowed origin (scheme, host,
+  port: the MAST base URL's and the configured download hosts), at most
+  ``MAX_REDIRECTS`` times; anywhere else is ``TransferError`` at once, nothing fetched there.
+
+With ``connections`` > 1 (chunked mode), once the server has answered a Range request with
+206 and the file's total, the rest is asked as one-chunk parts on that many connections at
+once; parts are written in order, so the partial file stays one contiguous prefix and a
+checkpoint means what it means for one stream (``ranged_rest`` in ``fetch``; a part answered
+200 falls back to one request at a time).
+
+One partial file is written by one fetch at a time: the partial file is locked (``flock``) and
+a second fetch of it, in any process, fails at once instead of writing into it too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import queue
 import random
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 READ_BLOCK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED = re.compile(r"^bytes \*/(\d+)$")
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+Origin = tuple[str, str, int]
 
 
 class TransferError(Exception):
@@ -48,6 +65,10 @@ class FileChanged(TransferError):
 
 class _Retry(Exception):
     """A failure worth another try (5xx, truncated body, …)."""
+
+
+class _NoRanges(Exception):
+    """A Range request was answered with the whole file: parts cannot be fetched apart."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +88,48 @@ class TransferConfig:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 30.0
     read_timeout_s: float = 60.0
+    #: Range requests of one file in flight at once (chunked mode, a server that honours
+    #: Range): parts are fetched in parallel and written in order (``ranged_rest``)
+    connections: int = 1
+    #: where the file's URL and its redirects may lead (None: anywhere, for tests only)
+    allowed_origins: frozenset[Origin] | None = None
+
+
+def url_origin(url: URL) -> Origin:
+    return ((url.scheme or "").lower(), (url.host or "").lower(), url.port or 0)
+
+
+def _check_origin(url: URL, config: TransferConfig, what: str) -> None:
+    if config.allowed_origins is not None and url_origin(url) not in config.allowed_origins:
+        raise TransferError(f"{what} {url.scheme}://{url.host}:{url.port} is not an allowed "
+                            "download host (OBSLEDGER_MAST_BASE_URL, "
+                            "OBSLEDGER_MAST_DOWNLOAD_HOSTS); nothing fetched from it")
+
+
+@contextlib.asynccontextmanager
+async def _get(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
+               timeout: aiohttp.ClientTimeout, config: TransferConfig,
+               ) -> AsyncIterator[aiohttp.ClientResponse]:
+    """GET ``url``, following redirects only to allowed origins."""
+    target = URL(url)
+    _check_origin(target, config, "the file's URL")
+    for _ in range(MAX_REDIRECTS + 1):
+        resp = await session.get(target, headers=headers, timeout=timeout,
+                                 allow_redirects=False)
+        location = resp.headers.get("Location")
+        if resp.status not in REDIRECTS or not location:
+            try:
+                yield resp
+            finally:
+                resp.release()
+            return
+        resp.release()
+        try:
+            target = resp.url.join(URL(location))
+        except ValueError as e:
+            raise TransferError(f"HTTP {resp.status} to an invalid Location") from e
+        _check_origin(target, config, f"HTTP {resp.status}: a redirect to")
+    raise TransferError(f"more than {MAX_REDIRECTS} redirects")
 
 
 Started = Callable[[RemoteInfo], Awaitable[None]]
@@ -172,6 +235,12 @@ class _Sink:
         self.thread.join()
 
 
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _hash_prefix(fd: int, length: int, digest: Any) -> None:
     os.lseek(fd, 0, os.SEEK_SET)
     left = length
@@ -195,6 +264,18 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
+async def _after_failure(error: BaseException, failures: int, config: TransferConfig) -> int:
+    """One more failed attempt in a row (``failures`` before it; 0 when the attempt made
+    progress): TransferError past ``config.retries``, else the back-off sleep, and the new
+    count."""
+    failures += 1
+    if failures > config.retries:
+        reason = str(error) or type(error).__name__
+        raise TransferError(f"{reason} (after {config.retries} retries)") from error
+    await asyncio.sleep(backoff_delay(failures, config.backoff_base_s, config.backoff_max_s))
+    return failures
+
+
 def _remote(resp: aiohttp.ClientResponse, size: int | None) -> RemoteInfo:
     return RemoteInfo(size=size, etag=resp.headers.get("ETag"),
                       last_modified=resp.headers.get("Last-Modified"))
@@ -210,6 +291,55 @@ def _changed(known: RemoteInfo, now: RemoteInfo) -> str | None:
     return None
 
 
+async def _fetch_part(session: aiohttp.ClientSession, url: str, start: int, end: int,
+                      known: RemoteInfo, config: TransferConfig,
+                      timeout: aiohttp.ClientTimeout, received: Callable[[int], None],
+                      ) -> list[bytes]:
+    """Bytes ``start``..``end`` (inclusive) of the file, as the blocks that arrived, with the
+    same retries as a sequential request (from the first byte of the part not yet received;
+    bytes arriving reset the count). A 200 answer is ``_NoRanges``; a file that changed,
+    ``FileChanged``; ``received(n)`` is told of every block."""
+    blocks: list[bytes] = []
+    have, length, failures = 0, end - start + 1, 0
+    while have < length:
+        first = start + have
+        headers = {"Accept-Encoding": "identity", "Range": f"bytes={first}-{end}"}
+        progressed = False
+        try:
+            async with _get(session, url, headers, timeout, config) as resp:
+                if resp.status >= 500 or resp.status == 429:
+                    raise _Retry(f"HTTP {resp.status}")
+                if resp.status == 200:
+                    raise _NoRanges()
+                if resp.status == 416:
+                    raise FileChanged(f"HTTP 416 for a range from byte {first} "
+                                      f"({resp.headers.get('Content-Range', 'no size')})")
+                if resp.status != 206:
+                    raise TransferError(f"HTTP {resp.status} {resp.reason or ''}".strip())
+                m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                if m is None or int(m.group(1)) != first:
+                    raise _Retry(f"206 with a Content-Range not starting at byte {first}: "
+                                 f"{resp.headers.get('Content-Range')}")
+                why = _changed(known, _remote(resp, None if m.group(3) == "*"
+                                              else int(m.group(3))))
+                if why is not None:
+                    raise FileChanged(why)
+                async for block in resp.content.iter_chunked(READ_BLOCK):
+                    if have + len(block) > length:  # more than asked: the rest is another's
+                        block = block[:length - have]
+                    blocks.append(block)
+                    have += len(block)
+                    progressed = True
+                    received(len(block))
+                    if have == length:
+                        break
+                if have < length:
+                    raise _Retry(f"truncated body: {have} of {length} bytes")
+        except (_Retry, aiohttp.ClientError, TimeoutError) as e:
+            failures = await _after_failure(e, 0 if progressed else failures, config)
+    return blocks
+
+
 async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset: int,
                 known: RemoteInfo | None, config: TransferConfig, *,
                 started: Started, checkpoint: Checkpoint,
@@ -222,6 +352,14 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
     written. Returns the file's size and the server's description of it."""
     partial.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TransferError(f"{partial.name} is being written by another download") from None
+    except BaseException:
+        os.close(fd)
+        raise
     loop = asyncio.get_running_loop()
     sink = _Sink(fd, digest)
     try:
@@ -247,7 +385,82 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
             await checkpoint(pos, round(speed, 1) if speed is not None else None)
             ckpt_pos, ckpt_t = pos, now
 
+        async def take(block: bytes) -> None:
+            """Append ``block`` at ``pos``: written and hashed in order, checkpointed."""
+            nonlocal pos
+            while block:  # never past a checkpoint boundary unrecorded
+                piece = block[:ckpt_pos + config.checkpoint_bytes - pos]
+                block = block[len(piece):]
+                pos += len(piece)  # first: a cancelled add has taken the piece already
+                await sink.add(piece)
+                await maybe_checkpoint()
+
+        async def ranged_rest(end: int, known: RemoteInfo) -> bool:
+            """Bytes ``pos``..``end`` - 1 as ``config.connections`` Range requests at once,
+            each of one chunk; a part that arrives is kept in memory until every part before
+            it is written, then appended in order (the partial file stays one contiguous
+            prefix, hashed while written, checkpointed as in a sequential fetch). The parts
+            asked lie within ``connections`` chunks from ``pos``: at most that much is held
+            in memory (and lost by a kill, besides the bytes after the checkpoint on disk).
+            False: a part was
+            answered with the whole file (no Range), the parts kept are dropped and the rest
+            is fetched sequentially from ``pos``."""
+            chunk = config.chunk_size
+            ahead_limit = config.connections * chunk
+            parts: dict[int, list[bytes]] = {}
+            next_start = pos
+            got = pos  # the prefix and every byte received since: the live position
+            moved = asyncio.Condition()
+            appending = asyncio.Lock()
+
+            def received(n: int) -> None:
+                nonlocal got
+                got += n
+                if progress is not None:
+                    progress(got)
+
+            async def append_ready() -> None:
+                async with appending:
+                    while pos in parts:
+                        for block in parts.pop(pos):
+                            await take(block)
+                async with moved:
+                    moved.notify_all()
+
+            def may_go_on() -> bool:  # the end, or the next part is not too far ahead
+                return next_start >= end or next_start - pos < ahead_limit
+
+            async def connection() -> None:
+                nonlocal next_start
+                while True:
+                    async with moved:
+                        await moved.wait_for(may_go_on)
+                        if next_start >= end:
+                            return
+                        start = next_start
+                        next_start = stop = min(start + chunk, end)
+                    parts[start] = await _fetch_part(session, url, start, stop - 1, known,
+                                                     config, timeout, received)
+                    await append_ready()
+
+            tasks = [asyncio.create_task(connection()) for _ in range(config.connections)]
+            try:
+                for finished in asyncio.as_completed(tasks):
+                    await finished
+            except _NoRanges:
+                return False
+            finally:
+                await _cancel_all(tasks)
+            return True
+
+        ranges_honoured = False  # a 206 answered this fetch: parts may be fetched apart
         while total is None or pos < total:
+            if (ranges_honoured and config.connections > 1 and config.mode == "chunked"
+                    and total is not None and known is not None):
+                if await ranged_rest(total, known):
+                    break
+                ranges_honoured = False  # the server ignores Range: one request at a time
+                continue
             headers = {"Accept-Encoding": "identity"}
             asked_end: int | None = None
             if config.mode == "chunked":
@@ -259,8 +472,7 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
                 headers["Range"] = f"bytes={pos}-"
             progressed = False
             try:
-                async with session.get(url, headers=headers, timeout=timeout,
-                                       allow_redirects=True) as resp:
+                async with _get(session, url, headers, timeout, config) as resp:
                     if resp.status >= 500 or resp.status == 429:
                         raise _Retry(f"HTTP {resp.status}")
                     if resp.status == 416:
@@ -282,6 +494,7 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
                         if m is None or int(m.group(1)) != pos:
                             raise _Retry("206 with a Content-Range not starting at byte "
                                          f"{pos}: {resp.headers.get('Content-Range')}")
+                        ranges_honoured = True
                         remote_total = None if m.group(3) == "*" else int(m.group(3))
                         part_length = int(m.group(2)) - pos + 1
                     else:  # 200: the whole file, whatever was asked
@@ -309,16 +522,11 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
                             skip = 0
                         if total is not None and pos + len(block) > total:
                             raise FileChanged(f"the server sent more than {total} bytes")
-                        while block:  # never past a checkpoint boundary unrecorded
-                            piece = block[:ckpt_pos + config.checkpoint_bytes - pos]
-                            block = block[len(piece):]
-                            await sink.add(piece)
-                            pos += len(piece)
-                            received += len(piece)
-                            progressed = True
-                            if progress is not None:
-                                progress(pos)
-                            await maybe_checkpoint()
+                        await take(block)
+                        received += len(block)
+                        progressed = True
+                        if progress is not None:
+                            progress(pos)
                     if skip:
                         raise _Retry("the body ended before the bytes already on disk")
                     if part_length is not None and received < part_length:
@@ -333,14 +541,7 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
                         total = pos  # a short part without a total: the end of the file
                 failures = 0
             except (_Retry, aiohttp.ClientError, TimeoutError) as e:
-                if progressed:
-                    failures = 0
-                failures += 1
-                reason = str(e) or type(e).__name__
-                if failures > config.retries:
-                    raise TransferError(f"{reason} (after {config.retries} retries)") from e
-                await asyncio.sleep(backoff_delay(failures, config.backoff_base_s,
-                                                  config.backoff_max_s))
+                failures = await _after_failure(e, 0 if progressed else failures, config)
         await sink.sync(full=True)
         assert known is not None
         return pos, known

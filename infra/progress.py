@@ -10,11 +10,12 @@ from tqdm import tqdm
 
 
 @contextmanager
-def position_bar(desc: str, total: int | None, quiet: bool = False,
+def position_bar(desc: str, total: int | None, quiet: bool = False, unit: str = "ev",
                  ) -> Iterator[Callable[..., None]]:
-    """A bar over log positions; yields ``advance(position, head=None)`` to move it to
-    ``position`` (and stretch its total to ``head``)."""
-    bar = tqdm(total=total or None, desc=desc, unit="ev", unit_scale=True, file=sys.stderr,
+    """A bar over log positions (or other counts of ``unit``); yields
+    ``advance(position, head=None)`` to move it to ``position`` (and stretch its total to
+    ``head``)."""
+    bar = tqdm(total=total or None, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
                disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
 
     def advance(position: int, head: int | None = None) -> None:

@@ -7,11 +7,18 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event, func, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 
-def create_read_model_engine(url: str) -> Engine:
+class ReadModelsUnavailable(Exception):
+    """The read-model database does not answer, and the journal alone cannot answer the query
+    (HTTP 503 with Retry-After)."""
+
+
+def create_read_model_engine(url: str, connect_timeout: float = 5.0) -> Engine:
+    """The read-model database's engine. On PostgreSQL a connection attempt gives up after
+    ``connect_timeout`` seconds (libpq's own default is to wait for the operating system)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -30,7 +37,31 @@ def create_read_model_engine(url: str) -> Engine:
             conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
 
         return engine
-    return create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+    return create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True,
+                         connect_args={"connect_timeout": max(1, round(connect_timeout))})
+
+
+def create_probe_engine(url: str, connect_timeout: float) -> Engine:
+    """One PostgreSQL connection for an availability probe (``infra.availability``): checked
+    before each use, opened again when lost; neither connecting nor a query on a dead
+    network waits longer than ``connect_timeout``."""
+    seconds = max(1, round(connect_timeout))
+    return create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True,
+                         pool_timeout=seconds, connect_args={
+                             "connect_timeout": seconds, "tcp_user_timeout": seconds * 1000})
+
+
+def select_one(engine: Engine) -> None:
+    """Raises unless the database answers ``SELECT 1``."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def byte_sum(engine: Engine, column: Any) -> Any:
+    """SUM of byte counts that never overflows: PostgreSQL sums bigints as numeric (exact);
+    SQLite's SUM raises "integer overflow" beyond 2**63, its TOTAL (a float, exact up to 2**53
+    bytes, 9 PB) does not."""
+    return func.sum(column) if is_postgres(engine) else func.total(column)
 
 
 def is_postgres(engine: Engine) -> bool:

@@ -2,10 +2,15 @@
 client address, status, duration, command id — in the append-only ``request_audit`` table of
 the read-model database.
 
-Recording a request appends a tuple to a buffer; a writer thread inserts the buffer every
-``flush_s`` (one ``COPY`` on PostgreSQL, an executemany INSERT on SQLite). A request never
-waits for the database. While the database is unreachable the buffer keeps up to
-``capacity`` records (the oldest beyond that are dropped and counted in ``dropped``).
+Recording a request appends a tuple to a buffer; a writer thread takes the buffered records
+every ``flush_s`` (it pops them one by one from the buffer's left while requests append on
+its right: the buffer is never iterated, so a request arriving mid-flush is simply left for the
+next one) and inserts them (one ``COPY`` on PostgreSQL, an executemany INSERT on SQLite). A
+request never waits for the database. While the database is unreachable the writer holds what
+it took and the buffer keeps the rest, up to ``capacity`` records together (beyond that the
+oldest records not yet taken by the writer are dropped, and counted in ``dropped``). The writer
+survives any exception (logged, counted in ``writer_errors``; what it held is written at the
+next flush), and says whether it is alive (``writer_up``, ``/health``, ``/metrics``).
 Triggers refuse UPDATE and DELETE on the table (SQLite and PostgreSQL), so rows cannot be
 edited through SQL without dropping the triggers first.
 """
@@ -14,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -106,12 +112,18 @@ class RequestAuditLog:
     def __init__(self, engine: Engine, flush_s: float = 0.5, capacity: int = 100_000) -> None:
         self.engine = engine
         self.flush_s = flush_s
+        # record() appends on the right; only the writer pops, on the left, into _held
         self._buffer: deque[tuple[Any, ...]] = deque()
+        self._held: list[tuple[Any, ...]] = []  # taken by the writer, storable, not written
         self.capacity = capacity
         self.dropped = 0
         self.refused = 0  # records the database refused (left out)
         self.failing = False  # the last write failed (logged once per outage)
         self.written = 0
+        self.writer_errors = 0  # unexpected exceptions the writer survived
+        self.last_error: str | None = None
+        self.last_flush_at: float | None = None  # time.time() of the last successful write
+        self._drop_lock = threading.Lock()
         self._ready = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -121,12 +133,19 @@ class RequestAuditLog:
     def record(self, at: datetime, principal: str | None, method: str, route: str, path: str,
                resource_id: str | None, client: str | None, status: int, duration_ms: float,
                command_id: str | None) -> None:
-        """Hold one request for the next batch (never blocks)."""
-        if len(self._buffer) >= self.capacity:
-            self._buffer.popleft()
-            self.dropped += 1
+        """Hold one request for the next batch (never blocks on the writer)."""
+        if len(self._buffer) + len(self._held) >= self.capacity:
+            self._drop_oldest()
         self._buffer.append((at, principal, method, route, path, resource_id, client, status,
                              duration_ms, command_id))
+
+    def _drop_oldest(self) -> None:
+        with self._drop_lock:
+            try:
+                self._buffer.popleft()  # the writer may have taken it first: then none
+            except IndexError:
+                return
+            self.dropped += 1
 
     # -- the writer ------------------------------------------------------------------------
     def start(self) -> None:
@@ -141,11 +160,40 @@ class RequestAuditLog:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        self.flush()
+        try:
+            self.flush()
+        except Exception as e:  # the last flush of a stopping process: say so, go on stopping
+            self._writer_failed(e)
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):
-            self.flush()
+            try:
+                self.flush()
+            except Exception as e:  # never the end of the writer: what it holds stays held
+                self._writer_failed(e)
+
+    def _writer_failed(self, error: Exception) -> None:
+        self.writer_errors += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        log.error("request audit writer: flush failed (%d held), going on: %s",
+                  self.pending, self.last_error, exc_info=error)
+
+    @property
+    def writer_up(self) -> bool:
+        """Whether the writer thread is alive (False before start() and after stop())."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def report(self) -> dict[str, Any]:
+        """The writer's state for ``/health``."""
+        return {
+            "writer": "running" if self.writer_up else
+            "stopped" if self._thread is None else "dead",
+            "pending": self.pending, "written": self.written, "dropped": self.dropped,
+            "refused": self.refused, "failing": self.failing,
+            "writer_errors": self.writer_errors, "last_error": self.last_error,
+            "last_written_at": datetime.fromtimestamp(self.last_flush_at, UTC).isoformat()
+            if self.last_flush_at is not None else None,
+        }
 
     def create_table(self) -> None:
         if self._ready:
@@ -170,14 +218,17 @@ class RequestAuditLog:
 
     def flush(self) -> int:
         """Write what is buffered; returns the number of rows written (0 if the database is
-        unreachable: the rows stay buffered). Text is made storable here, in the writer, not
-        on the request's path (a 5,000-character path, a made-up method or a ``%00`` in a
-        path must not make PostgreSQL refuse the whole batch, again and again); a row the
-        database still refuses is counted in ``refused`` and left out."""
+        unreachable: the rows stay held). The buffer is never iterated: the records there now
+        are popped from its left (requests append on its right meanwhile) into the writer's
+        own list. Text is made storable here, in the writer, not on the request's path (a
+        5,000-character path, a made-up method or a ``%00`` in a path must not make
+        PostgreSQL refuse the whole batch, again and again); a row the database still refuses
+        is counted in ``refused`` and left out."""
         with self._flush_lock:
-            if not self._buffer:
+            self._take()
+            batch = self._held
+            if not batch:
                 return 0
-            batch = [_storable(row) for row in self._buffer]
             try:
                 self.create_table()
                 try:
@@ -191,10 +242,23 @@ class RequestAuditLog:
                 self.failing = True
                 return 0
             self.failing = done < len(batch)  # the database went away part way
-            for _ in range(done):  # record() only appends on the right: these are the oldest
-                self._buffer.popleft()
+            del batch[:done]
             self.written += written
+            self.last_flush_at = time.time()
             return written
+
+    def _take(self) -> None:
+        """Move the records buffered now into the writer's list, made storable."""
+        for _ in range(len(self._buffer)):
+            try:
+                row = self._buffer.popleft()
+            except IndexError:  # record() dropped the oldest meanwhile (buffer full)
+                return
+            try:
+                self._held.append(_storable(row))
+            except Exception as e:  # a record no column can take: left out, counted
+                self.refused += 1
+                log.warning("request audit record left out (%s): %r", e, row[:5])
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         with self.engine.begin() as conn:
@@ -225,7 +289,8 @@ class RequestAuditLog:
 
     @property
     def pending(self) -> int:
-        return len(self._buffer)
+        """Records not yet written (buffered, or held by the writer)."""
+        return len(self._buffer) + len(self._held)
 
     # -- the auditors' query ---------------------------------------------------------------
     def query(self, *, principal: str | None = None, method: str | None = None,

@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from domain.raw_data import DEFAULT_PACKAGE_SIZE_LIMIT
-from infra.accounts import development_secret
+from infra.accounts import development_secret, password_problem, secret_problem
+
+#: Files and directories of the data directory: for the service's user only.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+#: SQLite's side files (write-ahead log, shared memory, rollback journal).
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, the port made explicit."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    return scheme, parts.hostname.lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+def tighten(path: Path, mode: int) -> None:
+    """Give an existing file or directory of ours ``mode`` if it grants more (older versions
+    left them 0644/0755)."""
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        st = path.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o777 & ~mode:
+            path.chmod(mode)
+
+
+def private_file(path: Path) -> None:
+    """Make sure ``path`` exists with mode 0600 before a library (SQLite, eventsourcing)
+    creates it with the process umask: SQLite gives its -wal, -shm and -journal files the
+    mode of the database file, so they are 0600 too."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+    for p in (path, *(path.with_name(path.name + side) for side in SQLITE_SIDE_FILES)):
+        tighten(p, PRIVATE_FILE_MODE)
 
 
 class Settings(BaseSettings):
@@ -24,12 +63,14 @@ class Settings(BaseSettings):
     mode: Literal["development", "production"] = Field(
         "development", description="production refuses to start without OBSLEDGER_JWT_SECRET.")
     jwt_secret: SecretStr | None = Field(
-        None, description="Signs every token (HS256, at least 32 characters). Development "
-        "default: a random secret kept in <data_dir>/jwt-secret.")
+        None, description="Signs every token (HS256): at least 32 characters and not "
+        "guessable (zxcvbn: at least 10^24 guesses; 32 spaces or a repeated word are refused). "
+        "Development default: a random secret kept in <data_dir>/jwt-secret.")
     token_ttl_s: float = Field(1800.0, gt=0, le=86_400, description="User tokens' lifetime.")
     admin_password: SecretStr | None = Field(
         None, description="Password of the local `admin` account created when no admin "
-        "exists; default: a random one written to <data_dir>/admin-password.")
+        "exists (it must pass the rule of every password: docs/ACCOUNTS.md); default: a "
+        "random one written to <data_dir>/admin-password (mode 0600).")
     auth_refresh_s: float = Field(
         1.0, gt=0, description="How stale the in-memory view of accounts and revoked service "
         "tokens may be (other processes' changes show within this).")
@@ -38,11 +79,31 @@ class Settings(BaseSettings):
         "beyond, every attempt gets 429 until the window moves on.")
     auth_rate_limit_per_client: str = Field(
         "60/minute", description="Failed logins allowed per client address.")
+    auth_password_checks: int = Field(
+        4, ge=1, le=64, description="Password checks and hashes (argon2id, ~64 MiB each) run "
+        "at once; logins beyond wait in a short queue.")
+    auth_password_queue: int = Field(
+        16, ge=0, le=10_000, description="Password checks that may wait for one of the "
+        "above; beyond, a login answers 503 with Retry-After (never an unbounded queue).")
+    forwarded_allow_ips: str = Field(
+        "", description="Reverse proxies (comma-separated IP addresses or networks, `*` for "
+        "any) whose X-Forwarded-For / X-Forwarded-Proto are believed: the client address of "
+        "rate limits and of the request audit log. Default: none (the peer address).")
+    cors_origins: str = Field(
+        "", description="Browser origins (comma-separated, e.g. "
+        "`https://dashboard.example.org,http://localhost:3000`, or `*`) allowed to call the "
+        "API from another origin (CORS, preflight answered). Default: none.")
+    gzip_minimum_bytes: int = Field(
+        1000, ge=0, description="Responses at least this large are gzip-compressed for "
+        "clients that accept it.")
+    stream_connections_per_account: int = Field(
+        16, ge=1, le=10_000, description="Open `/stream` connections one account may hold; "
+        "beyond, 429 with Retry-After (a dashboard needs one per open page).")
     request_audit_flush_s: float = Field(
         0.5, gt=0, description="The request audit log is written in batches this often.")
     request_audit_buffer: int = Field(
         100_000, ge=100, description="Audit records held while the database is unreachable "
-        "(older ones are dropped beyond this, and counted).")
+        "(beyond this the oldest not yet taken by the writer are dropped, and counted).")
     store: Literal["sqlite", "postgres"] = Field(
         "sqlite", description="Event store: embedded SQLite (default) or PostgreSQL."
     )
@@ -59,6 +120,12 @@ class Settings(BaseSettings):
         "database, or a SQLite file beside the embedded event store.",
     )
     journal_path: Path | None = Field(None, description="Default: <data_dir>/journal.sqlite3")
+    journal_slots: bool = Field(
+        False, description="One of several API processes sharing the data directory (set by "
+        "`serve --workers N`; replicas set it): each claims its own journal, "
+        "<journal>-<n>.sqlite3, reads the others' (idempotency keys, per-entity order), "
+        "adopts the journal of one that died, and one leader runs the projector and the "
+        "other single workers (docs/OPERATIONS.md).")
 
     embedded_workers: bool = Field(
         True, description="Run the dispatcher and the projector inside the API process."
@@ -74,6 +141,10 @@ class Settings(BaseSettings):
     )
     projection_page_size: int = Field(1000, ge=1, le=50_000)
     projection_poll_s: float = Field(0.5, gt=0, description="Polling fallback interval.")
+    rebuild_workers: int | None = Field(
+        None, ge=1, le=256, description="Decoder processes of `obsledger rebuild` and "
+        "`check-projections` (default: CPUs - 1; 1 decodes in the rebuilding process)."
+    )
     min_position_wait_s: float = Field(
         2.0, ge=0, description="Longest a query waits for min_position."
     )
@@ -106,6 +177,13 @@ class Settings(BaseSettings):
         300.0, ge=0, description="… or when their oldest missing event is older than this.")
     ready_max_relay_lag_s: float = Field(
         600.0, ge=0, description="… or (with Kafka) when the relay lags longer than this.")
+    health_probe_s: float = Field(
+        0.5, gt=0, le=60, description="How often the API checks that the event store and the "
+        "read-model database answer (a connection of its own per store, short timeouts): "
+        "while one does not, requests do not try it (docs/OPERATIONS.md, \"During an outage\").")
+    health_budget_s: float = Field(
+        0.05, gt=0, le=10, description="Longest /health, /ready and /metrics wait for figures "
+        "read from the stores; later figures are left out (null, absent gauges).")
 
     audit_anchor_every: int = Field(
         10_000, ge=1, description="Anchor the audit chain's head outside the database every "
@@ -133,6 +211,10 @@ class Settings(BaseSettings):
     relay_poll_s: float = Field(0.2, gt=0, description="Relay polling fallback interval.")
     relay_retry_max_s: float = Field(5.0, gt=0, description="Relay backoff cap, broker down.")
     relay_flush_timeout_s: float = Field(30.0, gt=0)
+    relay_verify_s: float = Field(
+        5.0, gt=0, description="How often the relay proves that Kafka still holds what it "
+        "published (it reads back the last record it wrote to each partition; also at start "
+        "and after any failure, before sending again).")
     projection_source: Literal["log", "kafka"] = Field(
         "log", description="Where projectors read events: the event store's notification log "
         "(default), or the relay's Kafka topics in a consumer group (scale-out; needs "
@@ -149,12 +231,22 @@ class Settings(BaseSettings):
         description="The MAST server: searches (astroquery's portal API) and downloads "
         "(<url>/api/v0.1/Download/file?uri=<dataURI>).")
     mast_timeout_s: float = Field(60.0, gt=0, description="Timeout of one MAST search.")
+    mast_download_hosts: str = Field(
+        "https://archive.stsci.edu,https://stpubdata.s3.amazonaws.com",
+        description="Where a download may be redirected to, besides the MAST base URL's own "
+        "scheme, host and port: comma-separated origins (scheme://host[:port]); STScI's "
+        "archive host and its public cloud bucket by default. A redirect anywhere else fails "
+        "the job, nothing fetched.")
     download_root: Path | None = Field(
         None, description="Every download lands below this directory; default "
         "<data_dir>/downloads. Destinations that leave it are refused (422).")
     download_chunk_bytes: int = Field(
         5 * 1024 * 1024, ge=64 * 1024, description="Bytes per HTTP Range request.")
     download_concurrent_files: int = Field(3, ge=1, le=64, description="Files fetched at once.")
+    download_connections_per_file: int = Field(
+        4, ge=1, le=16, description="Range requests of one file in flight at once (each of "
+        "one chunk, written in order; a server that ignores Range gets one request at a "
+        "time). Several connections beat a per-connection cap on long-haul links.")
     download_retries: int = Field(3, ge=0, le=100, description="Retries of a failed request "
                                   "(reset whenever bytes arrive).")
     download_backoff_base_s: float = Field(
@@ -251,12 +343,64 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _production_needs_a_secret(self) -> Settings:
-        if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value()) < 32:
-            raise ValueError("OBSLEDGER_JWT_SECRET must be at least 32 characters")
+        if self.jwt_secret is not None:
+            problem = secret_problem(self.jwt_secret.get_secret_value())
+            if problem is not None:
+                raise ValueError(f"OBSLEDGER_JWT_SECRET {problem}")
         if self.mode == "production" and self.jwt_secret is None:
             raise ValueError("OBSLEDGER_MODE=production refuses to start without "
                              "OBSLEDGER_JWT_SECRET (the development secret is not for production)")
+        if self.admin_password is not None:
+            problem = password_problem(self.admin_password.get_secret_value(), "admin")
+            if problem is not None:
+                raise ValueError(f"OBSLEDGER_ADMIN_PASSWORD {problem}")
         return self
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, v: str) -> str:
+        for item in (i.strip() for i in v.split(",")):
+            if item and item != "*" and not item.startswith("unix:"):
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an IP address or network") from None
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _cors(cls, v: str) -> str:
+        for item in (i.strip() for i in v.split(",")):
+            if item and item != "*":
+                parts = urlsplit(item)
+                origin(item)
+                if parts.path not in ("", "/") or parts.query or parts.fragment:
+                    raise ValueError(f"{item!r} is not an origin (scheme://host[:port])")
+        return v
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """OBSLEDGER_CORS_ORIGINS as a list (empty: no cross-origin browser access)."""
+        return [i.strip().rstrip("/") for i in self.cors_origins.split(",") if i.strip()]
+
+    @field_validator("mast_download_hosts")
+    @classmethod
+    def _origins(cls, v: str) -> str:
+        for item in (i.strip() for i in v.split(",")):
+            if item:
+                origin(item)
+        return v
+
+    @property
+    def trusted_proxies(self) -> list[str]:
+        """OBSLEDGER_FORWARDED_ALLOW_IPS as a list (empty: no forwarded header believed)."""
+        return [i.strip() for i in self.forwarded_allow_ips.split(",") if i.strip()]
+
+    @property
+    def download_origins(self) -> frozenset[tuple[str, str, int]]:
+        """Where a download may go: the MAST base URL's origin and OBSLEDGER_MAST_DOWNLOAD_HOSTS."""
+        return frozenset([origin(self.mast_base_url), *(
+            origin(i) for i in self.mast_download_hosts.split(",") if i.strip())])
 
     @model_validator(mode="after")
     def _kafka_projection_needs_a_broker(self) -> Settings:
@@ -277,6 +421,11 @@ class Settings(BaseSettings):
         return self.journal_path or self.data_dir / "journal.sqlite3"
 
     @property
+    def accounts_cache_file(self) -> Path:
+        """The last accounts snapshot read (a restart during a database outage starts with it)."""
+        return self.data_dir / "accounts-snapshot.json"
+
+    @property
     def event_store_file(self) -> Path:
         return self.data_dir / "events.sqlite3"
 
@@ -285,12 +434,19 @@ class Settings(BaseSettings):
         if self.read_model_url:
             return self.read_model_url
         if self.store == "postgres":
+            return self.event_store_database_url  # the same database
+        return f"sqlite:///{(self.data_dir / 'read_models.sqlite3').resolve()}"
+
+    @property
+    def event_store_database_url(self) -> str:
+        """The event store's database as a SQLAlchemy URL (its availability probe)."""
+        if self.store == "postgres":
             pw = f":{self.postgres_password}" if self.postgres_password else ""
             return (
                 f"postgresql+psycopg://{self.postgres_user}{pw}@{self.postgres_host}:"
                 f"{self.postgres_port}/{self.postgres_dbname}"
             )
-        return f"sqlite:///{(self.data_dir / 'read_models.sqlite3').resolve()}"
+        return f"sqlite:///{self.event_store_file.resolve()}"
 
     def event_store_env(self) -> dict[str, str]:
         """The ``eventsourcing`` environment for the configured store."""
@@ -331,5 +487,20 @@ class Settings(BaseSettings):
         return development_secret(self.data_dir)
 
     def prepare_dirs(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.journal_file.parent.mkdir(parents=True, exist_ok=True)
+        """The data directory (0700) and the SQLite files of the journal, the event store and
+        the read models (0600, with their -wal/-shm): argon2 hashes, the request audit and
+        every command are for the service's user only."""
+        self.data_dir.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        tighten(self.data_dir, PRIVATE_DIR_MODE)
+        self.journal_file.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        private_file(self.journal_file)
+        if self.store == "sqlite":
+            private_file(self.event_store_file)
+        url = make_url(self.read_model_database_url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            path = Path(url.database)
+            path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+            private_file(path)
+        for path in (self.data_dir / "jwt-secret", self.data_dir / "admin-password",
+                     self.accounts_cache_file, self.anchors_file):
+            tighten(path, PRIVATE_FILE_MODE)

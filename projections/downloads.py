@@ -1,18 +1,18 @@
 """How download-job events change the downloads read models (``download_jobs``,
-``download_files``). Included by ``projections.projector._Ops``."""
+``download_files``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Table, case, update
+from sqlalchemy import case
 
 from domain.downloads import download_file_id
+from projections.rows import Handler, Rows, each
 
-Op = tuple[Any, Any, dict[str, Any]]
-Handler = Callable[[Any, int], list[Op]]
+#: The aggregates whose events this feature maps.
+AGGREGATES = ("DownloadJob",)
 
 
 def _file_key(e: Any) -> UUID | None:
@@ -20,67 +20,47 @@ def _file_key(e: Any) -> UUID | None:
         e.originator_id, e.index)
 
 
-def download_handlers(ops: Any, jobs: Table, files: Table,
-                      each: Callable[..., Handler]) -> dict[str, Handler]:
-    insert_file = ops._dialect_insert(files).on_conflict_do_nothing()
-    job_insert = ops._insert(jobs, lambda e: {
-        "status": "requested", "destination": e.destination, "mode": e.mode,
-        "chunk_size": e.chunk_size, "register_files": e.register_files,
-        "file_count": len(e.files), "files_completed": 0,
-        "bytes_total": None if any(f.get("size") is None for f in e.files)
-        else sum(int(f["size"]) for f in e.files),
-        "bytes_done": 0, "reason": None, "partials_purged": False,
-        "requested_at": e.requested_at, "finished_at": None})
+def handlers(rows: Rows) -> dict[str, Handler]:
+    """Event (its type's qualified name, as in its topic) → the rows it changes."""
+    jobs, files = rows.tables.download_jobs, rows.tables.download_files
+    upd = rows.update
 
-    def requested(e: Any, position: int) -> list[Op]:
-        out = job_insert(e, position)
-        for i, f in enumerate(e.files):
-            out.append((files.name, insert_file, {
-                "id": str(download_file_id(e.originator_id, i)), "job_id": str(e.originator_id),
-                "file_index": i, "filename": f["filename"], "url": f["url"],
-                "data_uri": f.get("data_uri"), "obs_id": f.get("obs_id"),
-                "obsid": f.get("obsid"), "product_type": f.get("product_type"),
-                "instrument": f.get("instrument"), "status": "pending", "size": f.get("size"),
-                "bytes_done": 0, "bytes_per_s": None, "etag": None, "last_modified": None,
-                "sha256": None, "fits": None, "restarts": 0, "started_at": None,
-                "checkpoint_at": None, "completed_at": None,
-                "created_position": position, "last_position": position,
-                "last_command_id": e.command_id, "last_actor": e.actor,
-                "recorded_at": e.timestamp, "updated_at": e.timestamp}))
-        return out
+    def job_files(e: Any) -> list[dict[str, Any]]:
+        return [{
+            "id": str(download_file_id(e.originator_id, i)), "job_id": str(e.originator_id),
+            "file_index": i, "filename": f["filename"], "url": f["url"],
+            "data_uri": f.get("data_uri"), "obs_id": f.get("obs_id"),
+            "obsid": f.get("obsid"), "product_type": f.get("product_type"),
+            "instrument": f.get("instrument"), "status": "pending", "size": f.get("size"),
+            "bytes_done": 0, "bytes_per_s": None, "etag": None, "last_modified": None,
+            "sha256": None, "fits": None, "restarts": 0, "started_at": None,
+            "checkpoint_at": None, "completed_at": None} for i, f in enumerate(e.files)]
 
-    def resumed_files(e: Any, position: int) -> list[Op]:
-        stmt = (update(files).where(files.c.job_id == str(e.originator_id),
-                                    files.c.status == "failed",
-                                    files.c.last_position < position)
-                .values(status=case((files.c.bytes_done > 0, "downloading"),
-                                    (files.c.etag.is_not(None), "downloading"),
-                                    else_="pending"),
-                        bytes_per_s=None, last_position=position,
-                        last_command_id=e.command_id, last_actor=e.actor,
-                        updated_at=e.timestamp))
-        return [((files.name, "expr", id(stmt)), stmt, {})]
+    resumed_files = rows.update_where(  # failed files start again
+        files, lambda e: (files.c.job_id == str(e.originator_id), files.c.status == "failed"),
+        lambda e: {"status": case((files.c.bytes_done > 0, "downloading"),
+                                  (files.c.etag.is_not(None), "downloading"),
+                                  else_="pending"),
+                   "bytes_per_s": None})
+    purged_files = rows.update_where(
+        files, lambda e: (files.c.job_id == str(e.originator_id),
+                          files.c.status != "complete"),
+        lambda e: {"bytes_done": 0, "bytes_per_s": None})
+    stalled_files = rows.update_where(  # paused, cancelled: no speed
+        files, lambda e: (files.c.job_id == str(e.originator_id),),
+        lambda e: {"bytes_per_s": None})
 
-    def purged_files(e: Any, position: int) -> list[Op]:
-        stmt = (update(files).where(files.c.job_id == str(e.originator_id),
-                                    files.c.status != "complete",
-                                    files.c.last_position < position)
-                .values(bytes_done=0, bytes_per_s=None, last_position=position,
-                        last_command_id=e.command_id, last_actor=e.actor,
-                        updated_at=e.timestamp))
-        return [((files.name, "expr", id(stmt)), stmt, {})]
-
-    def stalled_files(e: Any, position: int) -> list[Op]:  # paused, cancelled: no speed
-        stmt = (update(files).where(files.c.job_id == str(e.originator_id),
-                                    files.c.last_position < position)
-                .values(bytes_per_s=None, last_position=position,
-                        last_command_id=e.command_id, last_actor=e.actor,
-                        updated_at=e.timestamp))
-        return [((files.name, "expr", id(stmt)), stmt, {})]
-
-    upd = ops._update
     return {
-        "DownloadJob.Requested": requested,
+        "DownloadJob.Requested": each(
+            rows.insert(jobs, lambda e: {
+                "status": "requested", "destination": e.destination, "mode": e.mode,
+                "chunk_size": e.chunk_size, "register_files": e.register_files,
+                "file_count": len(e.files), "files_completed": 0,
+                "bytes_total": None if any(f.get("size") is None for f in e.files)
+                else sum(int(f["size"]) for f in e.files),
+                "bytes_done": 0, "reason": None, "partials_purged": False,
+                "requested_at": e.requested_at, "finished_at": None}),
+            rows.insert_rows(files, job_files)),
         "DownloadJob.FileStarted": each(
             upd(jobs, lambda e: {"status": e.job_status, "bytes_done": e.job_bytes_done,
                                  "bytes_total": e.job_bytes_total}),
@@ -88,7 +68,7 @@ def download_handlers(ops: Any, jobs: Table, files: Table,
                 "status": "downloading", "size": e.size, "bytes_done": 0, "bytes_per_s": None,
                 "etag": e.etag, "last_modified": e.last_modified, "started_at": e.started_at,
                 "restarts": files.c.restarts + (1 if e.restart_reason else 0)},
-                key_extra=("restarts",), key=_file_key)),
+                expressions=True, key=_file_key)),
         "DownloadJob.Checkpointed": each(
             upd(jobs, lambda e: {"bytes_done": e.job_bytes_done}),
             upd(files, lambda e: {"bytes_done": e.bytes_done, "bytes_per_s": e.bytes_per_s,

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import orjson
@@ -36,7 +36,8 @@ from infra.kafka_consumer import EventConsumer, EventRecord, Partition
 from infra.kafka_relay import build_relay_positions, build_relay_watermarks, kafka_topic
 from infra.read_model_db import insert_missing, write_transaction
 from infra.settings import Settings
-from projections.projector import MAIN, Op, Projector, execute_ops
+from projections.projector import MAIN, Projector
+from projections.rows import Op, execute_ops
 from projections.tables import build_consumer_offsets
 
 log = logging.getLogger("obsledger.kafka_projector")
@@ -222,12 +223,16 @@ class KafkaProjector(Projector):
                                .where(self.relay_positions.c.name == self.relay_name)).first()
         return int(row[0]) if row else 0
 
-    def catch_up(self, timeout: float = 60.0) -> int:
-        """Project until the low-water mark reaches what the relay has published now."""
+    def catch_up(self, timeout: float = 60.0,
+                 progress: Callable[[int], None] | None = None) -> int:
+        """Project until the low-water mark reaches what the relay has published now;
+        ``progress`` is told each position reached."""
         target = self.relay_position()
         deadline = time.monotonic() + timeout
         while self.position < target:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the Kafka projector reached {self.position}, not {target}")
             self.project_once()
+            if progress is not None:
+                progress(self.position)
         return self.position

@@ -1,13 +1,16 @@
 """The batched projector: a page of events and the position, in one read-model transaction.
 
 Pages of notifications are read from the event store's log, decoded with the application's
-mapper and turned into SQL; runs of the same statement become one ``executemany``. The new
-position is written in the same transaction, so each event is applied exactly once.
+mapper and turned into row operations by the feature modules' mappings
+(``projections.registry``: ``obs_units``, ``raw_data``, ``staging``, ``results``,
+``downloads``, ``processing``); runs of the same statement become one ``executemany``
+(``projections.rows``). The new position is written in the same transaction, so each event
+is applied exactly once. Every statement is guarded by the row's ``last_position``
+(``projections.rows``), which the Kafka projector (``projections.kafka_projector``) relies on
+to drop the duplicates that at-least-once delivery brings.
 
-Every statement is also guarded by the row's ``last_position``: an insert of a row that exists
-and an update by an event the row already reflects change nothing. The log projector never
-sends such events; the Kafka projector (``projections.kafka_projector``) relies on the guard to
-drop the duplicates that at-least-once delivery brings.
+This module keeps the live loop and the rebuild/check of read models (fresh tables filled
+by ``execute_grouped``, with ``COPY`` on PostgreSQL, then switched).
 """
 
 from __future__ import annotations
@@ -22,214 +25,27 @@ from contextlib import closing
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Engine, Table, bindparam, inspect, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import JSON, Connection, Engine, inspect, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.schema import CreateTable
 
 from infra.event_store import EventStore
 from infra.prefetch import prefetched
 from infra.read_model_db import insert_missing, is_postgres, write_transaction
-from projections.downloads import download_handlers
-from projections.processing import processing_handlers
+from projections.parallel_decode import parallel_pages
+from projections.registry import Projections
+from projections.rows import Op, execute_ops
 from projections.tables import READ_MODELS, ReadModelTables, build_positions, build_tables
 
 log = logging.getLogger("obsledger.projector")
 
 MAIN = "read_models"
+#: Bookkeeping columns left out of the changes the live stream publishes.
+_NOT_CHANGES = frozenset({"_id", "_position", "id", "last_command_id", "last_actor",
+                          "created_position", "updated_at", "recorded_at"})
 
 #: Notifications per transaction while a rebuild fills fresh tables (at least).
 REBUILD_PAGE = 5000
-
-Op = tuple[Any, Any, dict[str, Any]]  # (statement key, statement, parameters)
-
-
-def _s(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def _originator(e: Any) -> Any:
-    return e.originator_id
-
-
-def _each(*handlers: Callable[[Any, int], list[Op]]) -> Callable[[Any, int], list[Op]]:
-    """One event changing several rows (a result and its task or run)."""
-    def ops(e: Any, position: int) -> list[Op]:
-        return [op for h in handlers for op in h(e, position)]
-    return ops
-
-
-class _Ops:
-    """Translates events into SQL operations against one set of tables."""
-
-    def __init__(self, t: ReadModelTables, dialect: str) -> None:
-        self.t = t
-        self._dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        u, f, p, s = t.executed_obs_units, t.raw_data_files, t.raw_data_packages, t.staging_requests
-        r, tk, run = t.observation_results, t.observation_result_tasks, t.processing_runs
-        self.handlers: dict[str, Callable[[Any, int], list[Op]]] = {
-            "ExecutedObsUnit.Started": self._insert(u, lambda e: {
-                "obs_unit_id": e.obs_unit_id, "instrument": e.instrument,
-                "status": "running", "start_time": e.start_time, "end_time": None,
-                "metadata": e.metadata, "finish_metadata": None, "started_by": e.actor,
-                "finished_by": None}),
-            "ExecutedObsUnit.Finished": self._update(u, lambda e: {
-                "status": e.status, "end_time": e.end_time, "finish_metadata": e.metadata,
-                "finished_by": e.actor}),
-            "RawDataFile.Registered": self._insert(f, lambda e: {
-                "name": e.name, "instrument": e.instrument, "relative_path": e.relative_path,
-                "size": e.size, "checksum_algorithm": e.checksum_algorithm,
-                "checksum_value": e.checksum_value,
-                "executed_obs_unit_id": _s(e.executed_obs_unit_id),
-                "package_id": _s(e.package_id), "file_type": e.file_type,
-                "created_at": e.created_at}),
-            "RawDataFile.AssignedToPackage": self._update(f, lambda e: {
-                "package_id": str(e.package_id)}),
-            "RawDataPackage.Created": self._insert(p, lambda e: {
-                "name": e.name, "executed_obs_unit_id": _s(e.executed_obs_unit_id),
-                "status": "building", "total_size": e.total_size,
-                "file_count": len(e.file_ids), "finalized_at": None}),
-            "RawDataPackage.FilesAdded": self._update(p, lambda e: {
-                "total_size": p.c.total_size + e.added_size,
-                "file_count": p.c.file_count + len(e.file_ids)}, key_extra=("inc",)),
-            "RawDataPackage.Finalized": self._update(p, lambda e: {
-                "status": "complete", "total_size": e.total_size, "file_count": e.file_count,
-                "finalized_at": e.timestamp}),
-            "StagingRequest.Requested": self._insert(s, lambda e: {
-                "package_ids": [str(i) for i in e.package_ids], "destination": e.destination,
-                "status": "pending", "bytes_total": e.bytes_total,
-                "files_total": e.files_total, "bytes_transferred": 0, "files_transferred": 0,
-                "message": None}),
-            "StagingRequest.ProgressReported": self._update(s, lambda e: {
-                "status": e.status, "bytes_transferred": e.bytes_transferred,
-                "files_transferred": e.files_transferred, "message": e.message}),
-            "StagingRequest.Cancelled": self._update(s, lambda e: {
-                "status": "cancelled", "message": e.reason}),
-            "ObservationResult.Materialized": self._insert(r, lambda e: {
-                "observation_id": e.observation_id, "request_id": e.request_id,
-                "epoch_index": e.epoch_index, "sample_index": e.sample_index,
-                "copy_index": e.copy_index, "instrument_id": e.instrument_id,
-                "copies_mode": e.copies_mode, "not_before": e.not_before,
-                "spec_snapshot": e.spec_snapshot, "fulfillment_status": "pending_dispatch",
-                "fulfilled_on": None, "task_count": 0, "data_product_status": "PENDING",
-                "assets_revision": 0, "dirty_from_revision": None, "next_eligible_run_at": None,
-                "last_built_revision": None, "current_processing_run_id": None,
-                "failed_runs": 0}),
-            "ObservationResult.Dispatched": _each(
-                self._update(r, lambda e: {"fulfillment_status": "dispatched",
-                                           "task_count": e.attempt}),
-                self._insert(tk, lambda e: {
-                    "result_id": str(e.originator_id), "attempt": e.attempt,
-                    "instrument_id": e.instrument_id,
-                    "executed_obs_unit_id": _s(e.executed_obs_unit_id), "status": "open",
-                    "dispatched_at": e.dispatched_at, "finished_at": None},
-                    key=lambda e: e.task_id)),
-            "ObservationResult.TaskEnded": _each(
-                self._update(r, lambda e: {"fulfillment_status": e.fulfillment_status,
-                                           "fulfilled_on": e.fulfilled_on}),
-                self._update(tk, lambda e: {
-                    "status": e.outcome, "finished_at": e.finished_at,
-                    "executed_obs_unit_id": _s(e.executed_obs_unit_id)},
-                    key=lambda e: e.task_id)),
-            "ObservationResult.Canceled": _each(
-                self._update(r, lambda e: {"fulfillment_status": "canceled"}),
-                self._update(tk, lambda e: {"status": "canceled",
-                                            "finished_at": e.canceled_at},
-                             key=lambda e: e.task_id)),
-            "ObservationResult.AssetContributed": self._update(r, lambda e: {
-                "assets_revision": e.revision, "dirty_from_revision": e.dirty_from_revision,
-                "next_eligible_run_at": e.next_eligible_run_at,
-                "data_product_status": e.data_product_status, "failed_runs": 0}),
-            "ObservationResult.RunStarted": _each(
-                self._update(r, lambda e: {"data_product_status": "BUILDING",
-                                           "current_processing_run_id": str(e.run_id)}),
-                self._insert(run, lambda e: {
-                    "result_id": str(e.originator_id), "revision": e.revision,
-                    "status": "running", "started_at": e.started_at, "finished_at": None,
-                    "outputs": [], "error": None}, key=lambda e: e.run_id)),
-            "ObservationResult.RunEnded": _each(
-                self._update(r, lambda e: {
-                    "data_product_status": e.data_product_status,
-                    "dirty_from_revision": e.dirty_from_revision,
-                    "next_eligible_run_at": e.next_eligible_run_at,
-                    "last_built_revision": e.last_built_revision,
-                    "current_processing_run_id": None, "failed_runs": e.failed_runs}),
-                self._update(run, lambda e: {
-                    "status": e.end, "finished_at": e.finished_at, "outputs": e.outputs,
-                    "error": e.error}, key=lambda e: e.run_id)),
-        }
-
-        self.handlers.update(download_handlers(self, t.download_jobs, t.download_files, _each))
-        self.handlers.update(processing_handlers(self, t.processing_jobs,
-                                                 t.processing_job_steps, t.data_products,
-                                                 t.product_inputs, _each))
-
-    def _insert(self, table: Table, values: Callable[[Any], dict[str, Any]],
-                key: Callable[[Any], Any] = _originator) -> Callable[[Any, int], list[Op]]:
-        """Insert the row ``key(event)`` (the aggregate's own row unless given)."""
-        stmt = self._dialect_insert(table).on_conflict_do_nothing()
-
-        def op(e: Any, position: int) -> list[Op]:
-            row = values(e)
-            row.update(id=str(key(e)), created_position=position,
-                       last_position=position, last_command_id=e.command_id,
-                       last_actor=e.actor, recorded_at=e.timestamp, updated_at=e.timestamp)
-            return [(table.name, stmt, row)]
-
-        return op
-
-    @staticmethod
-    def _update(table: Table, values: Callable[[Any], dict[str, Any]],
-                key_extra: tuple[str, ...] = (),
-                key: Callable[[Any], Any] = _originator) -> Callable[[Any, int], list[Op]]:
-        """Update the row ``key(event)``; an event the row already reflects changes nothing,
-        and an event without a key (``None``) changes no row of this table."""
-        statements: dict[tuple[str, ...], Any] = {}  # one statement per set of columns
-
-        def op(e: Any, position: int) -> list[Op]:
-            row_id = key(e)
-            if row_id is None:
-                return []
-            vals = values(e)
-            vals.update(last_position=position, last_command_id=e.command_id,
-                        last_actor=e.actor, updated_at=e.timestamp)
-            if key_extra:  # expressions: no executemany, one statement per event
-                stmt = (update(table).where(table.c.id == str(row_id),
-                                            table.c.last_position < position).values(**vals))
-                return [((table.name, "expr", id(stmt)), stmt, {})]
-            cols = tuple(sorted(vals))
-            cached = statements.get(cols)
-            if cached is None:
-                cached = statements[cols] = (
-                    update(table).where(table.c.id == bindparam("_id"),
-                                        table.c.last_position < bindparam("_position"))
-                    .values({c: bindparam(c) for c in cols}))
-            vals["_id"] = str(row_id)
-            vals["_position"] = position
-            return [((table.name, "upd", cols), cached, vals)]
-
-        return op
-
-    def ops(self, event: Any, position: int) -> list[Op]:
-        handler = self.handlers.get(type(event).__qualname__)
-        return handler(event, position) if handler else []
-
-
-def execute_ops(conn: Connection, ops: Iterator[Op]) -> None:
-    """Execute operations in order, grouping runs of the same statement into executemany."""
-    run_key: Any = None
-    run_stmt: Any = None
-    run: list[dict[str, Any]] = []
-    for key, stmt, params in ops:
-        if key != run_key:
-            if run_stmt is not None:
-                conn.execute(run_stmt, run) if run else conn.execute(run_stmt)
-            run_key, run_stmt, run = key, stmt, []
-        if params:
-            run.append(params)
-    if run_stmt is not None:
-        conn.execute(run_stmt, run) if run else conn.execute(run_stmt)
-
 
 def execute_grouped(conn: Connection, ops: Iterator[Op], fresh: bool = False) -> None:
     """Execute a page's operations as few statements as possible (rebuilds): operations on
@@ -351,6 +167,9 @@ class _Writer:
 class Projector:
     """Follows the event log and keeps the read models; one instance per process."""
 
+    #: Decoder processes of a rebuild (None: one per CPU but one; 1: decode in this process).
+    rebuild_workers: int | None = None
+
     def __init__(self, store: EventStore, engine: Engine, page_size: int = 1000,
                  poll_interval: float = 0.5) -> None:
         self.store = store
@@ -359,13 +178,14 @@ class Projector:
         self.poll_interval = poll_interval
         self.positions = build_positions()
         self.tables = build_tables()
-        self._ops = _Ops(self.tables, engine.dialect.name)
+        self._ops = Projections(self.tables, engine.dialect.name)
         self.position = 0
         self.last_error: str | None = None
         self.caught_up_at: float | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._advanced = threading.Condition()
+        self._listeners: list[Callable[[int], None]] = []
         self._threads: list[threading.Thread] = []
         self.setup()
 
@@ -454,14 +274,14 @@ class Projector:
         self._advance(new_pos)
         return len(notifications)
 
-    def _apply(self, conn: Connection, ops: _Ops, notifications: Any,
+    def _apply(self, conn: Connection, ops: Projections, notifications: Any,
                only: frozenset[str] | None = None, grouped: bool = False) -> None:
         """Apply ``notifications`` through ``ops``; with ``only``, just the statements on
         those tables (a rebuild of some read models); ``grouped``: ``execute_grouped``."""
         (execute_grouped if grouped else execute_ops)(
             conn, self._page_ops(ops, notifications, only))
 
-    def _page_ops(self, ops: _Ops, notifications: Any,
+    def _page_ops(self, ops: Projections, notifications: Any,
                   only: frozenset[str] | None = None) -> Iterator[Op]:
         decode = self.store.decode
         handled = ops.handlers
@@ -498,11 +318,42 @@ class Projector:
         with self._advanced:
             self.position = max(self.position, position)
             self._advanced.notify_all()
+        for listener in self._listeners:
+            listener(self.position)
 
-    def catch_up(self, timeout: float = 60.0) -> int:
-        """Project until the log's head as it is now (tests, command line)."""
+    def on_advance(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(position)`` whenever the read models reach a new position (the
+        live stream follows them)."""
+        self._listeners.append(callback)
+
+    def changes(self, event: Any, position: int) -> list[dict[str, Any]]:
+        """What ``event`` (at ``position``) changes in the read models, per row:
+        ``{read_model, op: insert|update, id, values}``; ``id`` and ``values`` are None
+        where the statement is an expression (a counter incremented, every file of a job).
+        """
+        out: list[dict[str, Any]] = []
+        for key, _stmt, params in self._ops.ops(event, position):
+            insert = isinstance(key, str)  # inserts are keyed by their table's name
+            table = key if insert else key[0]
+            row_id = params.get("_id", params.get("id")) if params else None
+            out.append({"read_model": table, "op": "insert" if insert else "update",
+                        "id": None if row_id is None else str(row_id),
+                        "values": {k: v for k, v in params.items() if k not in _NOT_CHANGES}
+                        if params else None})
+        return out
+
+    def handles(self, topic: str) -> bool:
+        """Whether events of ``topic`` change a read model."""
+        return topic.rpartition(":")[2] in self._ops.handlers
+
+    def catch_up(self, timeout: float = 60.0,
+                 progress: Callable[[int], None] | None = None) -> int:
+        """Project until the log's head as it is now (tests, command line); ``progress`` is
+        told each position reached."""
         deadline = time.monotonic() + timeout
         while self.project_once():
+            if progress is not None:
+                progress(self.position)
             if time.monotonic() > deadline:
                 raise TimeoutError("projection did not catch up in time")
         return self.position
@@ -522,7 +373,7 @@ class Projector:
         chosen = _chosen(models)
         generation = "r" + uuid.uuid4().hex[:12]
         shadow = build_tables(generation=generation, table_suffix="_" + generation)
-        ops = _Ops(shadow, self.engine.dialect.name)
+        ops = Projections(shadow, self.engine.dialect.name)
         only = None if models is None else _shadow_names(chosen, generation)
         tables = [t for m, t in zip(READ_MODELS, shadow.all(), strict=True) if m in chosen]
         with self.engine.begin() as conn:  # indexes after the fill (keys and unique now)
@@ -532,11 +383,11 @@ class Projector:
         head = self.store.max_position()
         try:
             with _Writer(self.engine, progress, head) as writer, \
-                    closing(self._pages(0, head)) as pages:
-                for notifications in pages:
-                    writer.put(list(self._page_ops(ops, notifications, only)),
-                               notifications[-1].id)
-                    pos = notifications[-1].id
+                    closing(self._pages(0, head)) as pages, \
+                    parallel_pages(self, ops, Projections, generation, pages, head, only) as built:
+                for page_ops, last in built:
+                    writer.put(page_ops, last)
+                    pos = last
             with self.engine.begin() as conn:
                 for table in tables:
                     for index in table.indexes:
@@ -547,11 +398,13 @@ class Projector:
         return shadow, pos
 
     def check(self, progress: Callable[[int, int], None] | None = None,
+              compared: Callable[[str], None] | None = None,
               ) -> tuple[int, dict[str, dict[str, Any]]]:
         """Compare every live read model with a fresh build from the log; return the build's
         position and, per read model, the ids of rows missing, extra or different in the live
         one. Rows the live projector changed after the build's position are not compared, so
-        this can run while commands keep arriving."""
+        this can run while commands keep arriving. ``progress`` follows the build,
+        ``compared`` is told each read model compared."""
         fresh, position = self.build_fresh(progress)
         report: dict[str, dict[str, Any]] = {}
         try:
@@ -568,6 +421,8 @@ class Projector:
                                        and live[i] != r)
                     report[model] = {"rows": len(built), "missing": missing, "extra": extra,
                                      "different": different}
+                    if compared is not None:
+                        compared(model)
         finally:
             self.drop(fresh)
         return position, report
@@ -597,7 +452,7 @@ class Projector:
         chosen = _chosen(models)
         every = set(chosen) == set(READ_MODELS)
         shadow, pos = self.build_fresh(progress, None if every else chosen)
-        ops = _Ops(shadow, self.engine.dialect.name)
+        ops = Projections(shadow, self.engine.dialect.name)
         generation = shadow.generation
         only = None if every else _shadow_names(chosen, generation)
         try:
@@ -627,7 +482,7 @@ class Projector:
             self._advance(pos)
         return pos
 
-    def _switch(self, ops: _Ops, only: frozenset[str] | None, chosen: tuple[str, ...],
+    def _switch(self, ops: Projections, only: frozenset[str] | None, chosen: tuple[str, ...],
                 generation: str, pos: int, every: bool) -> int:
         with write_transaction(self.engine) as conn:
             postgres = is_postgres(self.engine)

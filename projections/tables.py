@@ -335,6 +335,7 @@ def build_processing_tables(md: MetaData, name: Callable[[str], str], g: str,
         Column("archived", Boolean, nullable=False),
         Column("built_at", TZ, nullable=False),
         Column("catalogued_at", TZ),
+        Column("metadata", Json, nullable=False),  # what catalog jobs recorded on it
         *_common(),
         Index(f"ix_dp_status_{g}", "status", "built_at"),
         Index(f"ix_dp_job_{g}", "job_id"),
@@ -353,6 +354,8 @@ def build_processing_tables(md: MetaData, name: Callable[[str], str], g: str,
         Column("checksum_value", String(128), nullable=False),
         Column("file_type", String(50), nullable=False),
         Column("executed_obs_unit_id", String(36)),
+        Column("role", String(30)),  # how the algorithm used it: bias, dark, flat, science
+        Column("classified_from", String(255)),  # what said so: "IMAGETYP 'ZERO'", ...
         *_common(),
         Index(f"ix_pi_product_{g}", "product_id"),
         Index(f"ix_pi_file_{g}", "file_id"),

@@ -3,16 +3,17 @@ system knew at a given time — from the log alone, never from the read models."
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import orjson
 from eventsourcing.persistence import Notification
 
-from infra.event_store import EventStore
+from infra.event_store import EventStore, stored_fields
 
 #: Fields every event carries; the rest of the stored state is the event's data.
 PROVENANCE = ("timestamp", "actor", "command_id", "correlation_id", "observed_at",
@@ -35,7 +36,56 @@ def untag(value: Any) -> Any:
 
 
 def _time(value: Any) -> datetime | None:
-    return datetime.fromisoformat(value) if isinstance(value, str) else None
+    try:
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+#: A stored state nested deeper than this is shown raw: nested in a page of events it could
+#: pass the JSON encoders' limits (orjson: 254 levels). Commands nest at most 32.
+RENDER_DEPTH = 100
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deep ``value`` nests, counted up to ``limit + 1``."""
+    if limit < 0 or not isinstance(value, dict | list):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in children), default=0)
+
+
+def read_state(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """A stored event's state as JSON, or None and why it cannot be shown as JSON: not JSON
+    (``NaN`` written by an older version, bytes that are not UTF-8), not an object, or too
+    deep to render."""
+    try:
+        state = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        return None, f"the stored state is not valid JSON: {e}"
+    if not isinstance(state, dict):
+        return None, "the stored state is not a JSON object"
+    # counting brackets is cheap; only a state with many is walked
+    if raw.count(b"{") + raw.count(b"[") > RENDER_DEPTH and \
+            _depth(state, RENDER_DEPTH) > RENDER_DEPTH:
+        return None, f"the stored state nests deeper than {RENDER_DEPTH} levels"
+    return state, None
+
+
+def _lenient_provenance(raw: bytes) -> dict[str, Any]:
+    """The provenance fields of a state that is not valid JSON but that Python's json module
+    reads (``NaN``): text fields only, and only text that can be written as UTF-8."""
+    state = stored_fields(raw)
+    out: dict[str, Any] = {}
+    for name in ("timestamp", "actor", "command_id", "correlation_id", "observed_at"):
+        value = untag(state.get(name))
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                continue
+            out[name] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -54,23 +104,38 @@ class AuditEvent:
     #: The event class's schema version the event was stored in (``class_version``; 1 when
     #: absent). ``data`` is as stored; ``state_at`` upcasts (``docs/EVENT_SCHEMA.md``).
     schema_version: int = 1
+    #: An event whose stored state cannot be shown as JSON: why, and its bytes in base64
+    #: (``data`` is then empty; the provenance fields are read where Python's json can).
+    unreadable: str | None = None
+    raw_state: str | None = None
 
     @classmethod
     def of(cls, n: Notification) -> AuditEvent:
-        state = untag(orjson.loads(bytes(n.state)))
+        raw = bytes(n.state)
+        parsed, problem = read_state(raw)
         qualname = n.topic.rpartition(":")[2]
+        state: dict[str, Any] = untag(parsed) if parsed is not None \
+            else _lenient_provenance(raw)
+        try:
+            schema_version = int(state.get("class_version", 1))
+        except (TypeError, ValueError):
+            schema_version = 1
         return cls(
             position=n.id, aggregate_type=qualname.partition(".")[0],
             aggregate_id=str(n.originator_id), version=n.originator_version,
             event_type=qualname, recorded_at=_time(state.get("timestamp")),
-            observed_at=_time(state.get("observed_at")), actor=state.get("actor"),
-            command_id=state.get("command_id"), correlation_id=state.get("correlation_id"),
-            data={k: v for k, v in state.items() if k not in PROVENANCE},
-            schema_version=int(state.get("class_version", 1)))
+            observed_at=_time(state.get("observed_at")), actor=_text(state.get("actor")),
+            command_id=_text(state.get("command_id")),
+            correlation_id=_text(state.get("correlation_id")),
+            data={k: v for k, v in state.items() if k not in PROVENANCE}
+            if problem is None else {},
+            schema_version=schema_version, unreadable=problem,
+            raw_state=base64.b64encode(raw).decode() if problem is not None else None)
 
     def as_json(self) -> dict[str, Any]:
-        """Plain JSON values (``data`` is shared, not copied: it is freshly parsed per event)."""
-        return {
+        """Plain JSON values (``data`` is shared, not copied: it is freshly parsed per event).
+        An unreadable event also has ``unreadable`` and ``raw_state``."""
+        out = {
             "position": self.position, "aggregate_type": self.aggregate_type,
             "aggregate_id": self.aggregate_id, "version": self.version,
             "event_type": self.event_type,
@@ -79,6 +144,14 @@ class AuditEvent:
             "actor": self.actor, "command_id": self.command_id,
             "correlation_id": self.correlation_id, "data": self.data,
             "schema_version": self.schema_version}
+        if self.unreadable is not None:
+            out["unreadable"] = self.unreadable
+            out["raw_state"] = self.raw_state
+        return out
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 @dataclass
@@ -156,16 +229,25 @@ def _aggregate_notifications(store: EventStore, aggregate_id: str) -> list[Notif
     return out
 
 
+class AggregateAt(NamedTuple):
+    """What :func:`state_at` found."""
+
+    state: dict[str, Any] | None
+    events: list[AuditEvent]
+    #: Why the state stops short of ``events`` (an event that cannot be applied), or None.
+    incomplete: str | None = None
+
+
 def state_at(store: EventStore, aggregate_id: str, *, version: int | None = None,
              recorded_at: datetime | None = None, observed_at: datetime | None = None,
-             ) -> tuple[dict[str, Any] | None, list[AuditEvent]]:
-    """The aggregate as it was after ``version`` events, or as the system knew it at
-    ``recorded_at``, or as far as it had happened at the telescope by ``observed_at`` (the
-    longest prefix of its events observed — or, without an observation time, recorded — by
-    then); and the events that produced it."""
-    notifications = _aggregate_notifications(store, aggregate_id)
-    chosen: list[Notification] = []
-    for n in notifications:
+             ) -> AggregateAt:
+    """The aggregate as it was after ``version`` events, as the system knew it at
+    ``recorded_at``, and as far as it had happened at the telescope by ``observed_at`` (the
+    longest prefix of its events meeting every bound given; observed — or, without an
+    observation time, recorded — by then); and the events that produced it. An event that
+    cannot be applied ends the state there (``incomplete`` says which and why)."""
+    chosen: list[tuple[Notification, AuditEvent]] = []
+    for n in _aggregate_notifications(store, aggregate_id):
         e = AuditEvent.of(n)
         if version is not None and e.version > version:
             break
@@ -174,12 +256,28 @@ def state_at(store: EventStore, aggregate_id: str, *, version: int | None = None
         when = e.observed_at or e.recorded_at
         if observed_at is not None and (when is None or when > observed_at):
             break
-        chosen.append(n)
+        chosen.append((n, e))
     aggregate: Any = None
-    for n in chosen:
-        aggregate = store.decode(n).mutate(aggregate)
-    return (None if aggregate is None else aggregate_state(aggregate),
-            [AuditEvent.of(n) for n in chosen])
+    incomplete = None
+    for i, (n, _) in enumerate(chosen):
+        try:
+            aggregate = store.decode(n).mutate(aggregate)
+        except Exception as exc:  # a stored event this version cannot read or apply
+            reason = str(exc).encode("utf-8", "backslashreplace").decode("utf-8")
+            incomplete = (f"the event at position {n.id} cannot be applied "
+                          f"({type(exc).__name__}: {reason}); the state is as before it")
+            del chosen[i + 1:]
+            break
+    state = None
+    if aggregate is not None:
+        try:
+            state = aggregate_state(aggregate)
+        except (TypeError, ValueError) as exc:  # e.g. nested beyond what orjson writes
+            incomplete = incomplete or f"the state cannot be shown as JSON: {exc}"
+        if state is not None and _depth(state, RENDER_DEPTH) > RENDER_DEPTH:
+            state = None
+            incomplete = incomplete or f"the state nests deeper than {RENDER_DEPTH} levels"
+    return AggregateAt(state, [e for _, e in chosen], incomplete)
 
 
 def aggregate_state(aggregate: Any) -> dict[str, Any]:

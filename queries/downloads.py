@@ -9,20 +9,25 @@ from uuid import UUID
 
 from sqlalchemy import func, select
 
+from commands.downloads import DownloadCommand
 from domain.downloads import download_file_id
 from infra.journal import JournalEntry
-from queries.overlay import mark_pending
-from queries.service import PENDING_SCAN_LIMIT, QueryService
+from queries.jobs import JobReads
+from queries.service import QueryService, Reading
 
 COMMAND_TYPES = tuple(f"download_job.{c}" for c in (
     "request", "start_file", "checkpoint", "complete_file", "fail", "pause", "resume",
     "cancel", "purge_partials"))
 ACTIVE = ("requested", "running")
 RESUMABLE = ("paused", "failed")
+#: Jobs that may still write their files (a failed or paused one can be resumed).
+CLAIMING = (*ACTIVE, *RESUMABLE)
 #: What a pending people's command will make of the job's status (if the domain allows it).
-_CONTROL = {"download_job.pause": ({"requested", "running"}, "paused"),
-            "download_job.resume": ({"paused", "failed"}, "running"),
-            "download_job.cancel": ({"requested", "running", "paused", "failed"}, "cancelled")}
+_CONTROL: dict[str, tuple[set[str], str]] = {
+    DownloadCommand.DOWNLOAD_JOB_PAUSE: ({"requested", "running"}, "paused"),
+    DownloadCommand.DOWNLOAD_JOB_RESUME: ({"paused", "failed"}, "running"),
+    DownloadCommand.DOWNLOAD_JOB_CANCEL: (
+        {"requested", "running", "paused", "failed"}, "cancelled")}
 
 
 def file_view(r: dict[str, Any]) -> dict[str, Any]:
@@ -57,8 +62,19 @@ def job_view(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: What a file the read model still shows downloading is while its job is not running: it
+#: waits for a resume from its checkpoint (paused, failed) or never will (cancelled).
+STOPPED_FILE = {"paused": "paused", "failed": "stopped", "cancelled": "cancelled"}
+
+
 def _with_speed(job: dict[str, Any], files: list[dict[str, Any]]) -> dict[str, Any]:
-    """The job's speed is the sum of its downloading files' speeds (last checkpoints)."""
+    """The job's speed is the sum of its downloading files' speeds (last checkpoints); a
+    stopped job's files in progress say so (``STOPPED_FILE``), without speed or ETA."""
+    stopped = STOPPED_FILE.get(job["status"])
+    if stopped is not None:
+        for f in files:
+            if f["status"] == "downloading":
+                f.update(status=stopped, bytes_per_s=None, eta_s=None)
     speeds = [f["bytes_per_s"] for f in files if f["status"] == "downloading"
               and f["bytes_per_s"]]
     if job["status"] == "running" and speeds:
@@ -66,6 +82,36 @@ def _with_speed(job: dict[str, Any], files: list[dict[str, Any]]) -> dict[str, A
         if job["bytes_total"] is not None:
             job["eta_s"] = round((job["bytes_total"] - job["bytes_done"]) / job["bytes_per_s"],
                                  1)
+    return job
+
+
+def with_live(job: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:
+    """A job view with the downloader's in-memory figures (``LiveProgress.job``: bytes
+    received ahead of the last checkpoint, speed, ETA) for the files the read model shows
+    downloading in a running job; the checkpoints stay the durable record. ``live: true``
+    says which figures are."""
+    if live is None or job["status"] != "running":
+        return job
+    files = {f["index"]: f for f in job.get("files", [])}
+    ahead = 0
+    for lf in live["files"]:
+        f = files.get(lf["index"])
+        if f is None or f["status"] != "downloading" or lf["bytes_done"] < f["bytes_done"]:
+            continue
+        ahead += lf["bytes_done"] - f["bytes_done"]
+        f.update(bytes_done=lf["bytes_done"], bytes_per_s=lf["bytes_per_s"], live=True,
+                 eta_s=lf["eta_s"])
+        f["percent"] = round(100.0 * f["bytes_done"] / f["size"], 2) if f["size"] else None
+    if any(f.get("live") for f in files.values()):
+        total = job["bytes_total"]
+        speeds = [f["bytes_per_s"] for f in files.values()
+                  if f["status"] == "downloading" and f["bytes_per_s"]]
+        speed = round(sum(speeds), 1) if speeds else None
+        done = job["bytes_done"] + ahead
+        job.update(bytes_done=done, live=True, bytes_per_s=speed,
+                   percent=round(100.0 * done / total, 2) if total else None,
+                   eta_s=round((total - done) / speed, 1) if total is not None and speed
+                   else None)
     return job
 
 
@@ -93,21 +139,13 @@ def _pending_job(e: JournalEntry) -> dict[str, Any]:
     return job
 
 
-def _overlay(job: dict[str, Any] | None, e: JournalEntry) -> dict[str, Any] | None:
-    """Apply one pending command to a job view (None: the job is not known yet)."""
-    if e.command_type == "download_job.request":
-        if job is not None and not job["pending"]:
-            return job  # projected already
-        job = _pending_job(e)
-    elif job is None:
-        return None
-    elif e.status == "applied" and (job["last_position"] or 0) >= (e.position or 0):
-        return job  # the read model shows it already
-    else:
-        control = _CONTROL.get(e.command_type)
-        if control is not None and job["status"] in control[0]:
-            job["status"] = control[1]
-    return mark_pending(job, e)
+def _control(job: dict[str, Any], e: JournalEntry) -> bool:
+    """Every pending command shows (as pending); pause, resume and cancel also show the
+    status they will give the job."""
+    control = _CONTROL.get(e.command_type)
+    if control is not None and job["status"] in control[0]:
+        job["status"] = control[1]
+    return True
 
 
 class DownloadQueries:
@@ -117,59 +155,45 @@ class DownloadQueries:
         self.q = queries
         self.jobs = queries.t.download_jobs
         self.files = queries.t.download_files
+        self.reads = JobReads(
+            kind="download_job", jobs=self.jobs, view=job_view, parts_key="files",
+            parts=self.files, part_view=file_view, part_order="file_index",
+            request_type=DownloadCommand.DOWNLOAD_JOB_REQUEST, pending_job=_pending_job,
+            control=_control)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         """One job with its files, progress, speed and ETA (smart query)."""
-        j, f = self.jobs, self.files
-        with self.q._connect() as conn, conn.begin():
-            position = self.q._position(conn)
-            rows = self.q._rows(conn, select(j).where(j.c.id == job_id))
-            job = job_view(rows[0]) if rows else None
-            if job is not None:
-                job["files"] = [file_view(r) for r in self.q._rows(
-                    conn, select(f).where(f.c.job_id == job_id).order_by(f.c.file_index))]
-        for e in self.q.journal.unprojected(position, f"download_job:{job_id}")[
-                -PENDING_SCAN_LIMIT:]:
-            job = _overlay(job, e)
-        if job is None:
-            return None
-        job["read_model_position"] = position
-        return _with_speed(job, job["files"])
+
+        def query(r: Reading) -> dict[str, Any] | None:
+            job = self.reads.job(r, job_id)
+            return None if job is None else _with_speed(job, job["files"])
+
+        return self.q.read(query)
 
     def list_jobs(self, statuses: tuple[str, ...] | None, limit: int, offset: int,
-                  ) -> tuple[int, int, list[dict[str, Any]]]:
+                  ) -> tuple[int | None, int | None, list[dict[str, Any]]]:
         """Jobs, newest first; jobs not projected yet lead the first page."""
         j, f = self.jobs, self.files
         conds = [j.c.status.in_(statuses)] if statuses else []
-        with self.q._connect() as conn, conn.begin():
-            position = self.q._position(conn)
-            total = int(conn.execute(select(func.count()).select_from(j).where(*conds))
-                        .scalar() or 0)
-            jobs = {r["id"]: job_view(r) for r in self.q._rows(conn, select(j).where(*conds)
-                    .order_by(j.c.requested_at.desc(), j.c.id).limit(limit).offset(offset))}
+
+        def query(r: Reading) -> tuple[int | None, int | None, list[dict[str, Any]]]:
+            total = r.count(select(func.count()).select_from(j).where(*conds))
+            jobs = {x["id"]: job_view(x) for x in r.rows(select(j).where(*conds).order_by(
+                j.c.requested_at.desc(), j.c.id).limit(limit).offset(offset))}
             files: dict[str, list[dict[str, Any]]] = {i: [] for i in jobs}
             if jobs:
-                for r in self.q._rows(conn, select(f).where(f.c.job_id.in_(list(jobs)))
-                                      .order_by(f.c.file_index)):
-                    files[r["job_id"]].append(file_view(r))
-        new: dict[str, dict[str, Any]] = {}
-        for e in self.q.journal.unprojected(position, None, COMMAND_TYPES)[-PENDING_SCAN_LIMIT:]:
-            jid = str(e.payload["id"])
-            if jid in jobs:
-                jobs[jid] = _overlay(jobs[jid], e) or jobs[jid]
-            elif e.command_type == "download_job.request" and not offset:
-                row = _overlay(None, e)
-                if row is not None:
-                    new[jid] = row
-            elif jid in new:
-                new[jid] = _overlay(new[jid], e) or new[jid]
-        items = [*reversed(new.values())]
-        for jid, job in jobs.items():
-            job["files"] = files[jid]
-            items.append(_with_speed(job, files[jid]))
-        if statuses:
-            items = [i for i in items if i["status"] in statuses]
-        return position, total, items
+                for x in r.rows(select(f).where(f.c.job_id.in_(list(jobs)))
+                                .order_by(f.c.file_index)):
+                    files[x["job_id"]].append(file_view(x))
+            items = self.reads.pending(r, jobs, COMMAND_TYPES, offset)
+            for jid, job in jobs.items():
+                job["files"] = files[jid]
+                items.append(_with_speed(job, files[jid]))
+            if statuses:
+                items = [i for i in items if i["status"] in statuses]
+            return r.position, total, r.listing(items, offset, limit)
+
+        return self.q.read(query)
 
     # -- for the downloader ----------------------------------------------------------------
     def active_jobs(self) -> list[str]:
@@ -178,6 +202,27 @@ class DownloadQueries:
         with self.q.engine.connect() as conn:
             return [str(r[0]) for r in conn.execute(
                 select(j.c.id).where(j.c.status.in_(ACTIVE)).order_by(j.c.requested_at))]
+
+    def claimants(self, destination: str, filenames: list[str]) -> dict[str, tuple[str, str]]:
+        """filename → (job id, status) of the jobs that may still write ``filenames`` into
+        ``destination``: not completed or cancelled, in the read model or not yet in it."""
+        j, f = self.jobs, self.files
+        found: dict[str, tuple[str, str]] = {}
+        with self.q.connect() as conn, conn.begin():
+            position = self.q.read_position(conn)
+            for name, job_id, status in conn.execute(
+                    select(f.c.filename, j.c.id, j.c.status).join(j, j.c.id == f.c.job_id)
+                    .where(j.c.destination == destination, j.c.status.in_(CLAIMING),
+                           f.c.filename.in_(filenames))):
+                found.setdefault(str(name), (str(job_id), str(status)))
+        wanted = set(filenames)
+        requests = (DownloadCommand.DOWNLOAD_JOB_REQUEST,)
+        for e in self.q.journal.unprojected(position, None, requests):
+            if e.payload.get("destination") == destination:
+                for spec in e.payload.get("files", ()):
+                    if spec.get("filename") in wanted:
+                        found.setdefault(spec["filename"], (str(e.payload["id"]), "requested"))
+        return found
 
     def purgeable_jobs(self, before: datetime) -> list[str]:
         """Cancelled or failed jobs, unchanged since ``before``, whose partials remain."""

@@ -3,7 +3,8 @@
 product ─wasGeneratedBy→ processing run (when the results scheduler started it) ─wasInformedBy→
 job; without a run the job itself generated the product. The job ─wasAssociatedWith→ the
 algorithm (name and version) and the software (obsledger, numpy, scipy, astropy as they were
-when it ran), ─used→ its parameters and every input raw data file (with its checksum); the
+when it ran), ─used→ its parameters and every input raw data file (with its checksum; the edge
+carries the role the algorithm gave the file — bias, dark, flat, science — and what said so); the
 product ─wasDerivedFrom→ each raw data file, which ─wasGeneratedBy→ the executed obs unit that
 wrote it; an observation result ─hadMember→ the products of its runs.
 """
@@ -110,7 +111,11 @@ def product_lineage(processing: ProcessingQueries, product_id: str) -> LineageGr
                        relative_path=i["relative_path"], size=i["size"],
                        checksum_algorithm=i["checksum"]["algorithm"],
                        checksum=i["checksum"]["value"], file_type=i["file_type"])
-        b.edge(activity, fnode, "used", role=i["file_type"])
+        # the role the algorithm gave the file (bias, dark, flat, science), not its file type
+        # (``raw_ccd`` says nothing when the frames are told apart by IMAGETYP)
+        used = {"role": i["role"], "classified_from": i["classified_from"]} \
+            if i.get("role") else {}
+        b.edge(activity, fnode, "used", **used)
         b.edge(pnode, fnode, "wasDerivedFrom")
         unit_id = i["executed_obs_unit_id"]
         if unit_id:
@@ -128,6 +133,6 @@ def _executions(processing: ProcessingQueries, ids: list[str]) -> dict[str, dict
     if not ids:
         return {}
     u = processing.q.t.executed_obs_units
-    with processing.q._connect() as conn, conn.begin():
-        return {r["id"]: unit_view(r) for r in processing.q._rows(
+    with processing.q.connect() as conn, conn.begin():
+        return {r["id"]: unit_view(r) for r in processing.q.fetch_rows(
             conn, select(u).where(u.c.id.in_(sorted(set(ids)))))}

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
+
+ReadModelsState = Literal["available", "unavailable"]
+READ_MODELS_DESCRIPTION = (
+    "`unavailable` while the read-model database does not answer: the answer then comes from "
+    "this server's journal alone — entities created or changed by commands it accepted that "
+    "are not yet in the read models as it last saw them, every row `pending: true` (the "
+    "`X-Read-Models: unavailable` header says the same). See docs/OPERATIONS.md, \"During an "
+    "outage\".")
 
 
 class PendingInfo(BaseModel):
@@ -22,6 +30,7 @@ class PendingInfo(BaseModel):
     last_position: int | None = Field(
         None, description="Log position of the last event reflected in the row."
     )
+    read_models: ReadModelsState = Field("available", description=READ_MODELS_DESCRIPTION)
 
 
 class ExecutedObsUnitView(PendingInfo):
@@ -71,6 +80,8 @@ class RawDataFileView(PendingInfo):
     package_id: UUID | None = None
     file_type: str
     created_at: datetime
+    registered_at: datetime | None = Field(
+        None, description="When its registration was recorded (null while pending).")
 
 
 class RawDataPackageView(PendingInfo):
@@ -87,7 +98,11 @@ class RawDataPackageView(PendingInfo):
     total_size: int | None = Field(None, description="Bytes; null while not yet known.")
     file_count: int
     finalized_at: datetime | None = None
-    files: list[RawDataFileView] = Field(default_factory=list)
+    registered_at: datetime | None = Field(
+        None, description="When it was created (recorded; null while pending).")
+    files: list[RawDataFileView] = Field(
+        default_factory=list, description="Its files (empty in lists: see "
+        "`GET /raw_data_files?package_id=`).")
 
 
 class StagingRequestView(PendingInfo):
@@ -109,14 +124,22 @@ class StagingRequestView(PendingInfo):
     files_transferred: int = 0
     progress_percent: float | None = None
     message: str | None = None
+    registered_at: datetime | None = Field(
+        None, description="When it was requested (recorded; null while pending).")
+    updated_at: datetime | None = Field(None, description="Its last change (recorded).")
 
 
 class Page(BaseModel):
-    total: int = Field(description="Rows in the read model matching the filters.")
+    total: int | None = Field(description="Rows in the read model matching the filters "
+                              "(null while the read models are unavailable).")
     limit: int
-    offset: int
+    offset: int = Field(description="Rows skipped (the `Link` header has the neighbouring "
+                        "pages).")
     pending_count: int = Field(0, description="Pending entities merged into this page.")
-    read_model_position: int
+    read_model_position: int | None = Field(
+        description="The read models' log position the rows reflect; while they are "
+        "unavailable, the last one this server saw (null if none).")
+    read_models: ReadModelsState = Field("available", description=READ_MODELS_DESCRIPTION)
 
 
 class ExecutedObsUnitPage(Page):
@@ -127,9 +150,52 @@ class RawDataFilePage(Page):
     items: list[RawDataFileView]
 
 
+class RawDataPackagePage(Page):
+    items: list[RawDataPackageView]
+
+
+class StagingRequestPage(Page):
+    items: list[StagingRequestView]
+
+
+class Counts(BaseModel):
+    """What dashboards count: rows of one read model (within the filters), from one
+    snapshot of the read models."""
+
+    read_model_position: int | None = Field(description="The read models' log position the "
+                                            "counts reflect.")
+    total: int
+    pending_commands: int = Field(description="Commands for this read model accepted but "
+                                  "not yet in it (not in the counts).")
+
+
+class StatusCounts(Counts):
+    status: dict[str, int] = Field(description="Rows by status.")
+
+
+class SizedStatusCounts(StatusCounts):
+    bytes: int = Field(description="Their bytes (sizes not known yet count 0).")
+
+
+class ExecutedObsUnitCounts(StatusCounts):
+    instrument: dict[str, int] = Field(description="Rows by instrument.")
+
+
+class RawDataFileCounts(Counts):
+    instrument: dict[str, int]
+    file_type: dict[str, int]
+    bytes: int = Field(description="Their total size.")
+    packaged: int = Field(description="Those in a raw data package.")
+
+
+class ProcessingJobCounts(StatusCounts):
+    kind: dict[str, int] = Field(description="Rows by kind (ingest, process, catalog).")
+
+
 class ExecutionsOfObsUnit(BaseModel):
     obs_unit_id: str
-    read_model_position: int
+    read_model_position: int | None
+    read_models: ReadModelsState = Field("available", description=READ_MODELS_DESCRIPTION)
     executions: list[ExecutedObsUnitView]
 
 

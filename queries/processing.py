@@ -8,9 +8,11 @@ from typing import Any
 
 from sqlalchemy import func, or_, select
 
+from commands.processing import ProcessingCommand
 from infra.journal import JournalEntry
-from queries.overlay import mark_pending
-from queries.service import PENDING_SCAN_LIMIT, QueryService
+from queries.jobs import JobReads
+from queries.listing import equal_to
+from queries.service import QueryService, Reading
 
 COMMAND_TYPES = tuple(f"processing_job.{c}" for c in (
     "request", "claim", "renew", "start_step", "complete_step", "progress", "succeed", "fail",
@@ -71,7 +73,8 @@ def product_view(r: dict[str, Any]) -> dict[str, Any]:
         "algorithm": r["algorithm"], "algorithm_version": r["algorithm_version"],
         "parameters": r["parameters"], "software": r["software"],
         "result_id": r["result_id"], "run_id": r["run_id"], "built_at": r["built_at"],
-        "catalogued_at": r["catalogued_at"], "last_position": r["last_position"],
+        "catalogued_at": r["catalogued_at"], "metadata": r["metadata"],
+        "last_position": r["last_position"],
     }
 
 
@@ -94,25 +97,16 @@ def _pending_job(e: JournalEntry) -> dict[str, Any]:
         "updated_at": e.received_at, "last_position": None})
 
 
-def _overlay(job: dict[str, Any] | None, e: JournalEntry) -> dict[str, Any] | None:
-    """Apply one pending command to a job view (None: the job is not known yet). Only what
-    people ask (request, cancel) is shown ahead; the workers' reports show once applied."""
-    if e.command_type == "processing_job.request":
-        if job is not None and not job["pending"]:
-            return job  # projected already
-        job = _pending_job(e)
-    elif job is None:
-        return None
-    elif e.status == "applied" and (job["last_position"] or 0) >= (e.position or 0):
-        return job  # the read model shows it already
-    elif e.command_type == "processing_job.cancel" and e.status != "rejected":
-        if job["status"] == "requested":
-            job["status"] = "cancelled"
-        elif job["status"] == "running":
-            job["cancel_requested"] = True
-    else:
-        return job
-    return mark_pending(job, e)
+def _control(job: dict[str, Any], e: JournalEntry) -> bool:
+    """Only what people ask (request, cancel) is shown ahead; the workers' reports show once
+    applied."""
+    if e.command_type != ProcessingCommand.PROCESSING_JOB_CANCEL or e.status == "rejected":
+        return False
+    if job["status"] == "requested":
+        job["status"] = "cancelled"
+    elif job["status"] == "running":
+        job["cancel_requested"] = True
+    return True
 
 
 class ProcessingQueries:
@@ -124,55 +118,36 @@ class ProcessingQueries:
         self.steps = queries.t.processing_job_steps
         self.products = queries.t.data_products
         self.inputs = queries.t.product_inputs
+        self.reads = JobReads(
+            kind="processing_job", jobs=self.jobs, view=job_view, parts_key="steps",
+            parts=self.steps, part_view=step_view, part_order="created_position",
+            request_type=ProcessingCommand.PROCESSING_JOB_REQUEST, pending_job=_pending_job,
+            control=_control)
 
     # -- jobs ------------------------------------------------------------------------------
     def job(self, job_id: str) -> dict[str, Any] | None:
         """One job with its steps, progress, timings and outputs (smart query)."""
-        j, s = self.jobs, self.steps
-        with self.q._connect() as conn, conn.begin():
-            position = self.q._position(conn)
-            rows = self.q._rows(conn, select(j).where(j.c.id == job_id))
-            job = job_view(rows[0]) if rows else None
-            if job is not None:
-                job["steps"] = [step_view(r) for r in self.q._rows(
-                    conn, select(s).where(s.c.job_id == job_id).order_by(s.c.created_position))]
-        for e in self.q.journal.unprojected(position, f"processing_job:{job_id}")[
-                -PENDING_SCAN_LIMIT:]:
-            job = _overlay(job, e)
-        if job is None:
-            return None
-        job["read_model_position"] = position
-        return job
+        return self.q.read(lambda r: self.reads.job(r, job_id))
 
     def list_jobs(self, status: str | None, kind: str | None, limit: int, offset: int,
-                  ) -> tuple[int, int, list[dict[str, Any]]]:
+                  ) -> tuple[int | None, int | None, list[dict[str, Any]]]:
         """Jobs, newest first; jobs not projected yet lead the first page."""
         j = self.jobs
         conds = [c for c in (j.c.status == status if status else None,
                              j.c.kind == kind if kind else None) if c is not None]
-        with self.q._connect() as conn, conn.begin():
-            position = self.q._position(conn)
-            total = int(conn.execute(select(func.count()).select_from(j).where(*conds))
-                        .scalar() or 0)
-            jobs = {r["id"]: job_view(r) for r in self.q._rows(conn, select(j).where(*conds)
-                    .order_by(j.c.requested_at.desc(), j.c.id).limit(limit).offset(offset))}
-        new: dict[str, dict[str, Any]] = {}
-        for e in self.q.journal.unprojected(position, None, ("processing_job.request",
-                                                              "processing_job.cancel"))[
-                -PENDING_SCAN_LIMIT:]:
-            jid = str(e.payload["id"])
-            if jid in jobs:
-                jobs[jid] = _overlay(jobs[jid], e) or jobs[jid]
-            elif e.command_type == "processing_job.request" and not offset:
-                row = _overlay(None, e)
-                if row is not None:
-                    new[jid] = row
-            elif jid in new:
-                new[jid] = _overlay(new[jid], e) or new[jid]
-        items = [*reversed(new.values()), *jobs.values()]
-        items = [i for i in items if (not status or i["status"] == status)
-                 and (not kind or i["kind"] == kind)]
-        return position, total, items
+
+        def query(r: Reading) -> tuple[int | None, int | None, list[dict[str, Any]]]:
+            total = r.count(select(func.count()).select_from(j).where(*conds))
+            jobs = {x["id"]: job_view(x) for x in r.rows(select(j).where(*conds).order_by(
+                j.c.requested_at.desc(), j.c.id).limit(limit).offset(offset))}
+            items = [*self.reads.pending(r, jobs, (ProcessingCommand.PROCESSING_JOB_REQUEST,
+                                                    ProcessingCommand.PROCESSING_JOB_CANCEL),
+                                         offset), *jobs.values()]
+            items = [i for i in items if (not status or i["status"] == status)
+                     and (not kind or i["kind"] == kind)]
+            return r.position, total, r.listing(items, offset, limit)
+
+        return self.q.read(query)
 
     def claimable(self, now: datetime, limit: int = 20) -> list[str]:
         """Jobs a worker may claim now: requested ones, and running ones whose lease
@@ -190,13 +165,13 @@ class ProcessingQueries:
         replay the job's events)."""
         j = self.jobs
         with self.q.engine.connect() as conn:
-            position = self.q._position(conn)
+            position = self.q.read_position(conn)
             row = conn.execute(select(j.c.cancel_requested, j.c.status)
                                .where(j.c.id == job_id)).first()
         if row is not None and (row[0] or row[1] == "cancelled"):
             return True
         return bool(self.q.journal.unprojected(position, f"processing_job:{job_id}",
-                                               ("processing_job.cancel",)))
+                                               (ProcessingCommand.PROCESSING_JOB_CANCEL,)))
 
     def active_count(self) -> int:
         j = self.jobs
@@ -213,8 +188,8 @@ class ProcessingQueries:
     # -- products --------------------------------------------------------------------------
     def product(self, product_id: str) -> dict[str, Any] | None:
         p = self.products
-        with self.q._connect() as conn, conn.begin():
-            rows = self.q._rows(conn, select(p).where(p.c.id == product_id))
+        with self.q.connect() as conn, conn.begin():
+            rows = self.q.fetch_rows(conn, select(p).where(p.c.id == product_id))
             if not rows:
                 return None
             view = product_view(rows[0])
@@ -227,29 +202,23 @@ class ProcessingQueries:
                  "relative_path": r["relative_path"], "size": r["size"],
                  "checksum": {"algorithm": r["checksum_algorithm"],
                               "value": r["checksum_value"]},
-                 "file_type": r["file_type"], "executed_obs_unit_id": r["executed_obs_unit_id"]}
-                for r in self.q._rows(conn, select(i).where(i.c.product_id == product_id)
+                 "file_type": r["file_type"], "executed_obs_unit_id": r["executed_obs_unit_id"],
+                 "role": r["role"], "classified_from": r["classified_from"]}
+                for r in self.q.fetch_rows(conn, select(i).where(i.c.product_id == product_id)
                                       .order_by(i.c.name))]
 
     def list_products(self, *, status: str | None, kind: str | None, job_id: str | None,
                       result_id: str | None, catalogued_only: bool, limit: int, offset: int,
                       ) -> tuple[int, int, list[dict[str, Any]]]:
         p = self.products
-        conds: list[Any] = []
-        if status:
-            conds.append(p.c.status == status)
-        elif catalogued_only:
+        conds = equal_to(p, {"status": status or None, "kind": kind or None,
+                             "job_id": job_id or None, "result_id": result_id or None})
+        if not status and catalogued_only:
             conds.append(p.c.status != "built")
-        if kind:
-            conds.append(p.c.kind == kind)
-        if job_id:
-            conds.append(p.c.job_id == job_id)
-        if result_id:
-            conds.append(p.c.result_id == result_id)
-        with self.q._connect() as conn, conn.begin():
-            position = self.q._position(conn)
+        with self.q.connect() as conn, conn.begin():
+            position = self.q.read_position(conn)
             total = int(conn.execute(select(func.count()).select_from(p).where(*conds))
                         .scalar() or 0)
-            items = [product_view(r) for r in self.q._rows(conn, select(p).where(*conds)
+            items = [product_view(r) for r in self.q.fetch_rows(conn, select(p).where(*conds)
                      .order_by(p.c.built_at.desc(), p.c.id).limit(limit).offset(offset))]
         return position, total, items

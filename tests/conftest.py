@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,11 +21,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
 from api.app import create_app
-from api.runtime import Ledger
-from infra.accounts import AccountStore, TokenSigner, provision_service_token
+from bootstrap.ledger import Ledger
+from infra.accounts import AccountStore, Authenticator, TokenSigner, provision_service_token
 from infra.read_model_db import create_read_model_engine
 from infra.settings import Settings
 from projections.tables import READ_MODELS, ReadModelTables, build_tables
+from tests.support.processes import free_port, stop_process, wait_for_port
 
 PG_HOST = os.environ.get("OBSLEDGER_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("OBSLEDGER_TEST_PG_PORT", "5432"))
@@ -139,6 +138,19 @@ def grant(settings: Settings, name: str = "test-automation",
     return {"Authorization": f"Bearer {token}"}
 
 
+def remember_accounts(settings: Settings) -> None:
+    """Write the accounts snapshot an API process of ``settings`` keeps on disk, as if it had
+    run before: started while the database is down, it knows the accounts and tokens of
+    now (a token it never saw cannot be checked then: 503, docs/ACCOUNTS.md)."""
+    engine = create_read_model_engine(settings.read_model_database_url)
+    try:
+        Authenticator(AccountStore(engine), TokenSigner(settings.signing_secret(),
+                                                        settings.token_ttl_s),
+                      cache=settings.accounts_cache_file).refresh()
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
     """The API in-process, with the embedded dispatcher and projector running, as a service
@@ -160,26 +172,6 @@ def read_model_rows(engine: Engine, tables: ReadModelTables | None = None,
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[Any] | None, timeout: float = 30.0) -> None:
-    """Until a process listens on 127.0.0.1:``port`` (fails if ``proc`` exits first)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
-
-
 def settings_env(settings: Settings) -> dict[str, str]:
     """The OBSLEDGER_* environment that reproduces ``settings`` in another process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OBSLEDGER_")}
@@ -198,13 +190,7 @@ class CliProcess:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
 
 
 class ServerProcess:
@@ -223,12 +209,7 @@ class ServerProcess:
         wait_for_port(self.port, self.proc, timeout)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 20)
 
 
 @pytest.fixture
@@ -240,8 +221,9 @@ def live_server(settings: Settings) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A real S3-protocol server (moto_server) shared by the session (tests/s3_server.py)."""
-    from tests.s3_server import S3Server
+    """A real S3-protocol server (moto_server) shared by the session
+    (tests/support/s3_server.py)."""
+    from tests.support.s3_server import S3Server
 
     server = S3Server(tmp_path_factory.mktemp("s3"))
     yield server

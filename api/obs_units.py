@@ -1,0 +1,110 @@
+"""HTTP for executed obs units: started and finished by telescope automation (critical
+commands), listed and read by dashboards (smart queries)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from api.accounts import allow
+from api.deps import (
+    COUNT_RESPONSES,
+    LIST_RESPONSES,
+    QUERY_RESPONSES,
+    MinPosition,
+    Paging,
+    caught_up,
+    command_route,
+    feature_router,
+    ledger_of,
+    query_time,
+    smart_page,
+    smart_row,
+)
+from api.errors import QueryTime, as_utc
+from commands.models import FinishExecutedObsUnitRequest, StartExecutedObsUnitRequest
+from commands.obs_units import ObsUnitCommand
+from domain.accounts import READERS
+from infra.availability import read_models_state
+from queries.counts import unit_counts
+from queries.models import (
+    ExecutedObsUnitCounts,
+    ExecutedObsUnitPage,
+    ExecutedObsUnitView,
+    ExecutionsOfObsUnit,
+)
+
+TAG = "executed obs units"
+
+
+def obs_units_router() -> APIRouter:
+    r = feature_router()
+    command_route(r, "POST", "/executed_obs_units/start", ObsUnitCommand.EXECUTED_OBS_UNIT_START,
+                  StartExecutedObsUnitRequest, name="start_unit", tag=TAG, plain=True,
+                  summary="Start an executed obs unit (critical)")
+    command_route(r, "PUT", "/executed_obs_units/{id}/finish",
+                  ObsUnitCommand.EXECUTED_OBS_UNIT_FINISH, FinishExecutedObsUnitRequest,
+                  name="finish_unit", tag=TAG,
+                  summary="Finish an executed obs unit: success, failed or aborted (critical)")
+
+    @r.get("/executed_obs_units/counts", dependencies=[allow(READERS)],
+           tags=["executed obs units"], response_model=ExecutedObsUnitCounts,
+           responses=COUNT_RESPONSES, summary="Executed obs units by status and instrument")
+    async def executed_obs_unit_counts(
+        request: Request,
+        start_from: Annotated[QueryTime | None, query_time("Started at or after")] = None,
+        start_to: Annotated[QueryTime | None, query_time("Started before")] = None,
+    ) -> Any:
+        return await run_in_threadpool(unit_counts, ledger_of(request).queries,
+                                       as_utc(start_from), as_utc(start_to))
+
+    @r.get("/executed_obs_units", dependencies=[allow(READERS)],
+           tags=[TAG], response_model=ExecutedObsUnitPage,
+           responses=LIST_RESPONSES, summary="Executed obs units for dashboards (filters, pages)")
+    async def list_units(
+        request: Request, response: Response,
+        page: Paging,
+        status: Annotated[Literal["running", "success", "failed", "aborted"] | None,
+                          Query()] = None,
+        instrument: Annotated[str | None, Query(max_length=100)] = None,
+        obs_unit_id: Annotated[str | None, Query(max_length=100)] = None,
+        start_from: Annotated[QueryTime | None, Query(
+            description="Started at or after (UTC)")] = None,
+        start_to: Annotated[QueryTime | None, Query(description="Started before (UTC)")] = None,
+        sort: Annotated[Literal["start_time", "-start_time"], Query(
+            description="`-` first: descending")] = "-start_time",
+        min_position: MinPosition = None,
+    ) -> Any:
+        return await smart_page(
+            request, response, page, min_position, ExecutedObsUnitPage,
+            ledger_of(request).queries.list_executions, status=status, instrument=instrument,
+            start_from=as_utc(start_from), start_to=as_utc(start_to), obs_unit_id=obs_unit_id,
+            sort=sort)
+
+    @r.get("/executed_obs_units/execution/{id}", dependencies=[allow(READERS)],
+           tags=[TAG], response_model=ExecutedObsUnitView, responses=QUERY_RESPONSES,
+           summary="One execution by its id (smart query)")
+    async def get_execution(request: Request, id: UUID,
+                            min_position: MinPosition = None) -> Any:
+        return await smart_row(request, min_position, ledger_of(request).queries.execution,
+                               "executed obs unit", id)
+
+    @r.get("/executed_obs_units/{obs_unit_id}", dependencies=[allow(READERS)],
+           tags=[TAG], response_model=ExecutionsOfObsUnit, responses=QUERY_RESPONSES,
+           summary="Every execution of a planned obs unit, merged with pending ones")
+    async def executions_of(request: Request,
+                            obs_unit_id: Annotated[str, Path(
+                                max_length=100,
+                                json_schema_extra={"pattern": "^(?!(start|counts)$)"},
+                                description="Not `start` (POST /executed_obs_units/start) "
+                                "nor `counts` (GET /executed_obs_units/counts)")],
+                            min_position: MinPosition = None) -> Any:
+        await caught_up(request, min_position)
+        pos, rows = await run_in_threadpool(ledger_of(request).queries.executions_of, obs_unit_id)
+        return ExecutionsOfObsUnit(obs_unit_id=obs_unit_id, read_model_position=pos,
+                                   executions=rows, read_models=read_models_state())
+
+    return r

@@ -1,0 +1,113 @@
+"""HTTP for staging requests: complete packages staged to a destination, the transfer agent's
+progress and cancellation (critical commands), and where a request stands (smart query)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from api.accounts import allow
+from api.deps import (
+    COMMAND_RESPONSES,
+    COUNT_RESPONSES,
+    DESCENDING,
+    LIST_RESPONSES,
+    QUERY_RESPONSES,
+    CancelBody,
+    CommandAccepted,
+    Ctx,
+    IdPath,
+    MinPosition,
+    NoBody,
+    Paging,
+    RegisteredFrom,
+    RegisteredTo,
+    command_route,
+    feature_router,
+    ledger_of,
+    smart_page,
+    smart_row,
+    submit,
+)
+from api.errors import as_utc
+from commands.models import StageRequest, StagingProgressRequest
+from commands.staging import RetryStagingRequest, StagingCommand
+from domain.accounts import OPERATORS, READERS
+from queries.models import SizedStatusCounts, StagingRequestPage, StagingRequestView
+from queries.staging import StagingQueries
+
+TAG = "staging"
+
+
+def staging_router() -> APIRouter:
+    r = feature_router()
+    command_route(r, "POST", "/staging/stage", StagingCommand.STAGING_STAGE, StageRequest,
+                  name="stage", tag=TAG, plain=True,
+                  summary="Request that complete packages be staged to a destination "
+                  "(critical)")
+    command_route(r, "PUT", "/staging/{id}/progress", StagingCommand.STAGING_REPORT_PROGRESS,
+                  StagingProgressRequest, name="progress", tag=TAG,
+                  summary="Report transfer progress or the outcome (transfer agent)")
+
+    command_route(r, "POST", "/staging/{id}/retry", StagingCommand.STAGING_RETRY,
+                  RetryStagingRequest, name="retry", tag=TAG, roles=OPERATORS,
+                  summary="Start a failed staging request again (operators)",
+                  description="Only a failed request: it becomes `pending` with its progress "
+                  "back to zero and the body's `reason` (optional; send `{}` without one) as "
+                  "its message, and the transfer agent copies the packages anew. A request "
+                  "completed or cancelled is refused at once (409); one the read models "
+                  "still show running is refused when applied if it has not failed.")
+
+    @r.delete("/staging/{id}", dependencies=[allow(OPERATORS)], tags=[TAG], status_code=202,
+              response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+              summary="Cancel a staging request (not once completed)")
+    async def cancel(request: Request, id: IdPath, ctx: Ctx,
+                     reason: Annotated[str | None, Query(
+                         max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
+        body = CancelBody(reason=reason) if reason else NoBody()
+        return await submit(ledger_of(request), ctx, StagingCommand.STAGING_CANCEL, body,
+                            {"id": id})
+
+    @r.get("/staging", dependencies=[allow(READERS)], tags=["staging"],
+           response_model=StagingRequestPage, responses=LIST_RESPONSES,
+           summary="The staging queue: staging requests (filters, time range, sort, pages)",
+           description="Smart query: requests of pending commands lead the first page "
+           "(`pending: true`).")
+    async def list_staging(
+        request: Request, response: Response, page: Paging,
+        status: Annotated[Literal["pending", "in_progress", "completed", "failed",
+                                  "cancelled"] | None, Query()] = None,
+        destination: Annotated[str | None, Query(max_length=1024)] = None,
+        registered_from: RegisteredFrom = None,
+        registered_to: RegisteredTo = None,
+        sort: Annotated[Literal["registered_at", "-registered_at", "updated_at",
+                                "-updated_at"], Query(description=DESCENDING)
+                        ] = "-registered_at",
+        min_position: MinPosition = None,
+    ) -> Any:
+        return await smart_page(
+            request, response, page, min_position, StagingRequestPage,
+            StagingQueries(ledger_of(request).queries).list, status=status,
+            destination=destination, registered_from=as_utc(registered_from),
+            registered_to=as_utc(registered_to), sort=sort)
+
+    @r.get("/staging/counts", dependencies=[allow(READERS)], tags=["staging"],
+           response_model=SizedStatusCounts, responses=COUNT_RESPONSES,
+           summary="Staging requests by status, with their bytes")
+    async def staging_counts(request: Request, registered_from: RegisteredFrom = None,
+                             registered_to: RegisteredTo = None) -> Any:
+        return await run_in_threadpool(StagingQueries(ledger_of(request).queries).counts,
+                                       as_utc(registered_from), as_utc(registered_to))
+
+    @r.get("/staging/status/{id}", dependencies=[allow(READERS)],
+           tags=[TAG], response_model=StagingRequestView,
+           responses=QUERY_RESPONSES, summary="Where a staging request stands (smart query)")
+    async def staging_status(request: Request, id: UUID,
+                             min_position: MinPosition = None) -> Any:
+        return await smart_row(request, min_position, ledger_of(request).queries.staging,
+                               "staging request", id)
+
+    return r

@@ -1,0 +1,76 @@
+"""Executed obs units: a telescope's run of one obs unit, started and finished."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from commands.models import FinishExecutedObsUnit, StartExecutedObsUnit
+from commands.spec import CommandSpec, PendingRows, Policy, Row, Target
+from commands.unit_of_work import UnitOfWork
+from domain.obs_units import ExecutedObsUnit
+from domain.provenance import Provenance
+from infra.journal import JournalEntry
+
+
+class ObsUnitCommand(StrEnum):
+    """The command types of this feature, as the journal stores them."""
+
+    EXECUTED_OBS_UNIT_FINISH = "executed_obs_unit.finish"
+    EXECUTED_OBS_UNIT_START = "executed_obs_unit.start"
+
+
+#: what commands/registry.py checks: every one of these has a CommandSpec below
+COMMAND_TYPES = ObsUnitCommand
+
+UNIT = "executed_obs_unit"
+
+
+def start_executed_obs_unit(
+    cmd: StartExecutedObsUnit, uow: UnitOfWork, prov: Provenance, _: Policy
+) -> list[UUID]:
+    unit = ExecutedObsUnit.start(
+        cmd.id, cmd.obs_unit_id, cmd.instrument, cmd.start_time, cmd.metadata, prov
+    )
+    uow.add(unit, "executed obs unit")
+    return [unit.id]
+
+
+def finish_executed_obs_unit(
+    cmd: FinishExecutedObsUnit, uow: UnitOfWork, prov: Provenance, _: Policy
+) -> list[UUID]:
+    unit = uow.for_update(ExecutedObsUnit, cmd.id, "executed obs unit", "id")
+    unit.finish(cmd.status, cmd.end_time, cmd.metadata, prov)
+    return [unit.id]
+
+
+# -- how a pending command shows in smart queries --------------------------------------------
+def _started(o: PendingRows, e: JournalEntry, p: dict[str, Any]) -> None:
+    o.create(UNIT, p["id"], {
+        "id": p["id"], "obs_unit_id": p["obs_unit_id"], "instrument": p["instrument"],
+        "status": "running", "start_time": p["start_time"], "end_time": None,
+        "metadata": p.get("metadata", {}), "started_by": e.actor, "finished_by": None}, e)
+
+
+def _finished(o: PendingRows, e: JournalEntry, p: dict[str, Any]) -> None:
+    def change(r: Row) -> None:
+        if r["status"] == "running":
+            r.update(status=p["status"], end_time=p["end_time"], finished_by=e.actor,
+                     metadata={**r.get("metadata", {}), **p.get("metadata", {})})
+    o.patch(UNIT, p["id"], e, change)
+
+
+SPECS = [
+    CommandSpec(
+        ObsUnitCommand.EXECUTED_OBS_UNIT_START, StartExecutedObsUnit, start_executed_obs_unit,
+        lambda c: [f"executed_obs_unit:{c.id}", f"obs_unit:{c.obs_unit_id}"],
+        creates=UNIT, overlay=_started, shows=(UNIT,),
+    ),
+    CommandSpec(
+        ObsUnitCommand.EXECUTED_OBS_UNIT_FINISH, FinishExecutedObsUnit, finish_executed_obs_unit,
+        lambda c: [f"executed_obs_unit:{c.id}"],
+        target=Target(UNIT, "executed obs unit", frozenset({"success", "failed", "aborted"})),
+        overlay=_finished, shows=(UNIT,),
+    ),
+]

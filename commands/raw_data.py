@@ -1,0 +1,224 @@
+"""Raw data: files registered (one or in bulk) and packages of them (created, added to,
+finalized)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from commands.models import (
+    AddFilesToPackage,
+    BulkRegisterRawDataFilesRequest,
+    CreateRawDataPackage,
+    FinalizeRawDataPackage,
+    RawDataFileSpec,
+    RegisterRawDataFileRequest,
+)
+from commands.spec import CommandSpec, PendingRows, Policy, Row, Target
+from commands.unit_of_work import UnitOfWork
+from domain.obs_units import ExecutedObsUnit
+from domain.provenance import Provenance
+from domain.raw_data import RawDataFile, RawDataPackage, raw_data_file_id
+from infra.journal import JournalEntry
+
+
+class RawDataCommand(StrEnum):
+    """The command types of this feature, as the journal stores them."""
+
+    RAW_DATA_FILE_REGISTER = "raw_data_file.register"
+    RAW_DATA_FILE_REGISTER_BULK = "raw_data_file.register_bulk"
+    RAW_DATA_PACKAGE_ADD_FILES = "raw_data_package.add_files"
+    RAW_DATA_PACKAGE_CREATE = "raw_data_package.create"
+    RAW_DATA_PACKAGE_FINALIZE = "raw_data_package.finalize"
+
+
+#: what commands/registry.py checks: every one of these has a CommandSpec below
+COMMAND_TYPES = RawDataCommand
+
+FILE = "raw_data_file"
+PACKAGE = "raw_data_package"
+
+
+def _register_files(
+    specs: list[RawDataFileSpec],
+    uow: UnitOfWork,
+    prov: Provenance,
+    package_id: UUID | None = None,
+) -> list[UUID]:
+    ids = []
+    for i, spec in enumerate(specs):
+        if spec.executed_obs_unit_id is not None:
+            uow.get(ExecutedObsUnit, spec.executed_obs_unit_id, "executed obs unit",
+                    f"files.{i}.executed_obs_unit_id")
+        registered = RawDataFile.registration(
+            name=spec.name,
+            instrument=spec.instrument,
+            relative_path=spec.relative_path,
+            size=spec.size,
+            checksum_algorithm=spec.checksum.algorithm,
+            checksum_value=spec.checksum.value,
+            executed_obs_unit_id=spec.executed_obs_unit_id,
+            file_type=spec.file_type,
+            created_at=spec.created_at,
+            package_id=package_id,
+            provenance=prov,
+        )
+        ids.append(uow.add_created(registered, f"raw data file {spec.name} of"))
+    return ids
+
+
+def register_raw_data_file(
+    cmd: RegisterRawDataFileRequest, uow: UnitOfWork, prov: Provenance, _: Policy
+) -> list[UUID]:
+    return _register_files([cmd], uow, prov)
+
+
+def register_raw_data_files(
+    cmd: BulkRegisterRawDataFilesRequest, uow: UnitOfWork, prov: Provenance, _: Policy
+) -> list[UUID]:
+    return _register_files(cmd.files, uow, prov)
+
+
+def create_raw_data_package(
+    cmd: CreateRawDataPackage, uow: UnitOfWork, prov: Provenance, limits: Policy
+) -> list[UUID]:
+    if cmd.executed_obs_unit_id is not None:
+        uow.get(ExecutedObsUnit, cmd.executed_obs_unit_id, "executed obs unit",
+                "executed_obs_unit_id")
+    existing = [
+        uow.for_update(RawDataFile, fid, "raw data file", f"file_ids.{i}")
+        for i, fid in enumerate(cmd.file_ids)
+    ]
+    new = [uow.get(RawDataFile, fid, "raw data file")
+           for fid in _register_files(cmd.files, uow, prov, package_id=cmd.id)]
+    package = RawDataPackage.create(
+        package_id=cmd.id,
+        name=cmd.name,
+        executed_obs_unit_id=cmd.executed_obs_unit_id,
+        files=existing + new,
+        size_limit=limits.package_size_limit,
+        provenance=prov,
+    )
+    uow.add(package, "raw data package")
+    return [package.id, *(f.id for f in existing + new)]
+
+
+def add_files_to_package(
+    cmd: AddFilesToPackage, uow: UnitOfWork, prov: Provenance, limits: Policy
+) -> list[UUID]:
+    package = uow.for_update(RawDataPackage, cmd.id, "raw data package", "id")
+    files = [
+        uow.for_update(RawDataFile, fid, "raw data file", f"file_ids.{i}")
+        for i, fid in enumerate(cmd.file_ids)
+    ]
+    package.add_files(files, limits.package_size_limit, prov)
+    return [package.id, *(f.id for f in files)]
+
+
+def finalize_raw_data_package(
+    cmd: FinalizeRawDataPackage, uow: UnitOfWork, prov: Provenance, limits: Policy
+) -> list[UUID]:
+    package = uow.for_update(RawDataPackage, cmd.id, "raw data package", "id")
+    package.finalize(limits.package_size_limit, prov)
+    return [package.id]
+
+
+# -- subjects: how the journal indexes a pending command for smart queries -----------------
+def _files_subjects(specs: list[RawDataFileSpec]) -> list[str]:
+    out = []
+    for f in specs:
+        out.append(f"raw_data_file:{f.file_id}")
+        if f.executed_obs_unit_id:
+            out.append(f"executed_obs_unit:{f.executed_obs_unit_id}")
+    return out
+
+
+def _package_subjects(cmd: CreateRawDataPackage) -> list[str]:
+    out = [f"raw_data_package:{cmd.id}", *_files_subjects(cmd.files)]
+    out += [f"raw_data_file:{fid}" for fid in cmd.file_ids]
+    return out
+
+
+# -- how a pending command shows in smart queries --------------------------------------------
+def _file_row(f: dict[str, Any], package_id: str | None = None) -> Row:
+    return {
+        "id": str(raw_data_file_id(f["instrument"], f["name"])), "name": f["name"],
+        "instrument": f["instrument"], "relative_path": f["relative_path"], "size": f["size"],
+        "checksum": f["checksum"], "executed_obs_unit_id": f.get("executed_obs_unit_id"),
+        "package_id": package_id, "file_type": f["file_type"], "created_at": f["created_at"],
+    }
+
+
+def _registered(o: PendingRows, e: JournalEntry, p: dict[str, Any]) -> None:
+    for f in p.get("files", [p]):
+        row = _file_row(f)
+        o.create(FILE, row["id"], row, e)
+
+
+def _package_created(o: PendingRows, e: JournalEntry, p: dict[str, Any]) -> None:
+    pid = p["id"]
+    sizes: list[int | None] = []
+    for f in p.get("files", []):
+        row = _file_row(f, pid)
+        sizes.append(f["size"])
+        o.create(FILE, row["id"], row, e)
+    for fid in p.get("file_ids", []):
+        existing = o.base(FILE, fid)
+        sizes.append(existing["size"] if existing else None)
+        o.patch(FILE, fid, e, lambda r: r.update(package_id=pid))
+    total = None if None in sizes else sum(s for s in sizes if s is not None)
+    o.create(PACKAGE, pid, {
+        "id": pid, "name": p["name"], "executed_obs_unit_id": p.get("executed_obs_unit_id"),
+        "status": "building", "total_size": total, "file_count": len(sizes),
+        "finalized_at": None}, e)
+
+
+def _files_added(o: PendingRows, e: JournalEntry, p: dict[str, Any]) -> None:
+    pid = p["id"]
+    for fid in p["file_ids"]:
+        o.patch(FILE, fid, e, lambda r: r.update(package_id=pid))
+
+    def change(r: Row) -> None:
+        r["file_count"] = r.get("file_count", 0) + len(p["file_ids"])
+        r["total_size"] = None  # known once applied
+    o.patch(PACKAGE, pid, e, change)
+
+
+def _finalized(o: PendingRows, e: JournalEntry, p: dict[str, Any]) -> None:
+    o.patch(PACKAGE, p["id"], e, lambda r: r.update(status="complete"))
+
+
+_OPEN_PACKAGE = Target(PACKAGE, "raw data package", frozenset({"complete"}))
+
+SPECS = [
+    CommandSpec(
+        RawDataCommand.RAW_DATA_FILE_REGISTER, RegisterRawDataFileRequest, register_raw_data_file,
+        lambda c: _files_subjects([c]),
+        ids=lambda c: {"raw_data_file_id": str(c.file_id)},
+        overlay=_registered, shows=(FILE,),
+    ),
+    CommandSpec(
+        RawDataCommand.RAW_DATA_FILE_REGISTER_BULK, BulkRegisterRawDataFilesRequest,
+        register_raw_data_files, lambda c: _files_subjects(c.files),
+        ids=lambda c: {"raw_data_file_ids": [str(f.file_id) for f in c.files]},
+        overlay=_registered, shows=(FILE,),
+    ),
+    CommandSpec(
+        RawDataCommand.RAW_DATA_PACKAGE_CREATE, CreateRawDataPackage, create_raw_data_package,
+        _package_subjects, creates=PACKAGE,
+        ids=lambda c: {"raw_data_package_id": str(c.id),
+                       "raw_data_file_ids": [str(f.file_id) for f in c.files]},
+        overlay=_package_created, shows=(FILE, PACKAGE),
+    ),
+    CommandSpec(
+        RawDataCommand.RAW_DATA_PACKAGE_ADD_FILES, AddFilesToPackage, add_files_to_package,
+        lambda c: [f"raw_data_package:{c.id}", *(f"raw_data_file:{f}" for f in c.file_ids)],
+        target=_OPEN_PACKAGE, overlay=_files_added, shows=(FILE, PACKAGE),
+    ),
+    CommandSpec(
+        RawDataCommand.RAW_DATA_PACKAGE_FINALIZE, FinalizeRawDataPackage,
+        finalize_raw_data_package, lambda c: [f"raw_data_package:{c.id}"],
+        target=_OPEN_PACKAGE, overlay=_finalized, shows=(PACKAGE,),
+    ),
+]

@@ -1,0 +1,231 @@
+"""Observation results: materialized from an observation request's spec, dispatched to
+telescopes, fulfilled by task outcomes, and their data products built by processing runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from commands.models import (
+    CancelObservationResult,
+    ContributeAsset,
+    DispatchObservationResult,
+    EndProcessingRun,
+    MaterializeObservationResultsRequest,
+    ReportTaskOutcome,
+    StartProcessingRun,
+)
+from commands.spec import CommandSpec, OverlayChange, PendingRows, Policy, Row, Target
+from commands.unit_of_work import UnitOfWork
+from domain.obs_units import ExecutedObsUnit
+from domain.provenance import Provenance
+from domain.results import (
+    OUTCOME_TARGET,
+    CopiesMode,
+    Fulfillment,
+    ObservationResult,
+    RunEnd,
+    TaskOutcome,
+    copies_per_cell,
+    leaf_cells,
+)
+from infra.journal import JournalEntry
+
+
+class ResultCommand(StrEnum):
+    """The command types of this feature, as the journal stores them."""
+
+    OBSERVATION_RESULT_CANCEL = "observation_result.cancel"
+    OBSERVATION_RESULT_CONTRIBUTE_ASSET = "observation_result.contribute_asset"
+    OBSERVATION_RESULT_DISPATCH = "observation_result.dispatch"
+    OBSERVATION_RESULT_END_RUN = "observation_result.end_run"
+    OBSERVATION_RESULT_MATERIALIZE = "observation_result.materialize"
+    OBSERVATION_RESULT_REPORT_TASK = "observation_result.report_task"
+    OBSERVATION_RESULT_START_RUN = "observation_result.start_run"
+
+
+#: what commands/registry.py checks: every one of these has a CommandSpec below
+COMMAND_TYPES = ResultCommand
+
+RESULT = "observation_result"
+
+
+def materialize_observation_results(
+    cmd: MaterializeObservationResultsRequest, uow: UnitOfWork, prov: Provenance,
+    policy: Policy,
+) -> list[UUID]:
+    """Every leaf cell of the spec; cells that exist already are left alone (idempotent)."""
+    cells = list(cmd.cells())
+    absent = set(uow.absent([rid for rid, *_ in cells]))
+    created = []
+    for rid, epoch, sample, copy, instrument in cells:
+        if rid in absent:
+            result = ObservationResult.materialize(
+                cmd.observation_id, cmd.request_id, epoch, sample, copy, instrument,
+                CopiesMode(cmd.copies_mode), cmd.not_before, cmd.spec_snapshot, prov)
+            uow.add(result, "observation result")
+            created.append(rid)
+    return created
+
+
+def _result(uow: UnitOfWork, result_id: UUID) -> ObservationResult:
+    return uow.for_update(ObservationResult, result_id, "observation result", "id")
+
+
+def dispatch_observation_result(
+    cmd: DispatchObservationResult, uow: UnitOfWork, prov: Provenance, policy: Policy
+) -> list[UUID]:
+    if cmd.executed_obs_unit_id is not None:
+        uow.get(ExecutedObsUnit, cmd.executed_obs_unit_id, "executed obs unit",
+                "executed_obs_unit_id")
+    result = _result(uow, cmd.id)
+    result.dispatch(cmd.task_id, cmd.instrument_id, cmd.executed_obs_unit_id, policy.clock(),
+                    prov)
+    return [result.id]
+
+
+def report_task_outcome(
+    cmd: ReportTaskOutcome, uow: UnitOfWork, prov: Provenance, _: Policy
+) -> list[UUID]:
+    result = _result(uow, cmd.id)
+    result.report_task(cmd.task_id, TaskOutcome(cmd.outcome), cmd.finished_at,
+                       cmd.executed_obs_unit_id, prov)
+    return [result.id]
+
+
+def cancel_observation_result(
+    cmd: CancelObservationResult, uow: UnitOfWork, prov: Provenance, policy: Policy
+) -> list[UUID]:
+    result = _result(uow, cmd.id)
+    result.cancel(cmd.reason, policy.clock(), prov)
+    return [result.id]
+
+
+def contribute_asset(
+    cmd: ContributeAsset, uow: UnitOfWork, prov: Provenance, policy: Policy
+) -> list[UUID]:
+    result = _result(uow, cmd.id)
+    result.contribute_asset(cmd.asset_id, policy.clock(), policy.result_debounce, prov)
+    return [result.id]
+
+
+def start_processing_run(
+    cmd: StartProcessingRun, uow: UnitOfWork, prov: Provenance, policy: Policy
+) -> list[UUID]:
+    result = _result(uow, cmd.id)
+    result.start_run(cmd.run_id, policy.clock(), prov)
+    return [result.id]
+
+
+def end_processing_run(
+    cmd: EndProcessingRun, uow: UnitOfWork, prov: Provenance, policy: Policy
+) -> list[UUID]:
+    result = _result(uow, cmd.id)
+    result.end_run(cmd.run_id, RunEnd(cmd.end),
+                   [o.model_dump(mode="json") for o in cmd.outputs], cmd.error,
+                   policy.clock(), policy.run_retry_limit, policy.run_retry_base, prov)
+    return [result.id]
+
+
+# -- how a pending command shows in smart queries (marked pending; the applied command may
+# differ where the outcome depends on state only the dispatcher sees) -------------------------
+def _materialized(o: PendingRows, e: JournalEntry, p: dict[str, Any]) -> None:
+    copies = copies_per_cell(CopiesMode(p["copies_mode"]), p["copies"],
+                             p.get("eligible_instruments") or [])
+    for rid, epoch, sample, copy, instrument in leaf_cells(
+            p["observation_id"], p["request_id"], p["epochs"], p["samples"], copies):
+        o.create(RESULT, str(rid), {
+            "id": str(rid), "short_id": None, "observation_id": p["observation_id"],
+            "request_id": p["request_id"], "epoch_index": epoch, "sample_index": sample,
+            "copy_index": copy, "instrument_id": instrument, "copies_mode": p["copies_mode"],
+            "not_before": p.get("not_before"), "spec_snapshot": p.get("spec_snapshot"),
+            "fulfillment_status": "pending_dispatch", "fulfilled_on": None, "task_count": 0,
+            "data_product_status": "PENDING", "assets_revision": 0,
+            "dirty_from_revision": None, "dirty": False, "next_eligible_run_at": None,
+            "last_built_revision": None, "current_processing_run_id": None,
+            "failed_runs": 0}, e)
+
+
+def _result_patch(change: Callable[[Row, dict[str, Any]], None]) -> OverlayChange:
+    def overlay(o: PendingRows, e: JournalEntry, p: dict[str, Any]) -> None:
+        o.patch(RESULT, p["id"], e, lambda r: change(r, p))
+    return overlay
+
+
+def _dispatched(r: Row, p: dict[str, Any]) -> None:
+    if r["fulfillment_status"] in ("pending_dispatch", "partially_fulfilled"):
+        r.update(fulfillment_status="dispatched", task_count=r["task_count"] + 1)
+
+
+def _task_ended(r: Row, p: dict[str, Any]) -> None:
+    if r["fulfillment_status"] == "dispatched":
+        target = OUTCOME_TARGET[TaskOutcome(p["outcome"])]
+        r.update(fulfillment_status=target.value, fulfilled_on=p["finished_at"]
+                 if target is Fulfillment.FULFILLED else None)
+
+
+def _canceled(r: Row, p: dict[str, Any]) -> None:
+    if r["fulfillment_status"] not in ("fulfilled", "canceled"):
+        r["fulfillment_status"] = "canceled"
+
+
+def _asset(r: Row, p: dict[str, Any]) -> None:
+    r["assets_revision"] += 1  # unless the asset was counted already: known once applied
+    r["dirty_from_revision"] = r["dirty_from_revision"] or r["assets_revision"]
+    r["dirty"] = True
+    if r["data_product_status"] != "BUILDING":
+        r["data_product_status"] = "STALE" if r["last_built_revision"] is not None \
+            else "PENDING"
+
+
+def _run_started(r: Row, p: dict[str, Any]) -> None:
+    if r["current_processing_run_id"] is None:
+        r.update(data_product_status="BUILDING", current_processing_run_id=p["run_id"])
+
+
+def _run_ended(r: Row, p: dict[str, Any]) -> None:
+    if r["current_processing_run_id"] == p["run_id"]:
+        status = {"completed": "READY", "failed": "FAILED", "blocked": "BLOCKED",
+                  "skipped": "SKIPPED"}[p["end"]]
+        r.update(data_product_status=status, current_processing_run_id=None)
+
+
+def _subjects(cmd: Any) -> list[str]:
+    return [f"observation_result:{cmd.id}"]
+
+
+_EXISTING = Target(RESULT, "observation result", one_pending=False)
+
+SPECS = [
+    CommandSpec(
+        ResultCommand.OBSERVATION_RESULT_MATERIALIZE, MaterializeObservationResultsRequest,
+        materialize_observation_results,
+        lambda c: [f"observation_request:{c.observation_id}/{c.request_id}",
+                   *(f"observation_result:{rid}" for rid, *_ in c.cells())],
+        generated=(), creates=RESULT,
+        ids=lambda c: {"observation_result_ids": [str(rid) for rid, *_ in c.cells()]},
+        overlay=_materialized, shows=(RESULT,)),
+    CommandSpec(ResultCommand.OBSERVATION_RESULT_DISPATCH, DispatchObservationResult,
+                dispatch_observation_result, _subjects, generated=("task_id",),
+                target=_EXISTING,
+                ids=lambda c: {"observation_result_id": str(c.id), "task_id": str(c.task_id)},
+                overlay=_result_patch(_dispatched), shows=(RESULT,)),
+    CommandSpec(ResultCommand.OBSERVATION_RESULT_REPORT_TASK, ReportTaskOutcome,
+                report_task_outcome, _subjects, target=_EXISTING,
+                overlay=_result_patch(_task_ended), shows=(RESULT,)),
+    CommandSpec(ResultCommand.OBSERVATION_RESULT_CANCEL, CancelObservationResult,
+                cancel_observation_result, _subjects, target=_EXISTING,
+                overlay=_result_patch(_canceled), shows=(RESULT,)),
+    CommandSpec(ResultCommand.OBSERVATION_RESULT_CONTRIBUTE_ASSET, ContributeAsset,
+                contribute_asset, _subjects, target=_EXISTING,
+                overlay=_result_patch(_asset), shows=(RESULT,)),
+    CommandSpec(ResultCommand.OBSERVATION_RESULT_START_RUN, StartProcessingRun,
+                start_processing_run, _subjects, generated=("run_id",), target=_EXISTING,
+                ids=lambda c: {"observation_result_id": str(c.id), "run_id": str(c.run_id)},
+                overlay=_result_patch(_run_started), shows=(RESULT,)),
+    CommandSpec(ResultCommand.OBSERVATION_RESULT_END_RUN, EndProcessingRun, end_processing_run,
+                _subjects, target=_EXISTING,
+                overlay=_result_patch(_run_ended), shows=(RESULT,)),
+]
