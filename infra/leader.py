@@ -50,8 +50,13 @@ class Leadership:
                                    dbname=s.postgres_dbname, autocommit=True,
                                    connect_timeout=s.postgres_connect_timeout,
                                    application_name="obsledger-leader")
+        except psycopg.Error as e:
+            raise LeaderUnknown(str(e)) from e
+        try:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,)).fetchone()
         except psycopg.Error as e:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
             raise LeaderUnknown(str(e)) from e
         if row is not None and row[0]:
             self._conn = conn

@@ -16,9 +16,15 @@ class ReadModelsUnavailable(Exception):
     (HTTP 503 with Retry-After)."""
 
 
+#: Most connections the read-model engine keeps open on PostgreSQL (more are opened under load
+#: and closed when returned).
+READ_MODEL_POOL_SIZE = 8
+
+
 def create_read_model_engine(url: str, connect_timeout: float = 5.0) -> Engine:
     """The read-model database's engine. On PostgreSQL a connection attempt gives up after
-    ``connect_timeout`` seconds (libpq's own default is to wait for the operating system)."""
+    ``connect_timeout`` seconds (libpq's own default is to wait for the operating system), and
+    its connections show as ``obsledger-read-models`` in ``pg_stat_activity``."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -37,8 +43,10 @@ def create_read_model_engine(url: str, connect_timeout: float = 5.0) -> Engine:
             conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
 
         return engine
-    return create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True,
-                         connect_args={"connect_timeout": max(1, round(connect_timeout))})
+    return create_engine(url, pool_size=READ_MODEL_POOL_SIZE, max_overflow=8,
+                         pool_pre_ping=True,
+                         connect_args={"connect_timeout": max(1, round(connect_timeout)),
+                                       "application_name": "obsledger-read-models"})
 
 
 def create_probe_engine(url: str, connect_timeout: float) -> Engine:
@@ -48,7 +56,8 @@ def create_probe_engine(url: str, connect_timeout: float) -> Engine:
     seconds = max(1, round(connect_timeout))
     return create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True,
                          pool_timeout=seconds, connect_args={
-                             "connect_timeout": seconds, "tcp_user_timeout": seconds * 1000})
+                             "connect_timeout": seconds, "tcp_user_timeout": seconds * 1000,
+                             "application_name": "obsledger-probe"})
 
 
 def select_one(engine: Engine) -> None:

@@ -249,6 +249,7 @@ class Projector:
                     host=s.postgres_host, port=s.postgres_port, user=s.postgres_user,
                     password=s.postgres_password or None, dbname=s.postgres_dbname,
                     autocommit=True, connect_timeout=s.postgres_connect_timeout,
+                    application_name="obsledger-listen",
                 ) as conn:
                     conn.execute(f'LISTEN "{self.store.notify_channel}"')
                     while not self._stop.is_set():
