@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     Server,
     add_load_args,
-    add_pg_args,
     bench,
+    bench_parser,
     drain_journal,
     free_port,
     http_load,
@@ -444,9 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve-peer"]:
         return _serve_peer(argv[1:])
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pg_args(p)
+    p = bench_parser(__doc__)
     add_load_args(p)
     p.add_argument("--commands", type=int, default=20_000,
                    help="start commands the dispatcher applies (applied_per_s)")

@@ -58,6 +58,14 @@ class Pg:
                                autocommit=True, connect_timeout=5)
 
 
+def bench_parser(description: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line: its description as written, and where PostgreSQL is."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pg_args(parser)
+    return parser
+
+
 def add_pg_args(parser: argparse.ArgumentParser) -> None:
     env = os.environ
     parser.add_argument("--pg-host", default=env.get("OBSLEDGER_POSTGRES_HOST", "127.0.0.1"))
@@ -119,6 +127,25 @@ def fresh_settings(args: argparse.Namespace, prefix: str, **overrides: Any) -> I
     pg = pg_from_args(args)
     with temp_database(pg, prefix) as db, temp_dir(args.keep_dir) as tmp:
         yield make_settings(pg, db, tmp, **overrides)
+
+
+@dataclass(frozen=True)
+class Served:
+    """``obsledger serve`` on fresh settings, with an automation token for its API."""
+
+    settings: Any
+    token: str
+    server: Server
+
+
+@contextmanager
+def served(args: argparse.Namespace, prefix: str, **overrides: Any) -> Iterator[Served]:
+    """``obsledger serve`` on ``fresh_settings(args, prefix, **overrides)``, stopped at the
+    end."""
+    with fresh_settings(args, prefix, **overrides) as settings:
+        token = service_token(settings)
+        with Server.obsledger(settings) as server:
+            yield Served(settings, token, server)
 
 
 def settings_env(settings: Any) -> dict[str, str]:

@@ -21,7 +21,6 @@ Usage: ``python -m bench.dashboard [--files N] [--executions N] [--packages N] [
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import shutil
 import statistics
@@ -36,13 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
-from bench.common import (
-    Server,
-    add_pg_args,
-    bench,
-    fresh_settings,
-    note,
-)
+from bench.common import bench, bench_parser, note, served
 
 VIEWER, VIEWER_PASSWORD = "bench-night-watch", "amber telescope dome shutter 4412"
 BULK = 5000
@@ -259,29 +252,25 @@ def stream_figures(url: str, auth: dict[str, str], load_files: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bench_parser(__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--executions", type=int, default=1000)
     parser.add_argument("--packages", type=int, default=100)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--load-files", type=int, default=50_000)
-    add_pg_args(parser)
     args = parser.parse_args()
-    with fresh_settings(args, "bench_dashboard", embedded_results_automation=False,
-                        embedded_audit_chain=False) as settings:
-        data = settings.data_dir
-        from bench.common import service_token
-
-        auth = {"Authorization": f"Bearer {service_token(settings)}"}
-        with Server.obsledger(settings) as server:
-            deadline = time.monotonic() + 30
-            while not (data / "admin-password").exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            _viewer(server.url, (data / "admin-password").read_text().strip())
-            fill(server.url, auth, args.files, args.executions, args.packages)
-            browser_figures(server.url, auth, args.rate, args.seconds)
-            stream_figures(server.url, auth, args.load_files)
+    with served(args, "bench_dashboard", embedded_results_automation=False,
+                embedded_audit_chain=False) as ledger:
+        data, server = ledger.settings.data_dir, ledger.server
+        auth = {"Authorization": f"Bearer {ledger.token}"}
+        deadline = time.monotonic() + 30
+        while not (data / "admin-password").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _viewer(server.url, (data / "admin-password").read_text().strip())
+        fill(server.url, auth, args.files, args.executions, args.packages)
+        browser_figures(server.url, auth, args.rate, args.seconds)
+        stream_figures(server.url, auth, args.load_files)
 
 
 if __name__ == "__main__":

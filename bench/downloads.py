@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     ROOT,
-    add_pg_args,
     bench,
+    bench_parser,
     free_port,
     make_settings,
     note,
@@ -297,28 +297,32 @@ def run(args: argparse.Namespace, pg: Any, db: str, tmp: Path) -> None:
         wan_astroqueries: list[float] = []
         wan_downloads: list[float] = []
         try:
+            def astroquery_then_job(source: FileServer, names: list[str], mb: float,
+                                    label: str) -> tuple[float, float]:
+                """MB/s of astroquery, then of a download job, fetching ``names``."""
+                t = time.perf_counter()
+                astroquery_download(source, names, out)
+                astroquery = mb / (time.perf_counter() - t)
+                clear(out)
+                return astroquery, mb / timed_job(ledger, source, names, sizes, label,
+                                                  args.mode)
+
             for rnd in range(args.rounds):  # paired rounds: the machine's noise hits all
                 t = time.perf_counter()
                 asyncio.run(plain_get([url_of(server, n) for n in local], out))
                 plains.append(total / (time.perf_counter() - t))
                 clear(out)
-                t = time.perf_counter()
-                astroquery_download(server, local, out)
-                astroqueries.append(total / (time.perf_counter() - t))
-                clear(out)
-                downloads.append(total / timed_job(ledger, server, local, sizes,
-                                                   f"throughput-{rnd}", args.mode))
+                aq, job = astroquery_then_job(server, local, total, f"throughput-{rnd}")
+                astroqueries.append(aq)
+                downloads.append(job)
                 note(f"round {rnd + 1}: plain {plains[-1]:.0f} MB/s, astroquery "
-                     f"{astroqueries[-1]:.0f} MB/s, download {downloads[-1]:.0f} MB/s")
+                     f"{aq:.0f} MB/s, download {job:.0f} MB/s")
             for rnd in range(args.wan_rounds):
-                t = time.perf_counter()
-                astroquery_download(far, wan, out)
-                wan_astroqueries.append(wan_total / (time.perf_counter() - t))
-                clear(out)
-                wan_downloads.append(wan_total / timed_job(ledger, far, wan, sizes,
-                                                           f"wan-{rnd}", args.mode))
-                note(f"long-haul round {rnd + 1}: astroquery {wan_astroqueries[-1]:.1f} "
-                     f"MB/s, download {wan_downloads[-1]:.1f} MB/s")
+                aq, job = astroquery_then_job(far, wan, wan_total, f"wan-{rnd}")
+                wan_astroqueries.append(aq)
+                wan_downloads.append(job)
+                note(f"long-haul round {rnd + 1}: astroquery {aq:.1f} MB/s, download "
+                     f"{job:.1f} MB/s")
         finally:
             ledger.stop()
 
@@ -387,9 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve"]:
         return serve(argv[1], int(argv[2]), float(argv[3]), float(argv[4]))
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pg_args(p)
+    p = bench_parser(__doc__)
     p.add_argument("--files", type=int, default=3)
     p.add_argument("--mb", type=int, default=200)
     p.add_argument("--mode", choices=["chunked", "stream"], default="chunked")

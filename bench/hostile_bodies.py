@@ -20,7 +20,6 @@ Usage: ``python -m bench.hostile_bodies [--clients 6] [--megabytes 30] [--pg-hos
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import statistics
@@ -30,14 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (
-    Server,
-    add_pg_args,
-    bench,
-    fresh_settings,
-    note,
-    service_token,
-)
+from bench.common import Server, bench, bench_parser, note, served
 
 
 def _rss_mb(pid: int) -> float:
@@ -158,15 +150,12 @@ async def run(server: Server, token: str, clients: int, megabytes: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_pg_args(parser)
+    parser = bench_parser(__doc__)
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--megabytes", type=int, default=30)
     args = parser.parse_args()
-    with fresh_settings(args, "bench_bodies", max_bulk_files=1_000_000) as settings:
-        token = service_token(settings)
-        with Server.obsledger(settings) as server:
-            asyncio.run(run(server, token, args.clients, args.megabytes))
+    with served(args, "bench_bodies", max_bulk_files=1_000_000) as ledger:
+        asyncio.run(run(ledger.server, ledger.token, args.clients, args.megabytes))
     return 0
 
 

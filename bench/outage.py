@@ -23,7 +23,6 @@ pending commands than clients, while they keep commanding) and ``settled_s``
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import statistics
@@ -40,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     Server,
-    add_pg_args,
     bench,
+    bench_parser,
     make_settings,
     note,
     pg_from_args,
@@ -230,8 +229,7 @@ def _until(what: str, predicate: Any, timeout: float) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_pg_args(parser)
+    parser = bench_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--before-s", type=float, default=10)
     parser.add_argument("--outage-s", type=float, default=45)

@@ -21,7 +21,6 @@ Usage: ``python -m bench.projection [--units N] [--files-per-unit F] [--pg-host 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
@@ -36,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     Command,
     Pg,
-    add_pg_args,
     bench,
+    bench_parser,
     drain_journal,
     journal_commands,
     make_settings,
@@ -165,9 +164,7 @@ def read_model_rows(pg: Pg, read_db: str) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pg_args(p)
+    p = bench_parser(__doc__)
     p.add_argument("--units", type=int, default=600, help="executed obs units in the night")
     p.add_argument("--files-per-unit", type=int, default=12)
     p.add_argument("--page-size", type=int, default=None,

@@ -33,17 +33,7 @@ from commands.obs_units import ObsUnitCommand
 # `python -m bench.x` puts bench/ on sys.path; the benchmarks import the project and bench.common
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (
-    add_pg_args,
-    bench,
-    drain_journal,
-    journal_commands,
-    make_settings,
-    note,
-    pg_from_args,
-    temp_database,
-    temp_dir,
-)
+from bench.common import bench, bench_parser, drain_journal, fresh_settings, journal_commands, note
 
 
 def start_requests(n: int) -> list[Any]:
@@ -188,9 +178,7 @@ def measure_e2e(args: argparse.Namespace, settings: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pg_args(p)
+    p = bench_parser(__doc__)
     p.add_argument("--bootstrap", help="an existing broker instead of a noida-db started here")
     p.add_argument("--events", type=int, default=40_000)
     p.add_argument("--rounds", type=int, default=3)
@@ -199,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=["throughput", "e2e"])
     args = p.parse_args(argv)
     only = set(args.only or ["throughput", "e2e"])
-    pg = pg_from_args(args)
 
     from tests.support.kafka_broker import KafkaBroker
 
@@ -208,16 +195,16 @@ def main(argv: list[str] | None = None) -> int:
                   else KafkaBroker("noida", Path(broker_dir)))
         note(f"broker: {broker.kind} at {broker.bootstrap}")
         try:
-            with temp_dir(args.keep_dir) as tmp:
-                # one database per phase: the e2e relay must start at an empty log, not behind
-                # the throughput phase's 40,000 events
-                for phase, measure in (("throughput", measure_throughput), ("e2e", measure_e2e)):
-                    if phase not in only:
-                        continue
-                    with temp_database(pg, f"obsledger_bench_{phase}") as db:
-                        measure(args, make_settings(
-                            pg, db, tmp / phase, kafka_bootstrap=broker.bootstrap,
-                            kafka_topic_prefix=f"{phase}{uuid.uuid4().hex[:6]}"))
+            # one database per phase: the e2e relay must start at an empty log, not behind
+            # the throughput phase's 40,000 events
+            for phase, measure in (("throughput", measure_throughput), ("e2e", measure_e2e)):
+                if phase not in only:
+                    continue
+                with fresh_settings(args, f"obsledger_bench_{phase}",
+                                    kafka_bootstrap=broker.bootstrap,
+                                    kafka_topic_prefix=f"{phase}{uuid.uuid4().hex[:6]}",
+                                    ) as settings:
+                    measure(args, settings)
         finally:
             broker.close()
     return 0

@@ -29,7 +29,6 @@ Usage: ``python -m bench.replay [--events N] [--files-per-unit F] [--rebuild-wor
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -42,15 +41,7 @@ from typing import Any
 # `python -m bench.x` puts bench/ on sys.path; the benchmarks import the project and bench.common
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (
-    add_pg_args,
-    bench,
-    make_settings,
-    note,
-    pg_from_args,
-    temp_database,
-    temp_dir,
-)
+from bench.common import bench, bench_parser, fresh_settings, note
 
 NIGHT = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
 
@@ -117,9 +108,7 @@ def timed(what: str, head: int, fn: Any) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pg_args(p)
+    p = bench_parser(__doc__)
     p.add_argument("--events", type=int, default=1_000_000, help="events in the log")
     p.add_argument("--files-per-unit", type=int, default=20)
     p.add_argument("--rebuild-workers", type=int, default=None,
@@ -128,15 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rebuild-only", action="store_true",
                    help="skip the audit chain, replay and verify (plain reads and rebuilds)")
     args = p.parse_args(argv)
-    pg = pg_from_args(args)
 
     from bootstrap.ledger import Ledger
     from infra.audit_chain import AnchorLog, verify
     from projections.parallel_decode import default_workers
     from queries.audit import EventFilter, replay
 
-    with temp_database(pg, "obsledger_bench_replay") as db, temp_dir(args.keep_dir) as tmp:
-        settings = make_settings(pg, db, tmp / "var")
+    with fresh_settings(args, "obsledger_bench_replay") as settings:
         ledger = Ledger(settings, workers=False)
         try:
             store, projector, chain = ledger.store, ledger.projector, ledger.chain
@@ -167,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             def replay_jsonl() -> None:
                 import orjson
 
-                with open(tmp / "replay.jsonl", "wb") as out:
+                with open(settings.data_dir / "replay.jsonl", "wb") as out:
                     for e in replay(store, EventFilter()):
                         out.write(orjson.dumps(e.as_json()) + b"\n")
 

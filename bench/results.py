@@ -35,8 +35,8 @@ from commands.results import ResultCommand
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
-    add_pg_args,
     bench,
+    bench_parser,
     fresh_settings,
     journal_commands,
     note,
@@ -141,9 +141,7 @@ def baseline(settings: Any, n: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pg_args(p)
+    p = bench_parser(__doc__)
     # a fifth of the full size (--cells 100000 --assets 1000000): the same figures within
     # minutes; the full size ran past 25 minutes on a loaded 2-core machine
     p.add_argument("--cells", type=int, default=20_000,
