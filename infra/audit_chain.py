@@ -28,7 +28,7 @@ from sqlalchemy import BigInteger, Column, DateTime, Engine, MetaData, String, T
 
 from infra.event_store import EventStore
 from infra.prefetch import prefetched
-from infra.worker import PollingWorker
+from infra.worker import LogFollower
 
 log = logging.getLogger("obsledger.audit")
 
@@ -115,7 +115,7 @@ class AnchorLog:
         return out
 
 
-class ChainKeeper(PollingWorker):
+class ChainKeeper(LogFollower):
     """Extends the chain over new events; anchors its head now and then."""
 
     name = "audit-chain"
@@ -124,16 +124,11 @@ class ChainKeeper(PollingWorker):
                  anchor_every: int = 10_000, page_size: int = 5000,
                  publish: Callable[[dict[str, Any]], None] | None = None,
                  interval: float = 1.0) -> None:
-        super().__init__(interval)
-        self.store = store
-        self.engine = engine
+        self.table = build_chain_table()
+        super().__init__(store, engine, self.table, page_size, interval)
         self.anchors = anchors
         self.anchor_every = anchor_every
-        self.page_size = page_size
         self.publish = publish
-        self.table = build_chain_table()
-        with engine.begin() as conn:
-            self.table.create(conn, checkfirst=True)
         self.position, self.link = self._head()
         last = self.anchors.read()
         self._anchored = int(last[-1]["position"]) if last else 0

@@ -73,9 +73,9 @@ _ON_CONFLICT = " ON CONFLICT(command_id) DO NOTHING"
 _ROWS_PER_INSERT = 1000  # 9 parameters a row: well under SQLite's 32766
 
 
-@dataclass(slots=True)
-class NewCommand:
-    """A validated command, with its pre-generated ids, about to be journaled."""
+@dataclass(slots=True, kw_only=True)
+class CommandRequest:
+    """What a client asked (a command of a type, as an actor) and was answered."""
 
     command_id: str
     command_type: str
@@ -84,6 +84,12 @@ class NewCommand:
     correlation_id: str
     request_hash: str
     response: dict[str, Any]
+
+
+@dataclass(slots=True, kw_only=True)
+class NewCommand(CommandRequest):
+    """A validated command, with its pre-generated ids, about to be journaled."""
+
     subjects: list[str]
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     observed_at: datetime | None = None
@@ -103,16 +109,9 @@ def _insert_params(c: NewCommand) -> tuple[Any, ...]:
     )
 
 
-@dataclass(slots=True)
-class JournalEntry:
+@dataclass(slots=True, kw_only=True)
+class JournalEntry(CommandRequest):
     seq: int
-    command_id: str
-    command_type: str
-    payload: dict[str, Any]
-    actor: str
-    correlation_id: str
-    request_hash: str
-    response: dict[str, Any]
     received_at: datetime
     observed_at: datetime | None
     status: str

@@ -26,17 +26,16 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 
 from infra.event_store import EventStore
-from infra.kafka_relay import (
+from infra.kafka_records import (
     SCHEMA,
     all_topics,
-    ensure_topics,
     event_message,
     event_type_of,
     key_partition,
     message_digest,
-    producer_config,
     record_digest,
 )
+from infra.kafka_relay import ensure_topics, producer_config
 from infra.prefetch import prefetched
 from infra.settings import Settings
 

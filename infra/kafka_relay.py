@@ -28,246 +28,34 @@ record back and compares it with the log.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import logging
 import random
-import re
 import socket
-import struct
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import (
-    DuplicateSequenceNumberError,
-    InvalidProducerEpochError,
-    InvalidProducerIdMappingError,
-    KafkaError,
-    KafkaTimeoutError,
-    OffsetOutOfRangeError,
-    OutOfOrderSequenceNumberError,
-    TopicAlreadyExistsError,
-    UnknownProducerIdError,
-)
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Connection,
-    DateTime,
-    Engine,
-    MetaData,
-    String,
-    Table,
-    Text,
-    delete,
-    insert,
-    select,
-    update,
-)
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from sqlalchemy import Connection, Engine, delete, insert, select, update
 
-from infra.event_store import EventStore, stored_fields
+from infra.event_store import EventStore
+from infra.kafka_records import all_topics, event_message, key_partition, partition_key
+from infra.kafka_relay_tables import (
+    WATERMARKS_KEPT,
+    build_relay_positions,
+    build_relay_verification,
+    build_relay_watermarks,
+)
+from infra.kafka_verification import SEQUENCE_ERRORS, read_back
 from infra.read_model_db import insert_missing
 from infra.settings import Settings
+from infra.worker import PollingWorker, retry_delay
 
 log = logging.getLogger("obsledger.relay")
-
-SCHEMA = "obsledger.event.v1"
-
-#: Aggregate types whose events are published (the class name in the stored event topic).
-AGGREGATE_TYPES = ("ExecutedObsUnit", "RawDataFile", "RawDataPackage", "StagingRequest",
-                   "ObservationResult", "CommandReceipt", "DownloadJob", "ProcessingJob",
-                   "DataProduct")
-
-_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
-
-
-@functools.cache
-def snake(name: str) -> str:
-    return _CAMEL.sub("_", name).lower()
-
-
-@functools.cache
-def kafka_topic(prefix: str, aggregate_type: str) -> str:
-    """``obsledger`` + ``ExecutedObsUnit`` → ``obsledger.executed_obs_unit``."""
-    return f"{prefix}.{snake(aggregate_type)}"
-
-
-def all_topics(prefix: str) -> list[str]:
-    return [kafka_topic(prefix, a) for a in AGGREGATE_TYPES]
-
-
-@functools.cache
-def event_type_of(stored_topic: str) -> tuple[str, str]:
-    """``domain.obs_units:ExecutedObsUnit.Started`` → (``ExecutedObsUnit``,
-    ``ExecutedObsUnit.Started``)."""
-    qualname = stored_topic.rpartition(":")[2]
-    return qualname.partition(".")[0], qualname
-
-
-@dataclass(frozen=True, slots=True)
-class EventMessage:
-    """One stored event as a Kafka record."""
-
-    topic: str
-    key: bytes
-    value: bytes
-    headers: list[tuple[str, bytes]]
-    position: int
-
-
-def event_message(prefix: str, n: Any) -> EventMessage:
-    """The Kafka record for a stored notification (see ``docs/KAFKA.md``)."""
-    aggregate_type, event_type = event_type_of(n.topic)
-    state = bytes(n.state)
-    fields = stored_fields(state)
-    aggregate_id = str(n.originator_id)
-    envelope = orjson.dumps({
-        "schema": SCHEMA,
-        "position": n.id,
-        "aggregate_type": snake(aggregate_type),
-        "aggregate_id": aggregate_id,
-        "aggregate_version": n.originator_version,
-        "event_type": event_type,
-        "event_topic": n.topic,
-        "state": orjson.Fragment(state),
-    })
-    headers = [
-        ("schema", SCHEMA.encode()),
-        ("event_type", event_type.encode()),
-        ("aggregate_version", str(n.originator_version).encode()),
-        ("log_position", str(n.id).encode()),
-    ]
-    for name in ("command_id", "correlation_id", "actor"):
-        value = fields.get(name)
-        if value is not None:
-            headers.append((name, str(value).encode()))
-    return EventMessage(kafka_topic(prefix, aggregate_type), aggregate_id.encode(), envelope,
-                        headers, n.id)
-
-
-def record_digest(topic: str, key: bytes | None, value: bytes | None,
-                  headers: Sequence[tuple[str, bytes]]) -> int:
-    """64 bits that change with the topic or any byte of a record's key, value or headers
-    (``check-kafka`` compares what it reads with what the relay writes); never 0."""
-    h = hashlib.blake2b(digest_size=8)
-    for part in (topic.encode(), key or b"", value or b""):
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    for name, v in headers:
-        raw = name.encode()
-        h.update(len(raw).to_bytes(8, "little"))
-        h.update(raw)
-        h.update(len(v).to_bytes(8, "little"))
-        h.update(v)
-    return int.from_bytes(h.digest(), "little") or 1
-
-
-def message_digest(m: EventMessage) -> int:
-    return record_digest(m.topic, m.key, m.value, m.headers)
-
-
-def murmur2(data: bytes) -> int:
-    """Kafka's key hash (the Java client's ``Utils.murmur2``), a word at a time: the same value
-    as kafka-python's byte-by-byte ``murmur2``, several times faster."""
-    m, length = 0x5BD1E995, len(data)
-    h = 0x9747B28C ^ length
-    words = length // 4
-    for k in struct.unpack_from(f"<{words}I", data):
-        k = (k * m) & 0xFFFFFFFF
-        k ^= k >> 24
-        h = ((h * m) & 0xFFFFFFFF) ^ ((k * m) & 0xFFFFFFFF)
-    tail = data[words * 4:]
-    if len(tail) == 3:
-        h ^= tail[2] << 16
-    if len(tail) >= 2:
-        h ^= tail[1] << 8
-    if tail:
-        h ^= tail[0]
-        h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 15
-    return h
-
-
-def key_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner picks for ``key`` (Java and kafka-python)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
-
-
-def build_relay_positions(md: MetaData | None = None) -> Table:
-    """The last log position each relay has published (and flushed, acks=all)."""
-    return Table(
-        "kafka_relay_positions", md or MetaData(),
-        Column("name", String(200), primary_key=True),
-        Column("position", BigInteger, nullable=False),
-        Column("updated_at", DateTime(timezone=True), nullable=False),
-    )
-
-
-def build_relay_watermarks(md: MetaData | None = None) -> Table:
-    """After each flushed batch: the batch's last log position and, for every partition the
-    relay has written to, the offset after its last acknowledged record (JSON
-    ``{"<topic>:<partition>": next_offset}``). A consumer that has consumed up to those offsets
-    has seen every event at or below the position: Kafka projectors derive the position up to
-    which the read models are complete from it."""
-    return Table(
-        "kafka_relay_watermarks", md or MetaData(),
-        Column("name", String(200), primary_key=True),
-        Column("position", BigInteger, primary_key=True),
-        Column("partition_ends", Text, nullable=False),
-        Column("recorded_at", DateTime(timezone=True), nullable=False),
-    )
-
-
-def build_relay_verification(md: MetaData | None = None) -> Table:
-    """What the relay has proven about Kafka: per partition, the log position of the record
-    just below its recorded end (the record it reads back), the position last verified, and
-    the broker data losses it has detected."""
-    return Table(
-        "kafka_relay_verification", md or MetaData(),
-        Column("name", String(200), primary_key=True),
-        Column("partition_tails", Text, nullable=False),  # {"<topic>:<partition>": position}
-        Column("verified_position", BigInteger, nullable=False),
-        Column("verified_at", DateTime(timezone=True)),
-        Column("data_losses", BigInteger, nullable=False),
-        Column("last_loss", Text),  # JSON: when, what was found, where the relay went back to
-    )
-
-
-#: Watermarks the relay keeps when no Kafka projector prunes them (one per flushed batch).
-WATERMARKS_KEPT = 10_000
-
-#: Producer errors that say the broker no longer has the producer's state or sequence: it
-#: lost (or never kept) what it acknowledged.
-SEQUENCE_ERRORS = (OutOfOrderSequenceNumberError, UnknownProducerIdError,
-                   DuplicateSequenceNumberError, InvalidProducerEpochError,
-                   InvalidProducerIdMappingError)
-
-
-def split_partition_key(key: str) -> tuple[str, int]:
-    topic, _, partition = key.rpartition(":")
-    return topic, int(partition)
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionCheck:
-    """What reading a partition back showed: its end (high watermark) and whether the record
-    just below the recorded end is the one the relay wrote there."""
-
-    end: int
-    tail_ok: bool
-
-
-def partition_key(topic: str, partition: int) -> str:
-    return f"{topic}:{partition}"
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -321,12 +109,16 @@ def broker_reachable(bootstrap_servers: Sequence[str], timeout: float = 0.5) -> 
     return False
 
 
-class EventRelay:
+class EventRelay(PollingWorker):
     """Publishes the notification log to Kafka; one per deployment (or per target cluster)."""
+
+    name = "kafka-relay"
+    join_timeout = 30.0
 
     def __init__(self, store: EventStore, engine: Engine, settings: Settings) -> None:
         if not settings.kafka_bootstrap:
             raise ValueError("OBSLEDGER_KAFKA_BOOTSTRAP is not set")
+        super().__init__(settings.relay_poll_s)
         self.store = store
         self.engine = engine
         self.settings = settings
@@ -335,7 +127,7 @@ class EventRelay:
         self.positions = build_relay_positions()
         self.watermarks = build_relay_watermarks()
         self.verification = build_relay_verification()
-        self.name = self.prefix
+        self.relay_name = self.prefix  # its rows in the relay's tables
         self.partition_ends: dict[str, int] = {}
         # per partition, the log position of the record at partition_ends - 1
         self.partition_tails: dict[str, int] = {}
@@ -348,15 +140,12 @@ class EventRelay:
         self.sequence_errors = 0
         self.published = 0
         self.broker_reachable: bool | None = None
-        self.last_error: str | None = None
         self._producer: KafkaProducer | None = None
         self._topics_ready = False
         self._verify_due = True  # before the first send: the broker may have lost data since
         self._verify_reason = "verification at start"
         self._next_verify = 0.0
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._idle_probe = 0.0
         self._failures = 0
         self.setup()
 
@@ -367,23 +156,23 @@ class EventRelay:
             self.watermarks.create(conn, checkfirst=True)
             self.verification.create(conn, checkfirst=True)
             row = conn.execute(select(self.positions.c.position)
-                               .where(self.positions.c.name == self.name)).first()
+                               .where(self.positions.c.name == self.relay_name)).first()
             if row is None:
                 insert_missing(conn, self.positions, {
-                    "name": self.name, "position": 0, "updated_at": datetime.now(UTC)})
+                    "name": self.relay_name, "position": 0, "updated_at": datetime.now(UTC)})
             self.position = int(row[0]) if row else 0
             last = conn.execute(
                 select(self.watermarks.c.partition_ends)
-                .where(self.watermarks.c.name == self.name)
+                .where(self.watermarks.c.name == self.relay_name)
                 .order_by(self.watermarks.c.position.desc()).limit(1)).first()
             self.partition_ends = orjson.loads(last[0]) if last else {}
             v = self.verification.c
             checked = conn.execute(select(v.partition_tails, v.verified_position, v.verified_at,
                                           v.data_losses, v.last_loss)
-                                   .where(v.name == self.name)).first()
+                                   .where(v.name == self.relay_name)).first()
             if checked is None:
                 insert_missing(conn, self.verification, {
-                    "name": self.name, "partition_tails": "{}", "verified_position": 0,
+                    "name": self.relay_name, "partition_tails": "{}", "verified_position": 0,
                     "verified_at": None, "data_losses": 0, "last_loss": None})
             else:
                 self.partition_tails = orjson.loads(checked[0])
@@ -407,32 +196,32 @@ class EventRelay:
 
     def _write_position(self, conn: Connection, position: int, partition_ends: dict[str, int],
                         partition_tails: dict[str, int], now: datetime) -> None:
-        conn.execute(update(self.positions).where(self.positions.c.name == self.name)
+        conn.execute(update(self.positions).where(self.positions.c.name == self.relay_name)
                      .values(position=position, updated_at=now))
         # a relay set back to re-publish (or a new cluster under the same name) replaces
         # the watermarks it passes again; the older ones stay true, the new ones too
-        conn.execute(delete(self.watermarks).where(self.watermarks.c.name == self.name,
+        conn.execute(delete(self.watermarks).where(self.watermarks.c.name == self.relay_name,
                                                    self.watermarks.c.position >= position))
         conn.execute(insert(self.watermarks).values(
-            name=self.name, position=position, recorded_at=now,
+            name=self.relay_name, position=position, recorded_at=now,
             partition_ends=orjson.dumps(partition_ends, option=orjson.OPT_SORT_KEYS)
             .decode()))
-        conn.execute(update(self.verification).where(self.verification.c.name == self.name)
+        conn.execute(update(self.verification).where(self.verification.c.name == self.relay_name)
                      .values(partition_tails=orjson.dumps(
                          partition_tails, option=orjson.OPT_SORT_KEYS).decode()))
 
     def _prune_watermarks(self, conn: Connection) -> None:
         w = self.watermarks
-        oldest_kept = (select(w.c.position).where(w.c.name == self.name)
+        oldest_kept = (select(w.c.position).where(w.c.name == self.relay_name)
                        .order_by(w.c.position.desc()).offset(WATERMARKS_KEPT).limit(1)
                        .scalar_subquery())
-        conn.execute(delete(w).where(w.c.name == self.name, w.c.position < oldest_kept))
+        conn.execute(delete(w).where(w.c.name == self.relay_name, w.c.position < oldest_kept))
 
     def read_position(self) -> int:
         """The published position as recorded (by this or another relay process)."""
         with self.engine.connect() as conn:
             row = conn.execute(select(self.positions.c.position)
-                               .where(self.positions.c.name == self.name)).first()
+                               .where(self.positions.c.name == self.relay_name)).first()
         return int(row[0]) if row else 0
 
     def read_state(self) -> dict[str, Any]:
@@ -441,9 +230,9 @@ class EventRelay:
         v = self.verification.c
         with self.engine.connect() as conn:
             sent = conn.execute(select(self.positions.c.position)
-                                .where(self.positions.c.name == self.name)).scalar()
+                                .where(self.positions.c.name == self.relay_name)).scalar()
             row = conn.execute(select(v.verified_position, v.verified_at, v.data_losses,
-                                      v.last_loss).where(v.name == self.name)).first()
+                                      v.last_loss).where(v.name == self.relay_name)).first()
         verified_at = row[1] if row else None
         if verified_at is not None and verified_at.tzinfo is None:  # SQLite
             verified_at = verified_at.replace(tzinfo=UTC)
@@ -456,40 +245,22 @@ class EventRelay:
         }
 
     # -- running -------------------------------------------------------------------------
-    def wake(self, _position: int | None = None) -> None:
-        self._wake.set()
+    def once(self) -> int:
+        return self.relay_once()
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run_forever, name="kafka-relay",
-                                        daemon=True)
-        self._thread.start()
+    def idle_timeout(self) -> float:
+        now = time.monotonic()
+        if now - self._idle_probe > 5.0:  # notice an outage while there is nothing to send
+            self._idle_probe = now
+            self.broker_reachable = broker_reachable(self.settings.kafka_bootstrap_servers)
+        return max(0.0, min(self.interval, self._next_verify - now))
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        super().stop()
         self._close_producer(timeout=5)
 
-    def run_forever(self) -> None:
-        idle_probe = 0.0
-        while not self._stop.is_set():
-            try:
-                n = self.relay_once()
-            except Exception as e:  # broker or store down: back off, re-send from position
-                self._failed(e)
-                continue
-            if n == 0:
-                now = time.monotonic()
-                if now - idle_probe > 5.0:  # notice an outage while there is nothing to send
-                    idle_probe = now
-                    self.broker_reachable = broker_reachable(
-                        self.settings.kafka_bootstrap_servers)
-                self._wake.wait(max(0.0, min(self.settings.relay_poll_s,
-                                             self._next_verify - now)))
-                self._wake.clear()
-
-    def _failed(self, error: Exception) -> None:
+    def failed(self, error: Exception) -> None:
+        """Broker or store down: back off, then re-send from the recorded position."""
         self._failures += 1
         self.last_error = f"{type(error).__name__}: {error}"
         if isinstance(error, KafkaError):
@@ -503,7 +274,7 @@ class EventRelay:
                       "acknowledged records; verifying before re-sending", self.last_error)
         # drop whatever is buffered: the batch is re-sent, in order, from the recorded position
         self._close_producer(timeout=0)
-        delay = min(self.settings.relay_retry_max_s, 0.2 * 2 ** min(self._failures, 8))
+        delay = retry_delay(self._failures, self.settings.relay_retry_max_s)
         log.warning("relay failed (%s), retrying in %.1fs", self.last_error, delay)
         self._stop.wait(delay * random.uniform(0.5, 1.0))
 
@@ -576,7 +347,7 @@ class EventRelay:
         Raises when the broker does not answer (the caller retries)."""
         position = self.position
         ends = dict(self.partition_ends)
-        checks = self._read_back(ends, self.partition_tails)
+        checks = read_back(self.settings, ends, self.partition_tails, position)
         lost = {key: c.end if c.tail_ok else 0 for key, c in checks.items()
                 if c.end < ends[key] or not c.tail_ok}
         for key, end in (known_ends or {}).items():
@@ -587,87 +358,12 @@ class EventRelay:
         now = datetime.now(UTC)
         with self.engine.begin() as conn:
             conn.execute(update(self.verification)
-                         .where(self.verification.c.name == self.name)
+                         .where(self.verification.c.name == self.relay_name)
                          .values(verified_position=position, verified_at=now))
         self.verified_position, self.verified_at = position, now
         self._verify_due = False
         self._next_verify = time.monotonic() + self.settings.relay_verify_s
         return True
-
-    def _read_back(self, ends: dict[str, int],
-                   tails: dict[str, int]) -> dict[str, PartitionCheck]:
-        """Read, on every partition the relay has written to, the record at its recorded end
-        minus one (a missing topic reads as empty). The end is the high watermark of the
-        fetch responses: ListOffsets is not answered right by every Kafka-protocol broker."""
-        wanted = {key: end for key, end in ends.items() if end > 0}
-        if not wanted:
-            return {}
-        consumer = KafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
-            client_id="obsledger-relay-verify", group_id=None, enable_auto_commit=False,
-            auto_offset_reset="none",  # an offset beyond the end raises: the log is shorter
-            fetch_max_wait_ms=50, max_partition_fetch_bytes=64 * 1024,
-            request_timeout_ms=10_000, bootstrap_timeout_ms=5_000)
-        try:
-            existing = consumer.topics()
-            checks: dict[str, PartitionCheck] = {}
-            parts: dict[TopicPartition, str] = {}
-            for key in wanted:
-                topic, partition = split_partition_key(key)
-                if topic in existing:
-                    parts[TopicPartition(topic, partition)] = key
-                else:  # the topic is gone: the broker lost everything in it
-                    checks[key] = PartitionCheck(0, True)
-            if not parts:
-                return checks
-            consumer.assign(list(parts))
-            for tp, key in parts.items():
-                consumer.seek(tp, wanted[key] - 1)
-            pending, from_start = set(parts), set()
-            deadline = time.monotonic() + self.settings.relay_flush_timeout_s
-            while pending:
-                if time.monotonic() > deadline:
-                    raise KafkaTimeoutError(f"verification: {len(pending)} partitions did "
-                                            "not answer")
-                try:
-                    batches = consumer.poll(timeout_ms=200)
-                except OffsetOutOfRangeError as e:  # below the recorded end: find the end
-                    out = e.args[0] if e.args and isinstance(e.args[0], dict) else pending
-                    for tp in out:
-                        if tp in pending and tp not in from_start:
-                            from_start.add(tp)
-                            consumer.seek_to_beginning(tp)
-                    continue
-                for tp, records in batches.items():
-                    key = parts[tp]
-                    if tp not in pending or tp in from_start:
-                        continue
-                    for r in records:
-                        if r.offset == wanted[key] - 1:
-                            checks[key] = PartitionCheck(
-                                max(consumer.highwater(tp) or 0, r.offset + 1),
-                                self._is_tail(r, tails.get(key)))
-                            pending.discard(tp)
-                            consumer.pause(tp)
-                            break
-                for tp in list(pending):
-                    end = consumer.highwater(tp)
-                    if end is not None and (tp in from_start or end < wanted[parts[tp]]):
-                        checks[parts[tp]] = PartitionCheck(end, True)
-                        pending.discard(tp)
-                        consumer.pause(tp)
-            return checks
-        finally:
-            consumer.close()
-
-    def _is_tail(self, record: Any, expected: int | None) -> bool:
-        """Whether ``record`` is the one the relay wrote there (its log position; without a
-        recorded one, any record of an event the relay has sent)."""
-        try:
-            position = int(dict(record.headers)["log_position"])
-        except (KeyError, ValueError, TypeError):
-            return False
-        return position == expected if expected is not None else position <= self.position
 
     def _rewind(self, position: int, ends: dict[str, int], lost: dict[str, int],
                 reason: str) -> None:
@@ -678,7 +374,7 @@ class EventRelay:
         with self.engine.connect() as conn:
             for wm_position, wm_ends in conn.execute(
                     select(w.c.position, w.c.partition_ends)
-                    .where(w.c.name == self.name, w.c.position <= position)
+                    .where(w.c.name == self.relay_name, w.c.position <= position)
                     .order_by(w.c.position.desc())).yield_per(500):
                 found = orjson.loads(wm_ends)
                 if all(found.get(key, 0) <= end for key, end in lost.items()):
@@ -697,7 +393,7 @@ class EventRelay:
         with self.engine.begin() as conn:
             self._write_position(conn, target, new_ends, tails, now)
             conn.execute(update(self.verification)
-                         .where(self.verification.c.name == self.name)
+                         .where(self.verification.c.name == self.relay_name)
                          .values(verified_position=target, verified_at=now,
                                  data_losses=self.verification.c.data_losses + 1,
                                  last_loss=orjson.dumps(loss).decode()))

@@ -110,7 +110,8 @@ def _check_origin(url: URL, config: TransferConfig, what: str) -> None:
 async def _get(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
                timeout: aiohttp.ClientTimeout, config: TransferConfig,
                ) -> AsyncIterator[aiohttp.ClientResponse]:
-    """GET ``url``, following redirects only to allowed origins."""
+    """GET ``url``, following redirects only to allowed origins; a server error or a 429
+    raises ``_Retry``."""
     target = URL(url)
     _check_origin(target, config, "the file's URL")
     for _ in range(MAX_REDIRECTS + 1):
@@ -119,6 +120,8 @@ async def _get(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
         location = resp.headers.get("Location")
         if resp.status not in REDIRECTS or not location:
             try:
+                if resp.status >= 500 or resp.status == 429:
+                    raise _Retry(f"HTTP {resp.status}")
                 yield resp
             finally:
                 resp.release()
@@ -307,8 +310,6 @@ async def _fetch_part(session: aiohttp.ClientSession, url: str, start: int, end:
         progressed = False
         try:
             async with _get(session, url, headers, timeout, config) as resp:
-                if resp.status >= 500 or resp.status == 429:
-                    raise _Retry(f"HTTP {resp.status}")
                 if resp.status == 200:
                     raise _NoRanges()
                 if resp.status == 416:
@@ -473,8 +474,6 @@ async def fetch(session: aiohttp.ClientSession, url: str, partial: Path, offset:
             progressed = False
             try:
                 async with _get(session, url, headers, timeout, config) as resp:
-                    if resp.status >= 500 or resp.status == 429:
-                        raise _Retry(f"HTTP {resp.status}")
                     if resp.status == 416:
                         m = _UNSATISFIED.match(resp.headers.get("Content-Range", ""))
                         if m and int(m.group(1)) == pos:  # nothing after pos: the end

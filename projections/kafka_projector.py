@@ -33,9 +33,11 @@ from sqlalchemy import Connection, Engine, delete, select, update
 
 from infra.event_store import EventStore
 from infra.kafka_consumer import EventConsumer, EventRecord, Partition
-from infra.kafka_relay import build_relay_positions, build_relay_watermarks, kafka_topic
+from infra.kafka_records import kafka_topic
+from infra.kafka_relay_tables import build_relay_positions, build_relay_watermarks
 from infra.read_model_db import insert_missing, write_transaction
 from infra.settings import Settings
+from infra.worker import retry_delay
 from projections.projector import MAIN, Projector
 from projections.rows import Op, execute_ops
 from projections.tables import build_consumer_offsets
@@ -97,8 +99,7 @@ class KafkaProjector(Projector):
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.warning("Kafka projection failed, rejoining: %s", self.last_error)
                 self._close_consumer()
-                self._stop.wait(min(self.settings.relay_retry_max_s, 0.2 * 2 ** min(failures,
-                                                                                    8)))
+                self._stop.wait(retry_delay(failures, self.settings.relay_retry_max_s))
 
     @property
     def running(self) -> bool:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.schema import SchemaItem
 
 Json = JSON().with_variant(JSONB(), "postgresql")
 TZ = DateTime(timezone=True)
@@ -60,6 +61,51 @@ class ReadModelTables:
                 self.product_inputs]
 
 
+def _id() -> Column[object]:
+    """The row's id: its entity's UUID."""
+    return Column("id", String(36), primary_key=True)
+
+
+def _ref(name: str, required: bool = False) -> Column[object]:
+    """The UUID of another entity."""
+    return Column(name, String(36), nullable=not required)
+
+
+def _status() -> Column[object]:
+    return Column("status", String(20), nullable=False)
+
+
+def _span(began: str, ended: str) -> list[Column[object]]:
+    """When a piece of work began (always known) and ended (null until it has)."""
+    return [Column(began, TZ, nullable=False), Column(ended, TZ)]
+
+
+def _file_description() -> list[Column[object]]:
+    """A raw data file as registered: name, instrument, where it is, size, checksum."""
+    return [
+        Column("name", String(255), nullable=False),
+        Column("instrument", String(100), nullable=False),
+        Column("relative_path", String(1024), nullable=False),
+        Column("size", BigInteger, nullable=False),
+        Column("checksum_algorithm", String(20), nullable=False),
+        Column("checksum_value", String(128), nullable=False),
+    ]
+
+
+def _algorithm(required: bool) -> list[Column[object]]:
+    """The algorithm a processing job ran (or will run), its version and parameters."""
+    return [
+        Column("algorithm", String(100), nullable=not required),
+        Column("algorithm_version", String(50), nullable=not required),
+        Column("parameters", Json, nullable=False),
+    ]
+
+
+def _result_run() -> list[Column[object]]:
+    """The observation result and processing run a job or product belongs to, if any."""
+    return [_ref("result_id"), _ref("run_id")]
+
+
 def _common() -> list[Column[object]]:
     return [
         Column("created_position", BigInteger, nullable=False),
@@ -71,6 +117,15 @@ def _common() -> list[Column[object]]:
     ]
 
 
+def _read_model(name: str, md: MetaData, *items: SchemaItem) -> Table:
+    """A read-model table: its id first, then ``items``' columns and the columns every read
+    model has (positions, last command and actor, times); ``items``' indexes and
+    constraints."""
+    columns = [i for i in items if isinstance(i, Column)]
+    return Table(name, md, _id(), *columns, *_common(),
+                 *(i for i in items if not isinstance(i, Column)))
+
+
 def build_tables(generation: str = "", table_suffix: str = "") -> ReadModelTables:
     """Table objects named ``<model><table_suffix>``, indexes named after ``generation``."""
     md = MetaData()
@@ -79,72 +134,58 @@ def build_tables(generation: str = "", table_suffix: str = "") -> ReadModelTable
     def name(base: str) -> str:
         return base + table_suffix
 
-    units = Table(
+    units = _read_model(
         name("executed_obs_units"), md,
-        Column("id", String(36), primary_key=True),
         Column("obs_unit_id", String(100), nullable=False),
         Column("instrument", String(100), nullable=False),
-        Column("status", String(20), nullable=False),
+        _status(),
         Column("start_time", TZ, nullable=False),
         Column("end_time", TZ),
         Column("metadata", Json, nullable=False),
         Column("finish_metadata", Json),
         Column("started_by", String(255), nullable=False),
         Column("finished_by", String(255)),
-        *_common(),
         Index(f"ix_eou_obs_unit_{g}", "obs_unit_id"),
         Index(f"ix_eou_status_start_{g}", "status", "start_time"),
         Index(f"ix_eou_instrument_start_{g}", "instrument", "start_time"),
         Index(f"ix_eou_start_{g}", "start_time"),
     )
-    files = Table(
+    files = _read_model(
         name("raw_data_files"), md,
-        Column("id", String(36), primary_key=True),
-        Column("name", String(255), nullable=False),
-        Column("instrument", String(100), nullable=False),
-        Column("relative_path", String(1024), nullable=False),
-        Column("size", BigInteger, nullable=False),
-        Column("checksum_algorithm", String(20), nullable=False),
-        Column("checksum_value", String(128), nullable=False),
-        Column("executed_obs_unit_id", String(36)),
-        Column("package_id", String(36)),
+        *_file_description(),
+        _ref("executed_obs_unit_id"),
+        _ref("package_id"),
         Column("file_type", String(50), nullable=False),
         Column("created_at", TZ, nullable=False),
-        *_common(),
         UniqueConstraint("instrument", "name", name=f"uq_rdf_instrument_name_{g}"),
         Index(f"ix_rdf_eou_{g}", "executed_obs_unit_id"),
         Index(f"ix_rdf_package_{g}", "package_id"),
         Index(f"ix_rdf_created_{g}", "created_at"),
     )
-    packages = Table(
+    packages = _read_model(
         name("raw_data_packages"), md,
-        Column("id", String(36), primary_key=True),
         Column("name", String(255), nullable=False),
-        Column("executed_obs_unit_id", String(36)),
-        Column("status", String(20), nullable=False),
+        _ref("executed_obs_unit_id"),
+        _status(),
         Column("total_size", BigInteger, nullable=False),
         Column("file_count", Integer, nullable=False),
         Column("finalized_at", TZ),
-        *_common(),
         Index(f"ix_rdp_eou_{g}", "executed_obs_unit_id"),
     )
-    staging = Table(
+    staging = _read_model(
         name("staging_requests"), md,
-        Column("id", String(36), primary_key=True),
         Column("package_ids", Json, nullable=False),
         Column("destination", String(1024), nullable=False),
-        Column("status", String(20), nullable=False),
+        _status(),
         Column("bytes_total", BigInteger, nullable=False),
         Column("files_total", Integer, nullable=False),
         Column("bytes_transferred", BigInteger, nullable=False),
         Column("files_transferred", Integer, nullable=False),
         Column("message", Text),
-        *_common(),
         Index(f"ix_stg_status_{g}", "status"),
     )
-    results = Table(
+    results = _read_model(
         name("observation_results"), md,
-        Column("id", String(36), primary_key=True),
         Column("observation_id", BigInteger, nullable=False),
         Column("request_id", BigInteger, nullable=False),
         Column("epoch_index", Integer, nullable=False),
@@ -162,9 +203,8 @@ def build_tables(generation: str = "", table_suffix: str = "") -> ReadModelTable
         Column("dirty_from_revision", BigInteger),
         Column("next_eligible_run_at", TZ),
         Column("last_built_revision", BigInteger),
-        Column("current_processing_run_id", String(36)),
+        _ref("current_processing_run_id"),
         Column("failed_runs", Integer, nullable=False),
-        *_common(),
         UniqueConstraint("observation_id", "request_id", "epoch_index", "sample_index",
                          "copy_index", name=f"uq_res_leaf_{g}"),
         Index(f"ix_res_request_{g}", "request_id"),
@@ -172,31 +212,25 @@ def build_tables(generation: str = "", table_suffix: str = "") -> ReadModelTable
         Index(f"ix_res_product_{g}", "data_product_status"),
         Index(f"ix_res_next_run_{g}", "next_eligible_run_at"),
     )
-    tasks = Table(
+    tasks = _read_model(
         name("observation_result_tasks"), md,
-        Column("id", String(36), primary_key=True),
-        Column("result_id", String(36), nullable=False),
+        _ref("result_id", required=True),
         Column("attempt", Integer, nullable=False),
         Column("instrument_id", String(100)),
-        Column("executed_obs_unit_id", String(36)),
-        Column("status", String(20), nullable=False),  # open | <task outcome>
-        Column("dispatched_at", TZ, nullable=False),
-        Column("finished_at", TZ),
-        *_common(),
+        _ref("executed_obs_unit_id"),
+        _status(),  # open | <task outcome>
+        *_span("dispatched_at", "finished_at"),
         Index(f"ix_task_result_{g}", "result_id"),
         Index(f"ix_task_eou_{g}", "executed_obs_unit_id"),
     )
-    runs = Table(
+    runs = _read_model(
         name("processing_runs"), md,
-        Column("id", String(36), primary_key=True),
-        Column("result_id", String(36), nullable=False),
+        _ref("result_id", required=True),
         Column("revision", BigInteger, nullable=False),
-        Column("status", String(20), nullable=False),  # running | completed | failed | …
-        Column("started_at", TZ, nullable=False),
-        Column("finished_at", TZ),
+        _status(),  # running | completed | failed | …
+        *_span("started_at", "finished_at"),
         Column("outputs", Json, nullable=False),
         Column("error", Text),
-        *_common(),
         Index(f"ix_run_result_{g}", "result_id"),
     )
     jobs, job_files = build_download_tables(md, name, g)
@@ -207,10 +241,9 @@ def build_tables(generation: str = "", table_suffix: str = "") -> ReadModelTable
 def build_download_tables(md: MetaData, name: Callable[[str], str], g: str,
                           ) -> tuple[Table, Table]:
     """MAST download jobs and their files (progress, speed, provenance of each file)."""
-    jobs = Table(
+    jobs = _read_model(
         name("download_jobs"), md,
-        Column("id", String(36), primary_key=True),
-        Column("status", String(20), nullable=False),
+        _status(),
         Column("destination", String(1024), nullable=False),
         Column("mode", String(20), nullable=False),
         Column("chunk_size", BigInteger, nullable=False),
@@ -221,15 +254,12 @@ def build_download_tables(md: MetaData, name: Callable[[str], str], g: str,
         Column("bytes_done", BigInteger, nullable=False),
         Column("reason", Text),
         Column("partials_purged", Boolean, nullable=False),
-        Column("requested_at", TZ, nullable=False),
-        Column("finished_at", TZ),
-        *_common(),
+        *_span("requested_at", "finished_at"),
         Index(f"ix_dlj_status_{g}", "status", "updated_at"),
     )
-    job_files = Table(
-        name("download_files"), md,
-        Column("id", String(36), primary_key=True),  # uuid5(job id, index)
-        Column("job_id", String(36), nullable=False),
+    job_files = _read_model(
+        name("download_files"), md,  # id: uuid5(job id, index)
+        _ref("job_id", required=True),
         Column("file_index", Integer, nullable=False),
         Column("filename", String(255), nullable=False),
         Column("url", Text, nullable=False),
@@ -238,7 +268,7 @@ def build_download_tables(md: MetaData, name: Callable[[str], str], g: str,
         Column("obsid", String(64)),
         Column("product_type", String(50)),
         Column("instrument", String(80)),
-        Column("status", String(20), nullable=False),
+        _status(),
         Column("size", BigInteger),
         Column("bytes_done", BigInteger, nullable=False),
         Column("bytes_per_s", Float),
@@ -250,7 +280,6 @@ def build_download_tables(md: MetaData, name: Callable[[str], str], g: str,
         Column("started_at", TZ),
         Column("checkpoint_at", TZ),
         Column("completed_at", TZ),
-        *_common(),
         Index(f"ix_dlf_job_{g}", "job_id", "file_index"),
     )
     return jobs, job_files
@@ -260,20 +289,16 @@ def build_processing_tables(md: MetaData, name: Callable[[str], str], g: str,
                             ) -> tuple[Table, Table, Table, Table]:
     """Processing jobs (leases, steps, progress, outputs), the data products they built and
     the raw data files each product was built from (lineage)."""
-    jobs = Table(
+    jobs = _read_model(
         name("processing_jobs"), md,
-        Column("id", String(36), primary_key=True),
         Column("kind", String(20), nullable=False),
-        Column("status", String(20), nullable=False),
-        Column("algorithm", String(100)),
-        Column("algorithm_version", String(50)),
-        Column("parameters", Json, nullable=False),
+        _status(),
+        *_algorithm(required=False),
         Column("inputs", Json, nullable=False),
         Column("product_ids", Json, nullable=False),
         Column("input_count", Integer, nullable=False),
         Column("input_bytes", BigInteger, nullable=False),
-        Column("result_id", String(36)),
-        Column("run_id", String(36)),
+        *_result_run(),
         Column("catalog", Boolean, nullable=False),
         Column("publish", Boolean, nullable=False),
         Column("archive", Boolean, nullable=False),
@@ -292,29 +317,24 @@ def build_processing_tables(md: MetaData, name: Callable[[str], str], g: str,
         Column("requested_at", TZ, nullable=False),
         Column("started_at", TZ),
         Column("finished_at", TZ),
-        *_common(),
         Index(f"ix_pj_status_{g}", "status", "requested_at"),
         Index(f"ix_pj_kind_{g}", "kind", "requested_at"),
         Index(f"ix_pj_lease_{g}", "status", "lease_expires_at"),
         Index(f"ix_pj_run_{g}", "run_id"),
     )
-    steps = Table(
-        name("processing_job_steps"), md,
-        Column("id", String(36), primary_key=True),  # uuid5(job id, attempt and name)
-        Column("job_id", String(36), nullable=False),
+    steps = _read_model(
+        name("processing_job_steps"), md,  # id: uuid5(job id, attempt and name)
+        _ref("job_id", required=True),
         Column("attempt", Integer, nullable=False),
         Column("name", String(200), nullable=False),
-        Column("status", String(20), nullable=False),  # running | completed | interrupted
-        Column("started_at", TZ, nullable=False),
-        Column("completed_at", TZ),
+        _status(),  # running | completed | interrupted
+        *_span("started_at", "completed_at"),
         Column("duration_s", Float),
-        *_common(),
         Index(f"ix_pjs_job_{g}", "job_id", "created_position"),
     )
-    products = Table(
+    products = _read_model(
         name("data_products"), md,
-        Column("id", String(36), primary_key=True),
-        Column("job_id", String(36), nullable=False),
+        _ref("job_id", required=True),
         Column("kind", String(50), nullable=False),
         Column("name", String(255), nullable=False),
         Column("area", String(30), nullable=False),
@@ -324,39 +344,28 @@ def build_processing_tables(md: MetaData, name: Callable[[str], str], g: str,
         Column("sha256", String(64), nullable=False),
         Column("media_type", String(100), nullable=False),
         Column("metrics", Json, nullable=False),
-        Column("algorithm", String(100), nullable=False),
-        Column("algorithm_version", String(50), nullable=False),
-        Column("parameters", Json, nullable=False),
+        *_algorithm(required=True),
         Column("software", Json, nullable=False),
-        Column("result_id", String(36)),
-        Column("run_id", String(36)),
-        Column("status", String(20), nullable=False),
+        *_result_run(),
+        _status(),
         Column("published", Boolean, nullable=False),
         Column("archived", Boolean, nullable=False),
         Column("built_at", TZ, nullable=False),
         Column("catalogued_at", TZ),
         Column("metadata", Json, nullable=False),  # what catalog jobs recorded on it
-        *_common(),
         Index(f"ix_dp_status_{g}", "status", "built_at"),
         Index(f"ix_dp_job_{g}", "job_id"),
         Index(f"ix_dp_result_{g}", "result_id"),
     )
-    inputs = Table(
-        name("product_inputs"), md,
-        Column("id", String(36), primary_key=True),  # uuid5(product id, file id)
-        Column("product_id", String(36), nullable=False),
-        Column("file_id", String(36), nullable=False),
-        Column("name", String(255), nullable=False),
-        Column("instrument", String(100), nullable=False),
-        Column("relative_path", String(1024), nullable=False),
-        Column("size", BigInteger, nullable=False),
-        Column("checksum_algorithm", String(20), nullable=False),
-        Column("checksum_value", String(128), nullable=False),
+    inputs = _read_model(
+        name("product_inputs"), md,  # id: uuid5(product id, file id)
+        _ref("product_id", required=True),
+        _ref("file_id", required=True),
+        *_file_description(),
         Column("file_type", String(50), nullable=False),
-        Column("executed_obs_unit_id", String(36)),
+        _ref("executed_obs_unit_id"),
         Column("role", String(30)),  # how the algorithm used it: bias, dark, flat, science
         Column("classified_from", String(255)),  # what said so: "IMAGETYP 'ZERO'", ...
-        *_common(),
         Index(f"ix_pi_product_{g}", "product_id"),
         Index(f"ix_pi_file_{g}", "file_id"),
     )

@@ -21,7 +21,7 @@ from domain.errors import DomainRejection
 from infra.event_store import EventStore
 from infra.logs import command_context
 from infra.read_model_db import insert_missing
-from infra.worker import PollingWorker
+from infra.worker import LogFollower
 from projections.tables import build_positions
 
 log = logging.getLogger("obsledger.process_manager")
@@ -41,7 +41,7 @@ async def send_command(commands: CommandService, actor: str, command_type: str, 
             log.info("%s %s not sent: %s", command_type, path, e)
 
 
-class LogProcessManager(PollingWorker):
+class LogProcessManager(LogFollower):
     """Reads the log a page at a time from ``POSITION``, sends what ``react`` asks for, then
     records the page's end."""
 
@@ -50,14 +50,10 @@ class LogProcessManager(PollingWorker):
 
     def __init__(self, store: EventStore, engine: Engine, commands: CommandService,
                  page_size: int = 500, interval: float = 0.5) -> None:
-        super().__init__(interval)
-        self.store = store
-        self.engine = engine
-        self.commands = commands
-        self.page_size = page_size
         self.positions = build_positions()
+        super().__init__(store, engine, self.positions, page_size, interval)
+        self.commands = commands
         with engine.begin() as conn:
-            self.positions.create(conn, checkfirst=True)
             insert_missing(conn, self.positions, {
                 "name": self.POSITION, "position": 0, "generation": "-",
                 "updated_at": datetime.now(UTC)})

@@ -196,22 +196,27 @@ def build_night(ledger: Ledger) -> dict[str, str]:
       AddFilesToPackageRequest(file_ids=[UUID(fid("b1.fits")), UUID(fid("b2.fits"))]),
       {"id": pkg})
     s("finalize", "raw_data_package.finalize", Empty(), {"id": pkg})
-    ids["stg"] = stg = str(uuid.uuid4())
-    s("stage", "staging.stage", StageRequest(id=UUID(stg), package_ids=[UUID(pkg)],
-                                             destination="archive:/stage/1121"))
-    s("progress", "staging.report_progress",
-      StagingProgressRequest(status="in_progress", bytes_transferred=50, files_transferred=2,
-                             message="copying"), {"id": stg})
-    ids["stg2"] = stg2 = str(uuid.uuid4())
-    s("stage2", "staging.stage", StageRequest(id=UUID(stg2), package_ids=[UUID(pkg)],
-                                              destination="elsewhere"))
-    s("cancel", "staging.cancel", CancelBody(reason="not needed"), {"id": stg2})
-    ids["stg3"] = stg3 = str(uuid.uuid4())
-    s("stage3", "staging.stage", StageRequest(id=UUID(stg3), package_ids=[UUID(pkg)],
-                                              destination="flaky-disk"))
-    s("failed", "staging.report_progress",
-      StagingProgressRequest(status="failed", bytes_transferred=0, files_transferred=0,
-                             message="disk full"), {"id": stg3})
+
+    def stage(name: str, key: str, destination: str) -> str:
+        """The package staged to ``destination``: the request's id, kept as ``ids[key]``."""
+        ids[key] = staging = str(uuid.uuid4())
+        s(name, "staging.stage", StageRequest(id=UUID(staging), package_ids=[UUID(pkg)],
+                                              destination=destination))
+        return staging
+
+    def progress(name: str, staging: str, status: str, done: tuple[int, int],
+                 message: str) -> None:
+        """A progress report of ``staging``: ``done`` bytes and files transferred."""
+        s(name, "staging.report_progress", StagingProgressRequest(
+            status=status, bytes_transferred=done[0], files_transferred=done[1],
+            message=message), {"id": staging})
+
+    progress("progress", stage("stage", "stg", "archive:/stage/1121"), "in_progress", (50, 2),
+             "copying")
+    s("cancel", "staging.cancel", CancelBody(reason="not needed"),
+      {"id": stage("stage2", "stg2", "elsewhere")})
+    stg3 = stage("stage3", "stg3", "flaky-disk")
+    progress("failed", stg3, "failed", (0, 0), "disk full")
     s("retry", "staging.retry", RetryStagingRequest(reason="disk replaced"), {"id": stg3})
     ids["result"] = result = str(observation_result_id(7, 42, 0, 0, 0))
     ids["result2"] = result2 = str(observation_result_id(7, 42, 1, 0, 0))

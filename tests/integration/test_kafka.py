@@ -63,18 +63,17 @@ from commands.processing import (
     RequestProcessingJob,
     SucceedProcessingJob,
 )
-from infra.kafka_relay import (
+from infra.kafka_records import (
     AGGREGATE_TYPES,
     SCHEMA,
-    EventRelay,
     all_topics,
-    ensure_topics,
     event_message,
     event_type_of,
     kafka_topic,
     key_partition,
     murmur2,
 )
+from infra.kafka_relay import EventRelay, ensure_topics
 from infra.settings import Settings
 from projections.kafka_projector import KafkaProjector
 from projections.tables import build_consumer_offsets
@@ -646,7 +645,7 @@ def claim_published(ledger: Ledger, position: int) -> None:
     relay = ledger.relay
     assert relay is not None
     with ledger.engine.begin() as conn:
-        conn.execute(update(relay.positions).where(relay.positions.c.name == relay.name)
+        conn.execute(update(relay.positions).where(relay.positions.c.name == relay.relay_name)
                      .values(position=position))
 
 

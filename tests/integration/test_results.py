@@ -262,24 +262,33 @@ def _settle(lg: Ledger) -> None:
     lg.projector.catch_up()
 
 
-def test_the_process_manager_links_files_and_finished_executions_exactly_once(
-        automation_ledger: Ledger, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+def _dispatched_result(lg: Ledger, obs_unit_id: str, observation_id: int,
+                      request_id: int) -> tuple[str, str]:
+    """An execution started and a result materialized and dispatched to it: their ids."""
     from commands.models import (
-        BulkRegisterRawDataFilesRequest,
         DispatchObservationResultRequest,
-        FinishExecutedObsUnitRequest,
         MaterializeObservationResultsRequest,
         StartExecutedObsUnitRequest,
     )
 
-    lg = automation_ledger
-    assert lg.results is not None
     unit = _submit(lg, "executed_obs_unit.start", StartExecutedObsUnitRequest(
-        obs_unit_id="OU-7", instrument="HARPS", start_time=T0))["ids"]["executed_obs_unit_id"]
+        obs_unit_id=obs_unit_id, instrument="HARPS", start_time=T0,
+    ))["ids"]["executed_obs_unit_id"]
     rid = _submit(lg, "observation_result.materialize", MaterializeObservationResultsRequest(
-        observation_id=7, request_id=1))["ids"]["observation_result_ids"][0]
+        observation_id=observation_id, request_id=request_id,
+    ))["ids"]["observation_result_ids"][0]
     _submit(lg, "observation_result.dispatch",
             DispatchObservationResultRequest(executed_obs_unit_id=unit), {"id": rid})
+    return unit, rid
+
+
+def test_the_process_manager_links_files_and_finished_executions_exactly_once(
+        automation_ledger: Ledger, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    from commands.models import BulkRegisterRawDataFilesRequest, FinishExecutedObsUnitRequest
+
+    lg = automation_ledger
+    assert lg.results is not None
+    unit, rid = _dispatched_result(lg, "OU-7", 7, 1)
     _settle(lg)
     files = BulkRegisterRawDataFilesRequest.model_validate({"files": [{
         "name": f"HARPS.{i}.fits", "relative_path": f"n/{i}.fits", "size": 100,
@@ -335,21 +344,11 @@ def test_a_process_manager_killed_mid_way_applies_each_effect_once(
     import subprocess
     import sys
 
-    from commands.models import (
-        BulkRegisterRawDataFilesRequest,
-        DispatchObservationResultRequest,
-        MaterializeObservationResultsRequest,
-        StartExecutedObsUnitRequest,
-    )
+    from commands.models import BulkRegisterRawDataFilesRequest
     from tests.conftest import ROOT, settings_env
 
     lg = automation_ledger
-    unit = _submit(lg, "executed_obs_unit.start", StartExecutedObsUnitRequest(
-        obs_unit_id="OU-K", instrument="HARPS", start_time=T0))["ids"]["executed_obs_unit_id"]
-    rid = _submit(lg, "observation_result.materialize", MaterializeObservationResultsRequest(
-        observation_id=9, request_id=9))["ids"]["observation_result_ids"][0]
-    _submit(lg, "observation_result.dispatch",
-            DispatchObservationResultRequest(executed_obs_unit_id=unit), {"id": rid})
+    unit, rid = _dispatched_result(lg, "OU-K", 9, 9)
     files = 1500
     for chunk in range(0, files, 500):
         _submit(lg, "raw_data_file.register_bulk", BulkRegisterRawDataFilesRequest.model_validate(
