@@ -50,7 +50,8 @@ def measure_throughput(args: argparse.Namespace, settings: Any) -> None:
 
     from bootstrap.ledger import Ledger
     from infra.kafka_consumer import KafkaCheck
-    from infra.kafka_relay import EventRelay, ensure_topics, event_message, producer_config
+    from infra.kafka_records import event_message
+    from infra.kafka_relay import EventRelay, ensure_topics, producer_config
 
     ledger = Ledger(settings, workers=False)
     published = settings
@@ -116,7 +117,8 @@ def measure_e2e(args: argparse.Namespace, settings: Any) -> None:
     from kafka import KafkaConsumer
 
     from bootstrap.ledger import Ledger
-    from infra.kafka_relay import ensure_topics, kafka_topic
+    from infra.kafka_records import kafka_topic
+    from infra.kafka_relay import ensure_topics
 
     ensure_topics(settings)
     topic = kafka_topic(settings.kafka_topic_prefix, "ExecutedObsUnit")
