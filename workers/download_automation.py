@@ -38,15 +38,12 @@ import os
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import aiohttp
-from sqlalchemy.exc import SQLAlchemyError
 
 from commands.downloads import (
     PARTIAL_SUFFIX,
@@ -56,13 +53,12 @@ from commands.downloads import (
     DownloadFileComplete,
     DownloadFileStart,
     PurgeDownloadPartials,
-    RequestDownload,
 )
 from commands.models import Checksum, CommandModel, RegisterRawDataFileRequest
 from commands.raw_data import RawDataCommand
 from commands.service import CommandService, IdempotencyConflict
 from domain.downloads import DownloadJob, FileStatus, JobStatus
-from domain.errors import DomainRejection, DuplicateEntity
+from domain.errors import DomainRejection
 from infra.event_store import EventStore
 from infra.fits_check import FitsInvalid, is_fits_name, sha256_of, verify_fits
 from infra.logs import command_context
@@ -75,9 +71,14 @@ from infra.mast_transfer import (
     partial_length,
 )
 from infra.metrics import Metrics
-from infra.read_model_db import ReadModelsUnavailable
 from infra.settings import Settings
 from queries.downloads import DownloadQueries
+from workers.download_destinations import job_dir
+
+# api/mast.py and bootstrap/ledger.py import these two from here (another helper owns them)
+from workers.download_destinations import job_dir as job_dir  # noqa: F811
+from workers.download_destinations import same_files_precheck as same_files_precheck
+from workers.download_progress import LiveProgress
 
 log = logging.getLogger("obsledger.downloader")
 
@@ -96,89 +97,6 @@ STOPPED_TOPICS = (".Paused", ".Cancelled")
 MAX_JOB_BACKOFF_S = 60.0
 
 
-class LiveProgress:
-    """The downloader's in-memory progress of the jobs it runs: bytes received (ahead of the
-    checkpoints, which stay the durable record), speed over the last seconds, ETA. Written
-    by the downloader's loop, read by the API (``GET /mast/download/progress/{id}``, the live
-    stream) from other threads: each figure is replaced whole, never changed in place."""
-
-    WINDOW_S = 3.0
-
-    def __init__(self) -> None:
-        self.sizes: dict[str, list[int | None]] = {}
-        self.done: dict[str, list[int]] = {}  # job → bytes per file
-        self.samples: dict[tuple[str, int], deque[tuple[float, int]]] = {}
-
-    def begin(self, job: DownloadJob) -> None:
-        job_id = str(job.id)
-        self.sizes[job_id] = [None if f.get("size") is None else int(f["size"])
-                              for f in job.files]
-        self.done[job_id] = [int(f["size"]) if f["status"] == FileStatus.COMPLETE
-                             and f.get("size") is not None else int(f["bytes_done"] or 0)
-                             for f in job.files]
-
-    def moved(self, job_id: str, index: int, position: int, size: int | None = None) -> None:
-        done = self.done.get(job_id)
-        if done is None:
-            return
-        done[index] = position
-        if size is not None:
-            self.sizes[job_id][index] = size
-        now = time.monotonic()
-        window = self.samples.setdefault((job_id, index), deque())
-        window.append((now, position))
-        while len(window) > 2 and window[0][0] < now - self.WINDOW_S:
-            window.popleft()
-
-    def stalled(self, job_id: str, index: int) -> None:
-        """The file is not being fetched now (completed, failed, stopped)."""
-        self.samples.pop((job_id, index), None)
-
-    def end(self, job_id: str) -> None:
-        self.sizes.pop(job_id, None)
-        self.done.pop(job_id, None)
-        for key in [k for k in self.samples if k[0] == job_id]:
-            self.samples.pop(key, None)
-
-    def speed(self, job_id: str, index: int, now: float) -> float | None:
-        window = self.samples.get((job_id, index))
-        if not window:
-            return None
-        first_t, first_pos = window[0]
-        last_t, last_pos = window[-1]
-        if now - last_t > self.WINDOW_S:
-            return 0.0  # nothing received for a while
-        elapsed = now - first_t
-        return round((last_pos - first_pos) / elapsed, 1) \
-            if elapsed > 0 and last_pos > first_pos else None
-
-    def job(self, job_id: str) -> dict[str, Any] | None:
-        """One job's live figures (None: not running here)."""
-        sizes, done = self.sizes.get(job_id), self.done.get(job_id)
-        if sizes is None or done is None:
-            return None
-        now = time.monotonic()
-        files = []
-        for i, (size, got) in enumerate(zip(list(sizes), list(done), strict=True)):
-            speed = self.speed(job_id, i, now)
-            files.append({"index": i, "size": size, "bytes_done": got, "bytes_per_s": speed,
-                          "percent": round(100.0 * got / size, 2) if size else None,
-                          "eta_s": round((size - got) / speed, 1)
-                          if size is not None and speed else None})
-        total = None if None in sizes else sum(s for s in sizes if s is not None)
-        got = sum(done)
-        speeds = [f["bytes_per_s"] for f in files if f["bytes_per_s"]]
-        speed = round(sum(speeds), 1) if speeds else None
-        return {"id": job_id, "bytes_total": total, "bytes_done": got,
-                "percent": round(100.0 * got / total, 2) if total else None,
-                "bytes_per_s": speed,
-                "eta_s": round((total - got) / speed, 1) if total is not None and speed
-                else None, "files": files, "at": datetime.now(UTC)}
-
-    def jobs(self) -> list[dict[str, Any]]:
-        return [j for j in (self.job(i) for i in list(self.sizes)) if j is not None]
-
-
 class _Stop(Exception):
     """The job must stop here (a command was refused: cancelled, …)."""
 
@@ -195,44 +113,6 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     for t in pending:
         t.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-
-
-def job_dir(settings: Settings, destination: str) -> Path:
-    root = settings.download_dir.resolve()
-    path = (root / destination).resolve() if destination else root
-    if path != root and root not in path.parents:
-        raise ValueError(f"{destination} leaves the download root")
-    return path
-
-
-def same_files_precheck(queries: DownloadQueries, settings: Settings,
-                        ) -> Callable[[RequestDownload], Awaitable[None]]:
-    """The check of a new download request (``CommandService.prechecks``): refused (409)
-    when a file it would write exists at its destination, or another job that may still
-    write it (requested, running, paused, failed) has the same destination and file name.
-    When the read models cannot tell, it is accepted: the downloader still never writes over
-    a file that exists, nor two jobs into one partial file."""
-    async def check(cmd: RequestDownload) -> None:
-        names = [f.filename for f in cmd.files]
-        directory = job_dir(settings, cmd.destination)
-        where = cmd.destination or "."
-        existing = await asyncio.to_thread(
-            lambda: [n for n in names if os.path.lexists(directory / n)])
-        if existing:
-            raise DuplicateEntity(
-                f"{where}/{existing[0]} exists: a downloaded file is never written over "
-                f"(choose another destination, or move the file away)", field="destination")
-        try:
-            claims = await asyncio.to_thread(queries.claimants, cmd.destination, names)
-        except (SQLAlchemyError, ReadModelsUnavailable) as e:
-            log.info("download request: cannot check other jobs' files now: %s", e)
-            return
-        if claims:
-            name, (job_id, status) = next(iter(claims.items()))
-            raise DuplicateEntity(
-                f"download job {job_id} ({status}) downloads {where}/{name} already: cancel "
-                f"it, resume it, or choose another destination", field="destination")
-    return check
 
 
 class Downloader:
