@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from commands.models import FinishExecutedObsUnit, StartExecutedObsUnit
+from pydantic import ConfigDict, Field
+
+from commands.models import CommandModel, Instrument, Metadata, UtcDatetime, utcnow
 from commands.spec import CommandSpec, PendingRows, Policy, Row, Target
 from commands.unit_of_work import UnitOfWork
 from domain.obs_units import ExecutedObsUnit
@@ -27,6 +29,58 @@ COMMAND_TYPES = ObsUnitCommand
 UNIT = "executed_obs_unit"
 
 
+# -- the commands ----------------------------------------------------------------------------
+class StartExecutedObsUnitRequest(CommandModel):
+    id: UUID | None = Field(
+        None, description="Pre-generated execution id; the server generates one if absent."
+    )
+    obs_unit_id: Annotated[str, Field(min_length=1, max_length=100, examples=["OU-2026-0412"])]
+    instrument: Instrument
+    start_time: UtcDatetime = Field(
+        default_factory=utcnow, description="When the execution started at the telescope (UTC)."
+    )
+    metadata: Metadata
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "obs_unit_id": "OU-2026-0412",
+                    "instrument": "HARPS",
+                    "start_time": "2026-11-21T23:14:05Z",
+                    "metadata": {"airmass": 1.12, "seeing_arcsec": 0.8},
+                }
+            ]
+        },
+    )
+
+
+class StartExecutedObsUnit(StartExecutedObsUnitRequest):
+    id: UUID
+
+
+class FinishExecutedObsUnitRequest(CommandModel):
+    status: Literal["success", "failed", "aborted"] = Field(examples=["success"])
+    end_time: UtcDatetime = Field(default_factory=utcnow)
+    metadata: Metadata
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"status": "success", "end_time": "2026-11-22T00:02:40Z",
+                 "metadata": {"exposures": 12}}
+            ]
+        },
+    )
+
+
+class FinishExecutedObsUnit(FinishExecutedObsUnitRequest):
+    id: UUID
+
+
+# -- handlers -------------------------------------------------------------------------------
 def start_executed_obs_unit(
     cmd: StartExecutedObsUnit, uow: UnitOfWork, prov: Provenance, _: Policy
 ) -> list[UUID]:

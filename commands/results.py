@@ -3,19 +3,23 @@ telescopes, fulfilled by task outcomes, and their data products built by process
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
+from pydantic import ConfigDict, Field, model_validator
+
 from commands.models import (
-    CancelObservationResult,
-    ContributeAsset,
-    DispatchObservationResult,
-    EndProcessingRun,
-    MaterializeObservationResultsRequest,
-    ReportTaskOutcome,
-    StartProcessingRun,
+    JSON_DEPTH_NOTE,
+    Checksum,
+    CommandModel,
+    FreeJson,
+    Instrument,
+    Metadata,
+    Name,
+    UtcDatetime,
+    utcnow,
 )
 from commands.spec import CommandSpec, OverlayChange, PendingRows, Policy, Row, Target
 from commands.unit_of_work import UnitOfWork
@@ -52,6 +56,185 @@ COMMAND_TYPES = ResultCommand
 RESULT = "observation_result"
 
 
+# -- the commands -------------------------------------------------------------------------------
+LeafIndex = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class MaterializeObservationResultsRequest(CommandModel):
+    """A request spec: every (epoch, sample, copy) leaf cell becomes an observation result."""
+
+    observation_id: LeafIndex
+    request_id: LeafIndex
+    epochs: int = Field(1, ge=1, le=100_000)
+    samples: int = Field(1, ge=1, le=100_000)
+    copies_mode: Literal["single", "all_eligible", "count"] = "single"
+    copies: int = Field(1, ge=1, le=1000, description="Copies per cell with copies_mode=count.")
+    eligible_instruments: list[Instrument] = Field(
+        default_factory=list, max_length=100, json_schema_extra={"uniqueItems": True},
+        description="all_eligible: one copy per instrument; otherwise the first, if any, is "
+        "the result's instrument.")
+    not_before: UtcDatetime | None = None
+    spec_snapshot: FreeJson | None = Field(
+        None, description=f"The request spec as it was when materialized (stored as is). "
+        f"{JSON_DEPTH_NOTE}")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "observation_id": 7, "request_id": 42, "epochs": 3, "samples": 2,
+            "copies_mode": "all_eligible", "eligible_instruments": ["HARPS", "ESPRESSO"],
+            "not_before": "2026-11-22T00:00:00Z", "spec_snapshot": {"exptime": 600}}],
+            "description": "A request spec: every (epoch, sample, copy) leaf cell becomes an "
+            "observation result; at most 100,000 cells (epochs x samples x copies) per "
+            "command (422: JSON Schema cannot multiply).",
+            # copies only with copies_mode=count; all_eligible needs eligible_instruments
+            "oneOf": [
+                {"properties": {"copies_mode": {"const": "single"}, "copies": {"const": 1}}},
+                {"properties": {"copies_mode": {"const": "all_eligible"},
+                                "copies": {"const": 1},
+                                "eligible_instruments": {"minItems": 1}},
+                 "required": ["copies_mode", "eligible_instruments"]},
+                {"properties": {"copies_mode": {"const": "count"}},
+                 "required": ["copies_mode"]}]},
+    )
+
+    @model_validator(mode="after")
+    def _copies(self) -> MaterializeObservationResultsRequest:
+        if self.copies_mode == "all_eligible" and not self.eligible_instruments:
+            raise ValueError("copies_mode all_eligible needs eligible_instruments")
+        if len(set(self.eligible_instruments)) != len(self.eligible_instruments):
+            raise ValueError("eligible_instruments repeats an instrument")
+        if self.copies_mode != "count" and "copies" in self.model_fields_set \
+                and self.copies != 1:
+            raise ValueError("copies is only meaningful with copies_mode=count")
+        if self.cell_count() > MAX_RESULTS_PER_COMMAND:
+            raise ValueError(f"the spec has {self.cell_count()} leaf cells; at most "
+                             f"{MAX_RESULTS_PER_COMMAND} per command")
+        return self
+
+    def cells(self) -> Iterator[tuple[UUID, int, int, int, str | None]]:
+        """(result id, epoch, sample, copy, instrument) of every leaf cell."""
+        return leaf_cells(self.observation_id, self.request_id, self.epochs, self.samples,
+                          self.copies_per_cell())
+
+    def copies_per_cell(self) -> list[str | None]:
+        return copies_per_cell(CopiesMode(self.copies_mode), self.copies,
+                               self.eligible_instruments)
+
+    def cell_count(self) -> int:
+        return self.epochs * self.samples * len(self.copies_per_cell())
+
+
+MAX_RESULTS_PER_COMMAND = 100_000
+
+
+class DispatchObservationResultRequest(CommandModel):
+    task_id: UUID | None = Field(None, description="Pre-generated task id.")
+    instrument_id: Instrument | None = None
+    executed_obs_unit_id: UUID | None = Field(
+        None, description="The executed obs unit carrying out the task, if known.")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "instrument_id": "HARPS", "executed_obs_unit_id": "e433bda1-579b-4946-9f02-7a3e4a04efe2"}]})
+
+
+class DispatchObservationResult(DispatchObservationResultRequest):
+    id: UUID
+    task_id: UUID
+
+
+class TaskOutcomeRequest(CommandModel):
+    outcome: Literal["succeeded", "partial", "failed", "canceled"]
+    finished_at: UtcDatetime = Field(default_factory=utcnow)
+    executed_obs_unit_id: UUID | None = None
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "outcome": "succeeded", "finished_at": "2026-11-22T03:10:00Z"}]})
+
+
+class ReportTaskOutcome(TaskOutcomeRequest):
+    id: UUID
+    task_id: UUID
+
+
+class CancelObservationResultRequest(CommandModel):
+    reason: Annotated[str, Field(min_length=1, max_length=2000)]
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"reason": "request withdrawn by the PI"}]})
+
+
+class CancelObservationResult(CancelObservationResultRequest):
+    id: UUID
+
+
+class ContributeAssetRequest(CommandModel):
+    asset_id: Annotated[str, Field(min_length=1, max_length=255, description=(
+        "What contributes (e.g. raw_data_file:<id>); counted once per result."))]
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "asset_id": "raw_data_file:1c49d49d-34d9-5c36-be8c-62dcce3da68c"}]})
+
+
+class ContributeAsset(ContributeAssetRequest):
+    id: UUID
+
+
+class StartProcessingRunRequest(CommandModel):
+    run_id: UUID | None = Field(None, description="Pre-generated processing run id.")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"run_id": "0e5c1b1e-6f57-4d0c-9a53-3c3f4b7e2d11"}]})
+
+
+class StartProcessingRun(StartProcessingRunRequest):
+    id: UUID
+    run_id: UUID
+
+
+class ProductOutput(CommandModel):
+    """One data product a run produced."""
+
+    name: Name
+    kind: Annotated[str, Field(min_length=1, max_length=50, examples=["combined_image"])]
+    uri: Annotated[str, Field(max_length=2048)] | None = None
+    size: int | None = Field(None, ge=0)
+    checksum: Checksum | None = None
+    metadata: Metadata
+
+
+class EndProcessingRunRequest(CommandModel):
+    end: Literal["completed", "failed", "blocked", "skipped"]
+    outputs: list[ProductOutput] = Field(default_factory=list, max_length=10_000)
+    error: Annotated[str, Field(max_length=4000)] | None = None
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        # a completed run has no error; another has no outputs
+        "oneOf": [{"properties": {"end": {"const": "completed"}, "error": {"type": "null"}}},
+                  {"properties": {"end": {"enum": ["failed", "blocked", "skipped"]},
+                                  "outputs": {"maxItems": 0}}}],
+        "examples": [
+            {"end": "completed", "outputs": [{
+                "name": "OR-7-42-0-1-0_combined.fits", "kind": "combined_image",
+                "uri": "products/7/42/combined.fits", "size": 16793280,
+                "checksum": {"algorithm": "sha256", "value": "ab" * 32}}]},
+            {"end": "failed", "error": "no master bias among the inputs"}]})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EndProcessingRunRequest:
+        if self.end == "completed" and self.error is not None:
+            raise ValueError("a completed run has no error")
+        if self.end != "completed" and self.outputs:
+            raise ValueError(f"a {self.end} run has no outputs")
+        return self
+
+
+class EndProcessingRun(EndProcessingRunRequest):
+    id: UUID
+    run_id: UUID
+
+
+# -- handlers -------------------------------------------------------------------------------
 def materialize_observation_results(
     cmd: MaterializeObservationResultsRequest, uow: UnitOfWork, prov: Provenance,
     policy: Policy,

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 from uuid import UUID
 
-from commands.models import CommandModel
+from commands.models import CommandModel, utcnow
 from commands.unit_of_work import UnitOfWork
 from domain.provenance import Provenance
 from infra.journal import JournalEntry
@@ -24,10 +24,6 @@ from infra.settings import Settings
 
 #: A read-model row in the shape of a ``queries.models`` view.
 Row = dict[str, Any]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)

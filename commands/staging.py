@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
-from commands.models import CancelStaging, CommandModel, ReportStagingProgress, Stage
+from commands.models import CommandModel
 from commands.spec import CommandSpec, PendingRows, Policy, Row, Target
 from commands.unit_of_work import UnitOfWork
 from domain.provenance import Provenance
@@ -36,6 +36,57 @@ _ENDED = frozenset({"completed", "failed", "cancelled"})
 _NEVER_RETRIED = frozenset({"completed", "cancelled"})
 
 
+# -- the commands ------------------------------------------------------------------------------
+class StageRequest(CommandModel):
+    id: UUID | None = Field(None, description="Pre-generated staging request id.")
+    package_ids: list[UUID] = Field(min_length=1, max_length=10_000,
+                                    json_schema_extra={"uniqueItems": True})
+    destination: Annotated[
+        str, Field(min_length=1, max_length=1024, examples=["archive-transfer:/stage/night-1121"])
+    ]
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "package_ids": ["3fb1d267-f9f6-4599-a97a-74fed41eaa02"],
+            "destination": "archive-transfer:/stage/night-1121"}]},
+    )
+
+    @field_validator("package_ids")
+    @classmethod
+    def _unique(cls, v: list[UUID]) -> list[UUID]:
+        if len(set(v)) != len(v):
+            raise ValueError("package_ids repeats an id")
+        return v
+
+
+class Stage(StageRequest):
+    id: UUID
+
+
+class StagingProgressRequest(CommandModel):
+    status: Literal["in_progress", "completed", "failed"] = "in_progress"
+    bytes_transferred: int = Field(ge=0)
+    files_transferred: int = Field(ge=0)
+    message: Annotated[str, Field(max_length=2000)] | None = None
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "status": "in_progress", "bytes_transferred": 8_396_640, "files_transferred": 1,
+            "message": "transferring HARPS.2026-11-21T23:15:00.123.fits"}]},
+    )
+
+
+class ReportStagingProgress(StagingProgressRequest):
+    id: UUID
+
+
+class CancelStaging(CommandModel):
+    id: UUID
+    reason: Annotated[str, Field(max_length=2000)] | None = None
+
+
 class RetryStagingRequest(CommandModel):
     """Start a failed staging request again (an operator, once the cause is fixed)."""
 
@@ -51,6 +102,7 @@ class RetryStaging(RetryStagingRequest):
     id: UUID
 
 
+# -- handlers -------------------------------------------------------------------------------
 def stage(cmd: Stage, uow: UnitOfWork, prov: Provenance, _: Policy) -> list[UUID]:
     packages = [
         uow.get(RawDataPackage, pid, "raw data package", f"package_ids.{i}")

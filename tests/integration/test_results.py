@@ -264,12 +264,11 @@ def _settle(lg: Ledger) -> None:
 
 def test_the_process_manager_links_files_and_finished_executions_exactly_once(
         automation_ledger: Ledger, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
-    from commands.models import (
-        BulkRegisterRawDataFilesRequest,
+    from commands.obs_units import FinishExecutedObsUnitRequest, StartExecutedObsUnitRequest
+    from commands.raw_data import BulkRegisterRawDataFilesRequest
+    from commands.results import (
         DispatchObservationResultRequest,
-        FinishExecutedObsUnitRequest,
         MaterializeObservationResultsRequest,
-        StartExecutedObsUnitRequest,
     )
 
     lg = automation_ledger
@@ -335,11 +334,11 @@ def test_a_process_manager_killed_mid_way_applies_each_effect_once(
     import subprocess
     import sys
 
-    from commands.models import (
-        BulkRegisterRawDataFilesRequest,
+    from commands.obs_units import StartExecutedObsUnitRequest
+    from commands.raw_data import BulkRegisterRawDataFilesRequest
+    from commands.results import (
         DispatchObservationResultRequest,
         MaterializeObservationResultsRequest,
-        StartExecutedObsUnitRequest,
     )
     from tests.conftest import ROOT, settings_env
 
