@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 from uuid import UUID
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from commands.models import (
     Checksum,
@@ -16,11 +16,12 @@ from commands.models import (
     Name,
     UtcDatetime,
     utcnow,
+    with_examples,
 )
-from commands.spec import CommandSpec, PendingRows, Policy, Row, Target
+from commands.obs_units import check_executed_obs_unit
+from commands.spec import CommandSpec, PendingRows, Policy, Row, Target, changes
 from commands.unit_of_work import UnitOfWork
 from domain.errors import DuplicateEntity
-from domain.obs_units import ExecutedObsUnit
 from domain.provenance import Provenance
 from domain.raw_data import RawDataFile, RawDataPackage, raw_data_file_id
 from infra.journal import JournalEntry
@@ -89,7 +90,7 @@ _FILE_EXAMPLE: dict[str, Any] = {
 
 
 class RegisterRawDataFileRequest(RawDataFileSpec):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_FILE_EXAMPLE]})
+    model_config = with_examples(_FILE_EXAMPLE)
     nested_only: ClassVar[bool] = False  # a command of its own
 
 
@@ -111,9 +112,7 @@ class BulkRegisterRawDataFilesRequest(CommandModel):
         min_length=1, description="At most OBSLEDGER_MAX_BULK_FILES (the schema's maxItems); "
         "a name repeated for one instrument is 409, as a registered one would be.")
 
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"files": [_FILE_EXAMPLE]}]}
-    )
+    model_config = with_examples({"files": [_FILE_EXAMPLE]})
 
     @model_validator(mode="before")
     @classmethod
@@ -142,12 +141,8 @@ class CreateRawDataPackageRequest(CommandModel):
         "name repeated for one instrument, or a file also in file_ids, is 409).",
     )
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [{"name": "HARPS-2026-11-21-OU-2026-0412", "files": [_FILE_EXAMPLE]}]
-        },
-    )
+    model_config = with_examples(
+        {"name": "HARPS-2026-11-21-OU-2026-0412", "files": [_FILE_EXAMPLE]})
 
     @model_validator(mode="after")
     def _check(self) -> CreateRawDataPackageRequest:
@@ -168,10 +163,7 @@ class CreateRawDataPackage(CreateRawDataPackageRequest):
 class AddFilesToPackageRequest(CommandModel):
     file_ids: list[UUID] = Field(min_length=1)
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"file_ids": ["1c49d49d-34d9-5c36-be8c-62dcce3da68c"]}]},
-    )
+    model_config = with_examples({"file_ids": ["1c49d49d-34d9-5c36-be8c-62dcce3da68c"]})
 
 
 class AddFilesToPackage(AddFilesToPackageRequest):
@@ -191,9 +183,7 @@ def _register_files(
 ) -> list[UUID]:
     ids = []
     for i, spec in enumerate(specs):
-        if spec.executed_obs_unit_id is not None:
-            uow.get(ExecutedObsUnit, spec.executed_obs_unit_id, "executed obs unit",
-                    f"files.{i}.executed_obs_unit_id")
+        check_executed_obs_unit(uow, spec.executed_obs_unit_id, f"files.{i}.executed_obs_unit_id")
         registered = RawDataFile.registration(
             name=spec.name,
             instrument=spec.instrument,
@@ -226,9 +216,7 @@ def register_raw_data_files(
 def create_raw_data_package(
     cmd: CreateRawDataPackage, uow: UnitOfWork, prov: Provenance, limits: Policy
 ) -> list[UUID]:
-    if cmd.executed_obs_unit_id is not None:
-        uow.get(ExecutedObsUnit, cmd.executed_obs_unit_id, "executed obs unit",
-                "executed_obs_unit_id")
+    check_executed_obs_unit(uow, cmd.executed_obs_unit_id)
     existing = [
         uow.for_update(RawDataFile, fid, "raw data file", f"file_ids.{i}")
         for i, fid in enumerate(cmd.file_ids)
@@ -259,12 +247,10 @@ def add_files_to_package(
     return [package.id, *(f.id for f in files)]
 
 
-def finalize_raw_data_package(
-    cmd: FinalizeRawDataPackage, uow: UnitOfWork, prov: Provenance, limits: Policy
-) -> list[UUID]:
-    package = uow.for_update(RawDataPackage, cmd.id, "raw data package", "id")
+@changes(RawDataPackage, "raw data package")
+def finalize_raw_data_package(package: RawDataPackage, cmd: FinalizeRawDataPackage,
+                              prov: Provenance, limits: Policy) -> None:
     package.finalize(limits.package_size_limit, prov)
-    return [package.id]
 
 
 # -- subjects: how the journal indexes a pending command for smart queries -----------------

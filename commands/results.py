@@ -20,10 +20,19 @@ from commands.models import (
     Name,
     UtcDatetime,
     utcnow,
+    with_examples,
 )
-from commands.spec import CommandSpec, OverlayChange, PendingRows, Policy, Row, Target
+from commands.obs_units import check_executed_obs_unit
+from commands.spec import (
+    CommandSpec,
+    OverlayChange,
+    PendingRows,
+    Policy,
+    Row,
+    Target,
+    changes,
+)
 from commands.unit_of_work import UnitOfWork
-from domain.obs_units import ExecutedObsUnit
 from domain.provenance import Provenance
 from domain.results import (
     OUTCOME_TARGET,
@@ -134,8 +143,8 @@ class DispatchObservationResultRequest(CommandModel):
     executed_obs_unit_id: UUID | None = Field(
         None, description="The executed obs unit carrying out the task, if known.")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "instrument_id": "HARPS", "executed_obs_unit_id": "e433bda1-579b-4946-9f02-7a3e4a04efe2"}]})
+    model_config = with_examples({
+        "instrument_id": "HARPS", "executed_obs_unit_id": "e433bda1-579b-4946-9f02-7a3e4a04efe2"})
 
 
 class DispatchObservationResult(DispatchObservationResultRequest):
@@ -148,8 +157,7 @@ class TaskOutcomeRequest(CommandModel):
     finished_at: UtcDatetime = Field(default_factory=utcnow)
     executed_obs_unit_id: UUID | None = None
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "outcome": "succeeded", "finished_at": "2026-11-22T03:10:00Z"}]})
+    model_config = with_examples({"outcome": "succeeded", "finished_at": "2026-11-22T03:10:00Z"})
 
 
 class ReportTaskOutcome(TaskOutcomeRequest):
@@ -160,8 +168,7 @@ class ReportTaskOutcome(TaskOutcomeRequest):
 class CancelObservationResultRequest(CommandModel):
     reason: Annotated[str, Field(min_length=1, max_length=2000)]
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"reason": "request withdrawn by the PI"}]})
+    model_config = with_examples({"reason": "request withdrawn by the PI"})
 
 
 class CancelObservationResult(CancelObservationResultRequest):
@@ -172,8 +179,8 @@ class ContributeAssetRequest(CommandModel):
     asset_id: Annotated[str, Field(min_length=1, max_length=255, description=(
         "What contributes (e.g. raw_data_file:<id>); counted once per result."))]
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "asset_id": "raw_data_file:1c49d49d-34d9-5c36-be8c-62dcce3da68c"}]})
+    model_config = with_examples(
+        {"asset_id": "raw_data_file:1c49d49d-34d9-5c36-be8c-62dcce3da68c"})
 
 
 class ContributeAsset(ContributeAssetRequest):
@@ -183,8 +190,7 @@ class ContributeAsset(ContributeAssetRequest):
 class StartProcessingRunRequest(CommandModel):
     run_id: UUID | None = Field(None, description="Pre-generated processing run id.")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"run_id": "0e5c1b1e-6f57-4d0c-9a53-3c3f4b7e2d11"}]})
+    model_config = with_examples({"run_id": "0e5c1b1e-6f57-4d0c-9a53-3c3f4b7e2d11"})
 
 
 class StartProcessingRun(StartProcessingRunRequest):
@@ -253,63 +259,51 @@ def materialize_observation_results(
     return created
 
 
-def _result(uow: UnitOfWork, result_id: UUID) -> ObservationResult:
-    return uow.for_update(ObservationResult, result_id, "observation result", "id")
+#: the handler of a command to an existing result, from what it does to the result
+_changes_result = changes(ObservationResult, "observation result")
 
 
 def dispatch_observation_result(
     cmd: DispatchObservationResult, uow: UnitOfWork, prov: Provenance, policy: Policy
 ) -> list[UUID]:
-    if cmd.executed_obs_unit_id is not None:
-        uow.get(ExecutedObsUnit, cmd.executed_obs_unit_id, "executed obs unit",
-                "executed_obs_unit_id")
-    result = _result(uow, cmd.id)
+    check_executed_obs_unit(uow, cmd.executed_obs_unit_id)
+    result = uow.for_update(ObservationResult, cmd.id, "observation result", "id")
     result.dispatch(cmd.task_id, cmd.instrument_id, cmd.executed_obs_unit_id, policy.clock(),
                     prov)
     return [result.id]
 
 
-def report_task_outcome(
-    cmd: ReportTaskOutcome, uow: UnitOfWork, prov: Provenance, _: Policy
-) -> list[UUID]:
-    result = _result(uow, cmd.id)
+@_changes_result
+def report_task_outcome(result: ObservationResult, cmd: ReportTaskOutcome, prov: Provenance,
+                        _: Policy) -> None:
     result.report_task(cmd.task_id, TaskOutcome(cmd.outcome), cmd.finished_at,
                        cmd.executed_obs_unit_id, prov)
-    return [result.id]
 
 
-def cancel_observation_result(
-    cmd: CancelObservationResult, uow: UnitOfWork, prov: Provenance, policy: Policy
-) -> list[UUID]:
-    result = _result(uow, cmd.id)
+@_changes_result
+def cancel_observation_result(result: ObservationResult, cmd: CancelObservationResult,
+                              prov: Provenance, policy: Policy) -> None:
     result.cancel(cmd.reason, policy.clock(), prov)
-    return [result.id]
 
 
-def contribute_asset(
-    cmd: ContributeAsset, uow: UnitOfWork, prov: Provenance, policy: Policy
-) -> list[UUID]:
-    result = _result(uow, cmd.id)
+@_changes_result
+def contribute_asset(result: ObservationResult, cmd: ContributeAsset, prov: Provenance,
+                     policy: Policy) -> None:
     result.contribute_asset(cmd.asset_id, policy.clock(), policy.result_debounce, prov)
-    return [result.id]
 
 
-def start_processing_run(
-    cmd: StartProcessingRun, uow: UnitOfWork, prov: Provenance, policy: Policy
-) -> list[UUID]:
-    result = _result(uow, cmd.id)
+@_changes_result
+def start_processing_run(result: ObservationResult, cmd: StartProcessingRun, prov: Provenance,
+                         policy: Policy) -> None:
     result.start_run(cmd.run_id, policy.clock(), prov)
-    return [result.id]
 
 
-def end_processing_run(
-    cmd: EndProcessingRun, uow: UnitOfWork, prov: Provenance, policy: Policy
-) -> list[UUID]:
-    result = _result(uow, cmd.id)
+@_changes_result
+def end_processing_run(result: ObservationResult, cmd: EndProcessingRun, prov: Provenance,
+                       policy: Policy) -> None:
     result.end_run(cmd.run_id, RunEnd(cmd.end),
                    [o.model_dump(mode="json") for o in cmd.outputs], cmd.error,
                    policy.clock(), policy.run_retry_limit, policy.run_retry_base, prov)
-    return [result.id]
 
 
 # -- how a pending command shows in smart queries (marked pending; the applied command may

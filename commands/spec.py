@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
+
+from eventsourcing.domain import Aggregate
 
 from commands.models import CommandModel, utcnow
 from commands.unit_of_work import UnitOfWork
@@ -47,6 +49,22 @@ class Policy:
 
 
 Handler = Callable[[Any, UnitOfWork, Provenance, Policy], list[UUID]]
+E = TypeVar("E", bound=Aggregate)
+#: What a command does to the entity it changes: ``(entity, command, provenance, policy)``.
+Change = Callable[[E, Any, Provenance, Policy], object]
+
+
+def changes(kind: type[E], what: str) -> Callable[[Change[E]], Handler]:
+    """The handler of a command that changes one existing entity, the command's ``id``,
+    from the function that changes it: the entity is loaded for update (a missing one is
+    refused naming ``id``, as ``what``) and its id is what the handler returns."""
+    def handler(change: Change[E]) -> Handler:
+        def handle(cmd: Any, uow: UnitOfWork, prov: Provenance, policy: Policy) -> list[UUID]:
+            entity = uow.for_update(kind, cmd.id, what, "id")
+            change(entity, cmd, prov, policy)
+            return [entity.id]
+        return handle
+    return handler
 
 
 class PendingRows(Protocol):

@@ -6,10 +6,10 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from commands.models import CommandModel
-from commands.spec import CommandSpec, PendingRows, Policy, Row, Target
+from commands.models import CommandModel, with_examples
+from commands.spec import CommandSpec, PendingRows, Policy, Row, Target, changes
 from commands.unit_of_work import UnitOfWork
 from domain.provenance import Provenance
 from domain.raw_data import RawDataPackage
@@ -45,12 +45,9 @@ class StageRequest(CommandModel):
         str, Field(min_length=1, max_length=1024, examples=["archive-transfer:/stage/night-1121"])
     ]
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{
-            "package_ids": ["3fb1d267-f9f6-4599-a97a-74fed41eaa02"],
-            "destination": "archive-transfer:/stage/night-1121"}]},
-    )
+    model_config = with_examples({
+        "package_ids": ["3fb1d267-f9f6-4599-a97a-74fed41eaa02"],
+        "destination": "archive-transfer:/stage/night-1121"})
 
     @field_validator("package_ids")
     @classmethod
@@ -70,12 +67,9 @@ class StagingProgressRequest(CommandModel):
     files_transferred: int = Field(ge=0)
     message: Annotated[str, Field(max_length=2000)] | None = None
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{
-            "status": "in_progress", "bytes_transferred": 8_396_640, "files_transferred": 1,
-            "message": "transferring HARPS.2026-11-21T23:15:00.123.fits"}]},
-    )
+    model_config = with_examples({
+        "status": "in_progress", "bytes_transferred": 8_396_640, "files_transferred": 1,
+        "message": "transferring HARPS.2026-11-21T23:15:00.123.fits"})
 
 
 class ReportStagingProgress(StagingProgressRequest):
@@ -94,8 +88,7 @@ class RetryStagingRequest(CommandModel):
         None, description="Why it is retried; shown as the request's message until the "
         "transfer agent reports progress.")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"reason": "destination disk replaced"}]})
+    model_config = with_examples({"reason": "destination disk replaced"})
 
 
 class RetryStaging(RetryStagingRequest):
@@ -103,6 +96,10 @@ class RetryStaging(RetryStagingRequest):
 
 
 # -- handlers -------------------------------------------------------------------------------
+#: the handler of a command to an existing request, from what it does to the request
+_changes_request = changes(StagingRequest, "staging request")
+
+
 def stage(cmd: Stage, uow: UnitOfWork, prov: Provenance, _: Policy) -> list[UUID]:
     packages = [
         uow.get(RawDataPackage, pid, "raw data package", f"package_ids.{i}")
@@ -115,26 +112,23 @@ def stage(cmd: Stage, uow: UnitOfWork, prov: Provenance, _: Policy) -> list[UUID
     return [request.id]
 
 
-def report_staging_progress(
-    cmd: ReportStagingProgress, uow: UnitOfWork, prov: Provenance, _: Policy
-) -> list[UUID]:
-    request = uow.for_update(StagingRequest, cmd.id, "staging request", "id")
+@_changes_request
+def report_staging_progress(request: StagingRequest, cmd: ReportStagingProgress,
+                            prov: Provenance, _: Policy) -> None:
     request.report_progress(
         cmd.status, cmd.bytes_transferred, cmd.files_transferred, cmd.message, prov
     )
-    return [request.id]
 
 
-def cancel_staging(cmd: CancelStaging, uow: UnitOfWork, prov: Provenance, _: Policy) -> list[UUID]:
-    request = uow.for_update(StagingRequest, cmd.id, "staging request", "id")
+@_changes_request
+def cancel_staging(request: StagingRequest, cmd: CancelStaging, prov: Provenance,
+                   _: Policy) -> None:
     request.cancel(cmd.reason, prov)
-    return [request.id]
 
 
-def retry_staging(cmd: RetryStaging, uow: UnitOfWork, prov: Provenance, _: Policy) -> list[UUID]:
-    request = uow.for_update(StagingRequest, cmd.id, "staging request", "id")
+@_changes_request
+def retry_staging(request: StagingRequest, cmd: RetryStaging, prov: Provenance, _: Policy) -> None:
     request.retry(cmd.reason, prov)
-    return [request.id]
 
 
 # -- how a pending command shows in smart queries --------------------------------------------
