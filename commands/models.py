@@ -304,7 +304,7 @@ def with_examples(*examples: dict[str, Any]) -> ConfigDict:
     return ConfigDict(extra="forbid", json_schema_extra={"examples": list(examples)})
 
 
-# -- checksums (of raw data files and data products) ------------------------------------------
+# -- checksums (of raw data files and data products) -----------------------------------------
 def _checksum_schema(schema: dict[str, Any]) -> None:
     """Each algorithm's length, in the schema (sha256 when no algorithm is given)."""
     schema["oneOf"] = [

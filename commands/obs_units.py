@@ -66,7 +66,7 @@ class FinishExecutedObsUnit(FinishExecutedObsUnitRequest):
     id: UUID
 
 
-# -- handlers -------------------------------------------------------------------------------
+# -- handlers --------------------------------------------------------------------------------
 def check_executed_obs_unit(uow: UnitOfWork, unit_id: UUID | None,
                             field: str = "executed_obs_unit_id") -> None:
     """The executed obs unit a command names, if it names one, exists (else the command is

@@ -44,7 +44,7 @@ FILE = "raw_data_file"
 PACKAGE = "raw_data_package"
 
 
-# -- the commands ---------------------------------------------------------------------------
+# -- the commands ----------------------------------------------------------------------------
 #: A relative path (after whitespace is stripped: no leading "/", no ".." segment), for the
 #: schema only (pydantic's patterns have no look-ahead); RawDataFileSpec._relative checks it.
 RELATIVE_PATH = (r"^(?!\s*/)(?!\s*\.\.(?:/|\s*$))(?![^\x00]*/\.\.(?:/|\s*$))"
@@ -126,7 +126,7 @@ class BulkRegisterRawDataFilesRequest(CommandModel):
         return self
 
 
-# -- raw data packages -----------------------------------------------------------------------
+# -- raw data packages -------------------------------------------------------------------------
 class CreateRawDataPackageRequest(CommandModel):
     id: UUID | None = Field(None, description="Pre-generated package id (server's if absent).")
     name: Name = Field(examples=["HARPS-2026-11-21-OU-2026-0412"])
@@ -174,7 +174,7 @@ class FinalizeRawDataPackage(CommandModel):
     id: UUID
 
 
-# -- handlers -------------------------------------------------------------------------------
+# -- handlers --------------------------------------------------------------------------------
 def _register_files(
     specs: list[RawDataFileSpec],
     uow: UnitOfWork,

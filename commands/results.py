@@ -65,7 +65,7 @@ COMMAND_TYPES = ResultCommand
 RESULT = "observation_result"
 
 
-# -- the commands -------------------------------------------------------------------------------
+# -- the commands ----------------------------------------------------------------------------
 LeafIndex = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
@@ -240,7 +240,7 @@ class EndProcessingRun(EndProcessingRunRequest):
     run_id: UUID
 
 
-# -- handlers -------------------------------------------------------------------------------
+# -- handlers --------------------------------------------------------------------------------
 def materialize_observation_results(
     cmd: MaterializeObservationResultsRequest, uow: UnitOfWork, prov: Provenance,
     policy: Policy,

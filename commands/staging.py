@@ -36,7 +36,7 @@ _ENDED = frozenset({"completed", "failed", "cancelled"})
 _NEVER_RETRIED = frozenset({"completed", "cancelled"})
 
 
-# -- the commands ------------------------------------------------------------------------------
+# -- the commands ----------------------------------------------------------------------------
 class StageRequest(CommandModel):
     id: UUID | None = Field(None, description="Pre-generated staging request id.")
     package_ids: list[UUID] = Field(min_length=1, max_length=10_000,
@@ -95,7 +95,7 @@ class RetryStaging(RetryStagingRequest):
     id: UUID
 
 
-# -- handlers -------------------------------------------------------------------------------
+# -- handlers --------------------------------------------------------------------------------
 #: the handler of a command to an existing request, from what it does to the request
 _changes_request = changes(StagingRequest, "staging request")
 
