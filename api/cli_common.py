@@ -148,6 +148,37 @@ def run_worker(args: argparse.Namespace, settings: Settings, role: str,
         ledger.stop()
 
 
+def add_worker_command(sub: Any, name: str, func: Callable[[argparse.Namespace, Settings], int],
+                       help: str, once: str, *, flag: str = "--once",
+                       timeout: float | None = None, quiet: bool = False) -> None:
+    """The sub-command of a long-running worker (:func:`run_worker`): until SIGINT/SIGTERM,
+    or with ``flag`` only ``once`` (what it does then, then exits); with ``timeout``, the
+    default of the ``--timeout`` that bounds that; with ``quiet``, ``--quiet`` hides its
+    progress bar."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument(flag, action="store_true", help=once)
+    if timeout is not None:
+        p.add_argument("--timeout", type=float, default=timeout,
+                       help=f"with {flag}: give up after this many seconds "
+                       "(default: %(default)s)")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help=f"no progress bar with {flag}")
+    p.set_defaults(func=func)
+
+
+def add_log_command(sub: Any, name: str, func: Callable[[argparse.Namespace, Settings], int],
+                    help: str, options: Callable[[argparse.ArgumentParser], object] | None = None,
+                    *, quiet: str = "no progress bar") -> None:
+    """The sub-command of a pass over the event log (:func:`with_ledger`), which shows its
+    progress on a terminal: the command's ``options``, then ``--quiet`` (``quiet``: what it
+    hides)."""
+    p = sub.add_parser(name, help=help)
+    if options is not None:
+        options(p)
+    p.add_argument("--quiet", action="store_true", help=quiet)
+    p.set_defaults(func=func)
+
+
 def with_ledger(settings: Settings, work: Callable[[Any], int]) -> int:
     """Run ``work(ledger)`` on a ledger without workers whose event store answers."""
     ledger = connected_ledger(settings, workers=False)

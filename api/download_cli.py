@@ -13,6 +13,7 @@ from uuid import UUID
 import orjson
 
 from api.cli_common import (
+    add_worker_command,
     cli_actor,
     connected_ledger,
     human_bytes,
@@ -257,13 +258,9 @@ def _option_errors(e: Any) -> str:
 
 
 def add_download_commands(sub: Any) -> None:
-    p = sub.add_parser("downloader", help="run the MAST downloader: fetch requested download "
-                       "jobs, resuming from their checkpoints")
-    p.add_argument("--once", action="store_true",
-                   help="run the active jobs until none is left, then exit")
-    p.add_argument("--timeout", type=float, default=3600.0,
-                   help="with --once: give up after this many seconds (default: %(default)s)")
-    p.set_defaults(func=_downloader)
+    add_worker_command(sub, "downloader", _downloader, "run the MAST downloader: fetch "
+                       "requested download jobs, resuming from their checkpoints",
+                       "run the active jobs until none is left, then exit", timeout=3600.0)
 
     p = sub.add_parser("download", help="MAST downloads: start (with progress bars), "
                        "progress, pause, resume, cancel, list")

@@ -25,8 +25,11 @@ from api.deps import (
     smart_row,
 )
 from api.errors import QueryTime, as_utc
-from commands.models import FinishExecutedObsUnitRequest, StartExecutedObsUnitRequest
-from commands.obs_units import ObsUnitCommand
+from commands.obs_units import (
+    FinishExecutedObsUnitRequest,
+    ObsUnitCommand,
+    StartExecutedObsUnitRequest,
+)
 from domain.accounts import READERS
 from infra.availability import read_models_state
 from queries.counts import unit_counts

@@ -32,13 +32,13 @@ from api.deps import (
     submit,
 )
 from api.errors import ApiError, QueryTime, as_utc
-from commands.models import (
+from commands.raw_data import (
     AddFilesToPackageRequest,
     BulkRegisterRawDataFilesRequest,
     CreateRawDataPackageRequest,
+    RawDataCommand,
     RegisterRawDataFileRequest,
 )
-from commands.raw_data import RawDataCommand
 from domain.accounts import CRITICAL_WRITERS, READERS
 from queries.counts import file_counts
 from queries.models import (

@@ -24,16 +24,16 @@ from api.deps import (
     smart_page,
     smart_row,
 )
-from commands.models import (
+from commands.results import (
     CancelObservationResultRequest,
     ContributeAssetRequest,
     DispatchObservationResultRequest,
     EndProcessingRunRequest,
     MaterializeObservationResultsRequest,
+    ResultCommand,
     StartProcessingRunRequest,
     TaskOutcomeRequest,
 )
-from commands.results import ResultCommand
 from domain.accounts import OPERATORS, READERS
 from queries.models import DueResults, ObservationResultDetail, ObservationResultPage, ResultCounts
 

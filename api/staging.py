@@ -33,8 +33,12 @@ from api.deps import (
     submit,
 )
 from api.errors import as_utc
-from commands.models import StageRequest, StagingProgressRequest
-from commands.staging import RetryStagingRequest, StagingCommand
+from commands.staging import (
+    RetryStagingRequest,
+    StageRequest,
+    StagingCommand,
+    StagingProgressRequest,
+)
 from domain.accounts import OPERATORS, READERS
 from queries.models import SizedStatusCounts, StagingRequestPage, StagingRequestView
 from queries.staging import StagingQueries

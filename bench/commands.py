@@ -187,7 +187,7 @@ def peer_app(settings: Any, redis_port: int) -> Any:
 
     from api.accounts import allow, principal_of
     from api.errors import install_error_handlers
-    from commands.models import StartExecutedObsUnitRequest
+    from commands.obs_units import StartExecutedObsUnitRequest
     from domain.accounts import CRITICAL_WRITERS
     from infra.accounts import AccountStore, Authenticator, TokenSigner
     from infra.read_model_db import create_read_model_engine
@@ -360,7 +360,7 @@ def measure_ryw(args: argparse.Namespace, settings: Any) -> None:
 # -- 3. applied commands vs one aggregate per transaction ----------------------------------
 def measure_applied(args: argparse.Namespace, settings: Any) -> None:
     from bootstrap.ledger import Ledger
-    from commands.models import StartExecutedObsUnitRequest
+    from commands.obs_units import StartExecutedObsUnitRequest
 
     n = args.commands
     ledger = Ledger(settings, workers=False)
@@ -417,7 +417,7 @@ def baseline_one_per_transaction(settings: Any, n: int) -> float:
 # -- 4. bulk registration ------------------------------------------------------------------
 def measure_bulk(args: argparse.Namespace, settings: Any) -> None:
     from bootstrap.ledger import Ledger
-    from commands.models import BulkRegisterRawDataFilesRequest
+    from commands.raw_data import BulkRegisterRawDataFilesRequest
 
     per, count = args.bulk_files, args.bulk_commands
     ledger = Ledger(settings, workers=False)

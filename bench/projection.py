@@ -55,14 +55,10 @@ NIGHT = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
 def night_of_operations(units: int, files_per_unit: int) -> list[list[Command]]:
     """The commands of one night, in phases: each phase refers only to what earlier phases
     created, so a phase can be journaled concurrently (group commit) and drained at once."""
-    from commands.models import (
-        CommandModel,
-        CreateRawDataPackageRequest,
-        FinishExecutedObsUnitRequest,
-        StageRequest,
-        StagingProgressRequest,
-        StartExecutedObsUnitRequest,
-    )
+    from commands.models import CommandModel
+    from commands.obs_units import FinishExecutedObsUnitRequest, StartExecutedObsUnitRequest
+    from commands.raw_data import CreateRawDataPackageRequest
+    from commands.staging import StageRequest, StagingProgressRequest
 
     instruments = ("HARPS", "ESPRESSO", "NIRPS")
     start: list[Command] = []

@@ -37,7 +37,7 @@ from bench.common import bench, bench_parser, drain_journal, fresh_settings, jou
 
 
 def start_requests(n: int) -> list[Any]:
-    from commands.models import StartExecutedObsUnitRequest
+    from commands.obs_units import StartExecutedObsUnitRequest
 
     now = datetime.now(UTC)
     return [StartExecutedObsUnitRequest(obs_unit_id=f"OU-{i % 97}", instrument="HARPS",

@@ -64,7 +64,7 @@ def settle(ledger: Any, timeout: float = 3600) -> None:
 
 def run(args: argparse.Namespace, settings: Any) -> None:
     from bootstrap.ledger import Ledger
-    from commands.models import (
+    from commands.results import (
         ContributeAssetRequest,
         EndProcessingRunRequest,
         MaterializeObservationResultsRequest,

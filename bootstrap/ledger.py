@@ -16,8 +16,8 @@ from sqlalchemy import Engine
 from bootstrap.scaleout import Coordinator
 from commands.dispatcher import Dispatcher
 from commands.downloads import DownloadCommand
+from commands.models import utcnow
 from commands.service import CommandService
-from commands.spec import utcnow
 from domain.obs_units import ExecutionStatus
 from domain.processing import JobStatus
 from domain.staging import StagingStatus

@@ -22,7 +22,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from domain.errors import DomainRejection, InvalidCommand
+from domain.errors import InvalidCommand
 from domain.reduction import (
     CalibratedFrame,
     FrameRows,
@@ -45,10 +45,8 @@ from infra.fits_products import (
 )
 
 
-class UnknownAlgorithm(DomainRejection):
+class UnknownAlgorithm(InvalidCommand):
     """No algorithm is registered under that name (and version)."""
-
-    code = "invalid"
 
 
 @dataclass(frozen=True)

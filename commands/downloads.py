@@ -16,7 +16,7 @@ from uuid import UUID
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from commands.models import CommandModel
-from commands.spec import CommandSpec, Policy, Target
+from commands.spec import CommandSpec, Policy, Target, changes
 from commands.unit_of_work import UnitOfWork
 from domain.downloads import DownloadJob
 from domain.provenance import Provenance
@@ -268,8 +268,8 @@ class PurgeDownloadPartials(CommandModel):
 
 
 # -- handlers --------------------------------------------------------------------------------
-def _job(uow: UnitOfWork, job_id: UUID) -> DownloadJob:
-    return uow.for_update(DownloadJob, job_id, "download job", "id")
+#: the handler of a command to an existing job, from what it does to the job
+_changes_job = changes(DownloadJob, "download job")
 
 
 def request_download(cmd: RequestDownload, uow: UnitOfWork, prov: Provenance,
@@ -282,60 +282,48 @@ def request_download(cmd: RequestDownload, uow: UnitOfWork, prov: Provenance,
     return [job.id]
 
 
-def start_file(cmd: DownloadFileStart, uow: UnitOfWork, prov: Provenance,
-               policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def start_file(job: DownloadJob, cmd: DownloadFileStart, prov: Provenance, policy: Policy) -> None:
     job.start_file(cmd.index, cmd.size, cmd.etag, cmd.last_modified, cmd.restart_reason,
                    policy.clock(), prov)
-    return [job.id]
 
 
-def checkpoint(cmd: DownloadCheckpoint, uow: UnitOfWork, prov: Provenance,
-               policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def checkpoint(job: DownloadJob, cmd: DownloadCheckpoint, prov: Provenance,
+               policy: Policy) -> None:
     job.checkpoint(cmd.index, cmd.bytes_done, cmd.bytes_per_s, policy.clock(), prov)
-    return [job.id]
 
 
-def complete_file(cmd: DownloadFileComplete, uow: UnitOfWork, prov: Provenance,
-                  policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def complete_file(job: DownloadJob, cmd: DownloadFileComplete, prov: Provenance,
+                  policy: Policy) -> None:
     job.complete_file(cmd.index, cmd.size, cmd.sha256, cmd.fits, policy.clock(), prov)
-    return [job.id]
 
 
-def fail(cmd: DownloadFail, uow: UnitOfWork, prov: Provenance, policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def fail(job: DownloadJob, cmd: DownloadFail, prov: Provenance, policy: Policy) -> None:
     job.fail(cmd.reason, cmd.index, policy.clock(), prov)
-    return [job.id]
 
 
-def pause(cmd: DownloadControl, uow: UnitOfWork, prov: Provenance,
-          policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def pause(job: DownloadJob, cmd: DownloadControl, prov: Provenance, policy: Policy) -> None:
     job.pause(policy.clock(), prov)
-    return [job.id]
 
 
-def resume(cmd: DownloadControl, uow: UnitOfWork, prov: Provenance,
-           policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def resume(job: DownloadJob, cmd: DownloadControl, prov: Provenance, policy: Policy) -> None:
     job.resume(policy.clock(), prov)
-    return [job.id]
 
 
-def cancel(cmd: CancelDownload, uow: UnitOfWork, prov: Provenance,
-           policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def cancel(job: DownloadJob, cmd: CancelDownload, prov: Provenance, policy: Policy) -> None:
     job.cancel(cmd.reason, policy.clock(), prov)
-    return [job.id]
 
 
-def purge_partials(cmd: PurgeDownloadPartials, uow: UnitOfWork, prov: Provenance,
-                   policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def purge_partials(job: DownloadJob, cmd: PurgeDownloadPartials, prov: Provenance,
+                   policy: Policy) -> None:
     job.purge_partials(cmd.removed, policy.clock(), prov)
-    return [job.id]
 
 
 def _subjects(cmd: Any) -> list[str]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from commands.models import FinishExecutedObsUnit, StartExecutedObsUnit
-from commands.spec import CommandSpec, PendingRows, Policy, Row, Target
+from pydantic import Field
+
+from commands.models import CommandModel, Instrument, Metadata, UtcDatetime, utcnow, with_examples
+from commands.spec import CommandSpec, PendingRows, Policy, Row, Target, changes
 from commands.unit_of_work import UnitOfWork
 from domain.obs_units import ExecutedObsUnit
 from domain.provenance import Provenance
@@ -27,6 +29,52 @@ COMMAND_TYPES = ObsUnitCommand
 UNIT = "executed_obs_unit"
 
 
+# -- the commands ----------------------------------------------------------------------------
+class StartExecutedObsUnitRequest(CommandModel):
+    id: UUID | None = Field(
+        None, description="Pre-generated execution id; the server generates one if absent."
+    )
+    obs_unit_id: Annotated[str, Field(min_length=1, max_length=100, examples=["OU-2026-0412"])]
+    instrument: Instrument
+    start_time: UtcDatetime = Field(
+        default_factory=utcnow, description="When the execution started at the telescope (UTC)."
+    )
+    metadata: Metadata
+
+    model_config = with_examples({
+        "obs_unit_id": "OU-2026-0412",
+        "instrument": "HARPS",
+        "start_time": "2026-11-21T23:14:05Z",
+        "metadata": {"airmass": 1.12, "seeing_arcsec": 0.8},
+    })
+
+
+class StartExecutedObsUnit(StartExecutedObsUnitRequest):
+    id: UUID
+
+
+class FinishExecutedObsUnitRequest(CommandModel):
+    status: Literal["success", "failed", "aborted"] = Field(examples=["success"])
+    end_time: UtcDatetime = Field(default_factory=utcnow)
+    metadata: Metadata
+
+    model_config = with_examples(
+        {"status": "success", "end_time": "2026-11-22T00:02:40Z", "metadata": {"exposures": 12}})
+
+
+class FinishExecutedObsUnit(FinishExecutedObsUnitRequest):
+    id: UUID
+
+
+# -- handlers --------------------------------------------------------------------------------
+def check_executed_obs_unit(uow: UnitOfWork, unit_id: UUID | None,
+                            field: str = "executed_obs_unit_id") -> None:
+    """The executed obs unit a command names, if it names one, exists (else the command is
+    refused naming ``field``)."""
+    if unit_id is not None:
+        uow.get(ExecutedObsUnit, unit_id, "executed obs unit", field)
+
+
 def start_executed_obs_unit(
     cmd: StartExecutedObsUnit, uow: UnitOfWork, prov: Provenance, _: Policy
 ) -> list[UUID]:
@@ -37,12 +85,10 @@ def start_executed_obs_unit(
     return [unit.id]
 
 
-def finish_executed_obs_unit(
-    cmd: FinishExecutedObsUnit, uow: UnitOfWork, prov: Provenance, _: Policy
-) -> list[UUID]:
-    unit = uow.for_update(ExecutedObsUnit, cmd.id, "executed obs unit", "id")
+@changes(ExecutedObsUnit, "executed obs unit")
+def finish_executed_obs_unit(unit: ExecutedObsUnit, cmd: FinishExecutedObsUnit,
+                             prov: Provenance, _: Policy) -> None:
     unit.finish(cmd.status, cmd.end_time, cmd.metadata, prov)
-    return [unit.id]
 
 
 # -- how a pending command shows in smart queries --------------------------------------------

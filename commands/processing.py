@@ -15,8 +15,8 @@ from uuid import UUID
 
 from pydantic import ConfigDict, Field, model_validator
 
-from commands.models import CommandModel, FreeJson, UtcDatetime, document_storable
-from commands.spec import CommandSpec, Policy, Target
+from commands.models import CommandModel, FreeJson, UtcDatetime, document_storable, with_examples
+from commands.spec import CommandSpec, Policy, Target, changes
 from commands.unit_of_work import UnitOfWork
 from domain.errors import InvalidCommand
 from domain.processing import (
@@ -183,9 +183,9 @@ class CatalogRequest(CommandModel):
     archive: bool = False
     metadata: CatalogMetadata = Field(default_factory=dict)
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = with_examples(
         {"product_ids": ["5b1d6c3e-2a0f-5e8b-9c47-1d2e3f405162"], "publish": True,
-         "metadata": {"release": "DR1", "pi": "A. Observer"}}]})
+         "metadata": {"release": "DR1", "pi": "A. Observer"}})
 
 
 class CancelJobRequest(CommandModel):
@@ -289,8 +289,8 @@ class ConfirmProcessingCancel(_Held):
 
 
 # -- handlers ---------------------------------------------------------------------------------
-def _job(uow: UnitOfWork, job_id: UUID) -> ProcessingJob:
-    return uow.for_update(ProcessingJob, job_id, "processing job", "id")
+#: the handler of a command to an existing job, from what it does to the job
+_changes_job = changes(ProcessingJob, "processing job")
 
 
 def input_of(f: RawDataFile) -> dict[str, Any]:
@@ -320,39 +320,31 @@ def request_job(cmd: RequestProcessingJob, uow: UnitOfWork, prov: Provenance,
     return [job.id]
 
 
-def claim(cmd: ClaimProcessingJob, uow: UnitOfWork, prov: Provenance,
-          policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def claim(job: ProcessingJob, cmd: ClaimProcessingJob, prov: Provenance, policy: Policy) -> None:
     job.claim(cmd.worker, timedelta(seconds=cmd.lease_s), policy.clock(), prov)
-    return [job.id]
 
 
-def renew(cmd: RenewProcessingLease, uow: UnitOfWork, prov: Provenance,
-          policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def renew(job: ProcessingJob, cmd: RenewProcessingLease, prov: Provenance, policy: Policy) -> None:
     job.renew(cmd.worker, cmd.attempt, timedelta(seconds=cmd.lease_s), policy.clock(), prov)
-    return [job.id]
 
 
-def start_step(cmd: ProcessingStep, uow: UnitOfWork, prov: Provenance,
-               policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def start_step(job: ProcessingJob, cmd: ProcessingStep, prov: Provenance, policy: Policy) -> None:
     job.start_step(cmd.worker, cmd.attempt, cmd.name, policy.clock(), prov)
-    return [job.id]
 
 
-def complete_step(cmd: ProcessingStep, uow: UnitOfWork, prov: Provenance,
-                  policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def complete_step(job: ProcessingJob, cmd: ProcessingStep, prov: Provenance,
+                  policy: Policy) -> None:
     job.complete_step(cmd.worker, cmd.attempt, cmd.name, policy.clock(), prov)
-    return [job.id]
 
 
-def progress(cmd: ProcessingProgress, uow: UnitOfWork, prov: Provenance,
-             policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def progress(job: ProcessingJob, cmd: ProcessingProgress, prov: Provenance,
+             policy: Policy) -> None:
     job.report_progress(cmd.worker, cmd.attempt, cmd.fraction, policy.clock(), prov)
-    return [job.id]
 
 
 def succeed(cmd: SucceedProcessingJob, uow: UnitOfWork, prov: Provenance,
@@ -360,7 +352,7 @@ def succeed(cmd: SucceedProcessingJob, uow: UnitOfWork, prov: Provenance,
     """The job succeeded: a process job's products are built (and catalogued when asked),
     an ingest job's header facts recorded on the raw data files, a catalog job's products
     catalogued."""
-    job = _job(uow, cmd.id)
+    job = uow.for_update(ProcessingJob, cmd.id, "processing job", "id")
     now = policy.clock()
     kind = JobKind(job.kind)
     known = {i["file_id"] for i in job.inputs}
@@ -403,25 +395,20 @@ def succeed(cmd: SucceedProcessingJob, uow: UnitOfWork, prov: Provenance,
     return touched
 
 
-def fail(cmd: FailProcessingJob, uow: UnitOfWork, prov: Provenance,
-         policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def fail(job: ProcessingJob, cmd: FailProcessingJob, prov: Provenance, policy: Policy) -> None:
     job.fail(cmd.worker, cmd.attempt, cmd.reason, cmd.retryable, policy.clock(), prov)
-    return [job.id]
 
 
-def cancel(cmd: CancelProcessingJob, uow: UnitOfWork, prov: Provenance,
-           policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def cancel(job: ProcessingJob, cmd: CancelProcessingJob, prov: Provenance, policy: Policy) -> None:
     job.request_cancel(cmd.reason, policy.clock(), prov)
-    return [job.id]
 
 
-def confirm_cancel(cmd: ConfirmProcessingCancel, uow: UnitOfWork, prov: Provenance,
-                   policy: Policy) -> list[UUID]:
-    job = _job(uow, cmd.id)
+@_changes_job
+def confirm_cancel(job: ProcessingJob, cmd: ConfirmProcessingCancel, prov: Provenance,
+                   policy: Policy) -> None:
     job.confirm_cancel(cmd.worker, cmd.attempt, policy.clock(), prov)
-    return [job.id]
 
 
 def _subjects(cmd: Any) -> list[str]:

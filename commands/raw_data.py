@@ -4,20 +4,24 @@ finalized)."""
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, ClassVar
 from uuid import UUID
 
+from pydantic import Field, field_validator, model_validator
+
 from commands.models import (
-    AddFilesToPackage,
-    BulkRegisterRawDataFilesRequest,
-    CreateRawDataPackage,
-    FinalizeRawDataPackage,
-    RawDataFileSpec,
-    RegisterRawDataFileRequest,
+    Checksum,
+    CommandModel,
+    Instrument,
+    Name,
+    UtcDatetime,
+    utcnow,
+    with_examples,
 )
-from commands.spec import CommandSpec, PendingRows, Policy, Row, Target
+from commands.obs_units import check_executed_obs_unit
+from commands.spec import CommandSpec, PendingRows, Policy, Row, Target, changes
 from commands.unit_of_work import UnitOfWork
-from domain.obs_units import ExecutedObsUnit
+from domain.errors import DuplicateEntity
 from domain.provenance import Provenance
 from domain.raw_data import RawDataFile, RawDataPackage, raw_data_file_id
 from infra.journal import JournalEntry
@@ -40,6 +44,137 @@ FILE = "raw_data_file"
 PACKAGE = "raw_data_package"
 
 
+# -- the commands ----------------------------------------------------------------------------
+#: A relative path (after whitespace is stripped: no leading "/", no ".." segment), for the
+#: schema only (pydantic's patterns have no look-ahead); RawDataFileSpec._relative checks it.
+RELATIVE_PATH = (r"^(?!\s*/)(?!\s*\.\.(?:/|\s*$))(?![^\x00]*/\.\.(?:/|\s*$))"
+                 r"[^\x00]*[^\s\x00][^\x00]*$")
+
+
+class RawDataFileSpec(CommandModel):
+    name: Name
+    relative_path: Annotated[str, Field(min_length=1, max_length=1024,
+                                        json_schema_extra={"pattern": RELATIVE_PATH})]
+    size: int = Field(ge=0, description="Size in bytes.")
+    checksum: Checksum
+    instrument: Instrument
+    executed_obs_unit_id: UUID | None = None
+    file_type: Annotated[str, Field(min_length=1, max_length=50, examples=["raw_science"])]
+    created_at: UtcDatetime = Field(
+        default_factory=utcnow, description="When the instrument wrote the file."
+    )
+
+    nested_only: ClassVar[bool] = True  # checked with the command it is a part of
+
+    @field_validator("relative_path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if v.startswith("/") or ".." in v.split("/"):
+            raise ValueError("must be a relative path inside the instrument's data root")
+        return v
+
+    @property
+    def file_id(self) -> UUID:
+        return raw_data_file_id(self.instrument, self.name)
+
+
+_FILE_EXAMPLE: dict[str, Any] = {
+    "name": "HARPS.2026-11-21T23:15:00.123.fits",
+    "relative_path": "2026-11-21/HARPS.2026-11-21T23:15:00.123.fits",
+    "size": 16_793_280,
+    "checksum": {"algorithm": "md5", "value": "0f343b0931126a20f133d67c2b018a3b"},
+    "instrument": "HARPS",
+    "file_type": "raw_science",
+    "created_at": "2026-11-21T23:15:00Z",
+}
+
+
+class RegisterRawDataFileRequest(RawDataFileSpec):
+    model_config = with_examples(_FILE_EXAMPLE)
+    nested_only: ClassVar[bool] = False  # a command of its own
+
+
+def _unique_names(files: list[RawDataFileSpec]) -> None:
+    """A file name is unique per instrument: a second one in the same command is the
+    conflict a registered one would be (409; a JSON schema cannot say it)."""
+    seen: dict[tuple[str, str], int] = {}
+    for i, f in enumerate(files):
+        key = (f.instrument, f.name)
+        if key in seen:
+            raise DuplicateEntity(
+                f"files.{i}: {f.name} of {f.instrument} repeats files.{seen[key]}",
+                field=f"files.{i}.name")
+        seen[key] = i
+
+
+class BulkRegisterRawDataFilesRequest(CommandModel):
+    files: list[RawDataFileSpec] = Field(
+        min_length=1, description="At most OBSLEDGER_MAX_BULK_FILES (the schema's maxItems); "
+        "a name repeated for one instrument is 409, as a registered one would be.")
+
+    model_config = with_examples({"files": [_FILE_EXAMPLE]})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_list(cls, data: Any) -> Any:
+        """The operations seed's shape too: a bare JSON list of the files."""
+        return {"files": data} if isinstance(data, list) else data
+
+    @model_validator(mode="after")
+    def _names(self) -> BulkRegisterRawDataFilesRequest:
+        _unique_names(self.files)
+        return self
+
+
+# -- raw data packages -------------------------------------------------------------------------
+class CreateRawDataPackageRequest(CommandModel):
+    id: UUID | None = Field(None, description="Pre-generated package id (server's if absent).")
+    name: Name = Field(examples=["HARPS-2026-11-21-OU-2026-0412"])
+    executed_obs_unit_id: UUID | None = None
+    file_ids: list[UUID] = Field(
+        default_factory=list, description="Already registered files to group.",
+        json_schema_extra={"uniqueItems": True},
+    )
+    files: list[RawDataFileSpec] = Field(
+        default_factory=list,
+        description="Files registered by this same command and grouped into the package (a "
+        "name repeated for one instrument, or a file also in file_ids, is 409).",
+    )
+
+    model_config = with_examples(
+        {"name": "HARPS-2026-11-21-OU-2026-0412", "files": [_FILE_EXAMPLE]})
+
+    @model_validator(mode="after")
+    def _check(self) -> CreateRawDataPackageRequest:
+        _unique_names(self.files)
+        if len(set(self.file_ids)) != len(self.file_ids):
+            raise ValueError("file_ids repeats an id")
+        new_ids = {f.file_id for f in self.files}
+        if both := new_ids & set(self.file_ids):
+            raise DuplicateEntity(f"raw data file {min(both)} is both in files and file_ids",
+                                  field="file_ids")
+        return self
+
+
+class CreateRawDataPackage(CreateRawDataPackageRequest):
+    id: UUID
+
+
+class AddFilesToPackageRequest(CommandModel):
+    file_ids: list[UUID] = Field(min_length=1)
+
+    model_config = with_examples({"file_ids": ["1c49d49d-34d9-5c36-be8c-62dcce3da68c"]})
+
+
+class AddFilesToPackage(AddFilesToPackageRequest):
+    id: UUID
+
+
+class FinalizeRawDataPackage(CommandModel):
+    id: UUID
+
+
+# -- handlers --------------------------------------------------------------------------------
 def _register_files(
     specs: list[RawDataFileSpec],
     uow: UnitOfWork,
@@ -48,9 +183,7 @@ def _register_files(
 ) -> list[UUID]:
     ids = []
     for i, spec in enumerate(specs):
-        if spec.executed_obs_unit_id is not None:
-            uow.get(ExecutedObsUnit, spec.executed_obs_unit_id, "executed obs unit",
-                    f"files.{i}.executed_obs_unit_id")
+        check_executed_obs_unit(uow, spec.executed_obs_unit_id, f"files.{i}.executed_obs_unit_id")
         registered = RawDataFile.registration(
             name=spec.name,
             instrument=spec.instrument,
@@ -83,9 +216,7 @@ def register_raw_data_files(
 def create_raw_data_package(
     cmd: CreateRawDataPackage, uow: UnitOfWork, prov: Provenance, limits: Policy
 ) -> list[UUID]:
-    if cmd.executed_obs_unit_id is not None:
-        uow.get(ExecutedObsUnit, cmd.executed_obs_unit_id, "executed obs unit",
-                "executed_obs_unit_id")
+    check_executed_obs_unit(uow, cmd.executed_obs_unit_id)
     existing = [
         uow.for_update(RawDataFile, fid, "raw data file", f"file_ids.{i}")
         for i, fid in enumerate(cmd.file_ids)
@@ -116,12 +247,10 @@ def add_files_to_package(
     return [package.id, *(f.id for f in files)]
 
 
-def finalize_raw_data_package(
-    cmd: FinalizeRawDataPackage, uow: UnitOfWork, prov: Provenance, limits: Policy
-) -> list[UUID]:
-    package = uow.for_update(RawDataPackage, cmd.id, "raw data package", "id")
+@changes(RawDataPackage, "raw data package")
+def finalize_raw_data_package(package: RawDataPackage, cmd: FinalizeRawDataPackage,
+                              prov: Provenance, limits: Policy) -> None:
     package.finalize(limits.package_size_limit, prov)
-    return [package.id]
 
 
 # -- subjects: how the journal indexes a pending command for smart queries -----------------

@@ -3,23 +3,36 @@ telescopes, fulfilled by task outcomes, and their data products built by process
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
+from pydantic import ConfigDict, Field, model_validator
+
 from commands.models import (
-    CancelObservationResult,
-    ContributeAsset,
-    DispatchObservationResult,
-    EndProcessingRun,
-    MaterializeObservationResultsRequest,
-    ReportTaskOutcome,
-    StartProcessingRun,
+    JSON_DEPTH_NOTE,
+    Checksum,
+    CommandModel,
+    FreeJson,
+    Instrument,
+    Metadata,
+    Name,
+    UtcDatetime,
+    utcnow,
+    with_examples,
 )
-from commands.spec import CommandSpec, OverlayChange, PendingRows, Policy, Row, Target
+from commands.obs_units import check_executed_obs_unit
+from commands.spec import (
+    CommandSpec,
+    OverlayChange,
+    PendingRows,
+    Policy,
+    Row,
+    Target,
+    changes,
+)
 from commands.unit_of_work import UnitOfWork
-from domain.obs_units import ExecutedObsUnit
 from domain.provenance import Provenance
 from domain.results import (
     OUTCOME_TARGET,
@@ -52,6 +65,182 @@ COMMAND_TYPES = ResultCommand
 RESULT = "observation_result"
 
 
+# -- the commands ----------------------------------------------------------------------------
+LeafIndex = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class MaterializeObservationResultsRequest(CommandModel):
+    """A request spec: every (epoch, sample, copy) leaf cell becomes an observation result."""
+
+    observation_id: LeafIndex
+    request_id: LeafIndex
+    epochs: int = Field(1, ge=1, le=100_000)
+    samples: int = Field(1, ge=1, le=100_000)
+    copies_mode: Literal["single", "all_eligible", "count"] = "single"
+    copies: int = Field(1, ge=1, le=1000, description="Copies per cell with copies_mode=count.")
+    eligible_instruments: list[Instrument] = Field(
+        default_factory=list, max_length=100, json_schema_extra={"uniqueItems": True},
+        description="all_eligible: one copy per instrument; otherwise the first, if any, is "
+        "the result's instrument.")
+    not_before: UtcDatetime | None = None
+    spec_snapshot: FreeJson | None = Field(
+        None, description=f"The request spec as it was when materialized (stored as is). "
+        f"{JSON_DEPTH_NOTE}")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "observation_id": 7, "request_id": 42, "epochs": 3, "samples": 2,
+            "copies_mode": "all_eligible", "eligible_instruments": ["HARPS", "ESPRESSO"],
+            "not_before": "2026-11-22T00:00:00Z", "spec_snapshot": {"exptime": 600}}],
+            "description": "A request spec: every (epoch, sample, copy) leaf cell becomes an "
+            "observation result; at most 100,000 cells (epochs x samples x copies) per "
+            "command (422: JSON Schema cannot multiply).",
+            # copies only with copies_mode=count; all_eligible needs eligible_instruments
+            "oneOf": [
+                {"properties": {"copies_mode": {"const": "single"}, "copies": {"const": 1}}},
+                {"properties": {"copies_mode": {"const": "all_eligible"},
+                                "copies": {"const": 1},
+                                "eligible_instruments": {"minItems": 1}},
+                 "required": ["copies_mode", "eligible_instruments"]},
+                {"properties": {"copies_mode": {"const": "count"}},
+                 "required": ["copies_mode"]}]},
+    )
+
+    @model_validator(mode="after")
+    def _copies(self) -> MaterializeObservationResultsRequest:
+        if self.copies_mode == "all_eligible" and not self.eligible_instruments:
+            raise ValueError("copies_mode all_eligible needs eligible_instruments")
+        if len(set(self.eligible_instruments)) != len(self.eligible_instruments):
+            raise ValueError("eligible_instruments repeats an instrument")
+        if self.copies_mode != "count" and "copies" in self.model_fields_set \
+                and self.copies != 1:
+            raise ValueError("copies is only meaningful with copies_mode=count")
+        if self.cell_count() > MAX_RESULTS_PER_COMMAND:
+            raise ValueError(f"the spec has {self.cell_count()} leaf cells; at most "
+                             f"{MAX_RESULTS_PER_COMMAND} per command")
+        return self
+
+    def cells(self) -> Iterator[tuple[UUID, int, int, int, str | None]]:
+        """(result id, epoch, sample, copy, instrument) of every leaf cell."""
+        return leaf_cells(self.observation_id, self.request_id, self.epochs, self.samples,
+                          self.copies_per_cell())
+
+    def copies_per_cell(self) -> list[str | None]:
+        return copies_per_cell(CopiesMode(self.copies_mode), self.copies,
+                               self.eligible_instruments)
+
+    def cell_count(self) -> int:
+        return self.epochs * self.samples * len(self.copies_per_cell())
+
+
+MAX_RESULTS_PER_COMMAND = 100_000
+
+
+class DispatchObservationResultRequest(CommandModel):
+    task_id: UUID | None = Field(None, description="Pre-generated task id.")
+    instrument_id: Instrument | None = None
+    executed_obs_unit_id: UUID | None = Field(
+        None, description="The executed obs unit carrying out the task, if known.")
+
+    model_config = with_examples({
+        "instrument_id": "HARPS", "executed_obs_unit_id": "e433bda1-579b-4946-9f02-7a3e4a04efe2"})
+
+
+class DispatchObservationResult(DispatchObservationResultRequest):
+    id: UUID
+    task_id: UUID
+
+
+class TaskOutcomeRequest(CommandModel):
+    outcome: Literal["succeeded", "partial", "failed", "canceled"]
+    finished_at: UtcDatetime = Field(default_factory=utcnow)
+    executed_obs_unit_id: UUID | None = None
+
+    model_config = with_examples({"outcome": "succeeded", "finished_at": "2026-11-22T03:10:00Z"})
+
+
+class ReportTaskOutcome(TaskOutcomeRequest):
+    id: UUID
+    task_id: UUID
+
+
+class CancelObservationResultRequest(CommandModel):
+    reason: Annotated[str, Field(min_length=1, max_length=2000)]
+
+    model_config = with_examples({"reason": "request withdrawn by the PI"})
+
+
+class CancelObservationResult(CancelObservationResultRequest):
+    id: UUID
+
+
+class ContributeAssetRequest(CommandModel):
+    asset_id: Annotated[str, Field(min_length=1, max_length=255, description=(
+        "What contributes (e.g. raw_data_file:<id>); counted once per result."))]
+
+    model_config = with_examples(
+        {"asset_id": "raw_data_file:1c49d49d-34d9-5c36-be8c-62dcce3da68c"})
+
+
+class ContributeAsset(ContributeAssetRequest):
+    id: UUID
+
+
+class StartProcessingRunRequest(CommandModel):
+    run_id: UUID | None = Field(None, description="Pre-generated processing run id.")
+
+    model_config = with_examples({"run_id": "0e5c1b1e-6f57-4d0c-9a53-3c3f4b7e2d11"})
+
+
+class StartProcessingRun(StartProcessingRunRequest):
+    id: UUID
+    run_id: UUID
+
+
+class ProductOutput(CommandModel):
+    """One data product a run produced."""
+
+    name: Name
+    kind: Annotated[str, Field(min_length=1, max_length=50, examples=["combined_image"])]
+    uri: Annotated[str, Field(max_length=2048)] | None = None
+    size: int | None = Field(None, ge=0)
+    checksum: Checksum | None = None
+    metadata: Metadata
+
+
+class EndProcessingRunRequest(CommandModel):
+    end: Literal["completed", "failed", "blocked", "skipped"]
+    outputs: list[ProductOutput] = Field(default_factory=list, max_length=10_000)
+    error: Annotated[str, Field(max_length=4000)] | None = None
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        # a completed run has no error; another has no outputs
+        "oneOf": [{"properties": {"end": {"const": "completed"}, "error": {"type": "null"}}},
+                  {"properties": {"end": {"enum": ["failed", "blocked", "skipped"]},
+                                  "outputs": {"maxItems": 0}}}],
+        "examples": [
+            {"end": "completed", "outputs": [{
+                "name": "OR-7-42-0-1-0_combined.fits", "kind": "combined_image",
+                "uri": "products/7/42/combined.fits", "size": 16793280,
+                "checksum": {"algorithm": "sha256", "value": "ab" * 32}}]},
+            {"end": "failed", "error": "no master bias among the inputs"}]})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EndProcessingRunRequest:
+        if self.end == "completed" and self.error is not None:
+            raise ValueError("a completed run has no error")
+        if self.end != "completed" and self.outputs:
+            raise ValueError(f"a {self.end} run has no outputs")
+        return self
+
+
+class EndProcessingRun(EndProcessingRunRequest):
+    id: UUID
+    run_id: UUID
+
+
+# -- handlers --------------------------------------------------------------------------------
 def materialize_observation_results(
     cmd: MaterializeObservationResultsRequest, uow: UnitOfWork, prov: Provenance,
     policy: Policy,
@@ -70,63 +259,51 @@ def materialize_observation_results(
     return created
 
 
-def _result(uow: UnitOfWork, result_id: UUID) -> ObservationResult:
-    return uow.for_update(ObservationResult, result_id, "observation result", "id")
+#: the handler of a command to an existing result, from what it does to the result
+_changes_result = changes(ObservationResult, "observation result")
 
 
 def dispatch_observation_result(
     cmd: DispatchObservationResult, uow: UnitOfWork, prov: Provenance, policy: Policy
 ) -> list[UUID]:
-    if cmd.executed_obs_unit_id is not None:
-        uow.get(ExecutedObsUnit, cmd.executed_obs_unit_id, "executed obs unit",
-                "executed_obs_unit_id")
-    result = _result(uow, cmd.id)
+    check_executed_obs_unit(uow, cmd.executed_obs_unit_id)
+    result = uow.for_update(ObservationResult, cmd.id, "observation result", "id")
     result.dispatch(cmd.task_id, cmd.instrument_id, cmd.executed_obs_unit_id, policy.clock(),
                     prov)
     return [result.id]
 
 
-def report_task_outcome(
-    cmd: ReportTaskOutcome, uow: UnitOfWork, prov: Provenance, _: Policy
-) -> list[UUID]:
-    result = _result(uow, cmd.id)
+@_changes_result
+def report_task_outcome(result: ObservationResult, cmd: ReportTaskOutcome, prov: Provenance,
+                        _: Policy) -> None:
     result.report_task(cmd.task_id, TaskOutcome(cmd.outcome), cmd.finished_at,
                        cmd.executed_obs_unit_id, prov)
-    return [result.id]
 
 
-def cancel_observation_result(
-    cmd: CancelObservationResult, uow: UnitOfWork, prov: Provenance, policy: Policy
-) -> list[UUID]:
-    result = _result(uow, cmd.id)
+@_changes_result
+def cancel_observation_result(result: ObservationResult, cmd: CancelObservationResult,
+                              prov: Provenance, policy: Policy) -> None:
     result.cancel(cmd.reason, policy.clock(), prov)
-    return [result.id]
 
 
-def contribute_asset(
-    cmd: ContributeAsset, uow: UnitOfWork, prov: Provenance, policy: Policy
-) -> list[UUID]:
-    result = _result(uow, cmd.id)
+@_changes_result
+def contribute_asset(result: ObservationResult, cmd: ContributeAsset, prov: Provenance,
+                     policy: Policy) -> None:
     result.contribute_asset(cmd.asset_id, policy.clock(), policy.result_debounce, prov)
-    return [result.id]
 
 
-def start_processing_run(
-    cmd: StartProcessingRun, uow: UnitOfWork, prov: Provenance, policy: Policy
-) -> list[UUID]:
-    result = _result(uow, cmd.id)
+@_changes_result
+def start_processing_run(result: ObservationResult, cmd: StartProcessingRun, prov: Provenance,
+                         policy: Policy) -> None:
     result.start_run(cmd.run_id, policy.clock(), prov)
-    return [result.id]
 
 
-def end_processing_run(
-    cmd: EndProcessingRun, uow: UnitOfWork, prov: Provenance, policy: Policy
-) -> list[UUID]:
-    result = _result(uow, cmd.id)
+@_changes_result
+def end_processing_run(result: ObservationResult, cmd: EndProcessingRun, prov: Provenance,
+                       policy: Policy) -> None:
     result.end_run(cmd.run_id, RunEnd(cmd.end),
                    [o.model_dump(mode="json") for o in cmd.outputs], cmd.error,
                    policy.clock(), policy.run_retry_limit, policy.run_retry_base, prov)
-    return [result.id]
 
 
 # -- how a pending command shows in smart queries (marked pending; the applied command may

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
-from commands.models import CommandModel
+from eventsourcing.domain import Aggregate
+
+from commands.models import CommandModel, utcnow
 from commands.unit_of_work import UnitOfWork
 from domain.provenance import Provenance
 from infra.journal import JournalEntry
@@ -24,10 +26,6 @@ from infra.settings import Settings
 
 #: A read-model row in the shape of a ``queries.models`` view.
 Row = dict[str, Any]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +49,22 @@ class Policy:
 
 
 Handler = Callable[[Any, UnitOfWork, Provenance, Policy], list[UUID]]
+E = TypeVar("E", bound=Aggregate)
+#: What a command does to the entity it changes: ``(entity, command, provenance, policy)``.
+Change = Callable[[E, Any, Provenance, Policy], object]
+
+
+def changes(kind: type[E], what: str) -> Callable[[Change[E]], Handler]:
+    """The handler of a command that changes one existing entity, the command's ``id``,
+    from the function that changes it: the entity is loaded for update (a missing one is
+    refused naming ``id``, as ``what``) and its id is what the handler returns."""
+    def handler(change: Change[E]) -> Handler:
+        def handle(cmd: Any, uow: UnitOfWork, prov: Provenance, policy: Policy) -> list[UUID]:
+            entity = uow.for_update(kind, cmd.id, what, "id")
+            change(entity, cmd, prov, policy)
+            return [entity.id]
+        return handle
+    return handler
 
 
 class PendingRows(Protocol):

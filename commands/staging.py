@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import ConfigDict, Field
+from pydantic import Field, field_validator
 
-from commands.models import CancelStaging, CommandModel, ReportStagingProgress, Stage
-from commands.spec import CommandSpec, PendingRows, Policy, Row, Target
+from commands.models import CommandModel, with_examples
+from commands.spec import CommandSpec, PendingRows, Policy, Row, Target, changes
 from commands.unit_of_work import UnitOfWork
 from domain.provenance import Provenance
 from domain.raw_data import RawDataPackage
@@ -36,6 +36,51 @@ _ENDED = frozenset({"completed", "failed", "cancelled"})
 _NEVER_RETRIED = frozenset({"completed", "cancelled"})
 
 
+# -- the commands ----------------------------------------------------------------------------
+class StageRequest(CommandModel):
+    id: UUID | None = Field(None, description="Pre-generated staging request id.")
+    package_ids: list[UUID] = Field(min_length=1, max_length=10_000,
+                                    json_schema_extra={"uniqueItems": True})
+    destination: Annotated[
+        str, Field(min_length=1, max_length=1024, examples=["archive-transfer:/stage/night-1121"])
+    ]
+
+    model_config = with_examples({
+        "package_ids": ["3fb1d267-f9f6-4599-a97a-74fed41eaa02"],
+        "destination": "archive-transfer:/stage/night-1121"})
+
+    @field_validator("package_ids")
+    @classmethod
+    def _unique(cls, v: list[UUID]) -> list[UUID]:
+        if len(set(v)) != len(v):
+            raise ValueError("package_ids repeats an id")
+        return v
+
+
+class Stage(StageRequest):
+    id: UUID
+
+
+class StagingProgressRequest(CommandModel):
+    status: Literal["in_progress", "completed", "failed"] = "in_progress"
+    bytes_transferred: int = Field(ge=0)
+    files_transferred: int = Field(ge=0)
+    message: Annotated[str, Field(max_length=2000)] | None = None
+
+    model_config = with_examples({
+        "status": "in_progress", "bytes_transferred": 8_396_640, "files_transferred": 1,
+        "message": "transferring HARPS.2026-11-21T23:15:00.123.fits"})
+
+
+class ReportStagingProgress(StagingProgressRequest):
+    id: UUID
+
+
+class CancelStaging(CommandModel):
+    id: UUID
+    reason: Annotated[str, Field(max_length=2000)] | None = None
+
+
 class RetryStagingRequest(CommandModel):
     """Start a failed staging request again (an operator, once the cause is fixed)."""
 
@@ -43,12 +88,16 @@ class RetryStagingRequest(CommandModel):
         None, description="Why it is retried; shown as the request's message until the "
         "transfer agent reports progress.")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"reason": "destination disk replaced"}]})
+    model_config = with_examples({"reason": "destination disk replaced"})
 
 
 class RetryStaging(RetryStagingRequest):
     id: UUID
+
+
+# -- handlers --------------------------------------------------------------------------------
+#: the handler of a command to an existing request, from what it does to the request
+_changes_request = changes(StagingRequest, "staging request")
 
 
 def stage(cmd: Stage, uow: UnitOfWork, prov: Provenance, _: Policy) -> list[UUID]:
@@ -63,26 +112,23 @@ def stage(cmd: Stage, uow: UnitOfWork, prov: Provenance, _: Policy) -> list[UUID
     return [request.id]
 
 
-def report_staging_progress(
-    cmd: ReportStagingProgress, uow: UnitOfWork, prov: Provenance, _: Policy
-) -> list[UUID]:
-    request = uow.for_update(StagingRequest, cmd.id, "staging request", "id")
+@_changes_request
+def report_staging_progress(request: StagingRequest, cmd: ReportStagingProgress,
+                            prov: Provenance, _: Policy) -> None:
     request.report_progress(
         cmd.status, cmd.bytes_transferred, cmd.files_transferred, cmd.message, prov
     )
-    return [request.id]
 
 
-def cancel_staging(cmd: CancelStaging, uow: UnitOfWork, prov: Provenance, _: Policy) -> list[UUID]:
-    request = uow.for_update(StagingRequest, cmd.id, "staging request", "id")
+@_changes_request
+def cancel_staging(request: StagingRequest, cmd: CancelStaging, prov: Provenance,
+                   _: Policy) -> None:
     request.cancel(cmd.reason, prov)
-    return [request.id]
 
 
-def retry_staging(cmd: RetryStaging, uow: UnitOfWork, prov: Provenance, _: Policy) -> list[UUID]:
-    request = uow.for_update(StagingRequest, cmd.id, "staging request", "id")
+@_changes_request
+def retry_staging(request: StagingRequest, cmd: RetryStaging, prov: Provenance, _: Policy) -> None:
     request.retry(cmd.reason, prov)
-    return [request.id]
 
 
 # -- how a pending command shows in smart queries --------------------------------------------

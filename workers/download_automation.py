@@ -54,8 +54,8 @@ from commands.downloads import (
     DownloadFileStart,
     PurgeDownloadPartials,
 )
-from commands.models import Checksum, CommandModel, RegisterRawDataFileRequest
-from commands.raw_data import RawDataCommand
+from commands.models import Checksum, CommandModel
+from commands.raw_data import RawDataCommand, RegisterRawDataFileRequest
 from commands.service import CommandService, IdempotencyConflict
 from domain.downloads import DownloadJob, FileStatus, JobStatus
 from domain.errors import DomainRejection

@@ -27,9 +27,9 @@ from eventsourcing.persistence import Notification
 from sqlalchemy import Engine
 
 from commands.algorithms import algorithm
-from commands.models import Checksum, EndProcessingRunRequest, ProductOutput
+from commands.models import Checksum
 from commands.processing import ProcessingCommand, RequestProcessingJob
-from commands.results import ResultCommand
+from commands.results import EndProcessingRunRequest, ProductOutput, ResultCommand
 from commands.service import CommandService
 from domain.errors import DomainRejection
 from domain.processing import (

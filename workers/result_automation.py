@@ -24,12 +24,12 @@ from uuid import UUID
 from eventsourcing.persistence import Notification
 from sqlalchemy import Engine, select
 
-from commands.models import (
+from commands.results import (
     ContributeAssetRequest,
+    ResultCommand,
     StartProcessingRunRequest,
     TaskOutcomeRequest,
 )
-from commands.results import ResultCommand
 from commands.service import CommandService
 from infra.event_store import EventStore
 from infra.worker import PollingWorker

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from bootstrap.ledger import Ledger
-from commands.models import MaterializeObservationResultsRequest
+from commands.results import MaterializeObservationResultsRequest
 from domain.raw_data import raw_data_file_id
 from domain.receipts import receipt_id
 from infra.event_store import StoreUnavailable

@@ -29,7 +29,8 @@ import httpx
 import psycopg
 import pytest
 
-from commands.models import BulkRegisterRawDataFilesRequest, StartExecutedObsUnitRequest
+from commands.obs_units import StartExecutedObsUnitRequest
+from commands.raw_data import BulkRegisterRawDataFilesRequest
 from commands.service import CommandService
 from domain.receipts import receipt_id
 from infra.journal import Journal, Outcome

@@ -23,25 +23,24 @@ from pydantic import BaseModel
 from api.app import create_app
 from api.mast import CoordinateSearch, ObservationSearch, ProgramSearch, TargetSearch
 from commands.downloads import StartDownloadRequest
-from commands.models import (
+from commands.obs_units import FinishExecutedObsUnitRequest, StartExecutedObsUnitRequest
+from commands.processing import CatalogRequest, IngestRequest, PlanRequest, ProcessRequest
+from commands.raw_data import (
     AddFilesToPackageRequest,
     BulkRegisterRawDataFilesRequest,
+    CreateRawDataPackageRequest,
+    RegisterRawDataFileRequest,
+)
+from commands.results import (
     CancelObservationResultRequest,
     ContributeAssetRequest,
-    CreateRawDataPackageRequest,
     DispatchObservationResultRequest,
     EndProcessingRunRequest,
-    FinishExecutedObsUnitRequest,
     MaterializeObservationResultsRequest,
-    RegisterRawDataFileRequest,
-    StageRequest,
-    StagingProgressRequest,
-    StartExecutedObsUnitRequest,
     StartProcessingRunRequest,
     TaskOutcomeRequest,
 )
-from commands.processing import CatalogRequest, IngestRequest, PlanRequest, ProcessRequest
-from commands.staging import RetryStagingRequest
+from commands.staging import RetryStagingRequest, StageRequest, StagingProgressRequest
 from domain.raw_data import raw_data_file_id
 from infra.settings import Settings
 from tests.conftest import ROOT, grant, make_settings, settings_env

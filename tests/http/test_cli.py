@@ -18,7 +18,7 @@ import pytest
 from api.cli import build_parser
 from api.cli_common import cli_actor
 from bootstrap.ledger import Ledger
-from commands.models import BulkRegisterRawDataFilesRequest, RawDataFileSpec
+from commands.raw_data import BulkRegisterRawDataFilesRequest, RawDataFileSpec
 from infra.settings import Settings
 from tests.conftest import ROOT, make_settings, settings_env
 from tests.support.processes import free_port

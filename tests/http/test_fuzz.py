@@ -31,7 +31,7 @@ from hypothesis import settings as hypothesis_settings
 from schemathesis import checks
 
 from api.app import create_app
-from commands.models import MAX_RESULTS_PER_COMMAND
+from commands.results import MAX_RESULTS_PER_COMMAND
 from domain.accounts import Role
 from infra.settings import Settings
 from tests.conftest import ServerProcess, grant, make_settings

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from bootstrap.ledger import Ledger
-from commands.models import StartExecutedObsUnitRequest
+from commands.obs_units import StartExecutedObsUnitRequest
 from infra.audit_chain import AnchorLog, ChainKeeper, verify
 from tests.conftest import ROOT, settings_env
 from tests.http.test_api import T0
@@ -160,10 +160,10 @@ def _result_history(ledger: Ledger) -> tuple[str, str]:
     """An executed obs unit, and a result with a task and assets (several events each)."""
     from uuid import UUID
 
-    from commands.models import (
+    from commands.obs_units import FinishExecutedObsUnitRequest
+    from commands.results import (
         ContributeAssetRequest,
         DispatchObservationResultRequest,
-        FinishExecutedObsUnitRequest,
         MaterializeObservationResultsRequest,
     )
 

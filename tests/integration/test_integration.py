@@ -28,26 +28,8 @@ from commands.downloads import (
     PurgeDownloadPartials,
     RequestDownload,
 )
-from commands.models import (
-    JOURNALED,
-    AddFilesToPackageRequest,
-    BulkRegisterRawDataFilesRequest,
-    CancelObservationResultRequest,
-    CommandModel,
-    ContributeAssetRequest,
-    CreateRawDataPackageRequest,
-    DispatchObservationResultRequest,
-    EndProcessingRunRequest,
-    FinishExecutedObsUnitRequest,
-    MaterializeObservationResultsRequest,
-    RegisterRawDataFileRequest,
-    StageRequest,
-    StagingProgressRequest,
-    StartExecutedObsUnitRequest,
-    StartProcessingRunRequest,
-    TaskOutcomeRequest,
-    observed_at_of,
-)
+from commands.models import JOURNALED, CommandModel, observed_at_of
+from commands.obs_units import FinishExecutedObsUnitRequest, StartExecutedObsUnitRequest
 from commands.processing import (
     CancelJobRequest,
     ClaimProcessingJob,
@@ -60,9 +42,24 @@ from commands.processing import (
     RequestProcessingJob,
     SucceedProcessingJob,
 )
+from commands.raw_data import (
+    AddFilesToPackageRequest,
+    BulkRegisterRawDataFilesRequest,
+    CreateRawDataPackageRequest,
+    RegisterRawDataFileRequest,
+)
 from commands.registry import COMMANDS
+from commands.results import (
+    CancelObservationResultRequest,
+    ContributeAssetRequest,
+    DispatchObservationResultRequest,
+    EndProcessingRunRequest,
+    MaterializeObservationResultsRequest,
+    StartProcessingRunRequest,
+    TaskOutcomeRequest,
+)
 from commands.service import IdempotencyConflict, Submission
-from commands.staging import RetryStagingRequest
+from commands.staging import RetryStagingRequest, StageRequest, StagingProgressRequest
 from domain.processing import data_product_id
 from domain.raw_data import raw_data_file_id
 from domain.results import observation_result_id

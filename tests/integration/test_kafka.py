@@ -41,21 +41,8 @@ from commands.downloads import (
     DownloadFileStart,
     RequestDownload,
 )
-from commands.models import (
-    AddFilesToPackageRequest,
-    BulkRegisterRawDataFilesRequest,
-    CommandModel,
-    ContributeAssetRequest,
-    CreateRawDataPackageRequest,
-    DispatchObservationResultRequest,
-    EndProcessingRunRequest,
-    FinishExecutedObsUnitRequest,
-    MaterializeObservationResultsRequest,
-    StageRequest,
-    StagingProgressRequest,
-    StartExecutedObsUnitRequest,
-    StartProcessingRunRequest,
-)
+from commands.models import CommandModel
+from commands.obs_units import FinishExecutedObsUnitRequest, StartExecutedObsUnitRequest
 from commands.processing import (
     ClaimProcessingJob,
     ProcessingStep,
@@ -63,6 +50,19 @@ from commands.processing import (
     RequestProcessingJob,
     SucceedProcessingJob,
 )
+from commands.raw_data import (
+    AddFilesToPackageRequest,
+    BulkRegisterRawDataFilesRequest,
+    CreateRawDataPackageRequest,
+)
+from commands.results import (
+    ContributeAssetRequest,
+    DispatchObservationResultRequest,
+    EndProcessingRunRequest,
+    MaterializeObservationResultsRequest,
+    StartProcessingRunRequest,
+)
+from commands.staging import StageRequest, StagingProgressRequest
 from infra.kafka_records import (
     AGGREGATE_TYPES,
     SCHEMA,

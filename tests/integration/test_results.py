@@ -265,10 +265,10 @@ def _settle(lg: Ledger) -> None:
 def _dispatched_result(lg: Ledger, obs_unit_id: str, observation_id: int,
                       request_id: int) -> tuple[str, str]:
     """An execution started and a result materialized and dispatched to it: their ids."""
-    from commands.models import (
+    from commands.obs_units import StartExecutedObsUnitRequest
+    from commands.results import (
         DispatchObservationResultRequest,
         MaterializeObservationResultsRequest,
-        StartExecutedObsUnitRequest,
     )
 
     unit = _submit(lg, "executed_obs_unit.start", StartExecutedObsUnitRequest(
@@ -284,7 +284,8 @@ def _dispatched_result(lg: Ledger, obs_unit_id: str, observation_id: int,
 
 def test_the_process_manager_links_files_and_finished_executions_exactly_once(
         automation_ledger: Ledger, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
-    from commands.models import BulkRegisterRawDataFilesRequest, FinishExecutedObsUnitRequest
+    from commands.obs_units import FinishExecutedObsUnitRequest
+    from commands.raw_data import BulkRegisterRawDataFilesRequest
 
     lg = automation_ledger
     assert lg.results is not None
@@ -344,7 +345,7 @@ def test_a_process_manager_killed_mid_way_applies_each_effect_once(
     import subprocess
     import sys
 
-    from commands.models import BulkRegisterRawDataFilesRequest
+    from commands.raw_data import BulkRegisterRawDataFilesRequest
     from tests.conftest import ROOT, settings_env
 
     lg = automation_ledger

@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 
 from commands import obs_units, raw_data, staging
-from commands.models import Stage
 from commands.raw_data import RawDataCommand
 from commands.registry import COMMANDS, CREATES, FEATURES, SHOWN_IN, assemble
-from commands.staging import StagingCommand
+from commands.staging import Stage, StagingCommand
 from infra.journal import JournalEntry
 from queries.overlay import Overlay
 
