@@ -5,16 +5,15 @@ Included by ``api.app.create_app``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
@@ -28,25 +27,18 @@ from api.deps import (
     Ctx,
     IdPath,
     MinPosition,
+    RequestContext,
     RequestedFrom,
     RequestedTo,
     caught_up,
     ledger_of,
-    not_found,
     smart_row,
     submit,
 )
-from api.errors import RETRY_AFTER_DOC, ApiError, ErrorResponse, as_utc
+from api.errors import RETRY_AFTER_DOC, ErrorResponse, as_utc
 from api.paging import LINK_HEADER, PageRequest, paged, paging_with_skip
 from api.routing import GuardedRoute
-from bootstrap.ledger import Ledger
-from commands.algorithms import (
-    AlgorithmInput,
-    algorithm,
-    describe,
-    registered_algorithms,
-    validate_inputs,
-)
+from commands.algorithms import describe, registered_algorithms
 from commands.processing import (
     CancelJobRequest,
     CatalogRequest,
@@ -57,16 +49,20 @@ from commands.processing import (
     RequestProcessingJob,
 )
 from domain.accounts import OPERATORS, READERS
-from domain.raw_data import RawDataFile
 from infra.availability import read_models_state
-from infra.lineage import to_prov_json
-from infra.object_store import Area, ObjectStoreUnavailable, content_disposition
-from infra.read_model_db import ReadModelsUnavailable
+from infra.object_store import content_disposition
 from queries.counts import job_counts
-from queries.lineage import product_lineage
+from queries.data_products import lineage_document, product_download, product_row
 from queries.models import READ_MODELS_DESCRIPTION, ProcessingJobCounts, ReadModelsState
-from queries.service import Reading
+from queries.processing_plans import (
+    ProcessingSources,
+    catalog_job,
+    ingest_job,
+    plan,
+    process_job,
+)
 
+J = TypeVar("J", IngestRequest, ProcessRequest, CatalogRequest)
 JOBS_TAG = "processing jobs"
 PRODUCTS_TAG = "data products"
 #: Data products are read from the read models alone (no pending rows): ``Link`` on the 200.
@@ -345,132 +341,6 @@ class LineageView(BaseModel):
                        "role": "bias", "classified_from": "IMAGETYP 'BIAS'"}}]}]})
 
 
-# -- helpers ----------------------------------------------------------------------------------
-def _store(ledger: Ledger) -> Any:
-    return ledger.event_store()
-
-
-def _file_input(ledger: Ledger, file_id: UUID, field: str) -> dict[str, Any]:
-    """A raw data file as a job would record it (read model ⊕ journal; FITS facts from the
-    event store when an ingest job recorded them)."""
-    row = ledger.queries.file(str(file_id))
-    if row is None:
-        raise ApiError(404, f"raw data file {file_id} not found",
-                       [{"field": field, "message": "unknown raw data file"}])
-    agg = _store(ledger).get(file_id)
-    metadata = dict(getattr(agg, "fits_metadata", {}) or {}) if isinstance(
-        agg, RawDataFile) else {}
-    return {"file_id": str(file_id), "name": row["name"], "instrument": row["instrument"],
-            "relative_path": row["relative_path"], "size": row["size"],
-            "checksum_algorithm": row["checksum"]["algorithm"],
-            "checksum_value": row["checksum"]["value"], "file_type": row["file_type"],
-            "executed_obs_unit_id": None if row["executed_obs_unit_id"] is None
-            else str(row["executed_obs_unit_id"]), "metadata": metadata}
-
-
-def resolve_inputs(ledger: Ledger, file_ids: list[UUID], result_ids: list[UUID],
-                   ) -> list[dict[str, Any]]:
-    """The raw data files named, then the raw data files contributed to the results named
-    (each file once, in that order); 404 naming the unknown one."""
-    ids: list[tuple[UUID, str]] = [(f, f"file_ids.{i}") for i, f in enumerate(file_ids)]
-    store = _store(ledger)
-    for i, rid in enumerate(result_ids):
-        result = store.get(rid)
-        if result is None or not hasattr(result, "assets"):
-            raise ApiError(404, f"observation result {rid} not found",
-                           [{"field": f"result_ids.{i}", "message": "unknown result"}])
-        files = sorted(a.split(":", 1)[1] for a in result.assets
-                       if a.startswith("raw_data_file:"))
-        if not files:  # the result's state, not the request: 409
-            raise ApiError(409, f"observation result {rid} has no raw data files yet", [{
-                "field": f"result_ids.{i}",
-                "message": f"observation result {rid} has no raw data files yet"}])
-        ids.extend((UUID(f), f"result_ids.{i}") for f in files)
-    seen: set[UUID] = set()
-    inputs = []
-    for fid, field in ids:
-        if fid not in seen:
-            seen.add(fid)
-            inputs.append(_file_input(ledger, fid, field))
-    return inputs
-
-
-def _input_view(i: dict[str, Any]) -> dict[str, Any]:
-    return {"file_id": i["file_id"], "name": i["name"], "instrument": i["instrument"],
-            "relative_path": i["relative_path"], "size": i["size"],
-            "checksum": {"algorithm": i["checksum_algorithm"], "value": i["checksum_value"]},
-            "file_type": i["file_type"], "executed_obs_unit_id": i["executed_obs_unit_id"]}
-
-
-def _local_path(ledger: Ledger, i: dict[str, Any]) -> Path:
-    """Where the worker would find the file (its header is read when it is local)."""
-    try:
-        local = ledger.objects.local_path(Area.RAW, i["relative_path"])
-    except (ValueError, ObjectStoreUnavailable):
-        local = None
-    return local if local is not None and local.is_file() else \
-        ledger.settings.raw_data_dir / i["relative_path"]
-
-
-#: The most raw data files a plan's time window may select (a request's file_ids' limit).
-WINDOW_MAX_FILES = 1000
-
-
-def files_written_in(ledger: Ledger, start: datetime | None, end: datetime | None,
-                     ) -> list[UUID]:
-    """The raw data files written (``created_at``) in [start, end), oldest first, as the read
-    models show them; 422 beyond :data:`WINDOW_MAX_FILES`, 503 while they do not answer."""
-    f = ledger.queries.t.raw_data_files
-    conds = ([f.c.created_at >= start] if start else []) + (
-        [f.c.created_at < end] if end else [])
-
-    def query(r: Reading) -> list[UUID]:
-        if not r.available:
-            raise ReadModelsUnavailable("the read-model database does not answer")
-        return [UUID(x["id"]) for x in r.rows(select(f.c.id).where(*conds).order_by(
-            f.c.created_at, f.c.id).limit(WINDOW_MAX_FILES + 1))]
-
-    found = ledger.queries.read(query)
-    if len(found) > WINDOW_MAX_FILES:
-        raise ApiError(422, "Validation failed", [{
-            "field": "start_time" if start else "end_time",
-            "message": f"the time window selects more than {WINDOW_MAX_FILES} raw data "
-            "files: narrow it"}])
-    return found
-
-
-def plan(ledger: Ledger, body: PlanRequest | ProcessRequest) -> dict[str, Any]:
-    """What a process job would do (records nothing): 422 for an unknown algorithm or bad
-    parameters (what the request says, checked first), 404 for unknown files or results (or a
-    time window in which no raw data file was written), 422 for inputs the algorithm cannot
-    use."""
-    algorithm(body.algorithm, body.algorithm_version).parameters(body.parameters)
-    file_ids = list(body.file_ids)
-    start, end = getattr(body, "start_time", None), getattr(body, "end_time", None)
-    if start or end:
-        written = files_written_in(ledger, start, end)
-        if not written and not (file_ids or body.result_ids):
-            raise ApiError(404, "no raw data file was written in the time window", [{
-                "field": "start_time" if start else "end_time",
-                "message": "no raw data file was written in the time window"}])
-        named = set(file_ids)
-        file_ids += [i for i in written if i not in named]
-    inputs = resolve_inputs(ledger, file_ids, body.result_ids)
-    local = [AlgorithmInput(
-        file_id=UUID(i["file_id"]), name=i["name"], path=_local_path(ledger, i),
-        size=int(i["size"]), checksum=(i["checksum_algorithm"], i["checksum_value"]),
-        file_type=i["file_type"], metadata=i["metadata"]) for i in inputs]
-    algo, params, p = validate_inputs(body.algorithm, body.algorithm_version, local,
-                                      body.parameters)
-    return {"algorithm": algo.name, "algorithm_version": algo.version,
-            "parameters": params.model_dump(mode="json"), "steps": list(p.steps),
-            "inputs": [_input_view(i) for i in inputs], "input_count": len(inputs),
-            "input_bytes": sum(int(i["size"]) for i in inputs),
-            "products": [{"kind": x.kind, "name": x.name, "media_type": x.media_type,
-                          "description": x.description} for x in p.products],
-            "notes": list(p.notes)}
-
-
 # -- routes -----------------------------------------------------------------------------------
 def ops_router() -> APIRouter:
     r = APIRouter(route_class=GuardedRoute)
@@ -515,13 +385,7 @@ def ops_router() -> APIRouter:
             "shape and BUNIT (`RawDataFile.Ingested`, and in the job's outputs). A file that "
             "fails fails the job with the reason.")
     async def ingest(request: Request, body: IngestRequest, ctx: Ctx) -> Response:
-        ledger = ledger_of(request)
-        inputs = await run_in_threadpool(resolve_inputs, ledger, body.file_ids,
-                                         body.result_ids)
-        command = RequestProcessingJob(
-            id=body.id, kind="ingest", file_ids=[UUID(i["file_id"]) for i in inputs],
-            max_attempts=ledger.settings.processing_max_attempts)
-        return await submit(ledger, ctx, ProcessingCommand.PROCESSING_JOB_REQUEST, command)
+        return await _submit_job(request, ctx, ingest_job, body)
 
     @r.post("/ops/process", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
             status_code=202, response_model=CommandAccepted,
@@ -531,17 +395,7 @@ def ops_router() -> APIRouter:
             "job, runs the algorithm and uploads the products. With `catalog` the products "
             "are catalogued (`publish`, `archive`) as soon as they are built.")
     async def process(request: Request, body: ProcessRequest, ctx: Ctx) -> Response:
-        ledger = ledger_of(request)
-        planned = await run_in_threadpool(plan, ledger, body)
-        command = RequestProcessingJob(
-            id=body.id, kind="process",
-            file_ids=[UUID(i["file_id"]) for i in planned["inputs"]],
-            algorithm=planned["algorithm"], algorithm_version=planned["algorithm_version"],
-            parameters=planned["parameters"], catalog=body.catalog, publish=body.publish,
-            archive=body.archive, max_attempts=ledger.settings.processing_max_attempts,
-            # the products of one result's files belong to it (GET /products?result_id=)
-            result_id=body.result_ids[0] if len(body.result_ids) == 1 else None)
-        return await submit(ledger, ctx, ProcessingCommand.PROCESSING_JOB_REQUEST, command)
+        return await _submit_job(request, ctx, process_job, body)
 
     @r.post("/ops/catalog", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
             status_code=202, response_model=CommandAccepted, responses=COMMAND_RESPONSES,
@@ -549,16 +403,7 @@ def ops_router() -> APIRouter:
             description="A worker checks each product's object (size and sha256) and "
             "catalogues it; the products then list in `GET /products`.")
     async def catalog(request: Request, body: CatalogRequest, ctx: Ctx) -> Response:
-        ledger = ledger_of(request)
-        for i, pid in enumerate(body.product_ids):
-            if await run_in_threadpool(ledger.processing.product, str(pid)) is None:
-                raise ApiError(404, f"data product {pid} not found",
-                               [{"field": f"product_ids.{i}", "message": "unknown product"}])
-        command = RequestProcessingJob(
-            id=body.id, kind="catalog", product_ids=body.product_ids, publish=body.publish,
-            archive=body.archive, metadata=body.metadata,
-            max_attempts=ledger.settings.processing_max_attempts)
-        return await submit(ledger, ctx, ProcessingCommand.PROCESSING_JOB_REQUEST, command)
+        return await _submit_job(request, ctx, catalog_job, body)
 
     @r.get("/ops/jobs", dependencies=[allow(READERS)], tags=[JOBS_TAG],
            response_model=JobPage, responses=LIST_RESPONSES,
@@ -618,18 +463,12 @@ def ops_router() -> APIRouter:
         return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
                 "skip": page.offset, "read_model_position": pos}
 
-    async def _product(request: Request, product_id: UUID) -> dict[str, Any]:
-        row = await run_in_threadpool(ledger_of(request).processing.product, str(product_id))
-        if row is None:
-            raise not_found("data product", product_id)
-        return row
-
     @r.get("/products/{id}", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
            response_model=ProductView, responses=ERRORS,
            summary="One data product: type, size, checksum, metrics, status, inputs")
     async def product(request: Request, id: IdPath, min_position: MinPosition = None) -> Any:
         await caught_up(request, min_position)
-        return await _product(request, id)
+        return await run_in_threadpool(product_row, ledger_of(request).processing, id)
 
     @r.get("/products/{id}/download", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
            response_model=DownloadView,
@@ -640,22 +479,11 @@ def ops_router() -> APIRouter:
            summary="Download a product: a presigned URL (S3), or the file streamed (local "
            "object store)")
     async def download(request: Request, id: IdPath) -> Any:
-        row = await _product(request, id)
-        objects = ledger_of(request).objects
-        area = Area(row["area"])
-        try:
-            url = await run_in_threadpool(lambda: objects.presigned_url(
-                area, row["key"], download_name=row["name"]))
-            if url is not None:
-                return {"url": url, "expires_in_s": 3600, "media_type": row["media_type"],
-                        "size": row["size"], "checksum": row["checksum"]}
-            if not await run_in_threadpool(objects.exists, area, row["key"]):
-                raise ApiError(404, f"the object of data product {id} is missing")
-            chunks = objects.open_stream(area, row["key"])
-        except ObjectStoreUnavailable as e:
-            raise ApiError(503, f"Object store unavailable: {e}",
-                           headers={"Retry-After": "5"}) from None
-        return StreamingResponse(chunks, media_type=row["media_type"], headers={
+        found = await run_in_threadpool(product_download, ledger_of(request), id)
+        if found.chunks is None:
+            return found.presigned()
+        row = found.product
+        return StreamingResponse(found.chunks, media_type=row["media_type"], headers={
             "Content-Disposition": content_disposition(row["name"]),
             "Content-Length": str(row["size"]), "X-Checksum-SHA256": row["checksum"]["value"]})
 
@@ -668,15 +496,19 @@ def ops_router() -> APIRouter:
     async def lineage(request: Request, id: IdPath,
                       format: Annotated[Literal["json", "prov-json"], Query()] = "json",
                       ) -> Any:
-        graph = await run_in_threadpool(product_lineage, ledger_of(request).processing, str(id))
-        if graph is None:
-            raise not_found("data product", id)
-        if format == "prov-json":
-            return Response(_dumps(to_prov_json(graph)), media_type="application/json")
-        return graph.to_json()
+        document = await run_in_threadpool(lineage_document, ledger_of(request).processing,
+                                           id, format)
+        if format == "prov-json":  # as it is: not the json format's model
+            return Response(orjson.dumps(document), media_type="application/json")
+        return document
 
     return r
 
 
-def _dumps(body: Any) -> bytes:
-    return orjson.dumps(body)
+async def _submit_job(request: Request, ctx: RequestContext,
+                      job: Callable[[ProcessingSources, J], RequestProcessingJob],
+                      body: J) -> Response:
+    """Submit the processing job that ``job`` makes of the request (checked first)."""
+    ledger = ledger_of(request)
+    command = await run_in_threadpool(job, ledger, body)
+    return await submit(ledger, ctx, ProcessingCommand.PROCESSING_JOB_REQUEST, command)
