@@ -243,6 +243,15 @@ class CancelBody(CommandModel):
     reason: str | None = None
 
 
+#: A cancel's optional reason, a query parameter (a DELETE has no body).
+CancelReason = Annotated[str | None, Query(max_length=2000, pattern=r"^[^\x00]*$")]
+
+
+def cancel_body(reason: str | None) -> CommandModel:
+    """What a cancel without a request model of its own journals: its reason, or no body."""
+    return CancelBody(reason=reason) if reason else NoBody()
+
+
 def plain_command(command_type: str, model: type[CommandModel]) -> Any:
     """Mark a route whose endpoint is exactly ``submit(ledger, ctx, command_type, body)``:
     the plain command lane (``api.app.ObsLedgerAPI``) may answer its requests."""
@@ -260,7 +269,8 @@ def command_route(router: APIRouter, method: Literal["POST", "PUT", "DELETE"], p
                   tag: str, summary: str, description: str | None = None,
                   roles: frozenset[str] = CRITICAL_WRITERS,
                   path_types: dict[str, Any] | None = None,
-                  path_names: dict[str, str] | None = None, plain: bool = False) -> None:
+                  path_names: dict[str, str] | None = None, plain: bool = False,
+                  cancel: Callable[[str | None], CommandModel] | None = None) -> None:
     """Declare on ``router`` a route whose endpoint only submits ``command_type``: the request
     ``body`` (or, with None, no body: ``NoBody`` is journaled) and the path's parameters
     (each an ``IdPath`` unless ``path_types`` says otherwise) go to ``submit`` as they are
@@ -268,7 +278,8 @@ def command_route(router: APIRouter, method: Literal["POST", "PUT", "DELETE"], p
     202 ``CommandAccepted`` with ``COMMAND_RESPONSES``; ``roles`` are checked before the body
     is read; ``name`` is the endpoint's (and makes its OpenAPI operation id). ``plain``
     offers its requests to the plain command lane (a POST with a body and no path
-    parameter)."""
+    parameter). ``cancel`` makes it a cancel: no request body, the journaled body is
+    ``cancel`` of the optional ``reason`` query parameter."""
     ids = _PATH_PARAMETER.findall(path)
     kw = inspect.Parameter.KEYWORD_ONLY
     parameters = [inspect.Parameter("request", kw, annotation=Request)]
@@ -277,10 +288,15 @@ def command_route(router: APIRouter, method: Literal["POST", "PUT", "DELETE"], p
     if body is not None:
         parameters.append(inspect.Parameter("body", kw, annotation=body))
     parameters.append(inspect.Parameter("ctx", kw, annotation=Ctx))
+    if cancel is not None:
+        parameters.append(inspect.Parameter("reason", kw, annotation=CancelReason,
+                                            default=None))
 
     async def endpoint(request: Request, ctx: RequestContext, body: CommandModel | None = None,
-                       **path_ids: Any) -> Response:
+                       reason: str | None = None, **path_ids: Any) -> Response:
         path = {(path_names or {}).get(k, k): v for k, v in path_ids.items()}
+        if cancel is not None:
+            body = cancel(reason)
         return await submit(ledger_of(request), ctx, command_type,
                             body if body is not None else NoBody(), path or None)
 
@@ -346,6 +362,21 @@ async def smart_page(request: Request, response: Response, page: PageRequest,
     return model(items=items, total=total, limit=page.limit, offset=page.offset,
                  pending_count=pending, read_model_position=pos,
                  read_models=read_models_state())
+
+
+async def read_page(request: Request, response: Response, page: PageRequest,
+                    min_position: int | None,
+                    query: Callable[[int, int], tuple[int | None, int | None, list[Any]]],
+                    ) -> dict[str, Any]:
+    """A page of a list without pending counts: ``query(limit, offset)`` (read-model position,
+    total, items) in a worker thread once the read models include ``min_position``, the
+    ``Link`` header set. ``skip`` (the deprecated ``offset``) and ``read_models`` are left out
+    by the pages that do not have them."""
+    await caught_up(request, min_position)
+    pos, total, items = await run_in_threadpool(query, page.limit, page.offset)
+    paged(request, response, page, total)
+    return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
+            "skip": page.offset, "read_model_position": pos, "read_models": read_models_state()}
 
 
 def feature_router() -> APIRouter:

@@ -32,28 +32,26 @@ from api.deps import (
     ERRORS,
     LIST_RESPONSES,
     QUERY_RESPONSES,
-    CancelBody,
     CommandAccepted,
     Ctx,
     IdPath,
     MinPosition,
-    NoBody,
     Paging,
     RequestContext,
     RequestedFrom,
     RequestedTo,
+    cancel_body,
     command_route,
+    feature_router,
     ledger_of,
+    read_page,
     smart_row,
     submit,
 )
 from api.errors import RETRY_AFTER_DOC, ApiError, ErrorResponse, as_utc
-from api.paging import paged
-from api.routing import GuardedRoute
 from commands.downloads import DEFAULT_CHUNK_SIZE, DownloadCommand, StartDownloadRequest
 from commands.models import document_storable
 from domain.accounts import CRITICAL_WRITERS, OPERATORS, READERS
-from infra.availability import read_models_state
 from infra.mast_archive import MastArchive, parse_coordinates
 from queries.counts import download_counts
 from queries.downloads import with_live
@@ -323,7 +321,7 @@ async def _start(request: Request, body: StartDownloadRequest, ctx: RequestConte
 
 # -- routes ----------------------------------------------------------------------------------
 def mast_router() -> APIRouter:
-    r = APIRouter(route_class=GuardedRoute)
+    r = feature_router()
 
     @r.get("/mast/download/counts", dependencies=[allow(READERS)], tags=["MAST downloads"],
            response_model=SizedStatusCounts, responses=COUNT_RESPONSES,
@@ -436,12 +434,9 @@ def mast_router() -> APIRouter:
            responses=LIST_RESPONSES, summary="Jobs that can be resumed (paused or failed)")
     async def resumable(request: Request, response: Response,
                         page: Paging) -> Any:
-        pos, total, items = await run_in_threadpool(
-            ledger_of(request).downloads.list_jobs, ("paused", "failed"), page.limit,
-            page.offset)
-        paged(request, response, page, total)
-        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
-                "read_model_position": pos, "read_models": read_models_state()}
+        listed = ledger_of(request).downloads.list_jobs
+        return await read_page(request, response, page, None, lambda limit, offset: listed(
+            ("paused", "failed"), limit, offset))
 
     @r.get("/mast/download/jobs", dependencies=[allow(READERS)],
            tags=[DOWNLOAD_TAG], response_model=DownloadJobPage,
@@ -451,23 +446,14 @@ def mast_router() -> APIRouter:
                    status: Annotated[Literal["requested", "running", "paused", "failed",
                                              "completed", "cancelled"] | None, Query()] = None
                    ) -> Any:
-        pos, total, items = await run_in_threadpool(
-            ledger_of(request).downloads.list_jobs, (status,) if status else None, page.limit,
-            page.offset)
-        paged(request, response, page, total)
-        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
-                "read_model_position": pos, "read_models": read_models_state()}
+        listed = ledger_of(request).downloads.list_jobs
+        return await read_page(request, response, page, None, lambda limit, offset: listed(
+            (status,) if status else None, limit, offset))
 
-    @r.delete("/mast/download/{job_id}", dependencies=[allow(OPERATORS)],
-              tags=[DOWNLOAD_TAG], status_code=202,
-              response_model=CommandAccepted, responses=COMMAND_RESPONSES,
-              summary="Cancel a job; its partial files are removed after the retention")
-    async def cancel(request: Request, job_id: IdPath, ctx: Ctx,
-                     reason: Annotated[str | None, Query(
-                         max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
-        body = CancelBody(reason=reason) if reason else NoBody()
-        return await submit(ledger_of(request), ctx, DownloadCommand.DOWNLOAD_JOB_CANCEL, body,
-                             {"id": job_id})
+    command_route(r, "DELETE", "/mast/download/{job_id}", DownloadCommand.DOWNLOAD_JOB_CANCEL,
+                  None, name="cancel", tag=DOWNLOAD_TAG, roles=OPERATORS,
+                  path_names={"job_id": "id"}, cancel=cancel_body,
+                  summary="Cancel a job; its partial files are removed after the retention")
 
     return r
 

@@ -30,14 +30,17 @@ from api.deps import (
     RequestContext,
     RequestedFrom,
     RequestedTo,
+    as_str,
     caught_up,
+    command_route,
+    feature_router,
     ledger_of,
+    read_page,
     smart_row,
     submit,
 )
 from api.errors import RETRY_AFTER_DOC, ErrorResponse, as_utc
-from api.paging import LINK_HEADER, PageRequest, paged, paging_with_skip
-from api.routing import GuardedRoute
+from api.paging import LINK_HEADER, PageRequest, paging_with_skip
 from commands.algorithms import describe, registered_algorithms
 from commands.processing import (
     CancelJobRequest,
@@ -49,7 +52,6 @@ from commands.processing import (
     RequestProcessingJob,
 )
 from domain.accounts import OPERATORS, READERS
-from infra.availability import read_models_state
 from infra.object_store import content_disposition
 from queries.counts import job_counts
 from queries.data_products import lineage_document, product_download, product_row
@@ -343,7 +345,7 @@ class LineageView(BaseModel):
 
 # -- routes -----------------------------------------------------------------------------------
 def ops_router() -> APIRouter:
-    r = APIRouter(route_class=GuardedRoute)
+    r = feature_router()
 
     @r.get("/ops/jobs/counts", dependencies=[allow(READERS)], tags=["processing jobs"],
            response_model=ProcessingJobCounts, responses=COUNT_RESPONSES,
@@ -414,13 +416,9 @@ def ops_router() -> APIRouter:
                    status: Annotated[JOB_STATUSES | None, Query()] = None,
                    kind: Annotated[JOB_KINDS | None, Query()] = None,
                    min_position: MinPosition = None) -> Any:
-        await caught_up(request, min_position)
-        pos, total, items = await run_in_threadpool(
-            ledger_of(request).processing.list_jobs, status, kind, page.limit, page.offset)
-        paged(request, response, page, total)
-        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
-                "skip": page.offset, "read_model_position": pos,
-                "read_models": read_models_state()}
+        jobs = ledger_of(request).processing.list_jobs
+        return await read_page(request, response, page, min_position,
+                               lambda limit, offset: jobs(status, kind, limit, offset))
 
     @r.get("/ops/jobs/{id}", dependencies=[allow(READERS)], tags=[JOBS_TAG],
            response_model=JobView, responses=QUERY_RESPONSES,
@@ -429,17 +427,13 @@ def ops_router() -> APIRouter:
         return await smart_row(request, min_position, ledger_of(request).processing.job,
                                "processing job", id)
 
-    @r.delete("/ops/jobs/{id}", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
-              status_code=202, response_model=CommandAccepted, responses=COMMAND_RESPONSES,
-              summary="Cancel a job (cooperative: between steps or chunks)",
-              description="A requested job is cancelled at once; a running one when its "
-              "worker next looks. Outputs of a cancelled job are never catalogued. 409 for a "
-              "job that already ended.")
-    async def cancel(request: Request, id: IdPath, ctx: Ctx,
-                     reason: Annotated[str | None, Query(
-                         max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
-        return await submit(ledger_of(request), ctx, ProcessingCommand.PROCESSING_JOB_CANCEL,
-                             CancelJobRequest(reason=reason), {"id": id})
+    command_route(r, "DELETE", "/ops/jobs/{id}", ProcessingCommand.PROCESSING_JOB_CANCEL,
+                  None, name="cancel", tag=JOBS_TAG, roles=OPERATORS,
+                  cancel=lambda reason: CancelJobRequest(reason=reason),
+                  summary="Cancel a job (cooperative: between steps or chunks)",
+                  description="A requested job is cancelled at once; a running one when its "
+                  "worker next looks. Outputs of a cancelled job are never catalogued. 409 for "
+                  "a job that already ended.")
 
     # -- products --------------------------------------------------------------------------
     @r.get("/products", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
@@ -453,15 +447,10 @@ def ops_router() -> APIRouter:
                        kind: Annotated[str | None, Query(max_length=50)] = None,
                        job_id: UUID | None = None, result_id: UUID | None = None,
                        min_position: MinPosition = None) -> Any:
-        await caught_up(request, min_position)
-        pos, total, items = await run_in_threadpool(
-            lambda: ledger_of(request).processing.list_products(
-                status=status, kind=kind, job_id=None if job_id is None else str(job_id),
-                result_id=None if result_id is None else str(result_id),
-                catalogued_only=True, limit=page.limit, offset=page.offset))
-        paged(request, response, page, total)
-        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
-                "skip": page.offset, "read_model_position": pos}
+        listed = ledger_of(request).processing.list_products
+        return await read_page(request, response, page, min_position, lambda limit, offset: listed(
+            status=status, kind=kind, job_id=as_str(job_id), result_id=as_str(result_id),
+            catalogued_only=True, limit=limit, offset=offset))
 
     @r.get("/products/{id}", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
            response_model=ProductView, responses=ERRORS,

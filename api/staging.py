@@ -11,26 +11,20 @@ from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
-    COMMAND_RESPONSES,
     COUNT_RESPONSES,
     DESCENDING,
     LIST_RESPONSES,
     QUERY_RESPONSES,
-    CancelBody,
-    CommandAccepted,
-    Ctx,
-    IdPath,
     MinPosition,
-    NoBody,
     Paging,
     RegisteredFrom,
     RegisteredTo,
+    cancel_body,
     command_route,
     feature_router,
     ledger_of,
     smart_page,
     smart_row,
-    submit,
 )
 from api.errors import as_utc
 from commands.models import StageRequest, StagingProgressRequest
@@ -61,15 +55,9 @@ def staging_router() -> APIRouter:
                   "completed or cancelled is refused at once (409); one the read models "
                   "still show running is refused when applied if it has not failed.")
 
-    @r.delete("/staging/{id}", dependencies=[allow(OPERATORS)], tags=[TAG], status_code=202,
-              response_model=CommandAccepted, responses=COMMAND_RESPONSES,
-              summary="Cancel a staging request (not once completed)")
-    async def cancel(request: Request, id: IdPath, ctx: Ctx,
-                     reason: Annotated[str | None, Query(
-                         max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
-        body = CancelBody(reason=reason) if reason else NoBody()
-        return await submit(ledger_of(request), ctx, StagingCommand.STAGING_CANCEL, body,
-                            {"id": id})
+    command_route(r, "DELETE", "/staging/{id}", StagingCommand.STAGING_CANCEL, None,
+                  name="cancel", tag=TAG, roles=OPERATORS, cancel=cancel_body,
+                  summary="Cancel a staging request (not once completed)")
 
     @r.get("/staging", dependencies=[allow(READERS)], tags=["staging"],
            response_model=StagingRequestPage, responses=LIST_RESPONSES,
