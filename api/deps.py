@@ -26,18 +26,17 @@ from starlette.concurrency import run_in_threadpool
 from api.accounts import AUTH_ERRORS, allow, principal_of
 from api.errors import (
     READ_MODELS_HEADER,
-    RETRY_AFTER_DOC,
     STATUS_OF_CODE,
     ApiError,
-    ErrorResponse,
     QueryTime,
+    error_doc,
 )
 from api.paging import LINK_HEADER, PageRequest, paged, paging
 from api.routing import GuardedRoute
 from bootstrap.ledger import Ledger
 from commands.models import CommandModel
 from commands.service import outcome_body
-from domain.accounts import CRITICAL_WRITERS
+from domain.accounts import CRITICAL_WRITERS, READERS
 from infra.availability import READ_MODEL_DB, READ_MODEL_ERRORS, read_models_state
 from infra.journal import ACCEPTED, REJECTED
 from infra.logs import command_id_var, correlation_id_var
@@ -63,15 +62,14 @@ class CommandAccepted(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Malformed JSON"},
-    404: {"model": ErrorResponse, "description": "Unknown entity"},
-    409: {"model": ErrorResponse, "description": "Not allowed in the entity's state"},
-    413: {"model": ErrorResponse, "description": "Body too large"},
-    422: {"model": ErrorResponse, "description": "Validation failed"},
-    503: {"model": ErrorResponse, "description": "A store does not answer: the event store, "
-          "or the read models when the journal cannot answer alone (docs/OPERATIONS.md, "
-          "\"During an outage\"). Commands are still acknowledged.",
-          "headers": {"Retry-After": RETRY_AFTER_DOC}},
+    400: error_doc("Malformed JSON"),
+    404: error_doc("Unknown entity"),
+    409: error_doc("Not allowed in the entity's state"),
+    413: error_doc("Body too large"),
+    422: error_doc("Validation failed"),
+    503: error_doc("A store does not answer: the event store, or the read models when the "
+                   "journal cannot answer alone (docs/OPERATIONS.md, \"During an outage\"). "
+                   "Commands are still acknowledged.", retry_after=True),
     **AUTH_ERRORS,
 }
 #: Smart queries: their 200 may come from the journal alone while the read models are down.
@@ -347,6 +345,30 @@ async def smart_row(request: Request, min_position: int | None,
     if row is None:
         raise not_found(what, entity_id)
     return row
+
+
+def row_route(router: APIRouter, path: str, read: Callable[[Ledger], Callable[[str], Any]],
+              what: str, *, name: str, tag: str, response_model: Any, summary: str,
+              id_type: Any = IdPath) -> None:
+    """Declare on ``router`` the smart query of one entity: GET ``path`` (its ``{id}`` an
+    ``id_type``) answers ``read(ledger)(id)`` once the read models include ``min_position``,
+    404 naming ``what`` when there is none (``smart_row``); ``QUERY_RESPONSES``, for the
+    roles that may read; ``name`` is the endpoint's (and makes its OpenAPI operation id)."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+
+    async def endpoint(request: Request, id: Any, min_position: int | None = None) -> Any:
+        return await smart_row(request, min_position, read(ledger_of(request)), what, id)
+
+    endpoint.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter("request", kw, annotation=Request),
+        inspect.Parameter("id", kw, annotation=id_type),
+        inspect.Parameter("min_position", kw, annotation=MinPosition, default=None)],
+        return_annotation=Any)
+    endpoint.__name__ = endpoint.__qualname__ = name
+    router.add_api_route(path, endpoint, methods=["GET"], name=name,
+                         dependencies=[allow(READERS)], tags=[tag],
+                         response_model=response_model, responses=QUERY_RESPONSES,
+                         summary=summary)
 
 
 async def smart_page(request: Request, response: Response, page: PageRequest,

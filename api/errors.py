@@ -86,6 +86,15 @@ class ErrorResponse(BaseModel):
                     "equal to 0"}]}]}}
 
 
+def error_doc(description: str, retry_after: bool = False) -> dict[str, Any]:
+    """A documented error answer (a route's ``responses``): the error format, and
+    ``Retry-After`` when the answer tells the client when to retry."""
+    doc: dict[str, Any] = {"model": ErrorResponse, "description": description}
+    if retry_after:
+        doc["headers"] = {"Retry-After": RETRY_AFTER_DOC}
+    return doc
+
+
 def error_response(status: int, detail: str, errors: list[dict[str, str]] | None = None,
                    headers: Mapping[str, str] | None = None) -> ORJSONResponse:
     return ORJSONResponse(

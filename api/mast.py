@@ -48,7 +48,7 @@ from api.deps import (
     smart_row,
     submit,
 )
-from api.errors import RETRY_AFTER_DOC, ApiError, ErrorResponse, as_utc
+from api.errors import ApiError, as_utc, error_doc
 from commands.downloads import DEFAULT_CHUNK_SIZE, DownloadCommand, StartDownloadRequest
 from commands.models import document_storable
 from domain.accounts import CRITICAL_WRITERS, OPERATORS, READERS
@@ -70,13 +70,10 @@ from workers.download_automation import job_dir
 SEARCH_TAG = "MAST search"
 DOWNLOAD_TAG = "MAST downloads"
 SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "Unknown target (MAST's name lookup knows "
-          "no such name)"},
-    422: {"model": ErrorResponse, "description": "Bad coordinates, radius or filters; or "
-          "MAST refused the query"},
-    503: {"model": ErrorResponse, "description": "MAST unreachable or failing; or a store of "
-          "the ledger does not answer (then with Retry-After)",
-          "headers": {"Retry-After": RETRY_AFTER_DOC}},
+    404: error_doc("Unknown target (MAST's name lookup knows no such name)"),
+    422: error_doc("Bad coordinates, radius or filters; or MAST refused the query"),
+    503: error_doc("MAST unreachable or failing; or a store of the ledger does not answer "
+                   "(then with Retry-After)", retry_after=True),
 }
 
 

@@ -21,8 +21,8 @@ from api.deps import (
     feature_router,
     ledger_of,
     query_time,
+    row_route,
     smart_page,
-    smart_row,
 )
 from api.errors import QueryTime, as_utc
 from commands.models import FinishExecutedObsUnitRequest, StartExecutedObsUnitRequest
@@ -84,13 +84,10 @@ def obs_units_router() -> APIRouter:
             start_from=as_utc(start_from), start_to=as_utc(start_to), obs_unit_id=obs_unit_id,
             sort=sort)
 
-    @r.get("/executed_obs_units/execution/{id}", dependencies=[allow(READERS)],
-           tags=[TAG], response_model=ExecutedObsUnitView, responses=QUERY_RESPONSES,
-           summary="One execution by its id (smart query)")
-    async def get_execution(request: Request, id: UUID,
-                            min_position: MinPosition = None) -> Any:
-        return await smart_row(request, min_position, ledger_of(request).queries.execution,
-                               "executed obs unit", id)
+    row_route(r, "/executed_obs_units/execution/{id}", lambda lg: lg.queries.execution,
+              "executed obs unit", name="get_execution", tag=TAG, id_type=UUID,
+              response_model=ExecutedObsUnitView,
+              summary="One execution by its id (smart query)")
 
     @r.get("/executed_obs_units/{obs_unit_id}", dependencies=[allow(READERS)],
            tags=[TAG], response_model=ExecutionsOfObsUnit, responses=QUERY_RESPONSES,

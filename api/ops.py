@@ -22,7 +22,6 @@ from api.deps import (
     COUNT_RESPONSES,
     ERRORS,
     LIST_RESPONSES,
-    QUERY_RESPONSES,
     CommandAccepted,
     Ctx,
     IdPath,
@@ -36,10 +35,10 @@ from api.deps import (
     feature_router,
     ledger_of,
     read_page,
-    smart_row,
+    row_route,
     submit,
 )
-from api.errors import RETRY_AFTER_DOC, ErrorResponse, as_utc
+from api.errors import as_utc, error_doc
 from api.paging import LINK_HEADER, PageRequest, paging_with_skip
 from commands.algorithms import describe, registered_algorithms
 from commands.processing import (
@@ -74,9 +73,7 @@ JOB_STATUSES = Literal["requested", "running", "succeeded", "failed", "cancelled
 JOB_KINDS = Literal["ingest", "process", "catalog"]
 PRODUCT_STATUSES = Literal["built", "catalogued", "published", "archived"]
 STORE_ERRORS: dict[int | str, dict[str, Any]] = {
-    503: {"model": ErrorResponse, "description": "Object store or event store unavailable",
-          "headers": {"Retry-After": RETRY_AFTER_DOC}},
-}
+    503: error_doc("Object store or event store unavailable", retry_after=True)}
 
 
 # -- views ------------------------------------------------------------------------------------
@@ -420,12 +417,9 @@ def ops_router() -> APIRouter:
         return await read_page(request, response, page, min_position,
                                lambda limit, offset: jobs(status, kind, limit, offset))
 
-    @r.get("/ops/jobs/{id}", dependencies=[allow(READERS)], tags=[JOBS_TAG],
-           response_model=JobView, responses=QUERY_RESPONSES,
-           summary="One job: steps, progress, timings, lease, outputs, errors (smart query)")
-    async def job(request: Request, id: IdPath, min_position: MinPosition = None) -> Any:
-        return await smart_row(request, min_position, ledger_of(request).processing.job,
-                               "processing job", id)
+    row_route(r, "/ops/jobs/{id}", lambda lg: lg.processing.job, "processing job",
+              name="job", tag=JOBS_TAG, response_model=JobView,
+              summary="One job: steps, progress, timings, lease, outputs, errors (smart query)")
 
     command_route(r, "DELETE", "/ops/jobs/{id}", ProcessingCommand.PROCESSING_JOB_CANCEL,
                   None, name="cancel", tag=JOBS_TAG, roles=OPERATORS,

@@ -16,7 +16,6 @@ from api.deps import (
     COUNT_RESPONSES,
     DESCENDING,
     LIST_RESPONSES,
-    QUERY_RESPONSES,
     CommandAccepted,
     Ctx,
     MinPosition,
@@ -27,8 +26,8 @@ from api.deps import (
     command_route,
     feature_router,
     ledger_of,
+    row_route,
     smart_page,
-    smart_row,
     submit,
 )
 from api.errors import ApiError, QueryTime, as_utc
@@ -196,18 +195,13 @@ def raw_data_router() -> APIRouter:
             registered_from=as_utc(registered_from), registered_to=as_utc(registered_to),
             sort=sort)
 
-    @r.get("/raw_data_files/{id}", dependencies=[allow(READERS)],
-           tags=[FILES_TAG], response_model=RawDataFileView,
-           responses=QUERY_RESPONSES, summary="One raw data file (smart query)")
-    async def get_file(request: Request, id: UUID, min_position: MinPosition = None) -> Any:
-        return await smart_row(request, min_position, ledger_of(request).queries.file,
-                               "raw data file", id)
+    row_route(r, "/raw_data_files/{id}", lambda lg: lg.queries.file, "raw data file",
+              name="get_file", tag=FILES_TAG, id_type=UUID, response_model=RawDataFileView,
+              summary="One raw data file (smart query)")
 
-    @r.get("/raw_data_package/{id}", dependencies=[allow(READERS)], tags=[PACKAGES_TAG],
-           response_model=RawDataPackageView, responses=QUERY_RESPONSES,
-           summary="A raw data package with its files (smart query)")
-    async def get_package(request: Request, id: UUID, min_position: MinPosition = None) -> Any:
-        return await smart_row(request, min_position, ledger_of(request).queries.package,
-                               "raw data package", id)
+    row_route(r, "/raw_data_package/{id}", lambda lg: lg.queries.package, "raw data package",
+              name="get_package", tag=PACKAGES_TAG, id_type=UUID,
+              response_model=RawDataPackageView,
+              summary="A raw data package with its files (smart query)")
 
     return r

@@ -14,7 +14,6 @@ from api.deps import (
     COUNT_RESPONSES,
     DESCENDING,
     LIST_RESPONSES,
-    QUERY_RESPONSES,
     MinPosition,
     Paging,
     RegisteredFrom,
@@ -23,8 +22,8 @@ from api.deps import (
     command_route,
     feature_router,
     ledger_of,
+    row_route,
     smart_page,
-    smart_row,
 )
 from api.errors import as_utc
 from commands.models import StageRequest, StagingProgressRequest
@@ -90,12 +89,8 @@ def staging_router() -> APIRouter:
         return await run_in_threadpool(StagingQueries(ledger_of(request).queries).counts,
                                        as_utc(registered_from), as_utc(registered_to))
 
-    @r.get("/staging/status/{id}", dependencies=[allow(READERS)],
-           tags=[TAG], response_model=StagingRequestView,
-           responses=QUERY_RESPONSES, summary="Where a staging request stands (smart query)")
-    async def staging_status(request: Request, id: UUID,
-                             min_position: MinPosition = None) -> Any:
-        return await smart_row(request, min_position, ledger_of(request).queries.staging,
-                               "staging request", id)
+    row_route(r, "/staging/status/{id}", lambda lg: lg.queries.staging, "staging request",
+              name="staging_status", tag=TAG, id_type=UUID, response_model=StagingRequestView,
+              summary="Where a staging request stands (smart query)")
 
     return r
