@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
@@ -29,6 +30,7 @@ from api.errors import (
     STATUS_OF_CODE,
     ApiError,
     QueryTime,
+    as_utc,
     error_doc,
 )
 from api.paging import LINK_HEADER, PageRequest, paged, paging
@@ -41,6 +43,7 @@ from infra.availability import READ_MODEL_DB, READ_MODEL_ERRORS, read_models_sta
 from infra.journal import ACCEPTED, REJECTED
 from infra.logs import command_id_var, correlation_id_var
 from queries.models import Page
+from queries.service import QueryService
 
 P = TypeVar("P", bound=Page)
 #: What an ``Idempotency-Key`` or ``X-Correlation-ID`` may be.
@@ -176,6 +179,10 @@ RegisteredFrom = Annotated[QueryTime | None, query_time(
 RegisteredTo = Annotated[QueryTime | None, query_time("Registered before")]
 RequestedFrom = Annotated[QueryTime | None, query_time("Requested at or after")]
 RequestedTo = Annotated[QueryTime | None, query_time("Requested before")]
+#: A count's time window: the names and types of its two query parameters (from, to).
+Window = tuple[tuple[str, Any], tuple[str, Any]]
+REGISTERED: Window = (("registered_from", RegisteredFrom), ("registered_to", RegisteredTo))
+REQUESTED: Window = (("requested_from", RequestedFrom), ("requested_to", RequestedTo))
 
 
 def json_response(body: Any, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -368,6 +375,32 @@ def row_route(router: APIRouter, path: str, read: Callable[[Ledger], Callable[[s
     router.add_api_route(path, endpoint, methods=["GET"], name=name,
                          dependencies=[allow(READERS)], tags=[tag],
                          response_model=response_model, responses=QUERY_RESPONSES,
+                         summary=summary)
+
+
+def counts_route(router: APIRouter, path: str,
+                 count: Callable[[QueryService, datetime | None, datetime | None], Any], *,
+                 window: Window, name: str, tag: str, response_model: Any,
+                 summary: str) -> None:
+    """Declare on ``router`` counts from the read models: GET ``path`` answers
+    ``count(queries, from, to)`` in a worker thread, the bounds (UTC) from the ``window``'s
+    two query parameters; ``COUNT_RESPONSES``, for the roles that may read."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    (start, start_type), (end, end_type) = window
+
+    async def endpoint(request: Request, **bounds: datetime | None) -> Any:
+        return await run_in_threadpool(count, ledger_of(request).queries,
+                                       as_utc(bounds[start]), as_utc(bounds[end]))
+
+    endpoint.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter("request", kw, annotation=Request),
+        inspect.Parameter(start, kw, annotation=start_type, default=None),
+        inspect.Parameter(end, kw, annotation=end_type, default=None)],
+        return_annotation=Any)
+    endpoint.__name__ = endpoint.__qualname__ = name
+    router.add_api_route(path, endpoint, methods=["GET"], name=name,
+                         dependencies=[allow(READERS)], tags=[tag],
+                         response_model=response_model, responses=COUNT_RESPONSES,
                          summary=summary)
 
 

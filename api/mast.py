@@ -28,27 +28,26 @@ from starlette.concurrency import run_in_threadpool
 from api.accounts import allow
 from api.deps import (
     COMMAND_RESPONSES,
-    COUNT_RESPONSES,
     ERRORS,
     LIST_RESPONSES,
     QUERY_RESPONSES,
+    REQUESTED,
     CommandAccepted,
     Ctx,
     IdPath,
     MinPosition,
     Paging,
     RequestContext,
-    RequestedFrom,
-    RequestedTo,
     cancel_body,
     command_route,
+    counts_route,
     feature_router,
     ledger_of,
     read_page,
     smart_row,
     submit,
 )
-from api.errors import ApiError, as_utc, error_doc
+from api.errors import ApiError, error_doc
 from commands.downloads import DEFAULT_CHUNK_SIZE, DownloadCommand, StartDownloadRequest
 from commands.models import document_storable
 from domain.accounts import CRITICAL_WRITERS, OPERATORS, READERS
@@ -320,16 +319,10 @@ async def _start(request: Request, body: StartDownloadRequest, ctx: RequestConte
 def mast_router() -> APIRouter:
     r = feature_router()
 
-    @r.get("/mast/download/counts", dependencies=[allow(READERS)], tags=["MAST downloads"],
-           response_model=SizedStatusCounts, responses=COUNT_RESPONSES,
-           summary="MAST download jobs by status, with their bytes")
-    async def download_job_counts(
-        request: Request,
-        requested_from: RequestedFrom = None,
-        requested_to: RequestedTo = None,
-    ) -> Any:
-        return await run_in_threadpool(download_counts, ledger_of(request).queries,
-                                       as_utc(requested_from), as_utc(requested_to))
+    counts_route(r, "/mast/download/counts", download_counts, window=REQUESTED,
+                 name="download_job_counts", tag=DOWNLOAD_TAG,
+                 response_model=SizedStatusCounts,
+                 summary="MAST download jobs by status, with their bytes")
 
     @r.post("/mast/search/target", dependencies=[allow(READERS)],
             tags=[SEARCH_TAG], response_model=SearchResult,

@@ -11,13 +11,14 @@ from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
-    COUNT_RESPONSES,
     LIST_RESPONSES,
     QUERY_RESPONSES,
     MinPosition,
     Paging,
+    Window,
     caught_up,
     command_route,
+    counts_route,
     feature_router,
     ledger_of,
     query_time,
@@ -38,6 +39,10 @@ from queries.models import (
 )
 
 TAG = "executed obs units"
+#: The window of the executions' counts: when they started.
+STARTED: Window = (
+    ("start_from", Annotated[QueryTime | None, query_time("Started at or after")]),
+    ("start_to", Annotated[QueryTime | None, query_time("Started before")]))
 
 
 def obs_units_router() -> APIRouter:
@@ -50,16 +55,10 @@ def obs_units_router() -> APIRouter:
                   name="finish_unit", tag=TAG,
                   summary="Finish an executed obs unit: success, failed or aborted (critical)")
 
-    @r.get("/executed_obs_units/counts", dependencies=[allow(READERS)],
-           tags=["executed obs units"], response_model=ExecutedObsUnitCounts,
-           responses=COUNT_RESPONSES, summary="Executed obs units by status and instrument")
-    async def executed_obs_unit_counts(
-        request: Request,
-        start_from: Annotated[QueryTime | None, query_time("Started at or after")] = None,
-        start_to: Annotated[QueryTime | None, query_time("Started before")] = None,
-    ) -> Any:
-        return await run_in_threadpool(unit_counts, ledger_of(request).queries,
-                                       as_utc(start_from), as_utc(start_to))
+    counts_route(r, "/executed_obs_units/counts", unit_counts, window=STARTED,
+                 name="executed_obs_unit_counts", tag=TAG,
+                 response_model=ExecutedObsUnitCounts,
+                 summary="Executed obs units by status and instrument")
 
     @r.get("/executed_obs_units", dependencies=[allow(READERS)],
            tags=[TAG], response_model=ExecutedObsUnitPage,

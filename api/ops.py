@@ -19,26 +19,25 @@ from starlette.concurrency import run_in_threadpool
 from api.accounts import allow
 from api.deps import (
     COMMAND_RESPONSES,
-    COUNT_RESPONSES,
     ERRORS,
     LIST_RESPONSES,
+    REQUESTED,
     CommandAccepted,
     Ctx,
     IdPath,
     MinPosition,
     RequestContext,
-    RequestedFrom,
-    RequestedTo,
     as_str,
     caught_up,
     command_route,
+    counts_route,
     feature_router,
     ledger_of,
     read_page,
     row_route,
     submit,
 )
-from api.errors import as_utc, error_doc
+from api.errors import error_doc
 from api.paging import LINK_HEADER, PageRequest, paging_with_skip
 from commands.algorithms import describe, registered_algorithms
 from commands.processing import (
@@ -344,16 +343,9 @@ class LineageView(BaseModel):
 def ops_router() -> APIRouter:
     r = feature_router()
 
-    @r.get("/ops/jobs/counts", dependencies=[allow(READERS)], tags=["processing jobs"],
-           response_model=ProcessingJobCounts, responses=COUNT_RESPONSES,
-           summary="Processing jobs by status and kind")
-    async def processing_job_counts(
-        request: Request,
-        requested_from: RequestedFrom = None,
-        requested_to: RequestedTo = None,
-    ) -> Any:
-        return await run_in_threadpool(job_counts, ledger_of(request).queries,
-                                       as_utc(requested_from), as_utc(requested_to))
+    counts_route(r, "/ops/jobs/counts", job_counts, window=REQUESTED,
+                 name="processing_job_counts", tag=JOBS_TAG,
+                 response_model=ProcessingJobCounts, summary="Processing jobs by status and kind")
 
     @r.get("/ops/algorithms", dependencies=[allow(READERS)], tags=[JOBS_TAG],
            response_model=list[AlgorithmView], responses=ERRORS,

@@ -8,14 +8,13 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
     COMMAND_RESPONSES,
-    COUNT_RESPONSES,
     DESCENDING,
     LIST_RESPONSES,
+    REGISTERED,
     CommandAccepted,
     Ctx,
     MinPosition,
@@ -24,6 +23,7 @@ from api.deps import (
     RegisteredTo,
     as_str,
     command_route,
+    counts_route,
     feature_router,
     ledger_of,
     row_route,
@@ -145,21 +145,14 @@ def raw_data_router() -> APIRouter:
             registered_from=as_utc(registered_from), registered_to=as_utc(registered_to),
             sort=sort)
 
-    @r.get("/raw_data_package/counts", dependencies=[allow(READERS)],
-           tags=["raw data packages"], response_model=SizedStatusCounts,
-           responses=COUNT_RESPONSES, summary="Raw data packages by status, with their bytes")
-    async def package_counts(request: Request, registered_from: RegisteredFrom = None,
-                             registered_to: RegisteredTo = None) -> Any:
-        return await run_in_threadpool(PackageQueries(ledger_of(request).queries).counts,
-                                       as_utc(registered_from), as_utc(registered_to))
+    counts_route(r, "/raw_data_package/counts",
+                 lambda q, start, end: PackageQueries(q).counts(start, end), window=REGISTERED,
+                 name="package_counts", tag=PACKAGES_TAG, response_model=SizedStatusCounts,
+                 summary="Raw data packages by status, with their bytes")
 
-    @r.get("/raw_data_files/counts", dependencies=[allow(READERS)], tags=["raw data files"],
-           response_model=RawDataFileCounts, responses=COUNT_RESPONSES,
-           summary="Raw data files by instrument and file type, bytes, packaged")
-    async def raw_data_file_counts(request: Request, registered_from: RegisteredFrom = None,
-                                   registered_to: RegisteredTo = None) -> Any:
-        return await run_in_threadpool(file_counts, ledger_of(request).queries,
-                                       as_utc(registered_from), as_utc(registered_to))
+    counts_route(r, "/raw_data_files/counts", file_counts, window=REGISTERED,
+                 name="raw_data_file_counts", tag=FILES_TAG, response_model=RawDataFileCounts,
+                 summary="Raw data files by instrument and file type, bytes, packaged")
 
     @r.get("/raw_data_files", dependencies=[allow(READERS)],
            tags=[FILES_TAG], response_model=RawDataFilePage,

@@ -7,19 +7,19 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
-    COUNT_RESPONSES,
     DESCENDING,
     LIST_RESPONSES,
+    REGISTERED,
     MinPosition,
     Paging,
     RegisteredFrom,
     RegisteredTo,
     cancel_body,
     command_route,
+    counts_route,
     feature_router,
     ledger_of,
     row_route,
@@ -81,13 +81,10 @@ def staging_router() -> APIRouter:
             destination=destination, registered_from=as_utc(registered_from),
             registered_to=as_utc(registered_to), sort=sort)
 
-    @r.get("/staging/counts", dependencies=[allow(READERS)], tags=["staging"],
-           response_model=SizedStatusCounts, responses=COUNT_RESPONSES,
-           summary="Staging requests by status, with their bytes")
-    async def staging_counts(request: Request, registered_from: RegisteredFrom = None,
-                             registered_to: RegisteredTo = None) -> Any:
-        return await run_in_threadpool(StagingQueries(ledger_of(request).queries).counts,
-                                       as_utc(registered_from), as_utc(registered_to))
+    counts_route(r, "/staging/counts",
+                 lambda q, start, end: StagingQueries(q).counts(start, end), window=REGISTERED,
+                 name="staging_counts", tag=TAG, response_model=SizedStatusCounts,
+                 summary="Staging requests by status, with their bytes")
 
     row_route(r, "/staging/status/{id}", lambda lg: lg.queries.staging, "staging request",
               name="staging_status", tag=TAG, id_type=UUID, response_model=StagingRequestView,
