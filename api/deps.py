@@ -275,7 +275,9 @@ def command_route(router: APIRouter, method: Literal["POST", "PUT", "DELETE"], p
                   roles: frozenset[str] = CRITICAL_WRITERS,
                   path_types: dict[str, Any] | None = None,
                   path_names: dict[str, str] | None = None, plain: bool = False,
-                  cancel: Callable[[str | None], CommandModel] | None = None) -> None:
+                  cancel: Callable[[str | None], CommandModel] | None = None,
+                  prepare: Callable[[Ledger, Any], CommandModel] | None = None,
+                  responses: dict[int | str, dict[str, Any]] | None = None) -> None:
     """Declare on ``router`` a route whose endpoint only submits ``command_type``: the request
     ``body`` (or, with None, no body: ``NoBody`` is journaled) and the path's parameters
     (each an ``IdPath`` unless ``path_types`` says otherwise) go to ``submit`` as they are
@@ -284,7 +286,9 @@ def command_route(router: APIRouter, method: Literal["POST", "PUT", "DELETE"], p
     is read; ``name`` is the endpoint's (and makes its OpenAPI operation id). ``plain``
     offers its requests to the plain command lane (a POST with a body and no path
     parameter). ``cancel`` makes it a cancel: no request body, the journaled body is
-    ``cancel`` of the optional ``reason`` query parameter."""
+    ``cancel`` of the optional ``reason`` query parameter. ``prepare`` makes the journaled
+    command of the request body (in a worker thread: it may look things up, and refuse);
+    ``responses`` are documented besides ``COMMAND_RESPONSES``."""
     ids = _PATH_PARAMETER.findall(path)
     kw = inspect.Parameter.KEYWORD_ONLY
     parameters = [inspect.Parameter("request", kw, annotation=Request)]
@@ -300,21 +304,26 @@ def command_route(router: APIRouter, method: Literal["POST", "PUT", "DELETE"], p
     async def endpoint(request: Request, ctx: RequestContext, body: CommandModel | None = None,
                        reason: str | None = None, **path_ids: Any) -> Response:
         path = {(path_names or {}).get(k, k): v for k, v in path_ids.items()}
+        ledger = ledger_of(request)
         if cancel is not None:
             body = cancel(reason)
-        return await submit(ledger_of(request), ctx, command_type,
-                            body if body is not None else NoBody(), path or None)
+        if prepare is not None:
+            body = await run_in_threadpool(prepare, ledger, body)
+        return await submit(ledger, ctx, command_type, body if body is not None else NoBody(),
+                            path or None)
 
     endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         parameters, return_annotation=Response)
     endpoint.__name__ = endpoint.__qualname__ = name
     if plain:
-        if method != "POST" or body is None or ids:
-            raise ValueError(f"{path}: only a POST with a body and no path parameter is plain")
+        if method != "POST" or body is None or ids or prepare is not None:
+            raise ValueError(f"{path}: only a POST of its body, without path parameters, is "
+                             "plain")
         plain_command(command_type, body)(endpoint)
     router.add_api_route(path, endpoint, methods=[method], name=name,
                          dependencies=[allow(roles)], tags=[tag], status_code=202,
-                         response_model=CommandAccepted, responses=COMMAND_RESPONSES,
+                         response_model=CommandAccepted,
+                         responses={**COMMAND_RESPONSES, **(responses or {})},
                          summary=summary, description=description)
 
 

@@ -27,17 +27,13 @@ from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
-    COMMAND_RESPONSES,
     ERRORS,
     LIST_RESPONSES,
     QUERY_RESPONSES,
     REQUESTED,
-    CommandAccepted,
-    Ctx,
     IdPath,
     MinPosition,
     Paging,
-    RequestContext,
     cancel_body,
     command_route,
     counts_route,
@@ -45,12 +41,17 @@ from api.deps import (
     ledger_of,
     read_page,
     smart_row,
-    submit,
 )
 from api.errors import ApiError, error_doc
-from commands.downloads import DEFAULT_CHUNK_SIZE, DownloadCommand, StartDownloadRequest
+from bootstrap.ledger import Ledger
+from commands.downloads import (
+    DEFAULT_CHUNK_SIZE,
+    DownloadCommand,
+    RequestDownload,
+    StartDownloadRequest,
+)
 from commands.models import document_storable
-from domain.accounts import CRITICAL_WRITERS, OPERATORS, READERS
+from domain.accounts import OPERATORS, READERS
 from infra.mast_archive import MastArchive, parse_coordinates
 from queries.counts import download_counts
 from queries.downloads import with_live
@@ -303,16 +304,18 @@ async def _search(request: Request, body: _Search, query: Callable[[MastArchive]
     return await run_in_threadpool(search, ledger_of(request), body, query)
 
 
-async def _start(request: Request, body: StartDownloadRequest, ctx: RequestContext,
-                 mode: Literal["stream", "chunked"]) -> Response:
-    ledger = ledger_of(request)
-    try:
-        job_dir(ledger.settings, body.destination)
-    except ValueError as e:
-        raise ApiError(422, "Validation failed", [{"field": "destination",
-                                                    "message": str(e)}]) from None
-    command = await run_in_threadpool(download_job, ledger, body, mode)
-    return await submit(ledger, ctx, DownloadCommand.DOWNLOAD_JOB_REQUEST, command)
+def _download_job(mode: Literal["stream", "chunked"],
+                  ) -> Callable[[Ledger, StartDownloadRequest], RequestDownload]:
+    """The download job of a request, in ``mode``: 422 for a destination outside the
+    download root, then its files resolved (``queries.mast_search.download_job``)."""
+    def prepare(ledger: Ledger, body: StartDownloadRequest) -> RequestDownload:
+        try:
+            job_dir(ledger.settings, body.destination)
+        except ValueError as e:
+            raise ApiError(422, "Validation failed", [{"field": "destination",
+                                                        "message": str(e)}]) from None
+        return download_job(ledger, body, mode)
+    return prepare
 
 
 # -- routes ----------------------------------------------------------------------------------
@@ -374,24 +377,18 @@ def mast_router() -> APIRouter:
         "checkpoints and completion; after a crash it resumes from the last checkpoint. "
         "Completed FITS files are verified with astropy and registered as raw data files.")
 
-    @r.post("/mast/download/start", dependencies=[allow(CRITICAL_WRITERS)],
-            tags=[DOWNLOAD_TAG], status_code=202,
-            response_model=CommandAccepted,
-            responses={**COMMAND_RESPONSES, **SEARCH_ERRORS},
-            summary="Start a download job: each file in one streamed request (critical)",
-            description=start_description + " A broken stream resumes with a Range request.")
-    async def start(request: Request, body: StartDownloadRequest, ctx: Ctx) -> Response:
-        return await _start(request, body, ctx, "stream")
-
-    @r.post("/mast/download/start-chunked", dependencies=[allow(CRITICAL_WRITERS)],
-            tags=[DOWNLOAD_TAG], status_code=202,
-            response_model=CommandAccepted,
-            responses={**COMMAND_RESPONSES, **SEARCH_ERRORS},
-            summary="Start a download job in Range chunks (5 MB default) with progress",
-            description=start_description + " Each request asks for `chunk_size` bytes.")
-    async def start_chunked(request: Request, body: StartDownloadRequest,
-                            ctx: Ctx) -> Response:
-        return await _start(request, body, ctx, "chunked")
+    command_route(r, "POST", "/mast/download/start", DownloadCommand.DOWNLOAD_JOB_REQUEST,
+                  StartDownloadRequest, name="start", tag=DOWNLOAD_TAG,
+                  prepare=_download_job("stream"), responses=SEARCH_ERRORS,
+                  summary="Start a download job: each file in one streamed request (critical)",
+                  description=start_description + " A broken stream resumes with a Range "
+                  "request.")
+    command_route(r, "POST", "/mast/download/start-chunked",
+                  DownloadCommand.DOWNLOAD_JOB_REQUEST, StartDownloadRequest,
+                  name="start_chunked", tag=DOWNLOAD_TAG, prepare=_download_job("chunked"),
+                  responses=SEARCH_ERRORS,
+                  summary="Start a download job in Range chunks (5 MB default) with progress",
+                  description=start_description + " Each request asks for `chunk_size` bytes.")
 
     @r.get("/mast/download/progress/{job_id}", dependencies=[allow(READERS)],
            tags=[DOWNLOAD_TAG],

@@ -5,7 +5,6 @@ Included by ``api.app.create_app``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
@@ -18,15 +17,11 @@ from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
-    COMMAND_RESPONSES,
     ERRORS,
     LIST_RESPONSES,
     REQUESTED,
-    CommandAccepted,
-    Ctx,
     IdPath,
     MinPosition,
-    RequestContext,
     as_str,
     caught_up,
     command_route,
@@ -35,7 +30,6 @@ from api.deps import (
     ledger_of,
     read_page,
     row_route,
-    submit,
 )
 from api.errors import error_doc
 from api.paging import LINK_HEADER, PageRequest, paging_with_skip
@@ -47,7 +41,6 @@ from commands.processing import (
     PlanRequest,
     ProcessingCommand,
     ProcessRequest,
-    RequestProcessingJob,
 )
 from domain.accounts import OPERATORS, READERS
 from infra.object_store import content_disposition
@@ -55,7 +48,6 @@ from queries.counts import job_counts
 from queries.data_products import lineage_document, product_download, product_row
 from queries.models import READ_MODELS_DESCRIPTION, ProcessingJobCounts, ReadModelsState
 from queries.processing_plans import (
-    ProcessingSources,
     catalog_job,
     ingest_job,
     plan,
@@ -367,34 +359,29 @@ def ops_router() -> APIRouter:
     async def plan_job(request: Request, body: PlanRequest) -> Any:
         return await run_in_threadpool(plan, ledger_of(request), body)
 
-    @r.post("/ops/ingest", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG], status_code=202,
-            response_model=CommandAccepted, responses={**COMMAND_RESPONSES, **STORE_ERRORS},
-            summary="Validate raw FITS inputs (a job): checksums, FITS structure, header "
-            "facts recorded on each raw data file",
-            description="A worker opens each file with astropy, verifies DATASUM/CHECKSUM and "
-            "the recorded checksum, and records TELESCOP, INSTRUME, DATE-OBS, EXPTIME, OBJECT, "
-            "shape and BUNIT (`RawDataFile.Ingested`, and in the job's outputs). A file that "
-            "fails fails the job with the reason.")
-    async def ingest(request: Request, body: IngestRequest, ctx: Ctx) -> Response:
-        return await _submit_job(request, ctx, ingest_job, body)
-
-    @r.post("/ops/process", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
-            status_code=202, response_model=CommandAccepted,
-            responses={**COMMAND_RESPONSES, **STORE_ERRORS},
-            summary="Build data products with an algorithm (a job a worker runs)",
-            description="Checked like `POST /ops/plan`, then journaled; a worker claims the "
-            "job, runs the algorithm and uploads the products. With `catalog` the products "
-            "are catalogued (`publish`, `archive`) as soon as they are built.")
-    async def process(request: Request, body: ProcessRequest, ctx: Ctx) -> Response:
-        return await _submit_job(request, ctx, process_job, body)
-
-    @r.post("/ops/catalog", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
-            status_code=202, response_model=CommandAccepted, responses=COMMAND_RESPONSES,
-            summary="Register built products in the catalog (a job): publish and/or archive",
-            description="A worker checks each product's object (size and sha256) and "
-            "catalogues it; the products then list in `GET /products`.")
-    async def catalog(request: Request, body: CatalogRequest, ctx: Ctx) -> Response:
-        return await _submit_job(request, ctx, catalog_job, body)
+    command_route(r, "POST", "/ops/ingest", ProcessingCommand.PROCESSING_JOB_REQUEST,
+                  IngestRequest, name="ingest", tag=JOBS_TAG, roles=OPERATORS,
+                  prepare=ingest_job, responses=STORE_ERRORS,
+                  summary="Validate raw FITS inputs (a job): checksums, FITS structure, header "
+                  "facts recorded on each raw data file",
+                  description="A worker opens each file with astropy, verifies DATASUM/CHECKSUM "
+                  "and the recorded checksum, and records TELESCOP, INSTRUME, DATE-OBS, "
+                  "EXPTIME, OBJECT, shape and BUNIT (`RawDataFile.Ingested`, and in the job's "
+                  "outputs). A file that fails fails the job with the reason.")
+    command_route(r, "POST", "/ops/process", ProcessingCommand.PROCESSING_JOB_REQUEST,
+                  ProcessRequest, name="process", tag=JOBS_TAG, roles=OPERATORS,
+                  prepare=process_job, responses=STORE_ERRORS,
+                  summary="Build data products with an algorithm (a job a worker runs)",
+                  description="Checked like `POST /ops/plan`, then journaled; a worker claims "
+                  "the job, runs the algorithm and uploads the products. With `catalog` the "
+                  "products are catalogued (`publish`, `archive`) as soon as they are built.")
+    command_route(r, "POST", "/ops/catalog", ProcessingCommand.PROCESSING_JOB_REQUEST,
+                  CatalogRequest, name="catalog", tag=JOBS_TAG, roles=OPERATORS,
+                  prepare=catalog_job,
+                  summary="Register built products in the catalog (a job): publish and/or "
+                  "archive",
+                  description="A worker checks each product's object (size and sha256) and "
+                  "catalogues it; the products then list in `GET /products`.")
 
     @r.get("/ops/jobs", dependencies=[allow(READERS)], tags=[JOBS_TAG],
            response_model=JobPage, responses=LIST_RESPONSES,
@@ -479,11 +466,3 @@ def ops_router() -> APIRouter:
 
     return r
 
-
-async def _submit_job(request: Request, ctx: RequestContext,
-                      job: Callable[[ProcessingSources, J], RequestProcessingJob],
-                      body: J) -> Response:
-    """Submit the processing job that ``job`` makes of the request (checked first)."""
-    ledger = ledger_of(request)
-    command = await run_in_threadpool(job, ledger, body)
-    return await submit(ledger, ctx, ProcessingCommand.PROCESSING_JOB_REQUEST, command)
