@@ -269,6 +269,23 @@ def plain_command(command_type: str, model: type[CommandModel]) -> Any:
 _PATH_PARAMETER = re.compile(r"{(\w+)}")
 
 
+def add_endpoint(router: APIRouter, method: str, path: str, endpoint: Callable[..., Any],
+                 parameters: dict[str, Any], *, name: str, tag: str, roles: frozenset[str],
+                 **route: Any) -> None:
+    """Add ``endpoint`` to ``router`` as ``name`` (its OpenAPI operation id), its parameters
+    as FastAPI reads them: ``request`` then ``parameters`` (name → annotation, or
+    (annotation, default)); ``roles`` are checked before the body is read."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    signature = [inspect.Parameter("request", kw, annotation=Request)]
+    for n, a in parameters.items():
+        annotation, default = a if isinstance(a, tuple) else (a, inspect.Parameter.empty)
+        signature.append(inspect.Parameter(n, kw, annotation=annotation, default=default))
+    endpoint.__signature__ = inspect.Signature(signature)  # type: ignore[attr-defined]
+    endpoint.__name__ = endpoint.__qualname__ = name
+    router.add_api_route(path, endpoint, methods=[method], name=name,
+                         dependencies=[allow(roles)], tags=[tag], **route)
+
+
 def command_route(router: APIRouter, method: Literal["POST", "PUT", "DELETE"], path: str,
                   command_type: str, body: type[CommandModel] | None, *, name: str,
                   tag: str, summary: str, description: str | None = None,
@@ -290,16 +307,12 @@ def command_route(router: APIRouter, method: Literal["POST", "PUT", "DELETE"], p
     command of the request body (in a worker thread: it may look things up, and refuse);
     ``responses`` are documented besides ``COMMAND_RESPONSES``."""
     ids = _PATH_PARAMETER.findall(path)
-    kw = inspect.Parameter.KEYWORD_ONLY
-    parameters = [inspect.Parameter("request", kw, annotation=Request)]
-    parameters += [inspect.Parameter(n, kw, annotation=(path_types or {}).get(n, IdPath))
-                   for n in ids]
+    parameters: dict[str, Any] = {n: (path_types or {}).get(n, IdPath) for n in ids}
     if body is not None:
-        parameters.append(inspect.Parameter("body", kw, annotation=body))
-    parameters.append(inspect.Parameter("ctx", kw, annotation=Ctx))
+        parameters["body"] = body
+    parameters["ctx"] = Ctx
     if cancel is not None:
-        parameters.append(inspect.Parameter("reason", kw, annotation=CancelReason,
-                                            default=None))
+        parameters["reason"] = (CancelReason, None)
 
     async def endpoint(request: Request, ctx: RequestContext, body: CommandModel | None = None,
                        reason: str | None = None, **path_ids: Any) -> Response:
@@ -312,19 +325,15 @@ def command_route(router: APIRouter, method: Literal["POST", "PUT", "DELETE"], p
         return await submit(ledger, ctx, command_type, body if body is not None else NoBody(),
                             path or None)
 
-    endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        parameters, return_annotation=Response)
-    endpoint.__name__ = endpoint.__qualname__ = name
     if plain:
         if method != "POST" or body is None or ids or prepare is not None:
             raise ValueError(f"{path}: only a POST of its body, without path parameters, is "
                              "plain")
         plain_command(command_type, body)(endpoint)
-    router.add_api_route(path, endpoint, methods=[method], name=name,
-                         dependencies=[allow(roles)], tags=[tag], status_code=202,
-                         response_model=CommandAccepted,
-                         responses={**COMMAND_RESPONSES, **(responses or {})},
-                         summary=summary, description=description)
+    add_endpoint(router, method, path, endpoint, parameters, name=name, tag=tag, roles=roles,
+                 status_code=202, response_model=CommandAccepted,
+                 responses={**COMMAND_RESPONSES, **(responses or {})}, summary=summary,
+                 description=description)
 
 
 async def caught_up(request: Request, min_position: int | None) -> None:
@@ -370,21 +379,14 @@ def row_route(router: APIRouter, path: str, read: Callable[[Ledger], Callable[[s
     ``id_type``) answers ``read(ledger)(id)`` once the read models include ``min_position``,
     404 naming ``what`` when there is none (``smart_row``); ``QUERY_RESPONSES``, for the
     roles that may read; ``name`` is the endpoint's (and makes its OpenAPI operation id)."""
-    kw = inspect.Parameter.KEYWORD_ONLY
 
     async def endpoint(request: Request, id: Any, min_position: int | None = None) -> Any:
         return await smart_row(request, min_position, read(ledger_of(request)), what, id)
 
-    endpoint.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-        inspect.Parameter("request", kw, annotation=Request),
-        inspect.Parameter("id", kw, annotation=id_type),
-        inspect.Parameter("min_position", kw, annotation=MinPosition, default=None)],
-        return_annotation=Any)
-    endpoint.__name__ = endpoint.__qualname__ = name
-    router.add_api_route(path, endpoint, methods=["GET"], name=name,
-                         dependencies=[allow(READERS)], tags=[tag],
-                         response_model=response_model, responses=QUERY_RESPONSES,
-                         summary=summary)
+    add_endpoint(router, "GET", path, endpoint,
+                 {"id": id_type, "min_position": (MinPosition, None)}, name=name, tag=tag,
+                 roles=READERS, response_model=response_model, responses=QUERY_RESPONSES,
+                 summary=summary)
 
 
 def counts_route(router: APIRouter, path: str,
@@ -394,23 +396,16 @@ def counts_route(router: APIRouter, path: str,
     """Declare on ``router`` counts from the read models: GET ``path`` answers
     ``count(queries, from, to)`` in a worker thread, the bounds (UTC) from the ``window``'s
     two query parameters; ``COUNT_RESPONSES``, for the roles that may read."""
-    kw = inspect.Parameter.KEYWORD_ONLY
     (start, start_type), (end, end_type) = window
 
     async def endpoint(request: Request, **bounds: datetime | None) -> Any:
         return await run_in_threadpool(count, ledger_of(request).queries,
                                        as_utc(bounds[start]), as_utc(bounds[end]))
 
-    endpoint.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-        inspect.Parameter("request", kw, annotation=Request),
-        inspect.Parameter(start, kw, annotation=start_type, default=None),
-        inspect.Parameter(end, kw, annotation=end_type, default=None)],
-        return_annotation=Any)
-    endpoint.__name__ = endpoint.__qualname__ = name
-    router.add_api_route(path, endpoint, methods=["GET"], name=name,
-                         dependencies=[allow(READERS)], tags=[tag],
-                         response_model=response_model, responses=COUNT_RESPONSES,
-                         summary=summary)
+    add_endpoint(router, "GET", path, endpoint,
+                 {start: (start_type, None), end: (end_type, None)}, name=name, tag=tag,
+                 roles=READERS, response_model=response_model, responses=COUNT_RESPONSES,
+                 summary=summary)
 
 
 async def smart_page(request: Request, response: Response, page: PageRequest,

@@ -13,7 +13,7 @@ from infra.object_store import Area, ObjectStoreUnavailable
 from queries.lineage import product_lineage
 from queries.processing import ProcessingQueries
 from queries.processing_plans import ProcessingSources
-from queries.refusals import PartUnavailable, UnknownEntity
+from queries.refusals import Refusal
 
 #: How long a presigned download URL lasts (the object store's default).
 PRESIGNED_S = 3600
@@ -25,7 +25,7 @@ def product_row(processing: ProcessingQueries, product_id: Any) -> dict[str, Any
     """The product's row; refused when there is none."""
     row = processing.product(str(product_id))
     if row is None:
-        raise UnknownEntity(f"data product {product_id} not found")
+        raise Refusal("not_found", f"data product {product_id} not found")
     return row
 
 
@@ -56,11 +56,11 @@ def product_download(sources: ProcessingSources, product_id: Any) -> ProductDown
         if url is not None:
             return ProductDownload(row, url=url)
         if not objects.exists(area, row["key"]):
-            raise UnknownEntity(f"the object of data product {product_id} is missing")
+            raise Refusal("not_found", f"the object of data product {product_id} is missing")
         return ProductDownload(row, chunks=objects.open_stream(area, row["key"]))
     except ObjectStoreUnavailable as e:
-        raise PartUnavailable(f"Object store unavailable: {e}",
-                              retry_after_s=OBJECT_STORE_RETRY_S) from None
+        raise Refusal("unavailable", f"Object store unavailable: {e}",
+                      retry_after_s=OBJECT_STORE_RETRY_S) from None
 
 
 def lineage_document(processing: ProcessingQueries, product_id: Any,
@@ -69,5 +69,5 @@ def lineage_document(processing: ProcessingQueries, product_id: Any,
     for an unknown product."""
     graph = product_lineage(processing, str(product_id))
     if graph is None:
-        raise UnknownEntity(f"data product {product_id} not found")
+        raise Refusal("not_found", f"data product {product_id} not found")
     return to_prov_json(graph) if format == "prov-json" else graph.to_json()

@@ -6,7 +6,7 @@ failures are ``infra.mast_archive.ArchiveError``s (404 unknown, 422 refused, 503
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from commands.downloads import DownloadFileSpec, RequestDownload, StartDownloadRequest
@@ -17,50 +17,34 @@ from infra.settings import Settings
 class ArchiveSources(Protocol):
     """Where the MAST server is configured (``bootstrap.ledger.Ledger`` is one)."""
 
-    @property
-    def settings(self) -> Settings: ...
+    settings: Settings
 
 
 class ProductCriteria(Protocol):
     """Which products of an observation (``commands.downloads.ProductFilters``)."""
 
-    @property
-    def product_type(self) -> Sequence[str] | None: ...
-
-    @property
-    def product_subgroup(self) -> Sequence[str] | None: ...
-
-    @property
-    def calib_level(self) -> Sequence[int] | None: ...
-
-    @property
-    def extension(self) -> Sequence[str] | None: ...
+    product_type: list[str] | None
+    product_subgroup: list[str] | None
+    calib_level: list[int] | None
+    extension: list[str] | None
 
 
 class ObservationCriteria(ProductCriteria, Protocol):
     """Which observations, and which of their products (a search's filters)."""
 
-    @property
-    def collection(self) -> Sequence[str] | None: ...
-
-    @property
-    def instrument(self) -> Sequence[str] | None: ...
-
-    @property
-    def dataproduct_type(self) -> Sequence[str] | None: ...
+    collection: list[str] | None
+    instrument: list[str] | None
+    dataproduct_type: list[str] | None
 
 
 class SearchRequest(Protocol):
     """What every search asks besides where to look: filters, products, how many."""
 
+    include_products: bool
+    limit: int
+
     @property
     def filters(self) -> ObservationCriteria: ...
-
-    @property
-    def include_products(self) -> bool: ...
-
-    @property
-    def limit(self) -> int: ...
 
 
 def archive(sources: ArchiveSources) -> MastArchive:

@@ -30,7 +30,7 @@ from infra.object_store import Area, ObjectStore, ObjectStoreUnavailable
 from infra.read_model_db import ReadModelsUnavailable
 from infra.settings import Settings
 from queries.processing import ProcessingQueries
-from queries.refusals import InvalidRequest, StateConflict, UnknownEntity
+from queries.refusals import Refusal
 from queries.service import QueryService, Reading
 
 #: The most raw data files a plan's time window may select (a request's file_ids' limit).
@@ -40,14 +40,9 @@ WINDOW_MAX_FILES = 1000
 class ProcessingSources(Protocol):
     """Where the lookups read (``bootstrap.ledger.Ledger`` provides each)."""
 
-    @property
-    def settings(self) -> Settings: ...
-
-    @property
-    def queries(self) -> QueryService: ...
-
-    @property
-    def processing(self) -> ProcessingQueries: ...
+    settings: Settings
+    queries: QueryService
+    processing: ProcessingQueries
 
     @property
     def objects(self) -> ObjectStore: ...
@@ -60,8 +55,8 @@ def file_input(sources: ProcessingSources, file_id: UUID, field: str) -> dict[st
     event store when an ingest job recorded them); ``field`` names it in a refusal."""
     row = sources.queries.file(str(file_id))
     if row is None:
-        raise UnknownEntity(f"raw data file {file_id} not found", field,
-                            "unknown raw data file")
+        raise Refusal("not_found", f"raw data file {file_id} not found", field,
+                      "unknown raw data file")
     agg = sources.event_store().get(file_id)
     metadata = dict(getattr(agg, "fits_metadata", {}) or {}) if isinstance(
         agg, RawDataFile) else {}
@@ -83,13 +78,13 @@ def resolve_inputs(sources: ProcessingSources, file_ids: list[UUID], result_ids:
     for i, rid in enumerate(result_ids):
         result = store.get(rid)
         if result is None or not hasattr(result, "assets"):
-            raise UnknownEntity(f"observation result {rid} not found", f"result_ids.{i}",
-                                "unknown result")
+            raise Refusal("not_found", f"observation result {rid} not found",
+                          f"result_ids.{i}", "unknown result")
         files = sorted(a.split(":", 1)[1] for a in result.assets
                        if a.startswith("raw_data_file:"))
         if not files:  # the result's state, not the request
-            raise StateConflict(f"observation result {rid} has no raw data files yet",
-                                f"result_ids.{i}")
+            raise Refusal("conflict", f"observation result {rid} has no raw data files yet",
+                          f"result_ids.{i}")
         ids.extend((UUID(f), f"result_ids.{i}") for f in files)
     seen: set[UUID] = set()
     inputs = []
@@ -135,8 +130,8 @@ def files_written_in(sources: ProcessingSources, start: datetime | None, end: da
 
     found = sources.queries.read(query)
     if len(found) > WINDOW_MAX_FILES:
-        raise InvalidRequest(
-            "Validation failed", "start_time" if start else "end_time",
+        raise Refusal(
+            "invalid", "Validation failed", "start_time" if start else "end_time",
             f"the time window selects more than {WINDOW_MAX_FILES} raw data files: narrow it")
     return found
 
@@ -152,8 +147,8 @@ def plan(sources: ProcessingSources, body: PlanRequest | ProcessRequest) -> dict
     if start or end:
         written = files_written_in(sources, start, end)
         if not written and not (file_ids or body.result_ids):
-            raise UnknownEntity("no raw data file was written in the time window",
-                                "start_time" if start else "end_time")
+            raise Refusal("not_found", "no raw data file was written in the time window",
+                          "start_time" if start else "end_time")
         named = set(file_ids)
         file_ids += [i for i in written if i not in named]
     inputs = resolve_inputs(sources, file_ids, body.result_ids)
@@ -196,8 +191,8 @@ def catalog_job(sources: ProcessingSources, body: CatalogRequest) -> RequestProc
     """The catalog job of the products named; refused naming the first unknown one."""
     for i, pid in enumerate(body.product_ids):
         if sources.processing.product(str(pid)) is None:
-            raise UnknownEntity(f"data product {pid} not found", f"product_ids.{i}",
-                                "unknown product")
+            raise Refusal("not_found", f"data product {pid} not found", f"product_ids.{i}",
+                          "unknown product")
     return RequestProcessingJob(
         id=body.id, kind="catalog", product_ids=body.product_ids, publish=body.publish,
         archive=body.archive, metadata=body.metadata,

@@ -23,7 +23,7 @@ from queries.processing_plans import (
     plan,
     resolve_inputs,
 )
-from queries.refusals import UnknownEntity
+from queries.refusals import Refusal
 from tests.integration.test_integration import T0, fid, file_spec, settle, submit
 
 
@@ -48,12 +48,12 @@ def test_inputs_in_the_order_named_each_once(ledger: Ledger) -> None:
 def test_an_unknown_file_or_result_is_refused_by_its_field(ledger: Ledger) -> None:
     (a,) = registered(ledger, "a.fits")
     unknown = uuid4()
-    with pytest.raises(UnknownEntity) as e:
+    with pytest.raises(Refusal) as e:
         resolve_inputs(ledger, [a, unknown], [])
     assert (e.value.code, e.value.field, e.value.message) == (
         "not_found", "file_ids.1", "unknown raw data file")
     assert e.value.detail == f"raw data file {unknown} not found"
-    with pytest.raises(UnknownEntity) as e:
+    with pytest.raises(Refusal) as e:
         resolve_inputs(ledger, [a], [unknown])
     assert (e.value.field, e.value.message) == ("result_ids.0", "unknown result")
 
@@ -62,7 +62,7 @@ def test_the_files_written_in_a_window(ledger: Ledger) -> None:
     a, b = registered(ledger, "a.fits", "b.fits")
     assert sorted(files_written_in(ledger, T0, T0 + timedelta(seconds=1))) == sorted([a, b])
     assert files_written_in(ledger, None, T0) == []
-    with pytest.raises(UnknownEntity) as e:
+    with pytest.raises(Refusal) as e:
         plan(ledger, PlanRequest(start_time=T0 + timedelta(days=1)))
     assert (e.value.detail, e.value.field) == (
         "no raw data file was written in the time window", "start_time")
@@ -78,11 +78,11 @@ def test_an_ingest_job_of_the_files_named(ledger: Ledger) -> None:
 
 def test_unknown_products_are_refused(ledger: Ledger) -> None:
     unknown = uuid4()
-    with pytest.raises(UnknownEntity) as e:
+    with pytest.raises(Refusal) as e:
         catalog_job(ledger, CatalogRequest(product_ids=[unknown]))
     assert (e.value.field, e.value.message) == ("product_ids.0", "unknown product")
-    with pytest.raises(UnknownEntity, match=f"data product {unknown} not found"):
+    with pytest.raises(Refusal, match=f"data product {unknown} not found"):
         product_row(ledger.processing, unknown)
-    with pytest.raises(UnknownEntity, match=f"data product {unknown} not found") as e:
+    with pytest.raises(Refusal, match=f"data product {unknown} not found") as e:
         lineage_document(ledger.processing, unknown, "prov-json")
     assert e.value.field is None
