@@ -408,6 +408,18 @@ def counts_route(router: APIRouter, path: str,
                  summary=summary)
 
 
+def list_route(router: APIRouter, path: str, page_model: Any, *, tag: str, summary: str,
+               description: str | None = None,
+               responses: dict[int | str, dict[str, Any]] = LIST_RESPONSES,
+               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a paged list (a decorator): GET ``path`` for the roles that may read,
+    answering a ``page_model``, with ``LIST_RESPONSES`` (``Link`` on the 200) unless
+    ``responses`` says otherwise."""
+    return router.get(path, dependencies=[allow(READERS)], tags=[tag],
+                      response_model=page_model, responses=responses, summary=summary,
+                      description=description)
+
+
 async def smart_page(request: Request, response: Response, page: PageRequest,
                      min_position: int | None, model: type[P],
                      query: Callable[..., tuple[int | None, int | None, list[Any], int]],

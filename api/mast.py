@@ -28,7 +28,6 @@ from starlette.concurrency import run_in_threadpool
 from api.accounts import allow
 from api.deps import (
     ERRORS,
-    LIST_RESPONSES,
     QUERY_RESPONSES,
     REQUESTED,
     IdPath,
@@ -39,6 +38,7 @@ from api.deps import (
     counts_route,
     feature_router,
     ledger_of,
+    list_route,
     read_page,
     smart_row,
 )
@@ -416,18 +416,16 @@ def mast_router() -> APIRouter:
                   roles=OPERATORS, path_names={"job_id": "id"},
                   summary="Resume a paused or failed job from its last checkpoints")
 
-    @r.get("/mast/download/resumable", dependencies=[allow(READERS)],
-           tags=[DOWNLOAD_TAG], response_model=DownloadJobPage,
-           responses=LIST_RESPONSES, summary="Jobs that can be resumed (paused or failed)")
+    @list_route(r, "/mast/download/resumable", DownloadJobPage, tag=DOWNLOAD_TAG,
+                summary="Jobs that can be resumed (paused or failed)")
     async def resumable(request: Request, response: Response,
                         page: Paging) -> Any:
         listed = ledger_of(request).downloads.list_jobs
         return await read_page(request, response, page, None, lambda limit, offset: listed(
             ("paused", "failed"), limit, offset))
 
-    @r.get("/mast/download/jobs", dependencies=[allow(READERS)],
-           tags=[DOWNLOAD_TAG], response_model=DownloadJobPage,
-           responses=LIST_RESPONSES, summary="Download jobs, newest first (smart query)")
+    @list_route(r, "/mast/download/jobs", DownloadJobPage, tag=DOWNLOAD_TAG,
+                summary="Download jobs, newest first (smart query)")
     async def jobs(request: Request, response: Response,
                    page: Paging,
                    status: Annotated[Literal["requested", "running", "paused", "failed",

@@ -11,7 +11,6 @@ from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
-    LIST_RESPONSES,
     QUERY_RESPONSES,
     MinPosition,
     Paging,
@@ -21,6 +20,7 @@ from api.deps import (
     counts_route,
     feature_router,
     ledger_of,
+    list_route,
     query_time,
     row_route,
     smart_page,
@@ -60,9 +60,8 @@ def obs_units_router() -> APIRouter:
                  response_model=ExecutedObsUnitCounts,
                  summary="Executed obs units by status and instrument")
 
-    @r.get("/executed_obs_units", dependencies=[allow(READERS)],
-           tags=[TAG], response_model=ExecutedObsUnitPage,
-           responses=LIST_RESPONSES, summary="Executed obs units for dashboards (filters, pages)")
+    @list_route(r, "/executed_obs_units", ExecutedObsUnitPage, tag=TAG,
+                summary="Executed obs units for dashboards (filters, pages)")
     async def list_units(
         request: Request, response: Response,
         page: Paging,

@@ -18,7 +18,6 @@ from starlette.concurrency import run_in_threadpool
 from api.accounts import allow
 from api.deps import (
     ERRORS,
-    LIST_RESPONSES,
     REQUESTED,
     IdPath,
     MinPosition,
@@ -28,6 +27,7 @@ from api.deps import (
     counts_route,
     feature_router,
     ledger_of,
+    list_route,
     read_page,
     row_route,
 )
@@ -383,10 +383,9 @@ def ops_router() -> APIRouter:
                   description="A worker checks each product's object (size and sha256) and "
                   "catalogues it; the products then list in `GET /products`.")
 
-    @r.get("/ops/jobs", dependencies=[allow(READERS)], tags=[JOBS_TAG],
-           response_model=JobPage, responses=LIST_RESPONSES,
-           summary="Processing jobs, newest first (smart query: requested ones not yet "
-           "projected lead the first page)")
+    @list_route(r, "/ops/jobs", JobPage, tag=JOBS_TAG,
+                summary="Processing jobs, newest first (smart query: requested ones not yet "
+                "projected lead the first page)")
     async def jobs(request: Request, response: Response,
                    page: Annotated[PageRequest, Depends(paging_with_skip)],
                    status: Annotated[JOB_STATUSES | None, Query()] = None,
@@ -409,11 +408,10 @@ def ops_router() -> APIRouter:
                   "a job that already ended.")
 
     # -- products --------------------------------------------------------------------------
-    @r.get("/products", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
-           response_model=ProductPage, responses=PRODUCT_LIST_RESPONSES,
-           summary="Catalogued data products, newest first",
-           description="Without `status`: catalogued, published and archived products; "
-           "`status=built` lists those not catalogued yet.")
+    @list_route(r, "/products", ProductPage, tag=PRODUCTS_TAG, responses=PRODUCT_LIST_RESPONSES,
+                summary="Catalogued data products, newest first",
+                description="Without `status`: catalogued, published and archived products; "
+                "`status=built` lists those not catalogued yet.")
     async def products(request: Request, response: Response,
                        page: Annotated[PageRequest, Depends(paging_with_skip)],
                        status: Annotated[PRODUCT_STATUSES | None, Query()] = None,

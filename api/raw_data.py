@@ -13,7 +13,6 @@ from api.accounts import allow
 from api.deps import (
     COMMAND_RESPONSES,
     DESCENDING,
-    LIST_RESPONSES,
     REGISTERED,
     CommandAccepted,
     Ctx,
@@ -26,6 +25,7 @@ from api.deps import (
     counts_route,
     feature_router,
     ledger_of,
+    list_route,
     row_route,
     smart_page,
     submit,
@@ -38,7 +38,7 @@ from commands.models import (
     RegisterRawDataFileRequest,
 )
 from commands.raw_data import RawDataCommand
-from domain.accounts import CRITICAL_WRITERS, READERS
+from domain.accounts import CRITICAL_WRITERS
 from queries.counts import file_counts
 from queries.models import (
     RawDataFileCounts,
@@ -121,11 +121,10 @@ def raw_data_router() -> APIRouter:
                   tag=PACKAGES_TAG,
                   summary="Finalize a package: building -> complete, within the size limit")
 
-    @r.get("/raw_data_package", dependencies=[allow(READERS)], tags=["raw data packages"],
-           response_model=RawDataPackagePage, responses=LIST_RESPONSES,
-           summary="Raw data packages for dashboards (filters, time range, sort, pages)",
-           description="Smart query: packages of pending commands lead the first page "
-           "(`pending: true`). Their files: `GET /raw_data_files?package_id=`.")
+    @list_route(r, "/raw_data_package", RawDataPackagePage, tag=PACKAGES_TAG,
+                summary="Raw data packages for dashboards (filters, time range, sort, pages)",
+                description="Smart query: packages of pending commands lead the first page "
+                "(`pending: true`). Their files: `GET /raw_data_files?package_id=`.")
     async def list_packages(
         request: Request, response: Response, page: Paging,
         status: Annotated[Literal["building", "complete"] | None, Query()] = None,
@@ -154,9 +153,8 @@ def raw_data_router() -> APIRouter:
                  name="raw_data_file_counts", tag=FILES_TAG, response_model=RawDataFileCounts,
                  summary="Raw data files by instrument and file type, bytes, packaged")
 
-    @r.get("/raw_data_files", dependencies=[allow(READERS)],
-           tags=[FILES_TAG], response_model=RawDataFilePage,
-           responses=LIST_RESPONSES, summary="Raw data files, filtered and paged")
+    @list_route(r, "/raw_data_files", RawDataFilePage, tag=FILES_TAG,
+                summary="Raw data files, filtered and paged")
     async def list_files(
         request: Request, response: Response,
         page: Paging,

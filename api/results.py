@@ -13,12 +13,12 @@ from starlette.concurrency import run_in_threadpool
 from api.accounts import allow
 from api.deps import (
     ERRORS,
-    LIST_RESPONSES,
     MinPosition,
     Paging,
     command_route,
     feature_router,
     ledger_of,
+    list_route,
     row_route,
     smart_page,
 )
@@ -75,9 +75,8 @@ def results_router() -> APIRouter:
                   "or skipped")
 
 
-    @r.get("/observation_results", dependencies=[allow(READERS)],
-           tags=[TAG], response_model=ObservationResultPage,
-           responses=LIST_RESPONSES, summary="Observation results for dashboards (filters, pages)")
+    @list_route(r, "/observation_results", ObservationResultPage, tag=TAG,
+                summary="Observation results for dashboards (filters, pages)")
     async def list_results(
         request: Request, response: Response,
         page: Paging,

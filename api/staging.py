@@ -8,10 +8,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
 
-from api.accounts import allow
 from api.deps import (
     DESCENDING,
-    LIST_RESPONSES,
     REGISTERED,
     MinPosition,
     Paging,
@@ -22,13 +20,14 @@ from api.deps import (
     counts_route,
     feature_router,
     ledger_of,
+    list_route,
     row_route,
     smart_page,
 )
 from api.errors import as_utc
 from commands.models import StageRequest, StagingProgressRequest
 from commands.staging import RetryStagingRequest, StagingCommand
-from domain.accounts import OPERATORS, READERS
+from domain.accounts import OPERATORS
 from queries.models import SizedStatusCounts, StagingRequestPage, StagingRequestView
 from queries.staging import StagingQueries
 
@@ -58,11 +57,10 @@ def staging_router() -> APIRouter:
                   name="cancel", tag=TAG, roles=OPERATORS, cancel=cancel_body,
                   summary="Cancel a staging request (not once completed)")
 
-    @r.get("/staging", dependencies=[allow(READERS)], tags=["staging"],
-           response_model=StagingRequestPage, responses=LIST_RESPONSES,
-           summary="The staging queue: staging requests (filters, time range, sort, pages)",
-           description="Smart query: requests of pending commands lead the first page "
-           "(`pending: true`).")
+    @list_route(r, "/staging", StagingRequestPage, tag=TAG,
+                summary="The staging queue: staging requests (filters, time range, sort, pages)",
+                description="Smart query: requests of pending commands lead the first page "
+                "(`pending: true`).")
     async def list_staging(
         request: Request, response: Response, page: Paging,
         status: Annotated[Literal["pending", "in_progress", "completed", "failed",
