@@ -374,18 +374,20 @@ async def smart_row(request: Request, min_position: int | None,
 
 def row_route(router: APIRouter, path: str, read: Callable[[Ledger], Callable[[str], Any]],
               what: str, *, name: str, tag: str, response_model: Any, summary: str,
-              id_type: Any = IdPath) -> None:
+              id_type: Any = IdPath,
+              responses: dict[int | str, dict[str, Any]] = QUERY_RESPONSES) -> None:
     """Declare on ``router`` the smart query of one entity: GET ``path`` (its ``{id}`` an
     ``id_type``) answers ``read(ledger)(id)`` once the read models include ``min_position``,
-    404 naming ``what`` when there is none (``smart_row``); ``QUERY_RESPONSES``, for the
-    roles that may read; ``name`` is the endpoint's (and makes its OpenAPI operation id)."""
+    404 naming ``what`` when there is none (``smart_row``); ``QUERY_RESPONSES`` unless
+    ``responses`` says otherwise, for the roles that may read; ``name`` is the endpoint's
+    (and makes its OpenAPI operation id)."""
 
     async def endpoint(request: Request, id: Any, min_position: int | None = None) -> Any:
         return await smart_row(request, min_position, read(ledger_of(request)), what, id)
 
     add_endpoint(router, "GET", path, endpoint,
                  {"id": id_type, "min_position": (MinPosition, None)}, name=name, tag=tag,
-                 roles=READERS, response_model=response_model, responses=QUERY_RESPONSES,
+                 roles=READERS, response_model=response_model, responses=responses,
                  summary=summary)
 
 

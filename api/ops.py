@@ -6,7 +6,7 @@ Included by ``api.app.create_app``."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import orjson
@@ -22,7 +22,6 @@ from api.deps import (
     IdPath,
     MinPosition,
     as_str,
-    caught_up,
     command_route,
     counts_route,
     feature_router,
@@ -45,7 +44,7 @@ from commands.processing import (
 from domain.accounts import OPERATORS, READERS
 from infra.object_store import content_disposition
 from queries.counts import job_counts
-from queries.data_products import lineage_document, product_download, product_row
+from queries.data_products import lineage_document, product_download
 from queries.models import READ_MODELS_DESCRIPTION, ProcessingJobCounts, ReadModelsState
 from queries.processing_plans import (
     catalog_job,
@@ -54,7 +53,6 @@ from queries.processing_plans import (
     process_job,
 )
 
-J = TypeVar("J", IngestRequest, ProcessRequest, CatalogRequest)
 JOBS_TAG = "processing jobs"
 PRODUCTS_TAG = "data products"
 #: Data products are read from the read models alone (no pending rows): ``Link`` on the 200.
@@ -391,9 +389,9 @@ def ops_router() -> APIRouter:
                    status: Annotated[JOB_STATUSES | None, Query()] = None,
                    kind: Annotated[JOB_KINDS | None, Query()] = None,
                    min_position: MinPosition = None) -> Any:
-        jobs = ledger_of(request).processing.list_jobs
+        listed = ledger_of(request).processing.list_jobs
         return await read_page(request, response, page, min_position,
-                               lambda limit, offset: jobs(status, kind, limit, offset))
+                               lambda limit, offset: listed(status, kind, limit, offset))
 
     row_route(r, "/ops/jobs/{id}", lambda lg: lg.processing.job, "processing job",
               name="job", tag=JOBS_TAG, response_model=JobView,
@@ -423,12 +421,9 @@ def ops_router() -> APIRouter:
             status=status, kind=kind, job_id=as_str(job_id), result_id=as_str(result_id),
             catalogued_only=True, limit=limit, offset=offset))
 
-    @r.get("/products/{id}", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
-           response_model=ProductView, responses=ERRORS,
-           summary="One data product: type, size, checksum, metrics, status, inputs")
-    async def product(request: Request, id: IdPath, min_position: MinPosition = None) -> Any:
-        await caught_up(request, min_position)
-        return await run_in_threadpool(product_row, ledger_of(request).processing, id)
+    row_route(r, "/products/{id}", lambda lg: lg.processing.product, "data product",
+              name="product", tag=PRODUCTS_TAG, response_model=ProductView, responses=ERRORS,
+              summary="One data product: type, size, checksum, metrics, status, inputs")
 
     @r.get("/products/{id}/download", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
            response_model=DownloadView,
