@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
@@ -26,22 +27,23 @@ from starlette.concurrency import run_in_threadpool
 from api.accounts import AUTH_ERRORS, allow, principal_of
 from api.errors import (
     READ_MODELS_HEADER,
-    RETRY_AFTER_DOC,
     STATUS_OF_CODE,
     ApiError,
-    ErrorResponse,
     QueryTime,
+    as_utc,
+    error_doc,
 )
 from api.paging import LINK_HEADER, PageRequest, paged, paging
 from api.routing import GuardedRoute
 from bootstrap.ledger import Ledger
 from commands.models import CommandModel
 from commands.service import outcome_body
-from domain.accounts import CRITICAL_WRITERS
+from domain.accounts import CRITICAL_WRITERS, READERS
 from infra.availability import READ_MODEL_DB, READ_MODEL_ERRORS, read_models_state
 from infra.journal import ACCEPTED, REJECTED
 from infra.logs import command_id_var, correlation_id_var
 from queries.models import Page
+from queries.service import QueryService
 
 P = TypeVar("P", bound=Page)
 #: What an ``Idempotency-Key`` or ``X-Correlation-ID`` may be.
@@ -63,15 +65,14 @@ class CommandAccepted(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Malformed JSON"},
-    404: {"model": ErrorResponse, "description": "Unknown entity"},
-    409: {"model": ErrorResponse, "description": "Not allowed in the entity's state"},
-    413: {"model": ErrorResponse, "description": "Body too large"},
-    422: {"model": ErrorResponse, "description": "Validation failed"},
-    503: {"model": ErrorResponse, "description": "A store does not answer: the event store, "
-          "or the read models when the journal cannot answer alone (docs/OPERATIONS.md, "
-          "\"During an outage\"). Commands are still acknowledged.",
-          "headers": {"Retry-After": RETRY_AFTER_DOC}},
+    400: error_doc("Malformed JSON"),
+    404: error_doc("Unknown entity"),
+    409: error_doc("Not allowed in the entity's state"),
+    413: error_doc("Body too large"),
+    422: error_doc("Validation failed"),
+    503: error_doc("A store does not answer: the event store, or the read models when the "
+                   "journal cannot answer alone (docs/OPERATIONS.md, \"During an outage\"). "
+                   "Commands are still acknowledged.", retry_after=True),
     **AUTH_ERRORS,
 }
 #: Smart queries: their 200 may come from the journal alone while the read models are down.
@@ -178,6 +179,10 @@ RegisteredFrom = Annotated[QueryTime | None, query_time(
 RegisteredTo = Annotated[QueryTime | None, query_time("Registered before")]
 RequestedFrom = Annotated[QueryTime | None, query_time("Requested at or after")]
 RequestedTo = Annotated[QueryTime | None, query_time("Requested before")]
+#: A count's time window: the names and types of its two query parameters (from, to).
+Window = tuple[tuple[str, Any], tuple[str, Any]]
+REGISTERED: Window = (("registered_from", RegisteredFrom), ("registered_to", RegisteredTo))
+REQUESTED: Window = (("requested_from", RequestedFrom), ("requested_to", RequestedTo))
 
 
 def json_response(body: Any, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -243,6 +248,15 @@ class CancelBody(CommandModel):
     reason: str | None = None
 
 
+#: A cancel's optional reason, a query parameter (a DELETE has no body).
+CancelReason = Annotated[str | None, Query(max_length=2000, pattern=r"^[^\x00]*$")]
+
+
+def cancel_body(reason: str | None) -> CommandModel:
+    """What a cancel without a request model of its own journals: its reason, or no body."""
+    return CancelBody(reason=reason) if reason else NoBody()
+
+
 def plain_command(command_type: str, model: type[CommandModel]) -> Any:
     """Mark a route whose endpoint is exactly ``submit(ledger, ctx, command_type, body)``:
     the plain command lane (``api.app.ObsLedgerAPI``) may answer its requests."""
@@ -255,12 +269,32 @@ def plain_command(command_type: str, model: type[CommandModel]) -> Any:
 _PATH_PARAMETER = re.compile(r"{(\w+)}")
 
 
+def add_endpoint(router: APIRouter, method: str, path: str, endpoint: Callable[..., Any],
+                 parameters: dict[str, Any], *, name: str, tag: str, roles: frozenset[str],
+                 **route: Any) -> None:
+    """Add ``endpoint`` to ``router`` as ``name`` (its OpenAPI operation id), its parameters
+    as FastAPI reads them: ``request`` then ``parameters`` (name → annotation, or
+    (annotation, default)); ``roles`` are checked before the body is read."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    signature = [inspect.Parameter("request", kw, annotation=Request)]
+    for n, a in parameters.items():
+        annotation, default = a if isinstance(a, tuple) else (a, inspect.Parameter.empty)
+        signature.append(inspect.Parameter(n, kw, annotation=annotation, default=default))
+    endpoint.__signature__ = inspect.Signature(signature)  # type: ignore[attr-defined]
+    endpoint.__name__ = endpoint.__qualname__ = name
+    router.add_api_route(path, endpoint, methods=[method], name=name,
+                         dependencies=[allow(roles)], tags=[tag], **route)
+
+
 def command_route(router: APIRouter, method: Literal["POST", "PUT", "DELETE"], path: str,
                   command_type: str, body: type[CommandModel] | None, *, name: str,
                   tag: str, summary: str, description: str | None = None,
                   roles: frozenset[str] = CRITICAL_WRITERS,
                   path_types: dict[str, Any] | None = None,
-                  path_names: dict[str, str] | None = None, plain: bool = False) -> None:
+                  path_names: dict[str, str] | None = None, plain: bool = False,
+                  cancel: Callable[[str | None], CommandModel] | None = None,
+                  prepare: Callable[[Ledger, Any], CommandModel] | None = None,
+                  responses: dict[int | str, dict[str, Any]] | None = None) -> None:
     """Declare on ``router`` a route whose endpoint only submits ``command_type``: the request
     ``body`` (or, with None, no body: ``NoBody`` is journaled) and the path's parameters
     (each an ``IdPath`` unless ``path_types`` says otherwise) go to ``submit`` as they are
@@ -268,33 +302,38 @@ def command_route(router: APIRouter, method: Literal["POST", "PUT", "DELETE"], p
     202 ``CommandAccepted`` with ``COMMAND_RESPONSES``; ``roles`` are checked before the body
     is read; ``name`` is the endpoint's (and makes its OpenAPI operation id). ``plain``
     offers its requests to the plain command lane (a POST with a body and no path
-    parameter)."""
+    parameter). ``cancel`` makes it a cancel: no request body, the journaled body is
+    ``cancel`` of the optional ``reason`` query parameter. ``prepare`` makes the journaled
+    command of the request body (in a worker thread: it may look things up, and refuse);
+    ``responses`` are documented besides ``COMMAND_RESPONSES``."""
     ids = _PATH_PARAMETER.findall(path)
-    kw = inspect.Parameter.KEYWORD_ONLY
-    parameters = [inspect.Parameter("request", kw, annotation=Request)]
-    parameters += [inspect.Parameter(n, kw, annotation=(path_types or {}).get(n, IdPath))
-                   for n in ids]
+    parameters: dict[str, Any] = {n: (path_types or {}).get(n, IdPath) for n in ids}
     if body is not None:
-        parameters.append(inspect.Parameter("body", kw, annotation=body))
-    parameters.append(inspect.Parameter("ctx", kw, annotation=Ctx))
+        parameters["body"] = body
+    parameters["ctx"] = Ctx
+    if cancel is not None:
+        parameters["reason"] = (CancelReason, None)
 
     async def endpoint(request: Request, ctx: RequestContext, body: CommandModel | None = None,
-                       **path_ids: Any) -> Response:
+                       reason: str | None = None, **path_ids: Any) -> Response:
         path = {(path_names or {}).get(k, k): v for k, v in path_ids.items()}
-        return await submit(ledger_of(request), ctx, command_type,
-                            body if body is not None else NoBody(), path or None)
+        ledger = ledger_of(request)
+        if cancel is not None:
+            body = cancel(reason)
+        if prepare is not None:
+            body = await run_in_threadpool(prepare, ledger, body)
+        return await submit(ledger, ctx, command_type, body if body is not None else NoBody(),
+                            path or None)
 
-    endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        parameters, return_annotation=Response)
-    endpoint.__name__ = endpoint.__qualname__ = name
     if plain:
-        if method != "POST" or body is None or ids:
-            raise ValueError(f"{path}: only a POST with a body and no path parameter is plain")
+        if method != "POST" or body is None or ids or prepare is not None:
+            raise ValueError(f"{path}: only a POST of its body, without path parameters, is "
+                             "plain")
         plain_command(command_type, body)(endpoint)
-    router.add_api_route(path, endpoint, methods=[method], name=name,
-                         dependencies=[allow(roles)], tags=[tag], status_code=202,
-                         response_model=CommandAccepted, responses=COMMAND_RESPONSES,
-                         summary=summary, description=description)
+    add_endpoint(router, method, path, endpoint, parameters, name=name, tag=tag, roles=roles,
+                 status_code=202, response_model=CommandAccepted,
+                 responses={**COMMAND_RESPONSES, **(responses or {})}, summary=summary,
+                 description=description)
 
 
 async def caught_up(request: Request, min_position: int | None) -> None:
@@ -333,6 +372,56 @@ async def smart_row(request: Request, min_position: int | None,
     return row
 
 
+def row_route(router: APIRouter, path: str, read: Callable[[Ledger], Callable[[str], Any]],
+              what: str, *, name: str, tag: str, response_model: Any, summary: str,
+              id_type: Any = IdPath,
+              responses: dict[int | str, dict[str, Any]] = QUERY_RESPONSES) -> None:
+    """Declare on ``router`` the smart query of one entity: GET ``path`` (its ``{id}`` an
+    ``id_type``) answers ``read(ledger)(id)`` once the read models include ``min_position``,
+    404 naming ``what`` when there is none (``smart_row``); ``QUERY_RESPONSES`` unless
+    ``responses`` says otherwise, for the roles that may read; ``name`` is the endpoint's
+    (and makes its OpenAPI operation id)."""
+
+    async def endpoint(request: Request, id: Any, min_position: int | None = None) -> Any:
+        return await smart_row(request, min_position, read(ledger_of(request)), what, id)
+
+    add_endpoint(router, "GET", path, endpoint,
+                 {"id": id_type, "min_position": (MinPosition, None)}, name=name, tag=tag,
+                 roles=READERS, response_model=response_model, responses=responses,
+                 summary=summary)
+
+
+def counts_route(router: APIRouter, path: str,
+                 count: Callable[[QueryService, datetime | None, datetime | None], Any], *,
+                 window: Window, name: str, tag: str, response_model: Any,
+                 summary: str) -> None:
+    """Declare on ``router`` counts from the read models: GET ``path`` answers
+    ``count(queries, from, to)`` in a worker thread, the bounds (UTC) from the ``window``'s
+    two query parameters; ``COUNT_RESPONSES``, for the roles that may read."""
+    (start, start_type), (end, end_type) = window
+
+    async def endpoint(request: Request, **bounds: datetime | None) -> Any:
+        return await run_in_threadpool(count, ledger_of(request).queries,
+                                       as_utc(bounds[start]), as_utc(bounds[end]))
+
+    add_endpoint(router, "GET", path, endpoint,
+                 {start: (start_type, None), end: (end_type, None)}, name=name, tag=tag,
+                 roles=READERS, response_model=response_model, responses=COUNT_RESPONSES,
+                 summary=summary)
+
+
+def list_route(router: APIRouter, path: str, page_model: Any, *, tag: str, summary: str,
+               description: str | None = None,
+               responses: dict[int | str, dict[str, Any]] = LIST_RESPONSES,
+               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a paged list (a decorator): GET ``path`` for the roles that may read,
+    answering a ``page_model``, with ``LIST_RESPONSES`` (``Link`` on the 200) unless
+    ``responses`` says otherwise."""
+    return router.get(path, dependencies=[allow(READERS)], tags=[tag],
+                      response_model=page_model, responses=responses, summary=summary,
+                      description=description)
+
+
 async def smart_page(request: Request, response: Response, page: PageRequest,
                      min_position: int | None, model: type[P],
                      query: Callable[..., tuple[int | None, int | None, list[Any], int]],
@@ -346,6 +435,21 @@ async def smart_page(request: Request, response: Response, page: PageRequest,
     return model(items=items, total=total, limit=page.limit, offset=page.offset,
                  pending_count=pending, read_model_position=pos,
                  read_models=read_models_state())
+
+
+async def read_page(request: Request, response: Response, page: PageRequest,
+                    min_position: int | None,
+                    query: Callable[[int, int], tuple[int | None, int | None, list[Any]]],
+                    ) -> dict[str, Any]:
+    """A page of a list without pending counts: ``query(limit, offset)`` (read-model position,
+    total, items) in a worker thread once the read models include ``min_position``, the
+    ``Link`` header set. ``skip`` (the deprecated ``offset``) and ``read_models`` are left out
+    by the pages that do not have them."""
+    await caught_up(request, min_position)
+    pos, total, items = await run_in_threadpool(query, page.limit, page.offset)
+    paged(request, response, page, total)
+    return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
+            "skip": page.offset, "read_model_position": pos, "read_models": read_models_state()}
 
 
 def feature_router() -> APIRouter:

@@ -5,6 +5,7 @@ wheel): an observatory without internet still reads them. No page references ano
 
 from __future__ import annotations
 
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from starlette.responses import HTMLResponse
 #: Where the assets are served.
 ASSETS_URL = "/docs-assets"
 ASSETS_DIR = Path(str(files("fastapi_offline") / "static"))
+FAVICON = f"{ASSETS_URL}/favicon.png"
 
 
 def install_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") -> None:
@@ -33,14 +35,13 @@ def install_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc
 
     @app.get(docs_url, include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
+        at = partial(rooted, request)
         return get_swagger_ui_html(
-            openapi_url=f"{root}{openapi_url}", title=f"{app.title} - Swagger UI",
-            oauth2_redirect_url=f"{root}{oauth2_redirect_url}",
-            swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
-            swagger_ui_parameters=app.swagger_ui_parameters)
+            openapi_url=at(openapi_url), title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=at(oauth2_redirect_url),
+            swagger_js_url=at(f"{ASSETS_URL}/swagger-ui-bundle.js"),
+            swagger_css_url=at(f"{ASSETS_URL}/swagger-ui.css"),
+            swagger_favicon_url=at(FAVICON), swagger_ui_parameters=app.swagger_ui_parameters)
 
     @app.get(oauth2_redirect_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
@@ -48,8 +49,13 @@ def install_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc
 
     @app.get(redoc_url, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
+        at = partial(rooted, request)
         return get_redoc_html(
-            openapi_url=f"{root}{openapi_url}", title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png", with_google_fonts=False)
+            openapi_url=at(openapi_url), title=f"{app.title} - ReDoc",
+            redoc_js_url=at(f"{ASSETS_URL}/redoc.standalone.js"),
+            redoc_favicon_url=at(FAVICON), with_google_fonts=False)
+
+
+def rooted(request: Request, path: str) -> str:
+    """``path`` below the root path the application is served under (behind a proxy)."""
+    return f"{request.scope.get('root_path', '')}{path}"

@@ -32,7 +32,9 @@ from infra.availability import (
     unavailable_part,
 )
 from infra.event_store import StoreUnavailable
+from infra.mast_archive import ArchiveError
 from infra.read_model_db import ReadModelsUnavailable
+from queries.refusals import Refusal
 
 log = logging.getLogger("obsledger.api")
 
@@ -55,6 +57,10 @@ STATUS_OF_CODE = {
     "internal": 422,
     "rejected": 422,
 }
+#: HTTP status for each refusal of a lookup made before journaling (``queries.refusals``).
+STATUS_OF_REFUSAL = {**STATUS_OF_CODE, "unavailable": 503}
+#: The ``detail`` of a MAST archive error, by its status.
+ARCHIVE_DETAIL = {404: "Unknown target", 422: "Validation failed"}
 
 
 class ORJSONResponse(Response):
@@ -78,6 +84,15 @@ class ErrorResponse(BaseModel):
         "detail": "Validation failed", "status_code": 422,
         "errors": [{"field": "files.3.size", "message": "Input should be greater than or "
                     "equal to 0"}]}]}}
+
+
+def error_doc(description: str, retry_after: bool = False) -> dict[str, Any]:
+    """A documented error answer (a route's ``responses``): the error format, and
+    ``Retry-After`` when the answer tells the client when to retry."""
+    doc: dict[str, Any] = {"model": ErrorResponse, "description": description}
+    if retry_after:
+        doc["headers"] = {"Retry-After": RETRY_AFTER_DOC}
+    return doc
 
 
 def error_response(status: int, detail: str, errors: list[dict[str, str]] | None = None,
@@ -175,6 +190,21 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> ORJSONResponse:
         return error_response(exc.status, exc.detail, exc.errors, headers=exc.headers)
+
+    @app.exception_handler(Refusal)
+    async def _refusal(_: Request, exc: Refusal) -> ORJSONResponse:
+        errors = [{"field": exc.field, "message": exc.message}] if exc.field else []
+        headers = None if exc.retry_after_s is None else {
+            "Retry-After": str(exc.retry_after_s)}
+        return error_response(STATUS_OF_REFUSAL.get(exc.code, 422), exc.detail, errors,
+                              headers=headers)
+
+    @app.exception_handler(ArchiveError)
+    async def _archive(_: Request, exc: ArchiveError) -> ORJSONResponse:
+        """MAST refused or failed a search or a download's lookup: its status, the field at
+        fault (``mast`` when none)."""
+        return error_response(exc.status, ARCHIVE_DETAIL.get(exc.status, "MAST unavailable"),
+                              [{"field": exc.field or "mast", "message": exc.message}])
 
     async def _unavailable(request: Request, exc: Exception) -> ORJSONResponse:
         """A store that does not answer, wherever it surfaced: 503 with Retry-After (never

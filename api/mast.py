@@ -4,8 +4,8 @@ Included by ``api.app.create_app``."""
 
 from __future__ import annotations
 
-import posixpath
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -27,62 +27,53 @@ from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
-    COMMAND_RESPONSES,
-    COUNT_RESPONSES,
     ERRORS,
-    LIST_RESPONSES,
     QUERY_RESPONSES,
-    CancelBody,
-    CommandAccepted,
-    Ctx,
+    REQUESTED,
     IdPath,
     MinPosition,
-    NoBody,
     Paging,
-    RequestedFrom,
-    RequestedTo,
+    cancel_body,
     command_route,
+    counts_route,
+    feature_router,
     ledger_of,
+    list_route,
+    read_page,
     smart_row,
-    submit,
 )
-from api.errors import RETRY_AFTER_DOC, ApiError, ErrorResponse, as_utc
-from api.paging import paged
-from api.routing import GuardedRoute
+from api.errors import ApiError, error_doc
 from bootstrap.ledger import Ledger
 from commands.downloads import (
     DEFAULT_CHUNK_SIZE,
     DownloadCommand,
-    DownloadFileSpec,
-    ProductFilters,
     RequestDownload,
     StartDownloadRequest,
 )
 from commands.models import document_storable
-from domain.accounts import CRITICAL_WRITERS, OPERATORS, READERS
-from infra.availability import read_models_state
-from infra.mast_archive import (
-    ArchiveError,
-    MastArchive,
-    download_url,
-    parse_coordinates,
-    table_rows,
-)
+from domain.accounts import OPERATORS, READERS
+from infra.mast_archive import MastArchive, parse_coordinates
 from queries.counts import download_counts
 from queries.downloads import with_live
+from queries.mast_search import (
+    download_job,
+    observation_criteria,
+    observation_filters,
+    search,
+)
+from queries.mast_search import (  # re-exported: api/download_cli.py imports it from here
+    resolve_files as resolve_files,
+)
 from queries.models import READ_MODELS_DESCRIPTION, ReadModelsState, SizedStatusCounts
 from workers.download_automation import job_dir
 
 SEARCH_TAG = "MAST search"
 DOWNLOAD_TAG = "MAST downloads"
 SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "Unknown target (MAST's name lookup knows "
-          "no such name)"},
-    422: {"model": ErrorResponse, "description": "Bad coordinates, radius or filters; or "
-          "MAST refused the query"},
-    503: {"model": ErrorResponse, "description": "MAST unreachable or failing; or a store of "
-          "the ledger does not answer (then with Retry-After)",
-          "headers": {"Retry-After": RETRY_AFTER_DOC}},
+    404: error_doc("Unknown target (MAST's name lookup knows no such name)"),
+    422: error_doc("Bad coordinates, radius or filters; or MAST refused the query"),
+    503: error_doc("MAST unreachable or failing; or a store of the ledger does not answer "
+                   "(then with Retry-After)", retry_after=True),
 }
 
 
@@ -309,129 +300,32 @@ class DownloadJobPage(BaseModel):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def archive(ledger: Ledger) -> MastArchive:
-    s = ledger.settings
-    return MastArchive(s.mast_base_url, s.mast_timeout_s)
+async def _search(request: Request, body: _Search, query: Callable[[MastArchive], Any]) -> Any:
+    return await run_in_threadpool(search, ledger_of(request), body, query)
 
 
-def _archive_error(e: ArchiveError) -> ApiError:
-    detail = {404: "Unknown target", 422: "Validation failed"}.get(e.status, "MAST unavailable")
-    return ApiError(e.status, detail, [{"field": e.field or "mast", "message": e.message}])
-
-
-def product_view(row: dict[str, Any]) -> dict[str, Any]:
-    uri = row.get("dataURI")
-    return {"data_uri": uri, "filename": row.get("productFilename") or (
-                posixpath.basename(uri) if uri else None),
-            "size": row.get("size"), "obs_id": row.get("obs_id"),
-            "obsid": None if row.get("obsID") is None else str(row["obsID"]),
-            "product_type": row.get("productType"),
-            "product_subgroup": row.get("productSubGroupDescription"),
-            "description": row.get("description"), "collection": row.get("obs_collection")}
-
-
-def _product_filters(f: SearchFilters | ProductFilters) -> dict[str, Any]:
-    return {"product_type": f.product_type, "product_subgroup": f.product_subgroup,
-            "calib_level": f.calib_level, "extension": f.extension}
-
-
-def _search_answer(ledger: Ledger, table: Any, body: _Search) -> dict[str, Any]:
-    rows = table_rows(table, body.limit)
-    answer: dict[str, Any] = {"count": len(table), "observations": rows, "products": None}
-    if body.include_products:
-        obsids = [str(r["obsid"]) for r in rows if r.get("obsid") is not None]
-        products: dict[str, list[dict[str, Any]]] = {o: [] for o in obsids}
-        if obsids:
-            table = archive(ledger).products(obsids, _product_filters(body.filters))
-            for row in table_rows(table):
-                view = product_view(row)
-                products.setdefault(view["obsid"] or "", []).append(view)
-        answer["products"] = products
-    return answer
-
-
-async def _search(request: Request, body: _Search, run: Any) -> Any:
-    ledger = ledger_of(request)
-    try:
-        return await run_in_threadpool(lambda: _search_answer(ledger, run(archive(ledger)), body))
-    except ArchiveError as e:
-        raise _archive_error(e) from None
-
-
-def _filters(body: _Search) -> dict[str, Any]:
-    f = body.filters
-    return {"collection": f.collection, "instrument": f.instrument,
-            "calib_level": f.calib_level, "dataproduct_type": f.dataproduct_type}
-
-
-def resolve_files(ledger: Ledger, body: StartDownloadRequest) -> list[DownloadFileSpec]:
-    """The files of a download request: its products, or the products of its obs_id."""
-    base = ledger.settings.mast_base_url
-    if body.products is not None:
-        products = [p.model_dump() for p in body.products]
-    else:
-        mast = archive(ledger)
-        table = mast.by_criteria("observation search", "obs_id", obs_id=body.obs_id)
-        obsids = [str(r["obsid"]) for r in table_rows(table) if r.get("obsid") is not None]
-        if not obsids:
-            raise ArchiveError(404, f"MAST has no observation {body.obs_id}", "obs_id")
-        products = [product_view(r) for r in table_rows(
-            mast.products(obsids, _product_filters(body.filters)))]
-        products = [p for p in products if p["data_uri"]][:body.filters.max_files]
-        if not products:
-            raise ArchiveError(404, f"no product of {body.obs_id} matches the filters",
-                               "filters")
-    files = []
-    seen: set[str] = set()
-    for i, p in enumerate(products):
-        name = p.get("filename") or posixpath.basename(p["data_uri"])
-        if name in seen:
-            continue
-        seen.add(name)
+def _download_job(mode: Literal["stream", "chunked"],
+                  ) -> Callable[[Ledger, StartDownloadRequest], RequestDownload]:
+    """The download job of a request, in ``mode``: 422 for a destination outside the
+    download root, then its files resolved (``queries.mast_search.download_job``)."""
+    def prepare(ledger: Ledger, body: StartDownloadRequest) -> RequestDownload:
         try:
-            files.append(DownloadFileSpec(
-                url=download_url(base, p["data_uri"]), filename=name, data_uri=p["data_uri"],
-                obs_id=p.get("obs_id"), obsid=p.get("obsid"),
-                product_type=p.get("product_type"), instrument=p.get("instrument"),
-                size=p.get("size")))
+            job_dir(ledger.settings, body.destination)
         except ValueError as e:
-            raise ArchiveError(422, f"product {i} ({name}): {e}", f"products.{i}") from e
-    return files
-
-
-async def _start(request: Request, body: StartDownloadRequest, ctx: Any,
-                 mode: Literal["stream", "chunked"]) -> Response:
-    ledger = ledger_of(request)
-    try:
-        job_dir(ledger.settings, body.destination)
-    except ValueError as e:
-        raise ApiError(422, "Validation failed", [{"field": "destination",
-                                                    "message": str(e)}]) from None
-    try:
-        files = await run_in_threadpool(resolve_files, ledger, body)
-    except ArchiveError as e:
-        raise _archive_error(e) from None
-    command = RequestDownload.model_construct(
-        id=body.id, files=files, destination=body.destination, mode=mode,
-        chunk_size=body.chunk_size or ledger.settings.download_chunk_bytes,
-        register_files=body.register_files)
-    return await submit(ledger, ctx, DownloadCommand.DOWNLOAD_JOB_REQUEST, command)
+            raise ApiError(422, "Validation failed", [{"field": "destination",
+                                                        "message": str(e)}]) from None
+        return download_job(ledger, body, mode)
+    return prepare
 
 
 # -- routes ----------------------------------------------------------------------------------
 def mast_router() -> APIRouter:
-    r = APIRouter(route_class=GuardedRoute)
+    r = feature_router()
 
-    @r.get("/mast/download/counts", dependencies=[allow(READERS)], tags=["MAST downloads"],
-           response_model=SizedStatusCounts, responses=COUNT_RESPONSES,
-           summary="MAST download jobs by status, with their bytes")
-    async def download_job_counts(
-        request: Request,
-        requested_from: RequestedFrom = None,
-        requested_to: RequestedTo = None,
-    ) -> Any:
-        return await run_in_threadpool(download_counts, ledger_of(request).queries,
-                                       as_utc(requested_from), as_utc(requested_to))
+    counts_route(r, "/mast/download/counts", download_counts, window=REQUESTED,
+                 name="download_job_counts", tag=DOWNLOAD_TAG,
+                 response_model=SizedStatusCounts,
+                 summary="MAST download jobs by status, with their bytes")
 
     @r.post("/mast/search/target", dependencies=[allow(READERS)],
             tags=[SEARCH_TAG], response_model=SearchResult,
@@ -444,7 +338,7 @@ def mast_router() -> APIRouter:
             "server. An unknown name answers 404, MAST unreachable 503.")
     async def by_target(request: Request, body: TargetSearch) -> Any:
         return await _search(request, body, lambda a: a.by_target(
-            body.target, body.radius_deg, _filters(body)))
+            body.target, body.radius_deg, observation_filters(body.filters)))
 
     @r.post("/mast/search/coordinates", dependencies=[allow(READERS)],
             tags=[SEARCH_TAG], response_model=SearchResult,
@@ -453,12 +347,9 @@ def mast_router() -> APIRouter:
             description="RA in degrees or hours (`05:35:17.3`), Dec in degrees; bad or out of "
             "range coordinates answer 422 naming the field.")
     async def by_coordinates(request: Request, body: CoordinateSearch) -> Any:
-        try:
-            coordinates = parse_coordinates(body.ra, body.dec)
-        except ArchiveError as e:
-            raise _archive_error(e) from None
+        coordinates = parse_coordinates(body.ra, body.dec)
         return await _search(request, body, lambda a: a.by_coordinates(
-            coordinates, body.radius_deg, _filters(body)))
+            coordinates, body.radius_deg, observation_filters(body.filters)))
 
     @r.post("/mast/search/observation", dependencies=[allow(READERS)],
             tags=[SEARCH_TAG], response_model=SearchResult,
@@ -467,7 +358,7 @@ def mast_router() -> APIRouter:
     async def by_observation(request: Request, body: ObservationSearch) -> Any:
         return await _search(request, body, lambda a: a.by_criteria(
             "observation search", "obs_id", obs_id=body.obs_id,
-            **_mast_criteria(body)))
+            **observation_criteria(body.filters)))
 
     @r.post("/mast/search/program", dependencies=[allow(READERS)],
             tags=[SEARCH_TAG], response_model=SearchResult,
@@ -477,7 +368,7 @@ def mast_router() -> APIRouter:
     async def by_program(request: Request, body: ProgramSearch) -> Any:
         return await _search(request, body, lambda a: a.by_criteria(
             "program search", "proposal_id", proposal_id=body.proposal_id,
-            **_mast_criteria(body)))
+            **observation_criteria(body.filters)))
 
     start_description = (
         "Give `products` (rows of a search's product lists) or an `obs_id` with `filters`; "
@@ -486,24 +377,18 @@ def mast_router() -> APIRouter:
         "checkpoints and completion; after a crash it resumes from the last checkpoint. "
         "Completed FITS files are verified with astropy and registered as raw data files.")
 
-    @r.post("/mast/download/start", dependencies=[allow(CRITICAL_WRITERS)],
-            tags=[DOWNLOAD_TAG], status_code=202,
-            response_model=CommandAccepted,
-            responses={**COMMAND_RESPONSES, **SEARCH_ERRORS},
-            summary="Start a download job: each file in one streamed request (critical)",
-            description=start_description + " A broken stream resumes with a Range request.")
-    async def start(request: Request, body: StartDownloadRequest, ctx: Ctx) -> Response:
-        return await _start(request, body, ctx, "stream")
-
-    @r.post("/mast/download/start-chunked", dependencies=[allow(CRITICAL_WRITERS)],
-            tags=[DOWNLOAD_TAG], status_code=202,
-            response_model=CommandAccepted,
-            responses={**COMMAND_RESPONSES, **SEARCH_ERRORS},
-            summary="Start a download job in Range chunks (5 MB default) with progress",
-            description=start_description + " Each request asks for `chunk_size` bytes.")
-    async def start_chunked(request: Request, body: StartDownloadRequest,
-                            ctx: Ctx) -> Response:
-        return await _start(request, body, ctx, "chunked")
+    command_route(r, "POST", "/mast/download/start", DownloadCommand.DOWNLOAD_JOB_REQUEST,
+                  StartDownloadRequest, name="start", tag=DOWNLOAD_TAG,
+                  prepare=_download_job("stream"), responses=SEARCH_ERRORS,
+                  summary="Start a download job: each file in one streamed request (critical)",
+                  description=start_description + " A broken stream resumes with a Range "
+                  "request.")
+    command_route(r, "POST", "/mast/download/start-chunked",
+                  DownloadCommand.DOWNLOAD_JOB_REQUEST, StartDownloadRequest,
+                  name="start_chunked", tag=DOWNLOAD_TAG, prepare=_download_job("chunked"),
+                  responses=SEARCH_ERRORS,
+                  summary="Start a download job in Range chunks (5 MB default) with progress",
+                  description=start_description + " Each request asks for `chunk_size` bytes.")
 
     @r.get("/mast/download/progress/{job_id}", dependencies=[allow(READERS)],
            tags=[DOWNLOAD_TAG],
@@ -531,49 +416,29 @@ def mast_router() -> APIRouter:
                   roles=OPERATORS, path_names={"job_id": "id"},
                   summary="Resume a paused or failed job from its last checkpoints")
 
-    @r.get("/mast/download/resumable", dependencies=[allow(READERS)],
-           tags=[DOWNLOAD_TAG], response_model=DownloadJobPage,
-           responses=LIST_RESPONSES, summary="Jobs that can be resumed (paused or failed)")
+    @list_route(r, "/mast/download/resumable", DownloadJobPage, tag=DOWNLOAD_TAG,
+                summary="Jobs that can be resumed (paused or failed)")
     async def resumable(request: Request, response: Response,
                         page: Paging) -> Any:
-        pos, total, items = await run_in_threadpool(
-            ledger_of(request).downloads.list_jobs, ("paused", "failed"), page.limit,
-            page.offset)
-        paged(request, response, page, total)
-        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
-                "read_model_position": pos, "read_models": read_models_state()}
+        listed = ledger_of(request).downloads.list_jobs
+        return await read_page(request, response, page, None, lambda limit, offset: listed(
+            ("paused", "failed"), limit, offset))
 
-    @r.get("/mast/download/jobs", dependencies=[allow(READERS)],
-           tags=[DOWNLOAD_TAG], response_model=DownloadJobPage,
-           responses=LIST_RESPONSES, summary="Download jobs, newest first (smart query)")
+    @list_route(r, "/mast/download/jobs", DownloadJobPage, tag=DOWNLOAD_TAG,
+                summary="Download jobs, newest first (smart query)")
     async def jobs(request: Request, response: Response,
                    page: Paging,
                    status: Annotated[Literal["requested", "running", "paused", "failed",
                                              "completed", "cancelled"] | None, Query()] = None
                    ) -> Any:
-        pos, total, items = await run_in_threadpool(
-            ledger_of(request).downloads.list_jobs, (status,) if status else None, page.limit,
-            page.offset)
-        paged(request, response, page, total)
-        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
-                "read_model_position": pos, "read_models": read_models_state()}
+        listed = ledger_of(request).downloads.list_jobs
+        return await read_page(request, response, page, None, lambda limit, offset: listed(
+            (status,) if status else None, limit, offset))
 
-    @r.delete("/mast/download/{job_id}", dependencies=[allow(OPERATORS)],
-              tags=[DOWNLOAD_TAG], status_code=202,
-              response_model=CommandAccepted, responses=COMMAND_RESPONSES,
-              summary="Cancel a job; its partial files are removed after the retention")
-    async def cancel(request: Request, job_id: IdPath, ctx: Ctx,
-                     reason: Annotated[str | None, Query(
-                         max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
-        body = CancelBody(reason=reason) if reason else NoBody()
-        return await submit(ledger_of(request), ctx, DownloadCommand.DOWNLOAD_JOB_CANCEL, body,
-                             {"id": job_id})
+    command_route(r, "DELETE", "/mast/download/{job_id}", DownloadCommand.DOWNLOAD_JOB_CANCEL,
+                  None, name="cancel", tag=DOWNLOAD_TAG, roles=OPERATORS,
+                  path_names={"job_id": "id"}, cancel=cancel_body,
+                  summary="Cancel a job; its partial files are removed after the retention")
 
     return r
 
-
-def _mast_criteria(body: _Search) -> dict[str, Any]:
-    return {k: v for k, v in {
-        "obs_collection": body.filters.collection, "instrument_name": body.filters.instrument,
-        "calib_level": body.filters.calib_level,
-        "dataproduct_type": body.filters.dataproduct_type}.items() if v is not None}

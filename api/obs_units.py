@@ -11,18 +11,19 @@ from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
-    COUNT_RESPONSES,
-    LIST_RESPONSES,
     QUERY_RESPONSES,
     MinPosition,
     Paging,
+    Window,
     caught_up,
     command_route,
+    counts_route,
     feature_router,
     ledger_of,
+    list_route,
     query_time,
+    row_route,
     smart_page,
-    smart_row,
 )
 from api.errors import QueryTime, as_utc
 from commands.obs_units import (
@@ -41,6 +42,10 @@ from queries.models import (
 )
 
 TAG = "executed obs units"
+#: The window of the executions' counts: when they started.
+STARTED: Window = (
+    ("start_from", Annotated[QueryTime | None, query_time("Started at or after")]),
+    ("start_to", Annotated[QueryTime | None, query_time("Started before")]))
 
 
 def obs_units_router() -> APIRouter:
@@ -53,20 +58,13 @@ def obs_units_router() -> APIRouter:
                   name="finish_unit", tag=TAG,
                   summary="Finish an executed obs unit: success, failed or aborted (critical)")
 
-    @r.get("/executed_obs_units/counts", dependencies=[allow(READERS)],
-           tags=["executed obs units"], response_model=ExecutedObsUnitCounts,
-           responses=COUNT_RESPONSES, summary="Executed obs units by status and instrument")
-    async def executed_obs_unit_counts(
-        request: Request,
-        start_from: Annotated[QueryTime | None, query_time("Started at or after")] = None,
-        start_to: Annotated[QueryTime | None, query_time("Started before")] = None,
-    ) -> Any:
-        return await run_in_threadpool(unit_counts, ledger_of(request).queries,
-                                       as_utc(start_from), as_utc(start_to))
+    counts_route(r, "/executed_obs_units/counts", unit_counts, window=STARTED,
+                 name="executed_obs_unit_counts", tag=TAG,
+                 response_model=ExecutedObsUnitCounts,
+                 summary="Executed obs units by status and instrument")
 
-    @r.get("/executed_obs_units", dependencies=[allow(READERS)],
-           tags=[TAG], response_model=ExecutedObsUnitPage,
-           responses=LIST_RESPONSES, summary="Executed obs units for dashboards (filters, pages)")
+    @list_route(r, "/executed_obs_units", ExecutedObsUnitPage, tag=TAG,
+                summary="Executed obs units for dashboards (filters, pages)")
     async def list_units(
         request: Request, response: Response,
         page: Paging,
@@ -87,13 +85,10 @@ def obs_units_router() -> APIRouter:
             start_from=as_utc(start_from), start_to=as_utc(start_to), obs_unit_id=obs_unit_id,
             sort=sort)
 
-    @r.get("/executed_obs_units/execution/{id}", dependencies=[allow(READERS)],
-           tags=[TAG], response_model=ExecutedObsUnitView, responses=QUERY_RESPONSES,
-           summary="One execution by its id (smart query)")
-    async def get_execution(request: Request, id: UUID,
-                            min_position: MinPosition = None) -> Any:
-        return await smart_row(request, min_position, ledger_of(request).queries.execution,
-                               "executed obs unit", id)
+    row_route(r, "/executed_obs_units/execution/{id}", lambda lg: lg.queries.execution,
+              "executed obs unit", name="get_execution", tag=TAG, id_type=UUID,
+              response_model=ExecutedObsUnitView,
+              summary="One execution by its id (smart query)")
 
     @r.get("/executed_obs_units/{obs_unit_id}", dependencies=[allow(READERS)],
            tags=[TAG], response_model=ExecutionsOfObsUnit, responses=QUERY_RESPONSES,

@@ -6,7 +6,6 @@ Included by ``api.app.create_app``."""
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -14,39 +13,26 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
-    COMMAND_RESPONSES,
-    COUNT_RESPONSES,
     ERRORS,
-    LIST_RESPONSES,
-    QUERY_RESPONSES,
-    CommandAccepted,
-    Ctx,
+    REQUESTED,
     IdPath,
     MinPosition,
-    RequestedFrom,
-    RequestedTo,
-    caught_up,
+    as_str,
+    command_route,
+    counts_route,
+    feature_router,
     ledger_of,
-    not_found,
-    smart_row,
-    submit,
+    list_route,
+    read_page,
+    row_route,
 )
-from api.errors import RETRY_AFTER_DOC, ApiError, ErrorResponse, as_utc
-from api.paging import LINK_HEADER, PageRequest, paged, paging_with_skip
-from api.routing import GuardedRoute
-from bootstrap.ledger import Ledger
-from commands.algorithms import (
-    AlgorithmInput,
-    algorithm,
-    describe,
-    registered_algorithms,
-    validate_inputs,
-)
+from api.errors import error_doc
+from api.paging import LINK_HEADER, PageRequest, paging_with_skip
+from commands.algorithms import describe, registered_algorithms
 from commands.processing import (
     CancelJobRequest,
     CatalogRequest,
@@ -54,18 +40,18 @@ from commands.processing import (
     PlanRequest,
     ProcessingCommand,
     ProcessRequest,
-    RequestProcessingJob,
 )
 from domain.accounts import OPERATORS, READERS
-from domain.raw_data import RawDataFile
-from infra.availability import read_models_state
-from infra.lineage import to_prov_json
-from infra.object_store import Area, ObjectStoreUnavailable, content_disposition
-from infra.read_model_db import ReadModelsUnavailable
+from infra.object_store import content_disposition
 from queries.counts import job_counts
-from queries.lineage import product_lineage
+from queries.data_products import lineage_document, product_download
 from queries.models import READ_MODELS_DESCRIPTION, ProcessingJobCounts, ReadModelsState
-from queries.service import Reading
+from queries.processing_plans import (
+    catalog_job,
+    ingest_job,
+    plan,
+    process_job,
+)
 
 JOBS_TAG = "processing jobs"
 PRODUCTS_TAG = "data products"
@@ -76,9 +62,7 @@ JOB_STATUSES = Literal["requested", "running", "succeeded", "failed", "cancelled
 JOB_KINDS = Literal["ingest", "process", "catalog"]
 PRODUCT_STATUSES = Literal["built", "catalogued", "published", "archived"]
 STORE_ERRORS: dict[int | str, dict[str, Any]] = {
-    503: {"model": ErrorResponse, "description": "Object store or event store unavailable",
-          "headers": {"Retry-After": RETRY_AFTER_DOC}},
-}
+    503: error_doc("Object store or event store unavailable", retry_after=True)}
 
 
 # -- views ------------------------------------------------------------------------------------
@@ -345,146 +329,13 @@ class LineageView(BaseModel):
                        "role": "bias", "classified_from": "IMAGETYP 'BIAS'"}}]}]})
 
 
-# -- helpers ----------------------------------------------------------------------------------
-def _store(ledger: Ledger) -> Any:
-    return ledger.event_store()
-
-
-def _file_input(ledger: Ledger, file_id: UUID, field: str) -> dict[str, Any]:
-    """A raw data file as a job would record it (read model ⊕ journal; FITS facts from the
-    event store when an ingest job recorded them)."""
-    row = ledger.queries.file(str(file_id))
-    if row is None:
-        raise ApiError(404, f"raw data file {file_id} not found",
-                       [{"field": field, "message": "unknown raw data file"}])
-    agg = _store(ledger).get(file_id)
-    metadata = dict(getattr(agg, "fits_metadata", {}) or {}) if isinstance(
-        agg, RawDataFile) else {}
-    return {"file_id": str(file_id), "name": row["name"], "instrument": row["instrument"],
-            "relative_path": row["relative_path"], "size": row["size"],
-            "checksum_algorithm": row["checksum"]["algorithm"],
-            "checksum_value": row["checksum"]["value"], "file_type": row["file_type"],
-            "executed_obs_unit_id": None if row["executed_obs_unit_id"] is None
-            else str(row["executed_obs_unit_id"]), "metadata": metadata}
-
-
-def resolve_inputs(ledger: Ledger, file_ids: list[UUID], result_ids: list[UUID],
-                   ) -> list[dict[str, Any]]:
-    """The raw data files named, then the raw data files contributed to the results named
-    (each file once, in that order); 404 naming the unknown one."""
-    ids: list[tuple[UUID, str]] = [(f, f"file_ids.{i}") for i, f in enumerate(file_ids)]
-    store = _store(ledger)
-    for i, rid in enumerate(result_ids):
-        result = store.get(rid)
-        if result is None or not hasattr(result, "assets"):
-            raise ApiError(404, f"observation result {rid} not found",
-                           [{"field": f"result_ids.{i}", "message": "unknown result"}])
-        files = sorted(a.split(":", 1)[1] for a in result.assets
-                       if a.startswith("raw_data_file:"))
-        if not files:  # the result's state, not the request: 409
-            raise ApiError(409, f"observation result {rid} has no raw data files yet", [{
-                "field": f"result_ids.{i}",
-                "message": f"observation result {rid} has no raw data files yet"}])
-        ids.extend((UUID(f), f"result_ids.{i}") for f in files)
-    seen: set[UUID] = set()
-    inputs = []
-    for fid, field in ids:
-        if fid not in seen:
-            seen.add(fid)
-            inputs.append(_file_input(ledger, fid, field))
-    return inputs
-
-
-def _input_view(i: dict[str, Any]) -> dict[str, Any]:
-    return {"file_id": i["file_id"], "name": i["name"], "instrument": i["instrument"],
-            "relative_path": i["relative_path"], "size": i["size"],
-            "checksum": {"algorithm": i["checksum_algorithm"], "value": i["checksum_value"]},
-            "file_type": i["file_type"], "executed_obs_unit_id": i["executed_obs_unit_id"]}
-
-
-def _local_path(ledger: Ledger, i: dict[str, Any]) -> Path:
-    """Where the worker would find the file (its header is read when it is local)."""
-    try:
-        local = ledger.objects.local_path(Area.RAW, i["relative_path"])
-    except (ValueError, ObjectStoreUnavailable):
-        local = None
-    return local if local is not None and local.is_file() else \
-        ledger.settings.raw_data_dir / i["relative_path"]
-
-
-#: The most raw data files a plan's time window may select (a request's file_ids' limit).
-WINDOW_MAX_FILES = 1000
-
-
-def files_written_in(ledger: Ledger, start: datetime | None, end: datetime | None,
-                     ) -> list[UUID]:
-    """The raw data files written (``created_at``) in [start, end), oldest first, as the read
-    models show them; 422 beyond :data:`WINDOW_MAX_FILES`, 503 while they do not answer."""
-    f = ledger.queries.t.raw_data_files
-    conds = ([f.c.created_at >= start] if start else []) + (
-        [f.c.created_at < end] if end else [])
-
-    def query(r: Reading) -> list[UUID]:
-        if not r.available:
-            raise ReadModelsUnavailable("the read-model database does not answer")
-        return [UUID(x["id"]) for x in r.rows(select(f.c.id).where(*conds).order_by(
-            f.c.created_at, f.c.id).limit(WINDOW_MAX_FILES + 1))]
-
-    found = ledger.queries.read(query)
-    if len(found) > WINDOW_MAX_FILES:
-        raise ApiError(422, "Validation failed", [{
-            "field": "start_time" if start else "end_time",
-            "message": f"the time window selects more than {WINDOW_MAX_FILES} raw data "
-            "files: narrow it"}])
-    return found
-
-
-def plan(ledger: Ledger, body: PlanRequest | ProcessRequest) -> dict[str, Any]:
-    """What a process job would do (records nothing): 422 for an unknown algorithm or bad
-    parameters (what the request says, checked first), 404 for unknown files or results (or a
-    time window in which no raw data file was written), 422 for inputs the algorithm cannot
-    use."""
-    algorithm(body.algorithm, body.algorithm_version).parameters(body.parameters)
-    file_ids = list(body.file_ids)
-    start, end = getattr(body, "start_time", None), getattr(body, "end_time", None)
-    if start or end:
-        written = files_written_in(ledger, start, end)
-        if not written and not (file_ids or body.result_ids):
-            raise ApiError(404, "no raw data file was written in the time window", [{
-                "field": "start_time" if start else "end_time",
-                "message": "no raw data file was written in the time window"}])
-        named = set(file_ids)
-        file_ids += [i for i in written if i not in named]
-    inputs = resolve_inputs(ledger, file_ids, body.result_ids)
-    local = [AlgorithmInput(
-        file_id=UUID(i["file_id"]), name=i["name"], path=_local_path(ledger, i),
-        size=int(i["size"]), checksum=(i["checksum_algorithm"], i["checksum_value"]),
-        file_type=i["file_type"], metadata=i["metadata"]) for i in inputs]
-    algo, params, p = validate_inputs(body.algorithm, body.algorithm_version, local,
-                                      body.parameters)
-    return {"algorithm": algo.name, "algorithm_version": algo.version,
-            "parameters": params.model_dump(mode="json"), "steps": list(p.steps),
-            "inputs": [_input_view(i) for i in inputs], "input_count": len(inputs),
-            "input_bytes": sum(int(i["size"]) for i in inputs),
-            "products": [{"kind": x.kind, "name": x.name, "media_type": x.media_type,
-                          "description": x.description} for x in p.products],
-            "notes": list(p.notes)}
-
-
 # -- routes -----------------------------------------------------------------------------------
 def ops_router() -> APIRouter:
-    r = APIRouter(route_class=GuardedRoute)
+    r = feature_router()
 
-    @r.get("/ops/jobs/counts", dependencies=[allow(READERS)], tags=["processing jobs"],
-           response_model=ProcessingJobCounts, responses=COUNT_RESPONSES,
-           summary="Processing jobs by status and kind")
-    async def processing_job_counts(
-        request: Request,
-        requested_from: RequestedFrom = None,
-        requested_to: RequestedTo = None,
-    ) -> Any:
-        return await run_in_threadpool(job_counts, ledger_of(request).queries,
-                                       as_utc(requested_from), as_utc(requested_to))
+    counts_route(r, "/ops/jobs/counts", job_counts, window=REQUESTED,
+                 name="processing_job_counts", tag=JOBS_TAG,
+                 response_model=ProcessingJobCounts, summary="Processing jobs by status and kind")
 
     @r.get("/ops/algorithms", dependencies=[allow(READERS)], tags=[JOBS_TAG],
            response_model=list[AlgorithmView], responses=ERRORS,
@@ -506,130 +357,73 @@ def ops_router() -> APIRouter:
     async def plan_job(request: Request, body: PlanRequest) -> Any:
         return await run_in_threadpool(plan, ledger_of(request), body)
 
-    @r.post("/ops/ingest", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG], status_code=202,
-            response_model=CommandAccepted, responses={**COMMAND_RESPONSES, **STORE_ERRORS},
-            summary="Validate raw FITS inputs (a job): checksums, FITS structure, header "
-            "facts recorded on each raw data file",
-            description="A worker opens each file with astropy, verifies DATASUM/CHECKSUM and "
-            "the recorded checksum, and records TELESCOP, INSTRUME, DATE-OBS, EXPTIME, OBJECT, "
-            "shape and BUNIT (`RawDataFile.Ingested`, and in the job's outputs). A file that "
-            "fails fails the job with the reason.")
-    async def ingest(request: Request, body: IngestRequest, ctx: Ctx) -> Response:
-        ledger = ledger_of(request)
-        inputs = await run_in_threadpool(resolve_inputs, ledger, body.file_ids,
-                                         body.result_ids)
-        command = RequestProcessingJob(
-            id=body.id, kind="ingest", file_ids=[UUID(i["file_id"]) for i in inputs],
-            max_attempts=ledger.settings.processing_max_attempts)
-        return await submit(ledger, ctx, ProcessingCommand.PROCESSING_JOB_REQUEST, command)
+    command_route(r, "POST", "/ops/ingest", ProcessingCommand.PROCESSING_JOB_REQUEST,
+                  IngestRequest, name="ingest", tag=JOBS_TAG, roles=OPERATORS,
+                  prepare=ingest_job, responses=STORE_ERRORS,
+                  summary="Validate raw FITS inputs (a job): checksums, FITS structure, header "
+                  "facts recorded on each raw data file",
+                  description="A worker opens each file with astropy, verifies DATASUM/CHECKSUM "
+                  "and the recorded checksum, and records TELESCOP, INSTRUME, DATE-OBS, "
+                  "EXPTIME, OBJECT, shape and BUNIT (`RawDataFile.Ingested`, and in the job's "
+                  "outputs). A file that fails fails the job with the reason.")
+    command_route(r, "POST", "/ops/process", ProcessingCommand.PROCESSING_JOB_REQUEST,
+                  ProcessRequest, name="process", tag=JOBS_TAG, roles=OPERATORS,
+                  prepare=process_job, responses=STORE_ERRORS,
+                  summary="Build data products with an algorithm (a job a worker runs)",
+                  description="Checked like `POST /ops/plan`, then journaled; a worker claims "
+                  "the job, runs the algorithm and uploads the products. With `catalog` the "
+                  "products are catalogued (`publish`, `archive`) as soon as they are built.")
+    command_route(r, "POST", "/ops/catalog", ProcessingCommand.PROCESSING_JOB_REQUEST,
+                  CatalogRequest, name="catalog", tag=JOBS_TAG, roles=OPERATORS,
+                  prepare=catalog_job,
+                  summary="Register built products in the catalog (a job): publish and/or "
+                  "archive",
+                  description="A worker checks each product's object (size and sha256) and "
+                  "catalogues it; the products then list in `GET /products`.")
 
-    @r.post("/ops/process", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
-            status_code=202, response_model=CommandAccepted,
-            responses={**COMMAND_RESPONSES, **STORE_ERRORS},
-            summary="Build data products with an algorithm (a job a worker runs)",
-            description="Checked like `POST /ops/plan`, then journaled; a worker claims the "
-            "job, runs the algorithm and uploads the products. With `catalog` the products "
-            "are catalogued (`publish`, `archive`) as soon as they are built.")
-    async def process(request: Request, body: ProcessRequest, ctx: Ctx) -> Response:
-        ledger = ledger_of(request)
-        planned = await run_in_threadpool(plan, ledger, body)
-        command = RequestProcessingJob(
-            id=body.id, kind="process",
-            file_ids=[UUID(i["file_id"]) for i in planned["inputs"]],
-            algorithm=planned["algorithm"], algorithm_version=planned["algorithm_version"],
-            parameters=planned["parameters"], catalog=body.catalog, publish=body.publish,
-            archive=body.archive, max_attempts=ledger.settings.processing_max_attempts,
-            # the products of one result's files belong to it (GET /products?result_id=)
-            result_id=body.result_ids[0] if len(body.result_ids) == 1 else None)
-        return await submit(ledger, ctx, ProcessingCommand.PROCESSING_JOB_REQUEST, command)
-
-    @r.post("/ops/catalog", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
-            status_code=202, response_model=CommandAccepted, responses=COMMAND_RESPONSES,
-            summary="Register built products in the catalog (a job): publish and/or archive",
-            description="A worker checks each product's object (size and sha256) and "
-            "catalogues it; the products then list in `GET /products`.")
-    async def catalog(request: Request, body: CatalogRequest, ctx: Ctx) -> Response:
-        ledger = ledger_of(request)
-        for i, pid in enumerate(body.product_ids):
-            if await run_in_threadpool(ledger.processing.product, str(pid)) is None:
-                raise ApiError(404, f"data product {pid} not found",
-                               [{"field": f"product_ids.{i}", "message": "unknown product"}])
-        command = RequestProcessingJob(
-            id=body.id, kind="catalog", product_ids=body.product_ids, publish=body.publish,
-            archive=body.archive, metadata=body.metadata,
-            max_attempts=ledger.settings.processing_max_attempts)
-        return await submit(ledger, ctx, ProcessingCommand.PROCESSING_JOB_REQUEST, command)
-
-    @r.get("/ops/jobs", dependencies=[allow(READERS)], tags=[JOBS_TAG],
-           response_model=JobPage, responses=LIST_RESPONSES,
-           summary="Processing jobs, newest first (smart query: requested ones not yet "
-           "projected lead the first page)")
+    @list_route(r, "/ops/jobs", JobPage, tag=JOBS_TAG,
+                summary="Processing jobs, newest first (smart query: requested ones not yet "
+                "projected lead the first page)")
     async def jobs(request: Request, response: Response,
                    page: Annotated[PageRequest, Depends(paging_with_skip)],
                    status: Annotated[JOB_STATUSES | None, Query()] = None,
                    kind: Annotated[JOB_KINDS | None, Query()] = None,
                    min_position: MinPosition = None) -> Any:
-        await caught_up(request, min_position)
-        pos, total, items = await run_in_threadpool(
-            ledger_of(request).processing.list_jobs, status, kind, page.limit, page.offset)
-        paged(request, response, page, total)
-        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
-                "skip": page.offset, "read_model_position": pos,
-                "read_models": read_models_state()}
+        listed = ledger_of(request).processing.list_jobs
+        return await read_page(request, response, page, min_position,
+                               lambda limit, offset: listed(status, kind, limit, offset))
 
-    @r.get("/ops/jobs/{id}", dependencies=[allow(READERS)], tags=[JOBS_TAG],
-           response_model=JobView, responses=QUERY_RESPONSES,
-           summary="One job: steps, progress, timings, lease, outputs, errors (smart query)")
-    async def job(request: Request, id: IdPath, min_position: MinPosition = None) -> Any:
-        return await smart_row(request, min_position, ledger_of(request).processing.job,
-                               "processing job", id)
+    row_route(r, "/ops/jobs/{id}", lambda lg: lg.processing.job, "processing job",
+              name="job", tag=JOBS_TAG, response_model=JobView,
+              summary="One job: steps, progress, timings, lease, outputs, errors (smart query)")
 
-    @r.delete("/ops/jobs/{id}", dependencies=[allow(OPERATORS)], tags=[JOBS_TAG],
-              status_code=202, response_model=CommandAccepted, responses=COMMAND_RESPONSES,
-              summary="Cancel a job (cooperative: between steps or chunks)",
-              description="A requested job is cancelled at once; a running one when its "
-              "worker next looks. Outputs of a cancelled job are never catalogued. 409 for a "
-              "job that already ended.")
-    async def cancel(request: Request, id: IdPath, ctx: Ctx,
-                     reason: Annotated[str | None, Query(
-                         max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
-        return await submit(ledger_of(request), ctx, ProcessingCommand.PROCESSING_JOB_CANCEL,
-                             CancelJobRequest(reason=reason), {"id": id})
+    command_route(r, "DELETE", "/ops/jobs/{id}", ProcessingCommand.PROCESSING_JOB_CANCEL,
+                  None, name="cancel", tag=JOBS_TAG, roles=OPERATORS,
+                  cancel=lambda reason: CancelJobRequest(reason=reason),
+                  summary="Cancel a job (cooperative: between steps or chunks)",
+                  description="A requested job is cancelled at once; a running one when its "
+                  "worker next looks. Outputs of a cancelled job are never catalogued. 409 for "
+                  "a job that already ended.")
 
     # -- products --------------------------------------------------------------------------
-    @r.get("/products", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
-           response_model=ProductPage, responses=PRODUCT_LIST_RESPONSES,
-           summary="Catalogued data products, newest first",
-           description="Without `status`: catalogued, published and archived products; "
-           "`status=built` lists those not catalogued yet.")
+    @list_route(r, "/products", ProductPage, tag=PRODUCTS_TAG, responses=PRODUCT_LIST_RESPONSES,
+                summary="Catalogued data products, newest first",
+                description="Without `status`: catalogued, published and archived products; "
+                "`status=built` lists those not catalogued yet.")
     async def products(request: Request, response: Response,
                        page: Annotated[PageRequest, Depends(paging_with_skip)],
                        status: Annotated[PRODUCT_STATUSES | None, Query()] = None,
                        kind: Annotated[str | None, Query(max_length=50)] = None,
                        job_id: UUID | None = None, result_id: UUID | None = None,
                        min_position: MinPosition = None) -> Any:
-        await caught_up(request, min_position)
-        pos, total, items = await run_in_threadpool(
-            lambda: ledger_of(request).processing.list_products(
-                status=status, kind=kind, job_id=None if job_id is None else str(job_id),
-                result_id=None if result_id is None else str(result_id),
-                catalogued_only=True, limit=page.limit, offset=page.offset))
-        paged(request, response, page, total)
-        return {"items": items, "total": total, "limit": page.limit, "offset": page.offset,
-                "skip": page.offset, "read_model_position": pos}
+        listed = ledger_of(request).processing.list_products
+        return await read_page(request, response, page, min_position, lambda limit, offset: listed(
+            status=status, kind=kind, job_id=as_str(job_id), result_id=as_str(result_id),
+            catalogued_only=True, limit=limit, offset=offset))
 
-    async def _product(request: Request, product_id: UUID) -> dict[str, Any]:
-        row = await run_in_threadpool(ledger_of(request).processing.product, str(product_id))
-        if row is None:
-            raise not_found("data product", product_id)
-        return row
-
-    @r.get("/products/{id}", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
-           response_model=ProductView, responses=ERRORS,
-           summary="One data product: type, size, checksum, metrics, status, inputs")
-    async def product(request: Request, id: IdPath, min_position: MinPosition = None) -> Any:
-        await caught_up(request, min_position)
-        return await _product(request, id)
+    row_route(r, "/products/{id}", lambda lg: lg.processing.product, "data product",
+              name="product", tag=PRODUCTS_TAG, response_model=ProductView, responses=ERRORS,
+              summary="One data product: type, size, checksum, metrics, status, inputs")
 
     @r.get("/products/{id}/download", dependencies=[allow(READERS)], tags=[PRODUCTS_TAG],
            response_model=DownloadView,
@@ -640,22 +434,11 @@ def ops_router() -> APIRouter:
            summary="Download a product: a presigned URL (S3), or the file streamed (local "
            "object store)")
     async def download(request: Request, id: IdPath) -> Any:
-        row = await _product(request, id)
-        objects = ledger_of(request).objects
-        area = Area(row["area"])
-        try:
-            url = await run_in_threadpool(lambda: objects.presigned_url(
-                area, row["key"], download_name=row["name"]))
-            if url is not None:
-                return {"url": url, "expires_in_s": 3600, "media_type": row["media_type"],
-                        "size": row["size"], "checksum": row["checksum"]}
-            if not await run_in_threadpool(objects.exists, area, row["key"]):
-                raise ApiError(404, f"the object of data product {id} is missing")
-            chunks = objects.open_stream(area, row["key"])
-        except ObjectStoreUnavailable as e:
-            raise ApiError(503, f"Object store unavailable: {e}",
-                           headers={"Retry-After": "5"}) from None
-        return StreamingResponse(chunks, media_type=row["media_type"], headers={
+        found = await run_in_threadpool(product_download, ledger_of(request), id)
+        if found.chunks is None:
+            return found.presigned()
+        row = found.product
+        return StreamingResponse(found.chunks, media_type=row["media_type"], headers={
             "Content-Disposition": content_disposition(row["name"]),
             "Content-Length": str(row["size"]), "X-Checksum-SHA256": row["checksum"]["value"]})
 
@@ -668,15 +451,11 @@ def ops_router() -> APIRouter:
     async def lineage(request: Request, id: IdPath,
                       format: Annotated[Literal["json", "prov-json"], Query()] = "json",
                       ) -> Any:
-        graph = await run_in_threadpool(product_lineage, ledger_of(request).processing, str(id))
-        if graph is None:
-            raise not_found("data product", id)
-        if format == "prov-json":
-            return Response(_dumps(to_prov_json(graph)), media_type="application/json")
-        return graph.to_json()
+        document = await run_in_threadpool(lineage_document, ledger_of(request).processing,
+                                           id, format)
+        if format == "prov-json":  # as it is: not the json format's model
+            return Response(orjson.dumps(document), media_type="application/json")
+        return document
 
     return r
 
-
-def _dumps(body: Any) -> bytes:
-    return orjson.dumps(body)

@@ -8,15 +8,12 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
     COMMAND_RESPONSES,
-    COUNT_RESPONSES,
     DESCENDING,
-    LIST_RESPONSES,
-    QUERY_RESPONSES,
+    REGISTERED,
     CommandAccepted,
     Ctx,
     MinPosition,
@@ -25,10 +22,12 @@ from api.deps import (
     RegisteredTo,
     as_str,
     command_route,
+    counts_route,
     feature_router,
     ledger_of,
+    list_route,
+    row_route,
     smart_page,
-    smart_row,
     submit,
 )
 from api.errors import ApiError, QueryTime, as_utc
@@ -39,7 +38,7 @@ from commands.raw_data import (
     RawDataCommand,
     RegisterRawDataFileRequest,
 )
-from domain.accounts import CRITICAL_WRITERS, READERS
+from domain.accounts import CRITICAL_WRITERS
 from queries.counts import file_counts
 from queries.models import (
     RawDataFileCounts,
@@ -122,11 +121,10 @@ def raw_data_router() -> APIRouter:
                   tag=PACKAGES_TAG,
                   summary="Finalize a package: building -> complete, within the size limit")
 
-    @r.get("/raw_data_package", dependencies=[allow(READERS)], tags=["raw data packages"],
-           response_model=RawDataPackagePage, responses=LIST_RESPONSES,
-           summary="Raw data packages for dashboards (filters, time range, sort, pages)",
-           description="Smart query: packages of pending commands lead the first page "
-           "(`pending: true`). Their files: `GET /raw_data_files?package_id=`.")
+    @list_route(r, "/raw_data_package", RawDataPackagePage, tag=PACKAGES_TAG,
+                summary="Raw data packages for dashboards (filters, time range, sort, pages)",
+                description="Smart query: packages of pending commands lead the first page "
+                "(`pending: true`). Their files: `GET /raw_data_files?package_id=`.")
     async def list_packages(
         request: Request, response: Response, page: Paging,
         status: Annotated[Literal["building", "complete"] | None, Query()] = None,
@@ -146,25 +144,17 @@ def raw_data_router() -> APIRouter:
             registered_from=as_utc(registered_from), registered_to=as_utc(registered_to),
             sort=sort)
 
-    @r.get("/raw_data_package/counts", dependencies=[allow(READERS)],
-           tags=["raw data packages"], response_model=SizedStatusCounts,
-           responses=COUNT_RESPONSES, summary="Raw data packages by status, with their bytes")
-    async def package_counts(request: Request, registered_from: RegisteredFrom = None,
-                             registered_to: RegisteredTo = None) -> Any:
-        return await run_in_threadpool(PackageQueries(ledger_of(request).queries).counts,
-                                       as_utc(registered_from), as_utc(registered_to))
+    counts_route(r, "/raw_data_package/counts",
+                 lambda q, start, end: PackageQueries(q).counts(start, end), window=REGISTERED,
+                 name="package_counts", tag=PACKAGES_TAG, response_model=SizedStatusCounts,
+                 summary="Raw data packages by status, with their bytes")
 
-    @r.get("/raw_data_files/counts", dependencies=[allow(READERS)], tags=["raw data files"],
-           response_model=RawDataFileCounts, responses=COUNT_RESPONSES,
-           summary="Raw data files by instrument and file type, bytes, packaged")
-    async def raw_data_file_counts(request: Request, registered_from: RegisteredFrom = None,
-                                   registered_to: RegisteredTo = None) -> Any:
-        return await run_in_threadpool(file_counts, ledger_of(request).queries,
-                                       as_utc(registered_from), as_utc(registered_to))
+    counts_route(r, "/raw_data_files/counts", file_counts, window=REGISTERED,
+                 name="raw_data_file_counts", tag=FILES_TAG, response_model=RawDataFileCounts,
+                 summary="Raw data files by instrument and file type, bytes, packaged")
 
-    @r.get("/raw_data_files", dependencies=[allow(READERS)],
-           tags=[FILES_TAG], response_model=RawDataFilePage,
-           responses=LIST_RESPONSES, summary="Raw data files, filtered and paged")
+    @list_route(r, "/raw_data_files", RawDataFilePage, tag=FILES_TAG,
+                summary="Raw data files, filtered and paged")
     async def list_files(
         request: Request, response: Response,
         page: Paging,
@@ -196,18 +186,13 @@ def raw_data_router() -> APIRouter:
             registered_from=as_utc(registered_from), registered_to=as_utc(registered_to),
             sort=sort)
 
-    @r.get("/raw_data_files/{id}", dependencies=[allow(READERS)],
-           tags=[FILES_TAG], response_model=RawDataFileView,
-           responses=QUERY_RESPONSES, summary="One raw data file (smart query)")
-    async def get_file(request: Request, id: UUID, min_position: MinPosition = None) -> Any:
-        return await smart_row(request, min_position, ledger_of(request).queries.file,
-                               "raw data file", id)
+    row_route(r, "/raw_data_files/{id}", lambda lg: lg.queries.file, "raw data file",
+              name="get_file", tag=FILES_TAG, id_type=UUID, response_model=RawDataFileView,
+              summary="One raw data file (smart query)")
 
-    @r.get("/raw_data_package/{id}", dependencies=[allow(READERS)], tags=[PACKAGES_TAG],
-           response_model=RawDataPackageView, responses=QUERY_RESPONSES,
-           summary="A raw data package with its files (smart query)")
-    async def get_package(request: Request, id: UUID, min_position: MinPosition = None) -> Any:
-        return await smart_row(request, min_position, ledger_of(request).queries.package,
-                               "raw data package", id)
+    row_route(r, "/raw_data_package/{id}", lambda lg: lg.queries.package, "raw data package",
+              name="get_package", tag=PACKAGES_TAG, id_type=UUID,
+              response_model=RawDataPackageView,
+              summary="A raw data package with its files (smart query)")
 
     return r

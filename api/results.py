@@ -13,16 +13,14 @@ from starlette.concurrency import run_in_threadpool
 from api.accounts import allow
 from api.deps import (
     ERRORS,
-    LIST_RESPONSES,
-    QUERY_RESPONSES,
-    IdPath,
     MinPosition,
     Paging,
     command_route,
     feature_router,
     ledger_of,
+    list_route,
+    row_route,
     smart_page,
-    smart_row,
 )
 from commands.results import (
     CancelObservationResultRequest,
@@ -77,9 +75,8 @@ def results_router() -> APIRouter:
                   "or skipped")
 
 
-    @r.get("/observation_results", dependencies=[allow(READERS)],
-           tags=[TAG], response_model=ObservationResultPage,
-           responses=LIST_RESPONSES, summary="Observation results for dashboards (filters, pages)")
+    @list_route(r, "/observation_results", ObservationResultPage, tag=TAG,
+                summary="Observation results for dashboards (filters, pages)")
     async def list_results(
         request: Request, response: Response,
         page: Paging,
@@ -119,12 +116,9 @@ def results_router() -> APIRouter:
     async def counts(request: Request) -> Any:
         return await run_in_threadpool(ledger_of(request).queries.result_counts)
 
-    @r.get("/observation_results/{id}", dependencies=[allow(READERS)],
-           tags=[TAG], response_model=ObservationResultDetail,
-           responses=QUERY_RESPONSES, summary="One result with its tasks, runs and outputs "
-           "(smart query)")
-    async def get_result(request: Request, id: IdPath, min_position: MinPosition = None) -> Any:
-        return await smart_row(request, min_position, ledger_of(request).queries.result,
-                               "observation result", id)
+    row_route(r, "/observation_results/{id}", lambda lg: lg.queries.result,
+              "observation result", name="get_result", tag=TAG,
+              response_model=ObservationResultDetail,
+              summary="One result with its tasks, runs and outputs (smart query)")
 
     return r

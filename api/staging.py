@@ -7,30 +7,22 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from api.accounts import allow
 from api.deps import (
-    COMMAND_RESPONSES,
-    COUNT_RESPONSES,
     DESCENDING,
-    LIST_RESPONSES,
-    QUERY_RESPONSES,
-    CancelBody,
-    CommandAccepted,
-    Ctx,
-    IdPath,
+    REGISTERED,
     MinPosition,
-    NoBody,
     Paging,
     RegisteredFrom,
     RegisteredTo,
+    cancel_body,
     command_route,
+    counts_route,
     feature_router,
     ledger_of,
+    list_route,
+    row_route,
     smart_page,
-    smart_row,
-    submit,
 )
 from api.errors import as_utc
 from commands.staging import (
@@ -39,7 +31,7 @@ from commands.staging import (
     StagingCommand,
     StagingProgressRequest,
 )
-from domain.accounts import OPERATORS, READERS
+from domain.accounts import OPERATORS
 from queries.models import SizedStatusCounts, StagingRequestPage, StagingRequestView
 from queries.staging import StagingQueries
 
@@ -65,21 +57,14 @@ def staging_router() -> APIRouter:
                   "completed or cancelled is refused at once (409); one the read models "
                   "still show running is refused when applied if it has not failed.")
 
-    @r.delete("/staging/{id}", dependencies=[allow(OPERATORS)], tags=[TAG], status_code=202,
-              response_model=CommandAccepted, responses=COMMAND_RESPONSES,
-              summary="Cancel a staging request (not once completed)")
-    async def cancel(request: Request, id: IdPath, ctx: Ctx,
-                     reason: Annotated[str | None, Query(
-                         max_length=2000, pattern=r"^[^\x00]*$")] = None) -> Response:
-        body = CancelBody(reason=reason) if reason else NoBody()
-        return await submit(ledger_of(request), ctx, StagingCommand.STAGING_CANCEL, body,
-                            {"id": id})
+    command_route(r, "DELETE", "/staging/{id}", StagingCommand.STAGING_CANCEL, None,
+                  name="cancel", tag=TAG, roles=OPERATORS, cancel=cancel_body,
+                  summary="Cancel a staging request (not once completed)")
 
-    @r.get("/staging", dependencies=[allow(READERS)], tags=["staging"],
-           response_model=StagingRequestPage, responses=LIST_RESPONSES,
-           summary="The staging queue: staging requests (filters, time range, sort, pages)",
-           description="Smart query: requests of pending commands lead the first page "
-           "(`pending: true`).")
+    @list_route(r, "/staging", StagingRequestPage, tag=TAG,
+                summary="The staging queue: staging requests (filters, time range, sort, pages)",
+                description="Smart query: requests of pending commands lead the first page "
+                "(`pending: true`).")
     async def list_staging(
         request: Request, response: Response, page: Paging,
         status: Annotated[Literal["pending", "in_progress", "completed", "failed",
@@ -98,20 +83,13 @@ def staging_router() -> APIRouter:
             destination=destination, registered_from=as_utc(registered_from),
             registered_to=as_utc(registered_to), sort=sort)
 
-    @r.get("/staging/counts", dependencies=[allow(READERS)], tags=["staging"],
-           response_model=SizedStatusCounts, responses=COUNT_RESPONSES,
-           summary="Staging requests by status, with their bytes")
-    async def staging_counts(request: Request, registered_from: RegisteredFrom = None,
-                             registered_to: RegisteredTo = None) -> Any:
-        return await run_in_threadpool(StagingQueries(ledger_of(request).queries).counts,
-                                       as_utc(registered_from), as_utc(registered_to))
+    counts_route(r, "/staging/counts",
+                 lambda q, start, end: StagingQueries(q).counts(start, end), window=REGISTERED,
+                 name="staging_counts", tag=TAG, response_model=SizedStatusCounts,
+                 summary="Staging requests by status, with their bytes")
 
-    @r.get("/staging/status/{id}", dependencies=[allow(READERS)],
-           tags=[TAG], response_model=StagingRequestView,
-           responses=QUERY_RESPONSES, summary="Where a staging request stands (smart query)")
-    async def staging_status(request: Request, id: UUID,
-                             min_position: MinPosition = None) -> Any:
-        return await smart_row(request, min_position, ledger_of(request).queries.staging,
-                               "staging request", id)
+    row_route(r, "/staging/status/{id}", lambda lg: lg.queries.staging, "staging request",
+              name="staging_status", tag=TAG, id_type=UUID, response_model=StagingRequestView,
+              summary="Where a staging request stands (smart query)")
 
     return r

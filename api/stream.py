@@ -28,7 +28,7 @@ from api.accounts import (
     principal_of,
     unauthorized,
 )
-from api.errors import RETRY_AFTER_DOC, ApiError, ErrorResponse
+from api.errors import ApiError, error_doc
 from api.routing import GuardedRoute
 from bootstrap.ledger import Ledger
 from domain.accounts import READERS, Principal
@@ -124,11 +124,9 @@ def stream_router() -> APIRouter:
            responses={200: {"content": {"text/event-stream": {}},
                             "description": "Server-sent events (docs/OPERATIONS.md, \"The "
                             "live stream\")."},
-                      422: {"model": ErrorResponse, "description": "Bad Last-Event-ID or "
-                            "after"},
-                      429: {"model": ErrorResponse, "description": "The account holds "
-                            "as many open streams as it may (Retry-After)",
-                            "headers": {"Retry-After": RETRY_AFTER_DOC}},
+                      422: error_doc("Bad Last-Event-ID or after"),
+                      429: error_doc("The account holds as many open streams as it may "
+                                     "(Retry-After)", retry_after=True),
                       **AUTH_ERRORS},
            summary="What changes in the read models, live (server-sent events)",
            description="`change` messages carry the log position as their `id` and the rows "
