@@ -60,4 +60,7 @@ def configure_logging(fmt: str = "json", level: int = logging.INFO,
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("kafka").setLevel(logging.WARNING)  # connection chatter at INFO
+    # Alembic says what it does at INFO on import and every start ("setup plugin", "Context
+    # impl SQLiteImpl."): noise on a command line's stderr; its warnings and errors still show.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     return handler
