@@ -41,8 +41,10 @@ from domain.accounts import (
     Principal,
     Role,
 )
-from infra.accounts import AccountExists, AuthError, AuthUnavailable, password_problem
+from infra.accounts import AccountExists
 from infra.metrics import Metrics
+from infra.passwords import password_problem
+from infra.tokens import AuthError, AuthUnavailable
 
 TAG = "accounts"
 log = logging.getLogger("obsledger.accounts")

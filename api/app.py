@@ -48,8 +48,8 @@ from api.stream import StreamConnections, stream_router
 from bootstrap.ledger import Ledger
 from commands.models import CommandModel
 from domain.accounts import Principal
-from infra.accounts import AuthError
 from infra.settings import Settings
+from infra.tokens import AuthError
 
 log = logging.getLogger("obsledger.api")
 

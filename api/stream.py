@@ -32,7 +32,7 @@ from api.errors import ApiError, error_doc
 from api.routing import GuardedRoute
 from bootstrap.ledger import Ledger
 from domain.accounts import READERS, Principal
-from infra.accounts import AuthError, AuthUnavailable
+from infra.tokens import AuthError, AuthUnavailable
 from queries.stream import Message
 
 TAG = "live stream"

@@ -189,8 +189,9 @@ def peer_app(settings: Any, redis_port: int) -> Any:
     from api.errors import install_error_handlers
     from commands.obs_units import StartExecutedObsUnitRequest
     from domain.accounts import CRITICAL_WRITERS
-    from infra.accounts import AccountStore, Authenticator, TokenSigner
+    from infra.accounts import AccountStore, Authenticator
     from infra.read_model_db import create_read_model_engine
+    from infra.tokens import TokenSigner
 
     engine = create_read_model_engine(settings.read_model_database_url,
                                       settings.postgres_connect_timeout)

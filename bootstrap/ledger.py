@@ -21,7 +21,7 @@ from commands.service import CommandService
 from domain.obs_units import ExecutionStatus
 from domain.processing import JobStatus
 from domain.staging import StagingStatus
-from infra.accounts import AccountStore, Authenticator, TokenSigner
+from infra.accounts import AccountStore, Authenticator
 from infra.audit_chain import AnchorLog, ChainKeeper
 from infra.availability import (
     EVENT_STORE,
@@ -41,6 +41,7 @@ from infra.read_model_db import create_probe_engine, create_read_model_engine, s
 from infra.request_audit import RequestAuditLog
 from infra.schema import migrate
 from infra.settings import Settings
+from infra.tokens import TokenSigner
 from projections.kafka_projector import KafkaProjector
 from projections.projector import Projector
 from queries.downloads import DownloadQueries

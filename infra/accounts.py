@@ -1,10 +1,11 @@
-"""Accounts, passwords and tokens.
+"""Accounts: who may act, with which roles and tokens (passwords: ``infra/passwords.py``;
+signing and checking JWTs: ``infra/tokens.py``).
 
 Accounts (people and service accounts) live in two tables of the read-model database —
 ``accounts`` and ``service_tokens`` — written only by this module. They are not a read model
 (no rebuild drops them) and not events: who changed an account is in the request audit log.
 
-Every token is a JWT signed with the configured secret (HS256):
+Every token is a JWT signed with the configured secret (HS256, ``infra.tokens``):
 - a user's token (``POST /auth/token``) expires after ``token_ttl_s`` (30 minutes);
 - a service account's API token is long-lived (optional expiry) and revocable: its ``jti``
   must name an unrevoked row of ``service_tokens``.
@@ -16,30 +17,26 @@ last snapshot stands: a token it knows as valid keeps working (automation keeps 
 revoked one stays refused, and one it does not know cannot be checked (:class:`AuthUnavailable`,
 503): nothing is trusted on its signature alone.
 
-Passwords (and the JWT secret) must pass one strength rule, :func:`password_problem`:
-zxcvbn's estimate, with the username as a word an attacker would try first.
+Passwords (and the JWT secret) must pass one strength rule,
+:func:`infra.passwords.password_problem`: zxcvbn's estimate, with the username as a word an
+attacker would try first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import secrets
 import threading
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import jwt
 import orjson
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import (
     JSON,
     Column,
@@ -53,11 +50,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from zxcvbn import zxcvbn
 
-from domain.accounts import MIN_PASSWORD_LENGTH, AccountKind, Principal, Role
+from domain.accounts import AccountKind, Principal, Role
+from infra.passwords import Passwords, write_private
 from infra.read_model_db import create_read_model_engine, utc_row
 from infra.schema import migrate
+from infra.tokens import AuthError, AuthUnavailable, TokenSigner
 
 log = logging.getLogger("obsledger.accounts")
 
@@ -90,20 +88,6 @@ service_tokens = Table(
     Column("revoked_by", String(120)),
 )
 
-ISSUER = "obsledger"
-#: The audience of stream tickets (``TokenSigner.stream_ticket``), refused as tokens.
-STREAM_AUDIENCE = "obsledger-stream"
-DEV_SECRET_FILE = "jwt-secret"
-
-
-class AuthError(Exception):
-    """A token or password that does not authenticate (→ 401)."""
-
-
-class AuthUnavailable(AuthError):
-    """A token that cannot be checked now: the accounts cannot be read and the last snapshot
-    does not know it (→ 503 with Retry-After; never trusted on its signature alone)."""
-
 
 class AccountExists(Exception):
     pass
@@ -113,98 +97,6 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
-#: zxcvbn's score (0-4) a password must reach; it reads at most the first 72 characters.
-MIN_PASSWORD_SCORE = 3
-ZXCVBN_MAX_LENGTH = 72
-#: The JWT secret: at least this many characters and 10**this many guesses (~80 bits).
-MIN_SECRET_LENGTH = 32
-MIN_SECRET_GUESSES_LOG10 = 24.0
-
-
-def password_problem(password: str, username: str | None = None) -> str | None:
-    """Why ``password`` is too weak (None: strong enough) — the one rule of every password
-    (registration, password change, ``OBSLEDGER_ADMIN_PASSWORD``): at least
-    ``MIN_PASSWORD_LENGTH`` characters and a zxcvbn score of at least ``MIN_PASSWORD_SCORE``,
-    the username counting as a word an attacker tries first."""
-    if len(password) < MIN_PASSWORD_LENGTH:
-        return f"must be at least {MIN_PASSWORD_LENGTH} characters"
-    if username and password.strip().lower() == username.strip().lower():
-        return "must not be the username"
-    estimate = zxcvbn(password[:ZXCVBN_MAX_LENGTH], user_inputs=[username] if username else [])
-    if estimate["score"] >= MIN_PASSWORD_SCORE:
-        return None
-    feedback = estimate["feedback"]
-    hints = [feedback.get("warning") or "", *feedback.get("suggestions", ())]
-    hint = " ".join(h for h in hints if h) or "use a longer passphrase of unrelated words"
-    return f"too easy to guess: {hint}"
-
-
-def secret_problem(secret: str) -> str | None:
-    """Why a JWT signing secret is too weak (None: strong enough)."""
-    if len(secret) < MIN_SECRET_LENGTH:
-        return f"must be at least {MIN_SECRET_LENGTH} characters"
-    guesses = zxcvbn(secret[:ZXCVBN_MAX_LENGTH])["guesses_log10"]
-    if guesses < MIN_SECRET_GUESSES_LOG10:
-        return ("is too easy to guess (repeated, sequential or dictionary text): use a random "
-                "one, e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
-    return None
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``path`` as a new file created with mode 0600 (never readable by others, not even
-    for a moment), replacing any earlier one atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def development_secret(data_dir: Path) -> str:
-    """The development signing secret: random, made once, kept in ``<data_dir>/jwt-secret``."""
-    path = data_dir / DEV_SECRET_FILE
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not path.exists():  # written aside, then linked: a reader never sees half a secret
-        tmp = data_dir / f".{DEV_SECRET_FILE}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(48))
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return path.read_text().strip()
-
-
-class Passwords:
-    """argon2id hashes (argon2-cffi's defaults: RFC 9106 low-memory profile)."""
-
-    def __init__(self) -> None:
-        self._hasher = PasswordHasher()
-        self._dummy: str | None = None  # made on first use: hashing takes tens of ms
-
-    def hash(self, password: str) -> str:
-        return self._hasher.hash(password)
-
-    def verify(self, hashed: str | None, password: str) -> bool:
-        """Also spends the time of a check when there is no hash (unknown user)."""
-        if self._dummy is None:
-            self._dummy = self._hasher.hash(secrets.token_urlsafe(16))
-        try:
-            return self._hasher.verify(hashed or self._dummy, password) and hashed is not None
-        except (VerificationError, InvalidHashError):
-            return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,93 +276,6 @@ def issue_service_token(database_url: str, secret: str, name: str, roles: Iterab
         return token
     finally:
         engine.dispose()
-
-
-class TokenSigner:
-    """HS256 JWTs: ``sub`` = account id, ``name``, ``kind``, ``roles``, ``iat``, ``exp``,
-    ``jti`` (the service token id, or a random id for user tokens)."""
-
-    LEEWAY_S = 5
-    CACHE_SIZE = 10_000
-
-    def __init__(self, secret: str, ttl_s: float) -> None:
-        self._secret = secret
-        self.ttl_s = ttl_s
-        # token → its verified claims: a signature checks out the same every time, and
-        # checking it (~50-100 µs) would be a good part of acknowledging a command
-        self._verified: dict[str, dict[str, Any]] = {}
-
-    def user_token(self, account: dict[str, Any]) -> tuple[str, int]:
-        now = datetime.now(UTC)
-        claims = self._claims(account, uuid.uuid4().hex, now)
-        claims["exp"] = now + timedelta(seconds=self.ttl_s)
-        return jwt.encode(claims, self._secret, algorithm="HS256"), int(self.ttl_s)
-
-    def service_token(self, account: dict[str, Any], token: dict[str, Any]) -> str:
-        claims = self._claims(account, token["id"], token["created_at"])
-        if token["expires_at"] is not None:
-            claims["exp"] = token["expires_at"]
-        return jwt.encode(claims, self._secret, algorithm="HS256")
-
-    @staticmethod
-    def _claims(account: dict[str, Any], jti: str, iat: datetime) -> dict[str, Any]:
-        return {"iss": ISSUER, "sub": str(account["id"]), "name": account["username"],
-                "kind": account["kind"], "roles": sorted(account["roles"]), "jti": jti,
-                "iat": iat.timestamp()}  # sub-second: a password change splits one second
-
-    def decode(self, token: str) -> dict[str, Any]:
-        """The token's claims (signature, issuer, expiry checked); raises AuthError."""
-        claims = self._verified.get(token)
-        if claims is not None:
-            if "exp" in claims and claims["exp"] < time.time() - self.LEEWAY_S:
-                raise AuthError("token expired")
-            return claims
-        claims = self._decode(token)
-        if len(self._verified) >= self.CACHE_SIZE:
-            self._verified.clear()
-        self._verified[token] = claims
-        return claims
-
-    def stream_ticket(self, claims: dict[str, Any], ttl_s: float) -> tuple[str, int]:
-        """A ticket for the live stream only (``aud`` obsledger-stream), carrying the claims
-        of the token it was made from, expiring within ``ttl_s`` and never after that token:
-        what a browser's EventSource, which cannot send headers, presents as a cookie."""
-        now = time.time()
-        exp = min(now + ttl_s, float(claims.get("exp", now + ttl_s)))
-        ticket = {k: v for k, v in claims.items() if k not in ("exp", "aud")}
-        ticket.update(aud=STREAM_AUDIENCE, exp=exp)
-        return jwt.encode(ticket, self._secret, algorithm="HS256"), max(0, int(exp - now))
-
-    def decode_stream_ticket(self, ticket: str) -> dict[str, Any]:
-        """A stream ticket's claims; raises AuthError (a token is no ticket, nor the reverse:
-        ``_decode`` refuses any ``aud``)."""
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                ticket, self._secret, algorithms=["HS256"], issuer=ISSUER,
-                audience=STREAM_AUDIENCE, leeway=self.LEEWAY_S,
-                options={"require": ["sub", "iat", "jti", "kind", "name", "iss", "aud",
-                                     "exp"]})
-        except jwt.ExpiredSignatureError as e:
-            raise AuthError("stream ticket expired") from e
-        except jwt.InvalidTokenError as e:
-            raise AuthError(f"stream ticket invalid: {e}") from e
-        return claims
-
-    def _decode(self, token: str) -> dict[str, Any]:
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token, self._secret, algorithms=["HS256"], issuer=ISSUER,
-                options={"require": ["sub", "iat", "jti", "kind", "name", "iss"]},
-                leeway=self.LEEWAY_S)
-        except jwt.ExpiredSignatureError as e:
-            raise AuthError("token expired") from e
-        except jwt.InvalidSignatureError as e:
-            raise AuthError("token signature invalid") from e
-        except jwt.InvalidTokenError as e:
-            raise AuthError(f"token invalid: {e}") from e
-        if claims["kind"] == "user" and "exp" not in claims:
-            raise AuthError("token invalid: a user token must expire")
-        return claims
 
 
 def _snapshot_json(snap: Snapshot) -> bytes:

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 from domain.raw_data import DEFAULT_PACKAGE_SIZE_LIMIT
-from infra.accounts import development_secret, password_problem, secret_problem
+from infra.passwords import development_secret, password_problem, secret_problem
 
 #: Files and directories of the data directory: for the service's user only.
 PRIVATE_DIR_MODE = 0o700

@@ -22,9 +22,10 @@ from sqlalchemy import Engine, select
 
 from api.app import create_app
 from bootstrap.ledger import Ledger
-from infra.accounts import AccountStore, Authenticator, TokenSigner, provision_service_token
+from infra.accounts import AccountStore, Authenticator, provision_service_token
 from infra.read_model_db import create_read_model_engine
 from infra.settings import Settings
+from infra.tokens import TokenSigner
 from projections.tables import READ_MODELS, ReadModelTables, build_tables
 from tests.support.processes import free_port, stop_process, wait_for_port
 
