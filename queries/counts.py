@@ -45,6 +45,14 @@ def counts_by(q: QueryService, table: Table, columns: Sequence[str],
     return q.read(query)
 
 
+def registered_counts(q: QueryService, table: Table, command_types: Sequence[str],
+                      registered_from: datetime | None, registered_to: datetime | None,
+                      size: Column[Any]) -> dict[str, Any]:
+    """Rows (registered in the range) by status, with their bytes (``size``)."""
+    return counts_by(q, table, ("status",), command_types,
+                     time_range(table.c.recorded_at, registered_from, registered_to), size=size)
+
+
 def unit_counts(q: QueryService, start_from: datetime | None,
                 start_to: datetime | None) -> dict[str, Any]:
     """Executed obs units (started in the range) by status and by instrument."""

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from commands.downloads import DownloadCommand
 from domain.downloads import download_file_id
 from infra.journal import JournalEntry
-from queries.jobs import JobReads
+from queries.jobs import JobQueries, JobReads
 from queries.service import QueryService, Reading
 
 COMMAND_TYPES = tuple(f"download_job.{c}" for c in (
@@ -148,27 +148,17 @@ def _control(job: dict[str, Any], e: JournalEntry) -> bool:
     return True
 
 
-class DownloadQueries:
-    """Reads of the downloads read model, through the core query service's plumbing."""
+class DownloadQueries(JobQueries):
+    """Reads of the downloads read model, through the core query service's plumbing; ``job``
+    gives one job with its files, progress, speed and ETA (smart query)."""
 
     def __init__(self, queries: QueryService) -> None:
-        self.q = queries
-        self.jobs = queries.t.download_jobs
         self.files = queries.t.download_files
-        self.reads = JobReads(
-            kind="download_job", jobs=self.jobs, view=job_view, parts_key="files",
-            parts=self.files, part_view=file_view, part_order="file_index",
+        super().__init__(queries, JobReads(
+            kind="download_job", jobs=queries.t.download_jobs, view=job_view,
+            parts_key="files", parts=self.files, part_view=file_view, part_order="file_index",
             request_type=DownloadCommand.DOWNLOAD_JOB_REQUEST, pending_job=_pending_job,
-            control=_control)
-
-    def job(self, job_id: str) -> dict[str, Any] | None:
-        """One job with its files, progress, speed and ETA (smart query)."""
-
-        def query(r: Reading) -> dict[str, Any] | None:
-            job = self.reads.job(r, job_id)
-            return None if job is None else _with_speed(job, job["files"])
-
-        return self.q.read(query)
+            control=_control, shown=lambda job: _with_speed(job, job["files"])))
 
     def list_jobs(self, statuses: tuple[str, ...] | None, limit: int, offset: int,
                   ) -> tuple[int | None, int | None, list[dict[str, Any]]]:

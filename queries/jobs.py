@@ -11,7 +11,7 @@ from sqlalchemy import Table, select
 
 from infra.journal import JournalEntry
 from queries.overlay import mark_pending
-from queries.service import PENDING_SCAN_LIMIT, Reading
+from queries.service import PENDING_SCAN_LIMIT, QueryService, Reading
 
 Row = dict[str, Any]
 
@@ -33,6 +33,9 @@ class JobReads:
     #: Applies a pending command other than the request to a known job; False: the command
     #: does not show ahead (it shows once applied)
     control: Callable[[Row, JournalEntry], bool]
+    #: What a single job shows once merged, beyond its view (download jobs: speed and ETA
+    #: from their files); None: nothing more
+    shown: Callable[[Row], Row] | None = None
 
     def overlay(self, job: Row | None, e: JournalEntry) -> Row | None:
         """Applies one pending command to a job view (None: the job is not known yet)."""
@@ -62,7 +65,7 @@ class JobReads:
         if job is None:
             return None
         job["read_model_position"] = r.position
-        return job
+        return job if self.shown is None else self.shown(job)
 
     def pending(self, r: Reading, jobs: dict[str, Row], command_types: Sequence[str],
                 offset: int) -> list[Row]:
@@ -80,3 +83,17 @@ class JobReads:
             elif jid in new:
                 new[jid] = self.overlay(new[jid], e) or new[jid]
         return [*reversed(new.values())]
+
+
+class JobQueries:
+    """The smart queries a kind of job shares (one job, merged with its pending commands);
+    its module adds its lists and the reads its workers need."""
+
+    def __init__(self, queries: QueryService, reads: JobReads) -> None:
+        self.q = queries
+        self.reads = reads
+        self.jobs = reads.jobs
+
+    def job(self, job_id: str) -> Row | None:
+        """One job with its parts, the pending commands applied (None: unknown)."""
+        return self.q.read(lambda r: self.reads.job(r, job_id))

@@ -11,6 +11,7 @@ wrote it; an observation result ─hadMember→ the products of its runs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy import select
 
 from infra.lineage import LineageEdge, LineageGraph, LineageNode
 from queries.processing import ProcessingQueries
+from queries.rows import ExecutedObsUnitRow
 from queries.service import unit_view
 
 
@@ -119,7 +121,7 @@ def product_lineage(processing: ProcessingQueries, product_id: str) -> LineageGr
         b.edge(pnode, fnode, "wasDerivedFrom")
         unit_id = i["executed_obs_unit_id"]
         if unit_id:
-            unit = units.get(unit_id, {})
+            unit: Mapping[str, Any] = units.get(unit_id, {})
             unode = b.node(f"executed_obs_unit:{unit_id}", "executed_obs_unit",
                            f"execution of {unit.get('obs_unit_id', '?')}",
                            executed_obs_unit_id=unit_id, obs_unit_id=unit.get("obs_unit_id"),
@@ -129,7 +131,7 @@ def product_lineage(processing: ProcessingQueries, product_id: str) -> LineageGr
     return b.graph()
 
 
-def _executions(processing: ProcessingQueries, ids: list[str]) -> dict[str, dict[str, Any]]:
+def _executions(processing: ProcessingQueries, ids: list[str]) -> dict[str, ExecutedObsUnitRow]:
     if not ids:
         return {}
     u = processing.q.t.executed_obs_units

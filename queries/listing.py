@@ -3,7 +3,7 @@ projected rows (in SQL) and to the rows of pending commands (in Python)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,3 +42,18 @@ def ordering(table: Table, sort: str, columns: Mapping[str, str]) -> tuple[Any, 
     breaking ties so that pages never overlap."""
     column = table.c[columns[sort.removeprefix("-")]]
     return (column.desc() if sort.startswith("-") else column.asc(), table.c.id)
+
+
+def registered_filters(table: Table, filters: Mapping[str, str | None],
+                       registered_from: datetime | None, registered_to: datetime | None,
+                       ) -> tuple[list[Any], Callable[[Mapping[str, Any]], bool]]:
+    """The SQL conditions (each of ``filters`` equals, registered in [from, to)) and the same
+    test for the rows of pending commands."""
+    conds = equal_to(table, filters)
+    conds += time_range(table.c.recorded_at, registered_from, registered_to)
+
+    def matches(r: Mapping[str, Any]) -> bool:
+        return (all(v is None or str(r.get(k)) == v for k, v in filters.items())
+                and within(r.get("registered_at"), registered_from, registered_to))
+
+    return conds, matches

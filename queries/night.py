@@ -20,6 +20,7 @@ from queries import packages, staging
 from queries.downloads import DownloadQueries
 from queries.overlay import Overlay
 from queries.processing import ProcessingQueries
+from queries.rows import changeable
 from queries.service import COMMAND_TYPES, QueryService, Reading, package_view, staging_view
 
 T = TypeVar("T")
@@ -108,10 +109,10 @@ class NightQueries:
             packages["by_status"] = {str(k): int(n) for k, n, _ in sizes}
             packages["bytes_by_status"] = {str(k): int(b) for k, _, b in sizes}
         packages["items"] = self._pending_first(
-            r, "raw_data_package", [package_view(x) for x in r.rows(
+            r, "raw_data_package", [changeable(package_view(x)) for x in r.rows(
                 select(p).order_by(p.c.created_position.desc()).limit(RECENT))])
         staging["queue"] = self._pending_first(
-            r, "staging", [staging_view(x) for x in r.rows(
+            r, "staging", [changeable(staging_view(x)) for x in r.rows(
                 select(s).where(s.c.status.in_(STAGING_QUEUE))
                 .order_by(s.c.created_position).limit(RECENT))])
         results = {"fulfillment_status": by(res, "fulfillment_status"),

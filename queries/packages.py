@@ -7,8 +7,8 @@ from datetime import datetime
 from typing import Any
 
 from commands.raw_data import RawDataCommand
-from queries.counts import counts_by
-from queries.listing import equal_to, ordering, time_range, within
+from queries.counts import registered_counts
+from queries.listing import ordering, registered_filters
 from queries.service import QueryService, package_view
 
 COMMAND_TYPES = (RawDataCommand.RAW_DATA_PACKAGE_CREATE, RawDataCommand.RAW_DATA_PACKAGE_ADD_FILES,
@@ -27,21 +27,13 @@ class PackageQueries:
              registered_to: datetime | None, sort: str, limit: int, offset: int,
              ) -> tuple[int | None, int | None, list[dict[str, Any]], int]:
         p = self.table
-        filters = {"status": status, "executed_obs_unit_id": executed_obs_unit_id,
-                   "name": name}
-        conds = equal_to(p, filters)
-        conds += time_range(p.c.recorded_at, registered_from, registered_to)
-
-        def matches(r: dict[str, Any]) -> bool:
-            return (all(v is None or str(r.get(k)) == v for k, v in filters.items())
-                    and within(r.get("registered_at"), registered_from, registered_to))
-
+        conds, matches = registered_filters(
+            p, {"status": status, "executed_obs_unit_id": executed_obs_unit_id, "name": name},
+            registered_from, registered_to)
         return self.q.page(p, conds, ordering(p, sort, SORTS), package_view,
                            "raw_data_package", matches, limit, offset, COMMAND_TYPES)
 
     def counts(self, registered_from: datetime | None,
                registered_to: datetime | None) -> dict[str, Any]:
-        p = self.table
-        return counts_by(self.q, p, ("status",), COMMAND_TYPES,
-                         time_range(p.c.recorded_at, registered_from, registered_to),
-                         size=p.c.total_size)
+        return registered_counts(self.q, self.table, COMMAND_TYPES, registered_from,
+                                 registered_to, size=self.table.c.total_size)

@@ -10,7 +10,7 @@ from sqlalchemy import func, or_, select
 
 from commands.processing import ProcessingCommand
 from infra.journal import JournalEntry
-from queries.jobs import JobReads
+from queries.jobs import JobQueries, JobReads
 from queries.listing import equal_to
 from queries.service import QueryService, Reading
 
@@ -109,26 +109,21 @@ def _control(job: dict[str, Any], e: JournalEntry) -> bool:
     return True
 
 
-class ProcessingQueries:
-    """Reads of the processing read models, through the core query service's plumbing."""
+class ProcessingQueries(JobQueries):
+    """Reads of the processing read models, through the core query service's plumbing; ``job``
+    gives one job with its steps, progress, timings and outputs (smart query)."""
 
     def __init__(self, queries: QueryService) -> None:
-        self.q = queries
-        self.jobs = queries.t.processing_jobs
         self.steps = queries.t.processing_job_steps
         self.products = queries.t.data_products
         self.inputs = queries.t.product_inputs
-        self.reads = JobReads(
-            kind="processing_job", jobs=self.jobs, view=job_view, parts_key="steps",
-            parts=self.steps, part_view=step_view, part_order="created_position",
-            request_type=ProcessingCommand.PROCESSING_JOB_REQUEST, pending_job=_pending_job,
-            control=_control)
+        super().__init__(queries, JobReads(
+            kind="processing_job", jobs=queries.t.processing_jobs, view=job_view,
+            parts_key="steps", parts=self.steps, part_view=step_view,
+            part_order="created_position", request_type=ProcessingCommand.PROCESSING_JOB_REQUEST,
+            pending_job=_pending_job, control=_control))
 
     # -- jobs ------------------------------------------------------------------------------
-    def job(self, job_id: str) -> dict[str, Any] | None:
-        """One job with its steps, progress, timings and outputs (smart query)."""
-        return self.q.read(lambda r: self.reads.job(r, job_id))
-
     def list_jobs(self, status: str | None, kind: str | None, limit: int, offset: int,
                   ) -> tuple[int | None, int | None, list[dict[str, Any]]]:
         """Jobs, newest first; jobs not projected yet lead the first page."""

@@ -10,7 +10,7 @@ raises ``ReadModelsUnavailable`` (HTTP 503).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -23,8 +23,22 @@ from infra.availability import READ_MODEL_DB, Availability, note_unavailable, un
 from infra.journal import Journal, JournalEntry
 from infra.read_model_db import ReadModelsUnavailable, is_postgres
 from projections.tables import build_positions, build_tables
-from queries.listing import as_time, equal_to, ordering, time_range, within
+from queries.listing import (
+    as_time,
+    equal_to,
+    ordering,
+    registered_filters,
+    time_range,
+    within,
+)
 from queries.overlay import Overlay
+from queries.rows import (
+    ExecutedObsUnitRow,
+    RawDataFileRow,
+    RawDataPackageRow,
+    StagingRequestRow,
+    changeable,
+)
 
 #: entity kind → the command types whose pending commands change its rows
 COMMAND_TYPES = SHOWN_IN
@@ -167,7 +181,7 @@ class QueryService:
 
     def row_loader(self, conn: Connection) -> Callable[[str, str], dict[str, Any] | None]:
         """(kind, id) → the projected row as a view, for the pending-command overlay."""
-        tables: dict[str, tuple[Table, Callable[[dict[str, Any]], dict[str, Any]]]] = {
+        tables: dict[str, tuple[Table, Callable[[dict[str, Any]], Mapping[str, Any]]]] = {
             "executed_obs_unit": (self.t.executed_obs_units, unit_view),
             "raw_data_file": (self.t.raw_data_files, file_view),
             "raw_data_package": (self.t.raw_data_packages, package_view),
@@ -178,7 +192,7 @@ class QueryService:
         def load(kind: str, entity_id: str) -> dict[str, Any] | None:
             table, view = tables[kind]
             rows = self.fetch_rows(conn, select(table).where(table.c.id == entity_id))
-            return view(rows[0]) if rows else None
+            return changeable(view(rows[0])) if rows else None
 
         return load
 
@@ -205,7 +219,7 @@ class QueryService:
         u = self.t.executed_obs_units
 
         def query(r: Reading) -> tuple[int | None, list[dict[str, Any]]]:
-            rows = [unit_view(x) for x in r.rows(
+            rows = [changeable(unit_view(x)) for x in r.rows(
                 select(u).where(u.c.obs_unit_id == obs_unit_id).order_by(u.c.start_time))]
             overlay = Overlay(r.loader())
             for row in rows:
@@ -257,22 +271,20 @@ class QueryService:
                    registered_to: datetime | None = None, sort: str = "-created_at",
                    ) -> tuple[int | None, int | None, list[dict[str, Any]], int]:
         f = self.t.raw_data_files
-        filters = {"executed_obs_unit_id": executed_obs_unit_id, "package_id": package_id,
-                   "instrument": instrument, "file_type": file_type, "name": name}
-        conds = equal_to(f, filters)
+        conds, registered = registered_filters(
+            f, {"executed_obs_unit_id": executed_obs_unit_id, "package_id": package_id,
+                "instrument": instrument, "file_type": file_type, "name": name},
+            registered_from, registered_to)
         conds += time_range(f.c.created_at, created_from, created_to)
-        conds += time_range(f.c.recorded_at, registered_from, registered_to)
 
         def matches(r: dict[str, Any]) -> bool:
-            return (all(v is None or str(r.get(k)) == v for k, v in filters.items())
-                    and within(r["created_at"], created_from, created_to)
-                    and within(r.get("registered_at"), registered_from, registered_to))
+            return registered(r) and within(r["created_at"], created_from, created_to)
 
         order = ordering(f, sort, FILE_SORTS)
         return self.page(f, conds, order, file_view, "raw_data_file", matches, limit, offset)
 
     def page(self, table: Table, conds: list[Any], order: tuple[Any, ...],
-             view: Callable[[dict[str, Any]], dict[str, Any]], kind: str,
+             view: Callable[[dict[str, Any]], Mapping[str, Any]], kind: str,
              matches: Callable[[dict[str, Any]], bool], limit: int, offset: int,
              command_types: Sequence[str] | None = None,
              ) -> tuple[int | None, int | None, list[dict[str, Any]], int]:
@@ -284,7 +296,7 @@ class QueryService:
 
         def query(r: Reading) -> tuple[int | None, int | None, list[dict[str, Any]], int]:
             total = r.count(select(func.count()).select_from(table).where(*conds))
-            rows = [view(x) for x in r.rows(
+            rows = [changeable(view(x)) for x in r.rows(
                 select(table).where(*conds).order_by(*order).limit(limit).offset(offset))]
             overlay = Overlay(r.loader())
             for row in rows:
@@ -315,7 +327,7 @@ class QueryService:
                            f"raw data package {package_id}")
             if pkg is None:
                 return None
-            files = {str(x["id"]): file_view(x) for x in r.rows(
+            files = {str(x["id"]): changeable(file_view(x)) for x in r.rows(
                 select(f).where(f.c.package_id == package_id).order_by(f.c.name))}
             for fid, x in overlay.rows["raw_data_file"].items():
                 if x is not None and str(x.get("package_id")) == package_id:
@@ -454,7 +466,7 @@ def with_progress(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def unit_view(r: dict[str, Any]) -> dict[str, Any]:
+def unit_view(r: dict[str, Any]) -> ExecutedObsUnitRow:
     return {
         "id": r["id"], "obs_unit_id": r["obs_unit_id"], "instrument": r["instrument"],
         "status": r["status"], "start_time": r["start_time"], "end_time": r["end_time"],
@@ -464,7 +476,7 @@ def unit_view(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def file_view(r: dict[str, Any]) -> dict[str, Any]:
+def file_view(r: dict[str, Any]) -> RawDataFileRow:
     return {
         "id": r["id"], "name": r["name"], "instrument": r["instrument"],
         "relative_path": r["relative_path"], "size": r["size"],
@@ -476,7 +488,7 @@ def file_view(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def package_view(r: dict[str, Any]) -> dict[str, Any]:
+def package_view(r: dict[str, Any]) -> RawDataPackageRow:
     return {
         "id": r["id"], "name": r["name"], "executed_obs_unit_id": r["executed_obs_unit_id"],
         "status": r["status"], "total_size": r["total_size"], "file_count": r["file_count"],
@@ -485,7 +497,7 @@ def package_view(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def staging_view(r: dict[str, Any]) -> dict[str, Any]:
+def staging_view(r: dict[str, Any]) -> StagingRequestRow:
     return {
         "id": r["id"], "package_ids": r["package_ids"], "destination": r["destination"],
         "status": r["status"], "bytes_total": r["bytes_total"], "files_total": r["files_total"],

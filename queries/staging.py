@@ -7,8 +7,8 @@ from datetime import datetime
 from typing import Any
 
 from commands.staging import StagingCommand
-from queries.counts import counts_by
-from queries.listing import equal_to, ordering, time_range, within
+from queries.counts import registered_counts
+from queries.listing import ordering, registered_filters
 from queries.service import QueryService, staging_view, with_progress
 
 COMMAND_TYPES = (StagingCommand.STAGING_STAGE, StagingCommand.STAGING_REPORT_PROGRESS,
@@ -27,14 +27,8 @@ class StagingQueries:
              limit: int, offset: int,
              ) -> tuple[int | None, int | None, list[dict[str, Any]], int]:
         s = self.table
-        filters = {"status": status, "destination": destination}
-        conds = equal_to(s, filters)
-        conds += time_range(s.c.recorded_at, registered_from, registered_to)
-
-        def matches(r: dict[str, Any]) -> bool:
-            return (all(v is None or str(r.get(k)) == v for k, v in filters.items())
-                    and within(r.get("registered_at"), registered_from, registered_to))
-
+        conds, matches = registered_filters(
+            s, {"status": status, "destination": destination}, registered_from, registered_to)
         position, total, items, pending = self.q.page(
             s, conds, ordering(s, sort, SORTS), staging_view, "staging", matches, limit,
             offset, COMMAND_TYPES)
@@ -42,7 +36,5 @@ class StagingQueries:
 
     def counts(self, registered_from: datetime | None,
                registered_to: datetime | None) -> dict[str, Any]:
-        s = self.table
-        return counts_by(self.q, s, ("status",), COMMAND_TYPES,
-                         time_range(s.c.recorded_at, registered_from, registered_to),
-                         size=s.c.bytes_total)
+        return registered_counts(self.q, self.table, COMMAND_TYPES, registered_from,
+                                 registered_to, size=self.table.c.bytes_total)
