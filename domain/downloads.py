@@ -20,7 +20,7 @@ from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition, InvalidCommand
 from domain.provenance import Provenance, utc, with_provenance
-from domain.transitions import require_transition
+from domain.transitions import require_transition, transition_table
 
 
 def download_file_id(job_id: UUID, index: int) -> UUID:
@@ -45,16 +45,14 @@ class FileStatus(StrEnum):
 
 
 #: Which status a job may move to from each status (completed and cancelled are final).
-JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.REQUESTED: frozenset({JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.FAILED,
-                                    JobStatus.CANCELLED}),
-    JobStatus.RUNNING: frozenset({JobStatus.PAUSED, JobStatus.FAILED, JobStatus.COMPLETED,
-                                  JobStatus.CANCELLED}),
-    JobStatus.PAUSED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
-    JobStatus.FAILED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
-    JobStatus.COMPLETED: frozenset(),
-    JobStatus.CANCELLED: frozenset(),
-}
+JOB_TRANSITIONS = transition_table(JobStatus, {
+    JobStatus.REQUESTED: {JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.FAILED,
+                          JobStatus.CANCELLED},
+    JobStatus.RUNNING: {JobStatus.PAUSED, JobStatus.FAILED, JobStatus.COMPLETED,
+                        JobStatus.CANCELLED},
+    JobStatus.PAUSED: {JobStatus.RUNNING, JobStatus.CANCELLED},
+    JobStatus.FAILED: {JobStatus.RUNNING, JobStatus.CANCELLED},
+})
 
 #: Statuses in which the downloader may still record what is on disk.
 _RECORDING = frozenset({JobStatus.REQUESTED, JobStatus.RUNNING, JobStatus.PAUSED})

@@ -11,7 +11,7 @@ from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition
 from domain.provenance import Provenance, utc, with_provenance
-from domain.transitions import require_transition
+from domain.transitions import require_transition, transition_table
 
 
 class ExecutionStatus(StrEnum):
@@ -22,14 +22,10 @@ class ExecutionStatus(StrEnum):
 
 
 #: Which status an execution may move to from each status. Final statuses have no exits.
-ALLOWED_TRANSITIONS: dict[ExecutionStatus, frozenset[ExecutionStatus]] = {
-    ExecutionStatus.RUNNING: frozenset(
-        {ExecutionStatus.SUCCESS, ExecutionStatus.FAILED, ExecutionStatus.ABORTED}
-    ),
-    ExecutionStatus.SUCCESS: frozenset(),
-    ExecutionStatus.FAILED: frozenset(),
-    ExecutionStatus.ABORTED: frozenset(),
-}
+ALLOWED_TRANSITIONS = transition_table(ExecutionStatus, {
+    ExecutionStatus.RUNNING: {ExecutionStatus.SUCCESS, ExecutionStatus.FAILED,
+                              ExecutionStatus.ABORTED},
+})
 
 
 class ExecutedObsUnit(Aggregate):

@@ -41,7 +41,7 @@ from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition, InvalidCommand
 from domain.provenance import Provenance, utc, with_provenance
-from domain.transitions import require_transition
+from domain.transitions import require_transition, transition_table
 
 #: Namespace of the process job a results scheduler's processing run creates.
 RUN_JOB_NAMESPACE = UUID("5d0b6a2e-3c41-4f7a-9e2b-7a1c0e9f4b31")
@@ -75,14 +75,11 @@ class JobStatus(StrEnum):
 FINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 #: Which status a job may move to from each status (the final ones have no exit).
-JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.REQUESTED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
-    JobStatus.RUNNING: frozenset({JobStatus.REQUESTED, JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                  JobStatus.CANCELLED}),
-    JobStatus.SUCCEEDED: frozenset(),
-    JobStatus.FAILED: frozenset(),
-    JobStatus.CANCELLED: frozenset(),
-}
+JOB_TRANSITIONS = transition_table(JobStatus, {
+    JobStatus.REQUESTED: {JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED},
+    JobStatus.RUNNING: {JobStatus.REQUESTED, JobStatus.SUCCEEDED, JobStatus.FAILED,
+                        JobStatus.CANCELLED},
+})
 
 
 class ProcessingJob(Aggregate):

@@ -27,7 +27,7 @@ from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition, InvalidCommand
 from domain.provenance import Provenance, utc, with_provenance
-from domain.transitions import require_transition
+from domain.transitions import require_transition, transition_table
 
 #: Namespace of observation result ids: uuid5 of the leaf cell, so materializing is idempotent.
 RESULT_NAMESPACE = UUID("6b0f3a52-2f4e-5b8e-9a57-0c1d0b7e4e21")
@@ -75,16 +75,13 @@ class Fulfillment(StrEnum):
 
 
 #: Which fulfillment status a result may move to from each status (final ones have no exit).
-FULFILLMENT_TRANSITIONS: dict[Fulfillment, frozenset[Fulfillment]] = {
-    Fulfillment.PENDING_DISPATCH: frozenset({Fulfillment.DISPATCHED, Fulfillment.CANCELED}),
-    Fulfillment.DISPATCHED: frozenset({
-        Fulfillment.FULFILLED, Fulfillment.PARTIALLY_FULFILLED, Fulfillment.PENDING_DISPATCH,
-        Fulfillment.CANCELED}),
-    Fulfillment.PARTIALLY_FULFILLED: frozenset({
-        Fulfillment.DISPATCHED, Fulfillment.FULFILLED, Fulfillment.CANCELED}),
-    Fulfillment.FULFILLED: frozenset(),
-    Fulfillment.CANCELED: frozenset(),
-}
+FULFILLMENT_TRANSITIONS = transition_table(Fulfillment, {
+    Fulfillment.PENDING_DISPATCH: {Fulfillment.DISPATCHED, Fulfillment.CANCELED},
+    Fulfillment.DISPATCHED: {Fulfillment.FULFILLED, Fulfillment.PARTIALLY_FULFILLED,
+                             Fulfillment.PENDING_DISPATCH, Fulfillment.CANCELED},
+    Fulfillment.PARTIALLY_FULFILLED: {Fulfillment.DISPATCHED, Fulfillment.FULFILLED,
+                                      Fulfillment.CANCELED},
+})
 
 
 class TaskOutcome(StrEnum):

@@ -12,7 +12,7 @@ from eventsourcing.domain import Aggregate, event
 from domain.errors import IllegalTransition, InvalidCommand
 from domain.provenance import Provenance, with_provenance
 from domain.raw_data import PackageStatus, RawDataPackage
-from domain.transitions import require_transition
+from domain.transitions import require_transition, transition_table
 
 
 class StagingStatus(StrEnum):
@@ -24,19 +24,10 @@ class StagingStatus(StrEnum):
 
 
 #: Allowed moves. ``in_progress -> in_progress`` is a progress report.
-ALLOWED_TRANSITIONS: dict[StagingStatus, frozenset[StagingStatus]] = {
-    StagingStatus.PENDING: frozenset(
-        {StagingStatus.IN_PROGRESS, StagingStatus.COMPLETED, StagingStatus.FAILED,
-         StagingStatus.CANCELLED}
-    ),
-    StagingStatus.IN_PROGRESS: frozenset(
-        {StagingStatus.IN_PROGRESS, StagingStatus.COMPLETED, StagingStatus.FAILED,
-         StagingStatus.CANCELLED}
-    ),
-    StagingStatus.COMPLETED: frozenset(),
-    StagingStatus.FAILED: frozenset(),
-    StagingStatus.CANCELLED: frozenset(),
-}
+_UNDER_WAY = {StagingStatus.IN_PROGRESS, StagingStatus.COMPLETED, StagingStatus.FAILED,
+              StagingStatus.CANCELLED}
+ALLOWED_TRANSITIONS = transition_table(StagingStatus, {
+    StagingStatus.PENDING: _UNDER_WAY, StagingStatus.IN_PROGRESS: _UNDER_WAY})
 
 
 class StagingRequest(Aggregate):
