@@ -19,8 +19,8 @@ from uuid import UUID, uuid5
 from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition, InvalidCommand
-from domain.provenance import Provenance, utc
-from domain.transitions import require_transition
+from domain.provenance import Provenance, utc, with_provenance
+from domain.transitions import require_transition, transition_table
 
 
 def download_file_id(job_id: UUID, index: int) -> UUID:
@@ -45,16 +45,14 @@ class FileStatus(StrEnum):
 
 
 #: Which status a job may move to from each status (completed and cancelled are final).
-JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.REQUESTED: frozenset({JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.FAILED,
-                                    JobStatus.CANCELLED}),
-    JobStatus.RUNNING: frozenset({JobStatus.PAUSED, JobStatus.FAILED, JobStatus.COMPLETED,
-                                  JobStatus.CANCELLED}),
-    JobStatus.PAUSED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
-    JobStatus.FAILED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
-    JobStatus.COMPLETED: frozenset(),
-    JobStatus.CANCELLED: frozenset(),
-}
+JOB_TRANSITIONS = transition_table(JobStatus, {
+    JobStatus.REQUESTED: {JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.FAILED,
+                          JobStatus.CANCELLED},
+    JobStatus.RUNNING: {JobStatus.PAUSED, JobStatus.FAILED, JobStatus.COMPLETED,
+                        JobStatus.CANCELLED},
+    JobStatus.PAUSED: {JobStatus.RUNNING, JobStatus.CANCELLED},
+    JobStatus.FAILED: {JobStatus.RUNNING, JobStatus.CANCELLED},
+})
 
 #: Statuses in which the downloader may still record what is on disk.
 _RECORDING = frozenset({JobStatus.REQUESTED, JobStatus.RUNNING, JobStatus.PAUSED})
@@ -64,6 +62,7 @@ class DownloadJob(Aggregate):
     """One download job: its files, where they go, and how far each one got."""
 
     @event("Requested")
+    @with_provenance
     def __init__(
         self,
         id: UUID,
@@ -73,10 +72,7 @@ class DownloadJob(Aggregate):
         chunk_size: int,
         register_files: bool,
         requested_at: datetime,
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.destination = destination
         self.mode = mode
@@ -167,11 +163,11 @@ class DownloadJob(Aggregate):
                            **provenance.event_fields())
 
     @event("FileStarted")
+    @with_provenance
     def _file_started(self, index: int, size: int | None, etag: str | None,
-                      last_modified: str | None, restart_reason: str | None,
-                      started_at: datetime, job_bytes_done: int, job_bytes_total: int | None,
-                      job_status: str, actor: str, command_id: str,
-                      correlation_id: str, observed_at: datetime | None) -> None:
+                      last_modified: str | None, restart_reason: str | None, started_at: datetime,
+                      job_bytes_done: int, job_bytes_total: int | None, job_status: str,
+                      **provenance: Any) -> None:
         f = self.files[index]
         f.update(status=FileStatus.DOWNLOADING.value, bytes_done=0, etag=etag,
                  last_modified=last_modified)
@@ -194,10 +190,9 @@ class DownloadJob(Aggregate):
                            **provenance.event_fields())
 
     @event("Checkpointed")
-    def _checkpointed(self, index: int, bytes_done: int, bytes_per_s: float | None,
-                      at: datetime, job_bytes_done: int, actor: str, command_id: str,
-                      correlation_id: str,
-                      observed_at: datetime | None) -> None:
+    @with_provenance
+    def _checkpointed(self, index: int, bytes_done: int, bytes_per_s: float | None, at: datetime,
+                      job_bytes_done: int, **provenance: Any) -> None:
         self.files[index]["bytes_done"] = bytes_done
 
     def complete_file(self, index: int, size: int, sha256: str, fits: dict[str, Any] | None,
@@ -216,17 +211,16 @@ class DownloadJob(Aggregate):
             self._completed(completed_at=utc(now), **provenance.event_fields())
 
     @event("FileCompleted")
+    @with_provenance
     def _file_completed(self, index: int, size: int, sha256: str, fits: dict[str, Any] | None,
-                        completed_at: datetime, job_bytes_done: int,
-                        job_bytes_total: int | None, files_completed: int, actor: str,
-                        command_id: str,
-                        correlation_id: str, observed_at: datetime | None) -> None:
+                        completed_at: datetime, job_bytes_done: int, job_bytes_total: int | None,
+                        files_completed: int, **provenance: Any) -> None:
         self.files[index].update(status=FileStatus.COMPLETE.value, bytes_done=size, size=size,
                                  sha256=sha256)
 
     @event("Completed")
-    def _completed(self, completed_at: datetime, actor: str, command_id: str,
-                   correlation_id: str, observed_at: datetime | None) -> None:
+    @with_provenance
+    def _completed(self, completed_at: datetime, **provenance: Any) -> None:
         self.status = JobStatus.COMPLETED.value
 
     def fail(self, reason: str, index: int | None, now: datetime,
@@ -239,8 +233,9 @@ class DownloadJob(Aggregate):
                      **provenance.event_fields())
 
     @event("Failed")
-    def _failed(self, reason: str, index: int | None, failed_at: datetime, actor: str,
-                command_id: str, correlation_id: str, observed_at: datetime | None) -> None:
+    @with_provenance
+    def _failed(self, reason: str, index: int | None, failed_at: datetime,
+                **provenance: Any) -> None:
         self.status = JobStatus.FAILED.value
         self.reason = reason
         if index is not None:
@@ -252,8 +247,8 @@ class DownloadJob(Aggregate):
         self._paused(paused_at=utc(now), **provenance.event_fields())
 
     @event("Paused")
-    def _paused(self, paused_at: datetime, actor: str, command_id: str, correlation_id: str,
-                observed_at: datetime | None) -> None:
+    @with_provenance
+    def _paused(self, paused_at: datetime, **provenance: Any) -> None:
         self.status = JobStatus.PAUSED.value
 
     def resume(self, now: datetime, provenance: Provenance) -> None:
@@ -265,8 +260,8 @@ class DownloadJob(Aggregate):
             self._completed(completed_at=utc(now), **provenance.event_fields())
 
     @event("Resumed")
-    def _resumed(self, resumed_at: datetime, actor: str, command_id: str, correlation_id: str,
-                 observed_at: datetime | None) -> None:
+    @with_provenance
+    def _resumed(self, resumed_at: datetime, **provenance: Any) -> None:
         self.status = JobStatus.RUNNING.value
         self.reason = None
         for f in self.files:
@@ -279,8 +274,8 @@ class DownloadJob(Aggregate):
         self._cancelled(reason=reason, cancelled_at=utc(now), **provenance.event_fields())
 
     @event("Cancelled")
-    def _cancelled(self, reason: str | None, cancelled_at: datetime, actor: str,
-                   command_id: str, correlation_id: str, observed_at: datetime | None) -> None:
+    @with_provenance
+    def _cancelled(self, reason: str | None, cancelled_at: datetime, **provenance: Any) -> None:
         self.status = JobStatus.CANCELLED.value
         self.reason = reason
 
@@ -299,10 +294,9 @@ class DownloadJob(Aggregate):
                               **provenance.event_fields())
 
     @event("PartialsPurged")
+    @with_provenance
     def _partials_purged(self, removed: list[str], purged_at: datetime, job_bytes_done: int,
-                         actor: str,
-                         command_id: str, correlation_id: str,
-                         observed_at: datetime | None) -> None:
+                         **provenance: Any) -> None:
         self.partials_purged = True
         for f in self.files:
             if f["status"] != FileStatus.COMPLETE:

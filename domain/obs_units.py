@@ -10,8 +10,8 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition
-from domain.provenance import Provenance, utc
-from domain.transitions import require_transition
+from domain.provenance import Provenance, utc, with_provenance
+from domain.transitions import require_transition, transition_table
 
 
 class ExecutionStatus(StrEnum):
@@ -22,20 +22,17 @@ class ExecutionStatus(StrEnum):
 
 
 #: Which status an execution may move to from each status. Final statuses have no exits.
-ALLOWED_TRANSITIONS: dict[ExecutionStatus, frozenset[ExecutionStatus]] = {
-    ExecutionStatus.RUNNING: frozenset(
-        {ExecutionStatus.SUCCESS, ExecutionStatus.FAILED, ExecutionStatus.ABORTED}
-    ),
-    ExecutionStatus.SUCCESS: frozenset(),
-    ExecutionStatus.FAILED: frozenset(),
-    ExecutionStatus.ABORTED: frozenset(),
-}
+ALLOWED_TRANSITIONS = transition_table(ExecutionStatus, {
+    ExecutionStatus.RUNNING: {ExecutionStatus.SUCCESS, ExecutionStatus.FAILED,
+                              ExecutionStatus.ABORTED},
+})
 
 
 class ExecutedObsUnit(Aggregate):
     """An execution of a planned obs unit: started, then finished with an outcome."""
 
     @event("Started")
+    @with_provenance
     def __init__(
         self,
         id: UUID,
@@ -43,10 +40,7 @@ class ExecutedObsUnit(Aggregate):
         instrument: str,
         start_time: datetime,
         metadata: dict[str, Any],
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.obs_unit_id = obs_unit_id
         self.instrument = instrument
@@ -54,7 +48,7 @@ class ExecutedObsUnit(Aggregate):
         self.end_time: datetime | None = None
         self.status = ExecutionStatus.RUNNING.value
         self.metadata = dict(metadata)
-        self.started_by = actor
+        self.started_by: str = provenance["actor"]
         self.finished_by: str | None = None
 
     @classmethod
@@ -99,17 +93,15 @@ class ExecutedObsUnit(Aggregate):
         )
 
     @event("Finished")
+    @with_provenance
     def _finished(
         self,
         status: str,
         end_time: datetime,
         metadata: dict[str, Any],
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.status = status
         self.end_time = end_time
         self.metadata = {**self.metadata, **metadata}
-        self.finished_by = actor
+        self.finished_by = provenance["actor"]

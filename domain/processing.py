@@ -40,8 +40,8 @@ from uuid import UUID, uuid5
 from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition, InvalidCommand
-from domain.provenance import Provenance, utc
-from domain.transitions import require_transition
+from domain.provenance import Provenance, utc, with_provenance
+from domain.transitions import require_transition, transition_table
 
 #: Namespace of the process job a results scheduler's processing run creates.
 RUN_JOB_NAMESPACE = UUID("5d0b6a2e-3c41-4f7a-9e2b-7a1c0e9f4b31")
@@ -75,14 +75,11 @@ class JobStatus(StrEnum):
 FINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 #: Which status a job may move to from each status (the final ones have no exit).
-JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.REQUESTED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
-    JobStatus.RUNNING: frozenset({JobStatus.REQUESTED, JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                  JobStatus.CANCELLED}),
-    JobStatus.SUCCEEDED: frozenset(),
-    JobStatus.FAILED: frozenset(),
-    JobStatus.CANCELLED: frozenset(),
-}
+JOB_TRANSITIONS = transition_table(JobStatus, {
+    JobStatus.REQUESTED: {JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED},
+    JobStatus.RUNNING: {JobStatus.REQUESTED, JobStatus.SUCCEEDED, JobStatus.FAILED,
+                        JobStatus.CANCELLED},
+})
 
 
 class ProcessingJob(Aggregate):
@@ -262,18 +259,18 @@ class ProcessingJob(Aggregate):
                              **provenance.event_fields())
 
     @event("LeaseExpired")
-    def _lease_expired(self, worker: str, attempt: int, expired_at: datetime, actor: str,
-                       command_id: str, correlation_id: str,
-                       observed_at: datetime | None) -> None:
+    @with_provenance
+    def _lease_expired(self, worker: str, attempt: int, expired_at: datetime,
+                       **provenance: Any) -> None:
         self.status = JobStatus.REQUESTED.value
         self.lease_worker = None
         self.lease_expires_at = None
         self._interrupt_steps()  # a step the dead worker had begun is begun again
 
     @event("LeaseAcquired")
+    @with_provenance
     def _lease_acquired(self, worker: str, attempt: int, expires_at: datetime,
-                        acquired_at: datetime, actor: str, command_id: str,
-                        correlation_id: str, observed_at: datetime | None) -> None:
+                        acquired_at: datetime, **provenance: Any) -> None:
         self.status = JobStatus.RUNNING.value
         self.attempts = attempt
         self.lease_worker = worker
@@ -288,9 +285,9 @@ class ProcessingJob(Aggregate):
                             **provenance.event_fields())
 
     @event("LeaseRenewed")
-    def _lease_renewed(self, worker: str, attempt: int, expires_at: datetime, actor: str,
-                       command_id: str, correlation_id: str,
-                       observed_at: datetime | None) -> None:
+    @with_provenance
+    def _lease_renewed(self, worker: str, attempt: int, expires_at: datetime,
+                       **provenance: Any) -> None:
         self.lease_expires_at = expires_at
 
     # -- the worker's reports --------------------------------------------------------------
@@ -301,9 +298,9 @@ class ProcessingJob(Aggregate):
                            **provenance.event_fields())
 
     @event("StepStarted")
-    def _step_started(self, name: str, attempt: int, started_at: datetime, actor: str,
-                      command_id: str, correlation_id: str,
-                      observed_at: datetime | None) -> None:
+    @with_provenance
+    def _step_started(self, name: str, attempt: int, started_at: datetime,
+                      **provenance: Any) -> None:
         self.steps.append({"name": name, "attempt": attempt, "status": "running",
                            "started_at": started_at, "completed_at": None})
 
@@ -324,9 +321,9 @@ class ProcessingJob(Aggregate):
                                 field="name")
 
     @event("StepCompleted")
-    def _step_completed(self, name: str, attempt: int, completed_at: datetime,
-                        duration_s: float, actor: str, command_id: str, correlation_id: str,
-                        observed_at: datetime | None) -> None:
+    @with_provenance
+    def _step_completed(self, name: str, attempt: int, completed_at: datetime, duration_s: float,
+                        **provenance: Any) -> None:
         step = self._running_step(name, attempt)
         step.update(status="completed", completed_at=completed_at)
 
@@ -338,8 +335,8 @@ class ProcessingJob(Aggregate):
         self._progressed(fraction=fraction, at=utc(now), **provenance.event_fields())
 
     @event("Progressed")
-    def _progressed(self, fraction: float, at: datetime, actor: str, command_id: str,
-                    correlation_id: str, observed_at: datetime | None) -> None:
+    @with_provenance
+    def _progressed(self, fraction: float, at: datetime, **provenance: Any) -> None:
         self.progress = fraction
 
     def succeed(self, worker: str, attempt: int, outputs: list[dict[str, Any]],
@@ -361,9 +358,9 @@ class ProcessingJob(Aggregate):
                         finished_at=utc(now), **provenance.event_fields())
 
     @event("Succeeded")
+    @with_provenance
     def _succeeded(self, outputs: list[dict[str, Any]], software: dict[str, str], worker: str,
-                   attempt: int, finished_at: datetime, actor: str, command_id: str,
-                   correlation_id: str, observed_at: datetime | None) -> None:
+                   attempt: int, finished_at: datetime, **provenance: Any) -> None:
         self.status = JobStatus.SUCCEEDED.value
         self.completed_by = worker
         self.outputs = outputs
@@ -387,9 +384,9 @@ class ProcessingJob(Aggregate):
                      **provenance.event_fields())
 
     @event("Released")
+    @with_provenance
     def _released(self, worker: str, attempt: int, reason: str, released_at: datetime,
-                  actor: str, command_id: str, correlation_id: str,
-                  observed_at: datetime | None) -> None:
+                  **provenance: Any) -> None:
         self.status = JobStatus.REQUESTED.value
         self.lease_worker = None
         self.lease_expires_at = None
@@ -397,8 +394,9 @@ class ProcessingJob(Aggregate):
         self._interrupt_steps()
 
     @event("Failed")
-    def _failed(self, reason: str, retryable: bool, failed_at: datetime, actor: str,
-                command_id: str, correlation_id: str, observed_at: datetime | None) -> None:
+    @with_provenance
+    def _failed(self, reason: str, retryable: bool, failed_at: datetime,
+                **provenance: Any) -> None:
         self.status = JobStatus.FAILED.value
         self.reason = reason
         self.finished_at = failed_at
@@ -430,9 +428,8 @@ class ProcessingJob(Aggregate):
             self._cancelled(reason=reason, cancelled_at=utc(now), **provenance.event_fields())
 
     @event("CancelRequested")
-    def _cancel_requested(self, reason: str, requested_at: datetime, actor: str,
-                          command_id: str, correlation_id: str,
-                          observed_at: datetime | None) -> None:
+    @with_provenance
+    def _cancel_requested(self, reason: str, requested_at: datetime, **provenance: Any) -> None:
         self.cancel_requested = True
         self.reason = reason
 
@@ -447,8 +444,8 @@ class ProcessingJob(Aggregate):
                         **provenance.event_fields())
 
     @event("Cancelled")
-    def _cancelled(self, reason: str, cancelled_at: datetime, actor: str, command_id: str,
-                   correlation_id: str, observed_at: datetime | None) -> None:
+    @with_provenance
+    def _cancelled(self, reason: str, cancelled_at: datetime, **provenance: Any) -> None:
         self.status = JobStatus.CANCELLED.value
         self.reason = reason
         self.finished_at = cancelled_at
@@ -479,6 +476,7 @@ class DataProduct(Aggregate):
     """One product a process job built, with what is needed to trace it to its raw bytes."""
 
     @event("Built")
+    @with_provenance
     def __init__(
         self,
         id: UUID,
@@ -500,10 +498,7 @@ class DataProduct(Aggregate):
         result_id: UUID | None,
         run_id: UUID | None,
         built_at: datetime,
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.job_id = job_id
         self.kind = kind

@@ -12,7 +12,7 @@ from eventsourcing.domain import Aggregate, event
 from eventsourcing.utils import get_topic
 
 from domain.errors import IllegalTransition, InvalidCommand, LimitExceeded
-from domain.provenance import Provenance, utc
+from domain.provenance import Provenance, utc, with_provenance
 
 #: Namespace of raw data file ids: a file's id is derived from (instrument, name), so the
 #: event store's primary key enforces "name unique per instrument" and clients can compute it.
@@ -35,6 +35,7 @@ class RawDataFile(Aggregate):
     Registered: ClassVar[Any]
 
     @event("Registered")
+    @with_provenance
     def __init__(
         self,
         id: UUID,
@@ -48,10 +49,7 @@ class RawDataFile(Aggregate):
         file_type: str,
         created_at: datetime,
         package_id: UUID | None,
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.name = name
         self.instrument = instrument
@@ -128,13 +126,11 @@ class RawDataFile(Aggregate):
         self._assigned_to_package(package_id=package_id, **provenance.event_fields())
 
     @event("AssignedToPackage")
+    @with_provenance
     def _assigned_to_package(
         self,
         package_id: UUID,
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.package_id = package_id
 
@@ -145,14 +141,12 @@ class RawDataFile(Aggregate):
         self._ingested(job_id=job_id, metadata=metadata, **provenance.event_fields())
 
     @event("Ingested")
+    @with_provenance
     def _ingested(
         self,
         job_id: UUID,
         metadata: dict[str, Any],
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.fits_metadata = metadata
 
@@ -169,6 +163,7 @@ class RawDataPackage(Aggregate):
     """Files of one observation grouped for transfer; ``building`` until finalized."""
 
     @event("Created")
+    @with_provenance
     def __init__(
         self,
         id: UUID,
@@ -176,10 +171,7 @@ class RawDataPackage(Aggregate):
         executed_obs_unit_id: UUID | None,
         file_ids: list[UUID],
         total_size: int,
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.name = name
         self.executed_obs_unit_id = executed_obs_unit_id
@@ -233,14 +225,12 @@ class RawDataPackage(Aggregate):
             f.assign_to_package(self.id, provenance)
 
     @event("FilesAdded")
+    @with_provenance
     def _files_added(
         self,
         file_ids: list[UUID],
         added_size: int,
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.file_ids.extend(file_ids)
         self.total_size += added_size
@@ -256,14 +246,12 @@ class RawDataPackage(Aggregate):
         )
 
     @event("Finalized")
+    @with_provenance
     def _finalized(
         self,
         total_size: int,
         file_count: int,
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.status = PackageStatus.COMPLETE.value
 

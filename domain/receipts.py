@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from typing import Any
 from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
 
-from domain.provenance import Provenance
+from domain.provenance import Provenance, with_provenance
 
 COMMAND_RECEIPT_NAMESPACE = UUID("0b8f3c52-64c5-4c39-b5a8-2f0f6f3c9d11")
 
@@ -21,15 +21,13 @@ class CommandReceipt(Aggregate):
     """Saved in the same transaction as the command's events."""
 
     @event("Recorded")
+    @with_provenance
     def __init__(
         self,
         id: UUID,
         command_type: str,
         entity_ids: list[str],
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.command_type = command_type
         self.entity_ids = list(entity_ids)

@@ -26,8 +26,8 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition, InvalidCommand
-from domain.provenance import Provenance, utc
-from domain.transitions import require_transition
+from domain.provenance import Provenance, utc, with_provenance
+from domain.transitions import require_transition, transition_table
 
 #: Namespace of observation result ids: uuid5 of the leaf cell, so materializing is idempotent.
 RESULT_NAMESPACE = UUID("6b0f3a52-2f4e-5b8e-9a57-0c1d0b7e4e21")
@@ -75,16 +75,13 @@ class Fulfillment(StrEnum):
 
 
 #: Which fulfillment status a result may move to from each status (final ones have no exit).
-FULFILLMENT_TRANSITIONS: dict[Fulfillment, frozenset[Fulfillment]] = {
-    Fulfillment.PENDING_DISPATCH: frozenset({Fulfillment.DISPATCHED, Fulfillment.CANCELED}),
-    Fulfillment.DISPATCHED: frozenset({
-        Fulfillment.FULFILLED, Fulfillment.PARTIALLY_FULFILLED, Fulfillment.PENDING_DISPATCH,
-        Fulfillment.CANCELED}),
-    Fulfillment.PARTIALLY_FULFILLED: frozenset({
-        Fulfillment.DISPATCHED, Fulfillment.FULFILLED, Fulfillment.CANCELED}),
-    Fulfillment.FULFILLED: frozenset(),
-    Fulfillment.CANCELED: frozenset(),
-}
+FULFILLMENT_TRANSITIONS = transition_table(Fulfillment, {
+    Fulfillment.PENDING_DISPATCH: {Fulfillment.DISPATCHED, Fulfillment.CANCELED},
+    Fulfillment.DISPATCHED: {Fulfillment.FULFILLED, Fulfillment.PARTIALLY_FULFILLED,
+                             Fulfillment.PENDING_DISPATCH, Fulfillment.CANCELED},
+    Fulfillment.PARTIALLY_FULFILLED: {Fulfillment.DISPATCHED, Fulfillment.FULFILLED,
+                                      Fulfillment.CANCELED},
+})
 
 
 class TaskOutcome(StrEnum):
@@ -127,6 +124,7 @@ class ObservationResult(Aggregate):
     """One leaf cell of an observation request, its tasks and its processing runs."""
 
     @event("Materialized")
+    @with_provenance
     def __init__(
         self,
         id: UUID,
@@ -139,10 +137,7 @@ class ObservationResult(Aggregate):
         copies_mode: str,
         not_before: datetime | None,
         spec_snapshot: dict[str, Any] | None,
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.observation_id = observation_id
         self.request_id = request_id
@@ -223,10 +218,10 @@ class ObservationResult(Aggregate):
                          **provenance.event_fields())
 
     @event("Dispatched")
+    @with_provenance
     def _dispatched(self, task_id: UUID, attempt: int, instrument_id: str | None,
-                    executed_obs_unit_id: UUID | None, dispatched_at: datetime, actor: str,
-                    command_id: str, correlation_id: str,
-                    observed_at: datetime | None) -> None:
+                    executed_obs_unit_id: UUID | None, dispatched_at: datetime,
+                    **provenance: Any) -> None:
         self.tasks[str(task_id)] = {
             "attempt": attempt, "instrument_id": instrument_id,
             "executed_obs_unit_id": executed_obs_unit_id, "dispatched_at": dispatched_at,
@@ -253,10 +248,10 @@ class ObservationResult(Aggregate):
                          **provenance.event_fields())
 
     @event("TaskEnded")
+    @with_provenance
     def _task_ended(self, task_id: UUID, outcome: str, finished_at: datetime,
                     executed_obs_unit_id: UUID | None, fulfillment_status: str,
-                    fulfilled_on: datetime | None, actor: str, command_id: str,
-                    correlation_id: str, observed_at: datetime | None) -> None:
+                    fulfilled_on: datetime | None, **provenance: Any) -> None:
         self.tasks[str(task_id)].update(outcome=outcome, finished_at=finished_at,
                                         executed_obs_unit_id=executed_obs_unit_id)
         self.fulfillment_status = fulfillment_status
@@ -269,8 +264,9 @@ class ObservationResult(Aggregate):
                        **provenance.event_fields())
 
     @event("Canceled")
-    def _canceled(self, reason: str, canceled_at: datetime, task_id: str | None, actor: str,
-                  command_id: str, correlation_id: str, observed_at: datetime | None) -> None:
+    @with_provenance
+    def _canceled(self, reason: str, canceled_at: datetime, task_id: str | None,
+                  **provenance: Any) -> None:
         if task_id is not None:
             self.tasks[task_id].update(outcome=TaskOutcome.CANCELED.value,
                                        finished_at=canceled_at)
@@ -295,10 +291,10 @@ class ObservationResult(Aggregate):
         return True
 
     @event("AssetContributed")
+    @with_provenance
     def _asset_contributed(self, asset_id: str, revision: int, dirty_from_revision: int,
                            next_eligible_run_at: datetime, data_product_status: str,
-                           actor: str, command_id: str, correlation_id: str,
-                           observed_at: datetime | None) -> None:
+                           **provenance: Any) -> None:
         self.assets.add(asset_id)
         self.assets_revision = revision
         self.dirty_from_revision = dirty_from_revision
@@ -320,9 +316,9 @@ class ObservationResult(Aggregate):
                           **provenance.event_fields())
 
     @event("RunStarted")
-    def _run_started(self, run_id: UUID, revision: int, started_at: datetime, actor: str,
-                     command_id: str, correlation_id: str,
-                     observed_at: datetime | None) -> None:
+    @with_provenance
+    def _run_started(self, run_id: UUID, revision: int, started_at: datetime,
+                     **provenance: Any) -> None:
         self.runs[str(run_id)] = {"revision": revision, "status": "running",
                                   "started_at": started_at, "finished_at": None,
                                   "outputs": [], "error": None}
@@ -369,11 +365,11 @@ class ObservationResult(Aggregate):
                         **provenance.event_fields())
 
     @event("RunEnded")
-    def _run_ended(self, run_id: UUID, end: str, outputs: list[dict[str, Any]],
-                   error: str | None, finished_at: datetime, data_product_status: str,
+    @with_provenance
+    def _run_ended(self, run_id: UUID, end: str, outputs: list[dict[str, Any]], error: str | None,
+                   finished_at: datetime, data_product_status: str,
                    dirty_from_revision: int | None, next_eligible_run_at: datetime | None,
-                   last_built_revision: int | None, failed_runs: int, actor: str,
-                   command_id: str, correlation_id: str, observed_at: datetime | None) -> None:
+                   last_built_revision: int | None, failed_runs: int, **provenance: Any) -> None:
         self.runs[str(run_id)].update(status=end, finished_at=finished_at, outputs=outputs,
                                       error=error)
         self.current_processing_run_id = None

@@ -10,9 +10,9 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate, event
 
 from domain.errors import IllegalTransition, InvalidCommand
-from domain.provenance import Provenance
+from domain.provenance import Provenance, with_provenance
 from domain.raw_data import PackageStatus, RawDataPackage
-from domain.transitions import require_transition
+from domain.transitions import require_transition, transition_table
 
 
 class StagingStatus(StrEnum):
@@ -24,25 +24,17 @@ class StagingStatus(StrEnum):
 
 
 #: Allowed moves. ``in_progress -> in_progress`` is a progress report.
-ALLOWED_TRANSITIONS: dict[StagingStatus, frozenset[StagingStatus]] = {
-    StagingStatus.PENDING: frozenset(
-        {StagingStatus.IN_PROGRESS, StagingStatus.COMPLETED, StagingStatus.FAILED,
-         StagingStatus.CANCELLED}
-    ),
-    StagingStatus.IN_PROGRESS: frozenset(
-        {StagingStatus.IN_PROGRESS, StagingStatus.COMPLETED, StagingStatus.FAILED,
-         StagingStatus.CANCELLED}
-    ),
-    StagingStatus.COMPLETED: frozenset(),
-    StagingStatus.FAILED: frozenset(),
-    StagingStatus.CANCELLED: frozenset(),
-}
+_UNDER_WAY = {StagingStatus.IN_PROGRESS, StagingStatus.COMPLETED, StagingStatus.FAILED,
+              StagingStatus.CANCELLED}
+ALLOWED_TRANSITIONS = transition_table(StagingStatus, {
+    StagingStatus.PENDING: _UNDER_WAY, StagingStatus.IN_PROGRESS: _UNDER_WAY})
 
 
 class StagingRequest(Aggregate):
     """A request that complete packages be staged to a destination, and its progress."""
 
     @event("Requested")
+    @with_provenance
     def __init__(
         self,
         id: UUID,
@@ -50,10 +42,7 @@ class StagingRequest(Aggregate):
         destination: str,
         bytes_total: int,
         files_total: int,
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.package_ids = list(package_ids)
         self.destination = destination
@@ -125,16 +114,14 @@ class StagingRequest(Aggregate):
         )
 
     @event("ProgressReported")
+    @with_provenance
     def _progress_reported(
         self,
         status: str,
         bytes_transferred: int,
         files_transferred: int,
         message: str | None,
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.status = status
         self.bytes_transferred = bytes_transferred
@@ -151,14 +138,12 @@ class StagingRequest(Aggregate):
         self._retried(reason=reason, attempt=self.retries + 1, **provenance.event_fields())
 
     @event("Retried")
+    @with_provenance
     def _retried(
         self,
         reason: str | None,
         attempt: int,
-        actor: str,
-        command_id: str,
-        correlation_id: str,
-        observed_at: datetime | None,
+        **provenance: Any,
     ) -> None:
         self.status = StagingStatus.PENDING.value
         self.bytes_transferred = 0
