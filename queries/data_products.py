@@ -14,6 +14,7 @@ from queries.lineage import product_lineage
 from queries.processing import ProcessingQueries
 from queries.processing_plans import ProcessingSources
 from queries.refusals import Refusal
+from queries.rows import DataProductRow, PresignedDownloadRow
 
 #: How long a presigned download URL lasts (the object store's default).
 PRESIGNED_S = 3600
@@ -21,7 +22,7 @@ PRESIGNED_S = 3600
 OBJECT_STORE_RETRY_S = 5
 
 
-def product_row(processing: ProcessingQueries, product_id: Any) -> dict[str, Any]:
+def product_row(processing: ProcessingQueries, product_id: Any) -> DataProductRow:
     """The product's row; refused when there is none."""
     row = processing.product(str(product_id))
     if row is None:
@@ -33,11 +34,11 @@ def product_row(processing: ProcessingQueries, product_id: Any) -> dict[str, Any
 class ProductDownload:
     """A product to download: a presigned ``url``, or else its bytes in ``chunks``."""
 
-    product: dict[str, Any]
+    product: DataProductRow
     url: str | None = None
     chunks: Iterator[bytes] | None = None
 
-    def presigned(self) -> dict[str, Any]:
+    def presigned(self) -> PresignedDownloadRow:
         """The answer of a presigned download (``DownloadView``)."""
         row = self.product
         return {"url": self.url, "expires_in_s": PRESIGNED_S, "media_type": row["media_type"],

@@ -13,6 +13,7 @@ from commands.downloads import DownloadCommand
 from domain.downloads import download_file_id
 from infra.journal import JournalEntry
 from queries.jobs import JobQueries, JobReads
+from queries.rows import DownloadFileRow, DownloadJobRow, changeable
 from queries.service import QueryService, Reading
 
 COMMAND_TYPES = tuple(f"download_job.{c}" for c in (
@@ -30,7 +31,7 @@ _CONTROL: dict[str, tuple[set[str], str]] = {
         {"requested", "running", "paused", "failed"}, "cancelled")}
 
 
-def file_view(r: dict[str, Any]) -> dict[str, Any]:
+def file_view(r: dict[str, Any]) -> DownloadFileRow:
     size, done, speed = r["size"], r["bytes_done"], r["bytes_per_s"]
     return {
         "id": r["id"], "index": r["file_index"], "filename": r["filename"], "url": r["url"],
@@ -46,7 +47,7 @@ def file_view(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def job_view(r: dict[str, Any]) -> dict[str, Any]:
+def job_view(r: dict[str, Any]) -> DownloadJobRow:
     total, done = r["bytes_total"], r["bytes_done"]
     return {
         "id": r["id"], "status": r["status"], "destination": r["destination"],
@@ -136,7 +137,7 @@ def _pending_job(e: JournalEntry) -> dict[str, Any]:
         "etag": None, "last_modified": None, "sha256": None, "fits": None, "restarts": 0,
         "started_at": None, "checkpoint_at": None, "completed_at": None})
         for i, f in enumerate(p["files"])]
-    return job
+    return changeable(job)
 
 
 def _control(job: dict[str, Any], e: JournalEntry) -> bool:
@@ -168,13 +169,14 @@ class DownloadQueries(JobQueries):
 
         def query(r: Reading) -> tuple[int | None, int | None, list[dict[str, Any]]]:
             total = r.count(select(func.count()).select_from(j).where(*conds))
-            jobs = {x["id"]: job_view(x) for x in r.rows(select(j).where(*conds).order_by(
-                j.c.requested_at.desc(), j.c.id).limit(limit).offset(offset))}
+            jobs = {x["id"]: changeable(job_view(x)) for x in r.rows(
+                select(j).where(*conds).order_by(j.c.requested_at.desc(), j.c.id)
+                .limit(limit).offset(offset))}
             files: dict[str, list[dict[str, Any]]] = {i: [] for i in jobs}
             if jobs:
                 for x in r.rows(select(f).where(f.c.job_id.in_(list(jobs)))
                                 .order_by(f.c.file_index)):
-                    files[x["job_id"]].append(file_view(x))
+                    files[x["job_id"]].append(changeable(file_view(x)))
             items = self.reads.pending(r, jobs, COMMAND_TYPES, offset)
             for jid, job in jobs.items():
                 job["files"] = files[jid]

@@ -3,7 +3,7 @@ parts, and a page of jobs, each merged with the journal's not-yet-projected comm
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +11,7 @@ from sqlalchemy import Table, select
 
 from infra.journal import JournalEntry
 from queries.overlay import mark_pending
+from queries.rows import changeable
 from queries.service import PENDING_SCAN_LIMIT, QueryService, Reading
 
 Row = dict[str, Any]
@@ -23,10 +24,10 @@ class JobReads:
 
     kind: str  #: the journal subject's kind, e.g. ``download_job``
     jobs: Table
-    view: Callable[[Row], Row]
+    view: Callable[[Row], Mapping[str, Any]]  #: a typed row (``queries.rows``)
     parts_key: str  #: where a job view holds its parts, e.g. ``files``
     parts: Table
-    part_view: Callable[[Row], Row]
+    part_view: Callable[[Row], Mapping[str, Any]]
     part_order: str  #: the parts' column to order them by
     request_type: str  #: the command that creates a job
     pending_job: Callable[[JournalEntry], Row]  #: the view of a job only requested so far
@@ -55,7 +56,7 @@ class JobReads:
         """One job with its parts, the pending commands applied (None: unknown)."""
         j, p = self.jobs, self.parts
         rows = r.rows(select(j).where(j.c.id == job_id))
-        job = self.view(rows[0]) if rows else None
+        job = changeable(self.view(rows[0])) if rows else None
         if job is not None:
             job[self.parts_key] = [self.part_view(x) for x in r.rows(
                 select(p).where(p.c.job_id == job_id).order_by(p.c[self.part_order]))]

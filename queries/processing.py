@@ -12,6 +12,15 @@ from commands.processing import ProcessingCommand
 from infra.journal import JournalEntry
 from queries.jobs import JobQueries, JobReads
 from queries.listing import equal_to
+from queries.rows import (
+    DataProductRow,
+    JobInputRow,
+    LeaseRow,
+    ProcessingJobRow,
+    ProductInputRow,
+    StepRow,
+    changeable,
+)
 from queries.service import QueryService, Reading
 
 COMMAND_TYPES = tuple(f"processing_job.{c}" for c in (
@@ -25,21 +34,21 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return round((end - start).total_seconds(), 3)
 
 
-def step_view(r: dict[str, Any]) -> dict[str, Any]:
+def step_view(r: dict[str, Any]) -> StepRow:
     return {"name": r["name"], "attempt": r["attempt"], "status": r["status"],
             "started_at": r["started_at"], "completed_at": r["completed_at"],
             "duration_s": r["duration_s"]}
 
 
-def _input_view(i: dict[str, Any]) -> dict[str, Any]:
+def _input_view(i: dict[str, Any]) -> JobInputRow:
     return {"file_id": i["file_id"], "name": i["name"], "instrument": i["instrument"],
             "relative_path": i["relative_path"], "size": i["size"],
             "checksum": {"algorithm": i["checksum_algorithm"], "value": i["checksum_value"]},
             "file_type": i["file_type"], "executed_obs_unit_id": i.get("executed_obs_unit_id")}
 
 
-def job_view(r: dict[str, Any]) -> dict[str, Any]:
-    lease = None
+def job_view(r: dict[str, Any]) -> ProcessingJobRow:
+    lease: LeaseRow | None = None
     if r["lease_worker"] is not None:
         lease = {"worker": r["lease_worker"], "attempt": r["attempts"],
                  "expires_at": r["lease_expires_at"]}
@@ -63,7 +72,7 @@ def job_view(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def product_view(r: dict[str, Any]) -> dict[str, Any]:
+def product_view(r: dict[str, Any]) -> DataProductRow:
     return {
         "id": r["id"], "job_id": r["job_id"], "kind": r["kind"], "name": r["name"],
         "status": r["status"], "published": r["published"], "archived": r["archived"],
@@ -80,7 +89,7 @@ def product_view(r: dict[str, Any]) -> dict[str, Any]:
 
 def _pending_job(e: JournalEntry) -> dict[str, Any]:
     p = e.payload
-    return job_view({
+    return changeable(job_view({
         "id": str(p["id"]), "kind": p["kind"], "status": "requested",
         "algorithm": p.get("algorithm"), "algorithm_version": p.get("algorithm_version"),
         "parameters": p.get("parameters") or {}, "inputs": [],
@@ -94,7 +103,7 @@ def _pending_job(e: JournalEntry) -> dict[str, Any]:
         "current_step": None, "outputs": [], "software": {}, "reason": None,
         "requested_by": e.actor, "completed_by": None, "requested_at": e.received_at,
         "started_at": None, "finished_at": None,
-        "updated_at": e.received_at, "last_position": None})
+        "updated_at": e.received_at, "last_position": None}))
 
 
 def _control(job: dict[str, Any], e: JournalEntry) -> bool:
@@ -133,8 +142,9 @@ class ProcessingQueries(JobQueries):
 
         def query(r: Reading) -> tuple[int | None, int | None, list[dict[str, Any]]]:
             total = r.count(select(func.count()).select_from(j).where(*conds))
-            jobs = {x["id"]: job_view(x) for x in r.rows(select(j).where(*conds).order_by(
-                j.c.requested_at.desc(), j.c.id).limit(limit).offset(offset))}
+            jobs = {x["id"]: changeable(job_view(x)) for x in r.rows(
+                select(j).where(*conds).order_by(j.c.requested_at.desc(), j.c.id)
+                .limit(limit).offset(offset))}
             items = [*self.reads.pending(r, jobs, (ProcessingCommand.PROCESSING_JOB_REQUEST,
                                                     ProcessingCommand.PROCESSING_JOB_CANCEL),
                                          offset), *jobs.values()]
@@ -181,7 +191,7 @@ class ProcessingQueries(JobQueries):
                 select(j.c.status, func.count()).group_by(j.c.status))}
 
     # -- products --------------------------------------------------------------------------
-    def product(self, product_id: str) -> dict[str, Any] | None:
+    def product(self, product_id: str) -> DataProductRow | None:
         p = self.products
         with self.q.connect() as conn, conn.begin():
             rows = self.q.fetch_rows(conn, select(p).where(p.c.id == product_id))
@@ -191,7 +201,7 @@ class ProcessingQueries(JobQueries):
             view["inputs"] = self._inputs(conn, product_id)
         return view
 
-    def _inputs(self, conn: Any, product_id: str) -> list[dict[str, Any]]:
+    def _inputs(self, conn: Any, product_id: str) -> list[ProductInputRow]:
         i = self.inputs
         return [{"file_id": r["file_id"], "name": r["name"], "instrument": r["instrument"],
                  "relative_path": r["relative_path"], "size": r["size"],
@@ -204,7 +214,7 @@ class ProcessingQueries(JobQueries):
 
     def list_products(self, *, status: str | None, kind: str | None, job_id: str | None,
                       result_id: str | None, catalogued_only: bool, limit: int, offset: int,
-                      ) -> tuple[int, int, list[dict[str, Any]]]:
+                      ) -> tuple[int, int, list[DataProductRow]]:
         p = self.products
         conds = equal_to(p, {"status": status or None, "kind": kind or None,
                              "job_id": job_id or None, "result_id": result_id or None})

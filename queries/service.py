@@ -34,8 +34,12 @@ from queries.listing import (
 from queries.overlay import Overlay
 from queries.rows import (
     ExecutedObsUnitRow,
+    ObservationResultRow,
+    ProcessingRunRow,
     RawDataFileRow,
     RawDataPackageRow,
+    ResultCountsRow,
+    ResultTaskRow,
     StagingRequestRow,
     changeable,
 )
@@ -359,9 +363,9 @@ class QueryService:
                            f"observation result {result_id}")
             if row is None:
                 return None
-            tasks = {x["id"]: task_view(x) for x in r.rows(
+            tasks: dict[str, ResultTaskRow] = {x["id"]: task_view(x) for x in r.rows(
                 select(tk).where(tk.c.result_id == result_id).order_by(tk.c.attempt))}
-            runs = {x["id"]: run_view(x) for x in r.rows(
+            runs: dict[str, ProcessingRunRow] = {x["id"]: run_view(x) for x in r.rows(
                 select(rn).where(rn.c.result_id == result_id).order_by(rn.c.started_at))}
             for entry in pending:  # tasks and runs not projected yet
                 p = entry.payload
@@ -405,7 +409,7 @@ class QueryService:
         return self.page(r, conds, order, result_view, "observation_result", matches, limit,
                          offset)
 
-    def due_results(self, now: datetime, limit: int) -> list[dict[str, Any]]:
+    def due_results(self, now: datetime, limit: int) -> list[ObservationResultRow]:
         """Dirty results with no run in progress, soonest first: what the scheduler builds
         next and when (``due`` says whether now)."""
         r = self.t.observation_results
@@ -418,7 +422,7 @@ class QueryService:
         # a run started but not projected yet is in progress too
         starting = {str(e.payload["id"]) for e in self.journal.unprojected(
             position, None, (ResultCommand.OBSERVATION_RESULT_START_RUN,))}
-        out = []
+        out: list[ObservationResultRow] = []
         for row in rows:
             if str(row["id"]) in starting:
                 continue
@@ -427,22 +431,23 @@ class QueryService:
             out.append(view)
         return out
 
-    def result_counts(self) -> dict[str, Any]:
+    def result_counts(self) -> ResultCountsRow:
         """Projected results by fulfillment and by data-product status (dashboards)."""
         r = self.t.observation_results
         with self.connect() as conn, conn.begin():
             position = self.read_position(conn)
-            counts: dict[str, Any] = {"read_model_position": position}
-            for column in ("fulfillment_status", "data_product_status"):
-                counts[column] = {k: int(n) for k, n in conn.execute(
-                    select(r.c[column], func.count()).group_by(r.c[column]))}
-            counts["dirty"] = int(conn.execute(select(func.count()).select_from(r).where(
+            by_status = {column: {k: int(n) for k, n in conn.execute(
+                select(r.c[column], func.count()).group_by(r.c[column]))}
+                for column in ("fulfillment_status", "data_product_status")}
+            dirty = int(conn.execute(select(func.count()).select_from(r).where(
                 r.c.dirty_from_revision.isnot(None))).scalar() or 0)
-            counts["total"] = int(conn.execute(select(func.count()).select_from(r)).scalar()
-                                  or 0)
-        counts["pending_commands"] = len(self.journal.unprojected(
-            position, None, COMMAND_TYPES["observation_result"]))
-        return counts
+            total = int(conn.execute(select(func.count()).select_from(r)).scalar() or 0)
+        return {"read_model_position": position,
+                "fulfillment_status": by_status["fulfillment_status"],
+                "data_product_status": by_status["data_product_status"],
+                "dirty": dirty, "total": total,
+                "pending_commands": len(self.journal.unprojected(
+                    position, None, COMMAND_TYPES["observation_result"]))}
 
     def status_counts(self, read_model: str) -> dict[str, int]:
         """Projected rows of a read model with a ``status`` column, by status (metrics: no
@@ -508,25 +513,34 @@ def staging_view(r: dict[str, Any]) -> StagingRequestRow:
     }
 
 
-def result_view(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ("id", "observation_id", "request_id", "epoch_index", "sample_index", "copy_index",
-            "instrument_id", "copies_mode", "not_before", "spec_snapshot", "fulfillment_status",
-            "fulfilled_on", "task_count", "data_product_status", "assets_revision",
-            "dirty_from_revision", "next_eligible_run_at", "last_built_revision",
-            "current_processing_run_id", "failed_runs", "last_position")
-    view = {k: r[k] for k in keys}
-    view["short_id"] = r["created_position"]  # the Materialized event's log position
-    view["dirty"] = r["dirty_from_revision"] is not None
-    view["pending"] = False
-    return view
+def result_view(r: dict[str, Any]) -> ObservationResultRow:
+    return {
+        "id": r["id"], "observation_id": r["observation_id"], "request_id": r["request_id"],
+        "epoch_index": r["epoch_index"], "sample_index": r["sample_index"],
+        "copy_index": r["copy_index"], "instrument_id": r["instrument_id"],
+        "copies_mode": r["copies_mode"], "not_before": r["not_before"],
+        "spec_snapshot": r["spec_snapshot"], "fulfillment_status": r["fulfillment_status"],
+        "fulfilled_on": r["fulfilled_on"], "task_count": r["task_count"],
+        "data_product_status": r["data_product_status"],
+        "assets_revision": r["assets_revision"],
+        "dirty_from_revision": r["dirty_from_revision"],
+        "next_eligible_run_at": r["next_eligible_run_at"],
+        "last_built_revision": r["last_built_revision"],
+        "current_processing_run_id": r["current_processing_run_id"],
+        "failed_runs": r["failed_runs"], "last_position": r["last_position"],
+        "short_id": r["created_position"],  # the Materialized event's log position
+        "dirty": r["dirty_from_revision"] is not None, "pending": False,
+    }
 
 
-def task_view(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: r[k] for k in ("id", "attempt", "status", "instrument_id",
-                              "executed_obs_unit_id", "dispatched_at", "finished_at")
-            } | {"pending": False}
+def task_view(r: dict[str, Any]) -> ResultTaskRow:
+    return {"id": r["id"], "attempt": r["attempt"], "status": r["status"],
+            "instrument_id": r["instrument_id"], "executed_obs_unit_id": r["executed_obs_unit_id"],
+            "dispatched_at": r["dispatched_at"], "finished_at": r["finished_at"],
+            "pending": False}
 
 
-def run_view(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: r[k] for k in ("id", "revision", "status", "started_at", "finished_at",
-                              "outputs", "error")} | {"pending": False}
+def run_view(r: dict[str, Any]) -> ProcessingRunRow:
+    return {"id": r["id"], "revision": r["revision"], "status": r["status"],
+            "started_at": r["started_at"], "finished_at": r["finished_at"],
+            "outputs": r["outputs"], "error": r["error"], "pending": False}
