@@ -11,9 +11,8 @@ from uuid import UUID, uuid4
 import pytest
 
 from bootstrap.ledger import Ledger
-from commands.models import BulkRegisterRawDataFilesRequest
 from commands.processing import CatalogRequest, IngestRequest, PlanRequest
-from commands.raw_data import RawDataCommand
+from commands.raw_data import BulkRegisterRawDataFilesRequest, RawDataCommand
 from queries.data_products import lineage_document, product_row
 from queries.processing_plans import (
     catalog_job,
