@@ -39,6 +39,23 @@ class CommandContextFilter(logging.Filter):
         return True
 
 
+class BrokerClientTracebacks(logging.Filter):
+    """kafka-python logs a lost connection it recovers from itself at ERROR, with the
+    traceback of its network thread (e.g. a socket closed under a read it had started): the
+    line stays, with the exception's type and text, but no traceback reaches an operator's
+    log or a command line's stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and (record.name == "kafka" or record.name.startswith("kafka.")):
+            error = record.exc_info[1]
+            message = record.getMessage()
+            if error is not None:
+                message = f"{message} ({type(error).__name__}: {error})"
+            record.msg, record.args = message, None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def json_formatter() -> logging.Formatter:
     return JsonFormatter(
         "{levelname}{name}{message}{command_id}{correlation_id}", style="{",
@@ -52,6 +69,7 @@ def configure_logging(fmt: str = "json", level: int = logging.INFO,
     """Root logging for obsledger processes: ``json`` (default) or ``text``."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(CommandContextFilter())
+    handler.addFilter(BrokerClientTracebacks())
     handler.setFormatter(json_formatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s [%(command_id)s %(correlation_id)s]: %(message)s"))
     root = logging.getLogger()
