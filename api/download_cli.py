@@ -148,7 +148,6 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import ValidationError
 
     from api.deps import NoBody
-    from api.mast import resolve_files
     from commands.downloads import (
         CancelDownloadRequest,
         ProductFilters,
@@ -157,6 +156,7 @@ def _download(args: argparse.Namespace, settings: Settings) -> int:
         StartDownloadRequest,
     )
     from infra.mast_archive import ArchiveError
+    from queries.mast_search import resolve_files
 
     here = getattr(args, "here", False)
     problem = _argument_problem(args)

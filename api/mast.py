@@ -61,9 +61,6 @@ from queries.mast_search import (
     observation_filters,
     search,
 )
-from queries.mast_search import (  # re-exported: api/download_cli.py imports it from here
-    resolve_files as resolve_files,
-)
 from queries.models import READ_MODELS_DESCRIPTION, ReadModelsState, SizedStatusCounts
 from workers.download_automation import job_dir
 
