@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from api.app import create_app
+from api.dashboard.models import NightSummary
 from tests.conftest import REQUIRE_SERVICES, grant
 from tests.http.test_mast_downloads import download_settings, product
 from tests.support.live_server import LiveServer
@@ -190,6 +191,10 @@ def test_the_night_live_in_a_real_browser(tmp_path: Path, slow_mast: MastTestSer
                 assert not errors, errors
             finally:
                 browser.close()
+            # the summary with a download job in it has the documented shape
+            summary = httpx.get(f"{server.url}/dashboard/summary", headers=automation).json()
+            assert [d["id"] for d in summary["downloads"]["items"]] == [job]
+            NightSummary.model_validate(summary)
         # every request the page made went to this server
         assert requested and all(u.startswith(server.url + "/") for u in requested), [
             u for u in requested if not u.startswith(server.url + "/")]

@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient
 from prov.model import ProvDocument
 
 from api.app import create_app
+from api.dashboard.models import NightSummary
 from domain.raw_data import raw_data_file_id
 from infra.object_store import Area
 from infra.settings import Settings
@@ -144,6 +145,10 @@ def test_ingest_process_catalog_download_and_lineage(pc: TestClient, ps: Setting
     assert page["total"] == 2 and {p["status"] for p in page["items"]} == {"published"}
     counts = pc.get("/products/counts").json()
     assert counts["status"] == {"published": 2} and counts["pending_commands"] == 0
+    summary = pc.get("/dashboard/summary").json()  # the jobs on the dashboard, typed
+    assert {j["id"] for j in summary["processing_jobs"]["items"]} == {
+        ingest["id"], job["id"], cat["id"]}
+    NightSummary.model_validate(summary)
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     assert pc.get("/products/counts", params={"built_from": future}).json()["total"] == 0
     image = next(p for p in page["items"] if p["kind"] == "combined_image")
