@@ -198,3 +198,40 @@ def test_the_night_live_in_a_real_browser(tmp_path: Path, slow_mast: MastTestSer
         # every request the page made went to this server
         assert requested and all(u.startswith(server.url + "/") for u in requested), [
             u for u in requested if not u.startswith(server.url + "/")]
+
+
+def test_the_api_docs_render_offline_in_a_real_browser(tmp_path: Path) -> None:
+    """Swagger UI and ReDoc drawn in Chromium with every request (scripts, styles, fonts,
+    images, the schema) to this server: the pages work at a site without internet."""
+    executable = chromium()
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, "sqlite")
+    with LiveServer(create_app(settings)) as server:
+        requested: list[str] = []
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=executable, headless=True,
+                                         args=["--no-sandbox", "--disable-gpu"])
+            try:
+                page = browser.new_page()
+                page.on("request", lambda r: requested.append(r.url))
+                blocked: dict[str, str | None] = {}
+                page.on("requestfailed", lambda r: blocked.update({r.url: r.failure}))
+                errors: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(f"{server.url}/docs")
+                page.wait_for_selector(".swagger-ui .opblock-tag", timeout=15_000)
+                assert page.locator(".swagger-ui .opblock").count() > 50
+                page.goto(f"{server.url}/redoc")
+                page.wait_for_selector("[data-section-id^='tag/']", timeout=20_000)
+                assert not errors, errors
+            finally:
+                browser.close()
+        assert f"{server.url}/openapi.json" in requested
+        ours = (f"{server.url}/", f"blob:{server.url}/", "data:")  # ReDoc's worker: a blob
+        # ReDoc's bundle asks for Redocly's logo (cdn.redoc.ly): the pages' CSP blocks it
+        elsewhere = {u for u in requested if not u.startswith(ours)}
+        assert {u: blocked.get(u) for u in elsewhere} == {
+            u: "csp" for u in elsewhere}

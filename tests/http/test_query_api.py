@@ -378,6 +378,9 @@ def test_docs_are_served_without_any_external_host(client: TestClient) -> None:
     for page in ("/docs", "/redoc"):
         r = client.get(page)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        csp = r.headers["content-security-policy"]  # the browser fetches from here only
+        assert "default-src 'self'" in csp and "img-src 'self' data:;" in csp
+        assert "connect-src 'self'" in csp and "http" not in csp
         refs = [next(g for g in m if g) for m in REFERENCE.findall(r.text)]
         assert refs, page
         for ref in refs:
