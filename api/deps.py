@@ -179,10 +179,13 @@ RegisteredFrom = Annotated[QueryTime | None, query_time(
 RegisteredTo = Annotated[QueryTime | None, query_time("Registered before")]
 RequestedFrom = Annotated[QueryTime | None, query_time("Requested at or after")]
 RequestedTo = Annotated[QueryTime | None, query_time("Requested before")]
+BuiltFrom = Annotated[QueryTime | None, query_time("Built at or after")]
+BuiltTo = Annotated[QueryTime | None, query_time("Built before")]
 #: A count's time window: the names and types of its two query parameters (from, to).
 Window = tuple[tuple[str, Any], tuple[str, Any]]
 REGISTERED: Window = (("registered_from", RegisteredFrom), ("registered_to", RegisteredTo))
 REQUESTED: Window = (("requested_from", RequestedFrom), ("requested_to", RequestedTo))
+BUILT: Window = (("built_from", BuiltFrom), ("built_to", BuiltTo))
 
 
 def json_response(body: Any, status: int, headers: dict[str, str] | None = None) -> Response:

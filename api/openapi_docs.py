@@ -97,6 +97,8 @@ OPERATIONS: dict[tuple[str, str], str] = {
     ("get", "/mast/download/counts"): f"MAST download jobs by status, with their bytes. "
     f"{READER} {COUNT}",
     ("get", "/ops/jobs/counts"): f"Processing jobs by status and kind. {READER} {COUNT}",
+    ("get", "/products/counts"): "Data products (built ones too) by status and kind, with "
+    f"their bytes. {READER} {COUNT}",
     ("get", "/executed_obs_units"): "Executed obs units for dashboards, filtered and paged "
     f"(`Link` header). {READER} {SMART}",
     ("get", "/executed_obs_units/execution/{id}"): f"One execution by its id. {READER} {SMART}",

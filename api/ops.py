@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.accounts import allow
 from api.deps import (
+    BUILT,
     ERRORS,
     REQUESTED,
     IdPath,
@@ -43,9 +44,14 @@ from commands.processing import (
 )
 from domain.accounts import OPERATORS, READERS
 from infra.object_store import content_disposition
-from queries.counts import job_counts
+from queries.counts import job_counts, product_counts
 from queries.data_products import lineage_document, product_download
-from queries.models import READ_MODELS_DESCRIPTION, ProcessingJobCounts, ReadModelsState
+from queries.models import (
+    READ_MODELS_DESCRIPTION,
+    DataProductCounts,
+    ProcessingJobCounts,
+    ReadModelsState,
+)
 from queries.processing_plans import (
     catalog_job,
     ingest_job,
@@ -420,6 +426,10 @@ def ops_router() -> APIRouter:
         return await read_page(request, response, page, min_position, lambda limit, offset: listed(
             status=status, kind=kind, job_id=as_str(job_id), result_id=as_str(result_id),
             catalogued_only=True, limit=limit, offset=offset))
+
+    counts_route(r, "/products/counts", product_counts, window=BUILT, name="product_counts",
+                 tag=PRODUCTS_TAG, response_model=DataProductCounts,
+                 summary="Data products by status and kind")
 
     row_route(r, "/products/{id}", lambda lg: lg.processing.product, "data product",
               name="product", tag=PRODUCTS_TAG, response_model=ProductView, responses=ERRORS,

@@ -86,3 +86,12 @@ def job_counts(q: QueryService, requested_from: datetime | None,
     j = q.t.processing_jobs
     return counts_by(q, j, ("status", "kind"), processing.COMMAND_TYPES,
                      time_range(j.c.requested_at, requested_from, requested_to))
+
+
+def product_counts(q: QueryService, built_from: datetime | None,
+                   built_to: datetime | None) -> dict[str, Any]:
+    """Data products (built in the range) by status (built, catalogued, published, archived)
+    and by kind, with their bytes."""
+    p = q.t.data_products
+    return counts_by(q, p, ("status", "kind"), processing.COMMAND_TYPES,
+                     time_range(p.c.built_at, built_from, built_to), size=p.c.size)

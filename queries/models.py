@@ -192,6 +192,11 @@ class ProcessingJobCounts(StatusCounts):
     kind: dict[str, int] = Field(description="Rows by kind (ingest, process, catalog).")
 
 
+class DataProductCounts(SizedStatusCounts):
+    kind: dict[str, int] = Field(description="Rows by kind (combined_image, "
+                                 "source_catalog...).")
+
+
 class ExecutionsOfObsUnit(BaseModel):
     obs_unit_id: str
     read_model_position: int | None

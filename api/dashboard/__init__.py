@@ -21,6 +21,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 
 from api.accounts import AUTH_ERRORS, allow
+from api.dashboard.models import NightSummary
 from api.errors import ApiError, ORJSONResponse
 from api.routing import GuardedRoute
 from bootstrap.ledger import Ledger
@@ -72,8 +73,10 @@ def dashboard_router() -> APIRouter:
                             headers={"X-Content-Type-Options": "nosniff",
                                      "Cache-Control": "no-cache"})
 
+    # NightSummary documents the answer (tests/http/test_dashboard.py validates it); the
+    # summary is sent as it is, not validated again on each load of the page
     @r.get("/dashboard/summary", tags=[TAG], dependencies=[allow(READERS)],
-           responses=AUTH_ERRORS,
+           response_model=NightSummary, responses=AUTH_ERRORS,
            summary="Tonight at a glance: executions, files per minute, packages, staging "
            "queue, downloads, processing jobs, observation results (smart queries)",
            description="Each section merges pending commands (`pending: true`); while the "

@@ -279,7 +279,7 @@ def test_queries_during_a_store_outage(tmp_path: Path, pg_database: Callable[[],
                  "/ops/jobs", "/mast/download/resumable", "/auth/me", "/audit/events",
                  f"/audit/trail/{unit}", "/audit/requests", "/raw_data_package/counts",
                  "/staging/counts", "/executed_obs_units/counts", "/raw_data_files/counts",
-                 "/mast/download/counts", "/ops/jobs/counts"):
+                 "/mast/download/counts", "/ops/jobs/counts", "/products/counts"):
         _unavailable(c.get(path))
         # … and the connection is still there for the next command
         command("POST", "/executed_obs_units/start", {"obs_unit_id": "OU-NEXT",

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.dashboard import static_files
+from api.dashboard.models import NightSummary
 from infra.settings import Settings
 from tests.conftest import grant, make_settings
 
@@ -117,6 +118,10 @@ def test_the_summary_of_the_night(client: TestClient, settings: Settings) -> Non
     body = _wait(client, lambda b: b["staging"]["queue"] and b["files"]["total"] == 5
                  and b["packages"]["by_status"] == {"complete": 1})
     assert body["read_models"] == "available" and body["read_model_position"] > 0
+    NightSummary.model_validate(body)  # the documented shape, every section's keys
+    schema = client.get("/openapi.json").json()["paths"]["/dashboard/summary"]["get"]
+    assert schema["responses"]["200"]["content"]["application/json"]["schema"][
+        "$ref"].endswith("/NightSummary")
     assert body["executions"]["by_status"] == {"running": 1}
     assert [x["id"] for x in body["executions"]["items"]] == [u]
     assert body["files"]["total"] == 5 and sum(
@@ -150,6 +155,7 @@ def test_pending_rows_are_marked_and_the_journal_answers_in_an_outage(
         assert body.headers["x-read-models"] == "unavailable"
         s = body.json()
         assert s["read_models"] == "unavailable"
+        NightSummary.model_validate(s)
         [row] = s["executions"]["items"]
         assert row["pending"] is True and row["obs_unit_id"] == "OU-9"
         assert s["executions"]["by_status"] is None and s["files"]["total"] is None

@@ -163,6 +163,9 @@ def test_counts_of_every_read_model(client: TestClient) -> None:
     jobs = client.get("/ops/jobs/counts").json()
     assert set(jobs) == {"read_model_position", "total", "pending_commands", "status", "kind"}
     assert jobs["total"] == sum(jobs["status"].values()) == sum(jobs["kind"].values())
+    products = client.get("/products/counts").json()
+    assert products == {"read_model_position": products["read_model_position"], "total": 0,
+                        "status": {}, "kind": {}, "bytes": 0, "pending_commands": 0}
 
 
 # -- raw data files: time ranges and sorts ---------------------------------------------------
@@ -266,7 +269,8 @@ def test_pagination_is_documented(client: TestClient) -> None:
         if "skip" in names:
             assert names["skip"]["deprecated"] is True
     for path in ("/raw_data_package/counts", "/staging/counts", "/executed_obs_units/counts",
-                 "/raw_data_files/counts", "/mast/download/counts", "/ops/jobs/counts"):
+                 "/raw_data_files/counts", "/mast/download/counts", "/ops/jobs/counts",
+                 "/products/counts"):
         ref = schema["paths"][path]["get"]["responses"]["200"]["content"][
             "application/json"]["schema"]["$ref"]
         assert ref.endswith("Counts"), (path, ref)
@@ -282,7 +286,8 @@ def test_unknown_query_parameters_are_422_naming_them(client: TestClient) -> Non
     body = assert_error(client.get("/raw_data_package?colour=red&flavour=x&limit=5"), 422)
     assert [e["field"] for e in body["errors"]] == ["query.colour", "query.flavour"]
     for method, path in (("GET", f"/raw_data_files/{fid('unknown-param.fits')}?x=1"),
-                         ("GET", "/staging/counts?x=1"), ("GET", "/health?verbose=1"),
+                         ("GET", "/staging/counts?x=1"), ("GET", "/products/counts?x=1"),
+                         ("GET", "/health?verbose=1"),
                          ("GET", "/auth/me?x=1"), ("GET", "/audit/events?x=1"),
                          ("GET", "/ops/algorithms?x=1"), ("GET", "/commands/abc?x=1"),
                          ("POST", "/executed_obs_units/start?dry_run=true")):
@@ -373,6 +378,9 @@ def test_docs_are_served_without_any_external_host(client: TestClient) -> None:
     for page in ("/docs", "/redoc"):
         r = client.get(page)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        csp = r.headers["content-security-policy"]  # the browser fetches from here only
+        assert "default-src 'self'" in csp and "img-src 'self' data:;" in csp
+        assert "connect-src 'self'" in csp and "http" not in csp
         refs = [next(g for g in m if g) for m in REFERENCE.findall(r.text)]
         assert refs, page
         for ref in refs:

@@ -6,6 +6,7 @@ live progress is on the stream and in ``GET /mast/download/progress/{id}``."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 import uuid
@@ -254,9 +255,14 @@ def test_live_download_progress_on_the_stream_and_the_progress_query(
             ledger = server.app.state.ledger
             checkpoints = ledger.store.topics_since(uuid.UUID(job), 0)
             assert not [t for _, t in checkpoints if t.endswith(".Checkpointed")]
-            # at least every second while it runs
-            more = [e for e in stream.until(lambda e: e.event == "download_progress"
-                                            and e.data["id"] == job, 1.5)]
-            assert more
+            # at least every second while it runs, the bytes moving each time
+            ticks = [progress[-1]]
+            for _ in range(2):
+                ticks.append(list(stream.until(lambda e: e.event == "download_progress"
+                                               and e.data["id"] == job, 1.5))[-1])
+            gaps = [b.at - a.at for a, b in itertools.pairwise(ticks)]
+            assert all(g < 1.5 for g in gaps), gaps
+            done = [t.data["bytes_done"] for t in ticks]
+            assert done == sorted(done) and done[-1] > done[0], done
     finally:
         mast.stop()

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient
 from prov.model import ProvDocument
 
 from api.app import create_app
+from api.dashboard.models import NightSummary
 from domain.raw_data import raw_data_file_id
 from infra.object_store import Area
 from infra.settings import Settings
@@ -133,11 +134,23 @@ def test_ingest_process_catalog_download_and_lineage(pc: TestClient, ps: Setting
     built = pc.get("/products", params={"status": "built", "job_id": job["id"]}).json()
     assert built["total"] == 2
     ids = [p["id"] for p in built["items"]]
+    counts = pc.get("/products/counts").json()
+    assert counts["status"] == {"built": 2} and counts["total"] == 2
+    assert counts["kind"] == {"combined_image": 1, "source_catalog": 1}
+    assert counts["bytes"] == sum(p["size"] for p in built["items"]) > 0
     # catalog, published
     cat = wait_job(pc, submit(pc, "/ops/catalog", {"product_ids": ids, "publish": True}))
     assert cat["status"] == "succeeded", cat
     page = pc.get("/products", params={"min_position": cat["last_position"]}).json()
     assert page["total"] == 2 and {p["status"] for p in page["items"]} == {"published"}
+    counts = pc.get("/products/counts").json()
+    assert counts["status"] == {"published": 2} and counts["pending_commands"] == 0
+    summary = pc.get("/dashboard/summary").json()  # the jobs on the dashboard, typed
+    assert {j["id"] for j in summary["processing_jobs"]["items"]} == {
+        ingest["id"], job["id"], cat["id"]}
+    NightSummary.model_validate(summary)
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    assert pc.get("/products/counts", params={"built_from": future}).json()["total"] == 0
     image = next(p for p in page["items"] if p["kind"] == "combined_image")
     assert image["media_type"] == "application/fits" and image["metrics"]["nframes"] == 3
     assert {"noise", "background", "source_count", "rejected_pixels"} <= set(image["metrics"])
