@@ -268,7 +268,9 @@ def test_on_gaussian_noise_the_combine_matches_astropys_sigma_clip(
     ratio = float(np.std(result.image)) * np.sqrt(n) / 7.0
     ref_ratio = float(np.std(ref_image)) * np.sqrt(n) / 7.0
     assert abs(ratio - ref_ratio) <= NOISE_RATIO_TOLERANCE, (ratio, ref_ratio)
-    assert ratio < 1.012  # near sigma/sqrt(N): the clip costs ~1 % at most
+    # near sigma/sqrt(N): a 3-sigma clip costs ~1.3 % of efficiency at 50 frames (astropy too);
+    # the bound leaves room for another draw, the check against astropy above is the strict one
+    assert ratio < 1.025
 
 
 @pytest.mark.parametrize("n", [3, 5, 10, 20, 50])
