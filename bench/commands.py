@@ -85,7 +85,7 @@ def measure_ack(args: argparse.Namespace, settings: Any) -> None:
                     server, path = (Server.obsledger(settings, "--no-workers"),
                                     "/executed_obs_units/start")
                 else:
-                    server, path = Server([sys.executable, str(Path(__file__).resolve()),
+                    server, path = Server([sys.executable, "-m", "bench.commands",
                                            "--serve-peer", "--redis-port",
                                            str(redis_of[what].port)],
                                           settings_env(settings)), "/executed_obs_units/start"
