@@ -57,6 +57,8 @@ class _RandomIds:
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
+        # a new lock too: another thread of the parent may have held it at the fork
+        self._lock = threading.Lock()
         self._pool, self._at = b"", 0
 
     def __call__(self) -> UUID:
